@@ -1,0 +1,88 @@
+"""`python -m t2i_export {pipeline,tiny,random,verify}`: argument parsing only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import ExportError
+
+
+def _adapter_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter {text!r}: expected NAME=DIR")
+    return name, Path(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m t2i_export", description="Export SD 1.x + T2I-Adapters to a t2i-rt graph set.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("pipeline", help="export a local diffusers SD 1.x pipeline directory (+ T2I-Adapter directories)")
+    pp.add_argument("--model", type=Path, required=True, help="diffusers pipeline dir (model_index.json, unet/, vae/, ...)")
+    pp.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=DIR",
+                    help="a diffusers T2IAdapter dir, exported as adapter_NAME.onnx (repeatable)")
+    pp.add_argument("--out", type=Path, required=True, help="graph-set directory to write")
+    pp.add_argument("--name", help="manifest name (default: the --out directory's name)")
+
+    pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph set and its parity fixtures")
+    pt.add_argument("--out", type=Path, required=True, help="writes OUT/tiny-sd1 and OUT/fixtures/tiny-sd1")
+    pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
+
+    pr = sub.add_parser("random", help="export a random-weight pipeline of a real model's size (benchmarks)")
+    pr.add_argument("--preset", choices=["sd15"], default="sd15")
+    pr.add_argument("--adapter-preset", action="append", default=[], choices=["full", "sketch", "light"],
+                    help="add a random SD 1.5 T2I-Adapter of this kind (repeatable)")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--name")
+    pr.add_argument("--seed", type=int, default=0)
+
+    pv = sub.add_parser("verify", help="check a graph set's manifest paths and sha256")
+    pv.add_argument("dir", type=Path)
+    return p
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and advice (install accelerate, ...) would bury the one line that matters."""
+    # Before the first import: some messages are printed while the libraries import.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    for lib in (dl, tl):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "pipeline":
+            from .pipeline import export_pipeline
+
+            out = export_pipeline(args.model, args.adapter, args.out, args.name)
+            print(f"wrote {out}")
+        elif args.command == "tiny":
+            from .tiny import build_tiny_zoo
+
+            set_dir, fixtures_dir = build_tiny_zoo(args.out, args.work)
+            print(f"wrote {set_dir} and {fixtures_dir}")
+        elif args.command == "random":
+            from .random_preset import export_random
+
+            out = export_random(args.preset, args.adapter_preset, args.out, args.name, args.seed)
+            print(f"wrote {out}")
+        elif args.command == "verify":
+            from .manifest import verify
+
+            m = verify(args.dir)
+            print(f"ok: {m['name']} ({len(m['graphs'])} graphs, {len(m['adapters'])} adapters)")
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,301 @@
+"""Parity fixtures for the runtime, computed by the diffusers/transformers modules (never by our ONNX).
+
+Layout (all paths in cases.json are relative to the fixtures directory):
+
+    tokenizer.json                 [{"prompt", "ids"}]: CLIPTokenizer(padding="max_length", max_length=77, truncation=True)
+    graph_<graph>/in_<input>.npy   per graph: its inputs ...
+    graph_<graph>/out_<output>.npy ... and the torch module's outputs (float32 / int64, C order)
+    conditions/*.png               adapter condition images (sketch: mode "L"; color: RGB, not the output size)
+    cases.json                     end-to-end cases (see `CASES`)
+    cases/<name>/latents.npy       initial noise, exactly diffusers' `latents=` argument (before init_noise_sigma)
+    cases/<name>/expected_latents.npy   final latents (output_type="latent")
+    cases/<name>/image_<k>.png     decoded images (reference.decode_images)
+
+Every input is drawn from a `torch.Generator` with the fixed seed written next to it below.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .adapter import AdapterGraph
+from .reference import Case, Oracle, decode_images, load_condition, run
+from .text_encoder import TextEncoderGraph
+from .unet import UNetGraph, residual_slots
+from .vae import VaeDecoderGraph
+
+TOKENIZER_PROMPTS = [
+    "a photo of an astronaut riding a horse on the moon",
+    "Hello, world! It's a (beautiful) day: isn't it? [masterpiece]; {best-quality} #1 @home",
+    "1234567890 3.14159 2024-01-01 100% x2 1e-5",
+    "café naïve façade Ærøskøbing Ünïcödé — 東京タワー 夜景 🚀🌕 ✨ مرحبا Привет",
+    "  lots   of\tspaces\n\nand\r\nnewlines  ",
+    "AN UPPERCASE PROMPT With MiXeD CaSe",
+    "",
+    " ".join(["a very long prompt that keeps going"] * 12),  # > 77 tokens: truncated, EOS kept last
+]
+
+LONG_PROMPT = (
+    "a highly detailed oil painting of a lighthouse on a rocky cliff at sunset, dramatic clouds, crashing waves, "
+    "seagulls, warm golden light, volumetric fog, by a renaissance master, intricate brushwork, rich colors, "
+    "museum quality, trending on an art site, 8k resolution, sharp focus, cinematic composition, award winning, "
+    "masterpiece, best quality, extremely detailed background with boats and a small harbour town"
+)
+
+# (a)-(f): see export/README.md. Seeds are for the initial noise.
+CASES = [
+    dict(
+        name="a_ddim_two_adapters_tau05",
+        prompt="a red house on a green hill, oil painting",
+        negative_prompt="blurry, low quality",
+        adapters=[("sketch", 1.0), ("color", 1.2)],
+        cond_tau=0.5,
+        steps=6,
+        guidance=7.5,
+        scheduler="ddim",
+        width=64,
+        height=64,
+        n_samples=1,
+        seed=101,
+        reference="loop",
+    ),
+    dict(
+        name="b_euler_two_adapters_tau05",
+        prompt="a red house on a green hill, oil painting",
+        negative_prompt="blurry, low quality",
+        adapters=[("sketch", 1.0), ("color", 1.2)],
+        cond_tau=0.5,
+        steps=6,
+        guidance=7.5,
+        scheduler="euler",
+        width=64,
+        height=64,
+        n_samples=1,
+        seed=102,
+        reference="loop",
+    ),
+    dict(
+        name="c_ddim_sketch_pipeline",
+        prompt="a cat sitting on a chair",
+        negative_prompt=None,
+        adapters=[("sketch", 0.8)],
+        cond_tau=1.0,
+        steps=6,
+        guidance=7.5,
+        scheduler="ddim",
+        width=128,
+        height=64,
+        n_samples=1,
+        seed=103,
+        reference="pipeline",
+    ),
+    dict(
+        name="d_euler_multi_adapter_pipeline",
+        prompt=LONG_PROMPT,
+        negative_prompt="ugly, deformed",
+        adapters=[("sketch", 1.0), ("color", 1.2)],
+        cond_tau=1.0,
+        steps=6,
+        guidance=7.5,
+        scheduler="euler",
+        width=64,
+        height=64,
+        n_samples=1,
+        seed=104,
+        reference="pipeline",
+    ),
+    dict(
+        name="e_ddim_no_adapter_two_samples",
+        prompt="a bowl of fruit on a wooden table",
+        negative_prompt=None,
+        adapters=[],
+        cond_tau=1.0,
+        steps=6,
+        guidance=7.5,
+        scheduler="ddim",
+        width=128,
+        height=64,
+        n_samples=2,
+        seed=105,
+        reference="pipeline",
+    ),
+    dict(
+        name="f_euler_sketch_no_cfg",
+        prompt="a mountain landscape",
+        negative_prompt=None,
+        adapters=[("sketch", 1.0)],
+        cond_tau=1.0,
+        steps=6,
+        guidance=1.0,
+        scheduler="euler",
+        width=64,
+        height=64,
+        n_samples=1,
+        seed=106,
+        reference="pipeline",
+    ),
+]
+
+CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"}
+
+
+def condition_images() -> dict[str, Image.Image]:
+    """Deterministic synthetic conditions: a white-on-black line drawing ("L", 64x64, the output size of
+    most cases) and a coarse colour grid (RGB, 80x96: never the output size, so Lanczos resizing runs)."""
+    sketch = Image.new("L", (64, 64), 0)
+    d = ImageDraw.Draw(sketch)
+    d.ellipse((12, 10, 52, 50), outline=255, width=3)
+    d.line((4, 58, 60, 6), fill=255, width=2)
+    d.rectangle((20, 40, 44, 60), outline=200, width=2)
+    g = torch.Generator().manual_seed(7)
+    cells = torch.randint(0, 256, (6, 5, 3), generator=g, dtype=torch.int64).numpy().astype(np.uint8)
+    color = Image.fromarray(np.kron(cells, np.ones((16, 16, 1), dtype=np.uint8)), "RGB")  # 96 high, 80 wide
+    return {"sketch": sketch, "color": color}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(array))
+
+
+def _save_graph(dir_: Path, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    for k, v in inputs.items():
+        _save_npy(dir_ / f"in_{k}.npy", v.numpy())
+    for k, v in outputs.items():
+        _save_npy(dir_ / f"out_{k}.npy", v.numpy())
+
+
+def tokenizer_fixture(oracle: Oracle) -> list[dict]:
+    tok = oracle.tokenizer
+    out = []
+    for p in TOKENIZER_PROMPTS:
+        ids = tok(p, padding="max_length", max_length=77, truncation=True).input_ids
+        out.append({"prompt": p, "ids": [int(i) for i in ids]})
+    return out
+
+
+@torch.no_grad()
+def graph_fixtures(oracle: Oracle, root: Path) -> None:
+    """Per graph: non-trivial inputs at a non-square size (image 64x128 = latent 8x16) and the torch outputs."""
+    tok = oracle.tokenizer
+    ids = tok(TOKENIZER_PROMPTS[:2], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hidden = TextEncoderGraph(oracle.text_encoder)(ids)
+    _save_graph(root / "graph_text_encoder", {"input_ids": ids}, {"last_hidden_state": hidden})
+
+    g = torch.Generator().manual_seed(201)
+    slots = residual_slots(oracle.unet.config)
+    h, w = 8, 16
+    unet_in = {
+        "sample": torch.randn(2, oracle.unet.config.in_channels, h, w, generator=g),
+        # one integer (DDIM-like) and one fractional (Euler-like) timestep
+        "timestep": torch.tensor([801.0, 17.25]),
+        "encoder_hidden_states": hidden,
+    }
+    for s in slots:
+        unet_in[s.input] = torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g)
+    noise_pred = UNetGraph(oracle.unet)(*[unet_in[k].clone() for k in unet_in])
+    _save_graph(root / "graph_unet", unet_in, {"noise_pred": noise_pred})
+
+    g = torch.Generator().manual_seed(202)
+    latent = torch.randn(2, oracle.vae.config.latent_channels, h, w, generator=g) * 5.0
+    image = VaeDecoderGraph(oracle.vae)(latent)
+    _save_graph(root / "graph_vae_decoder", {"latent_sample": latent}, {"image": image})
+
+    for seed, (name, adapter) in enumerate(sorted(oracle.adapters.items()), start=203):
+        g = torch.Generator().manual_seed(seed)
+        cond = torch.rand(2, adapter.config.in_channels, 8 * h, 8 * w, generator=g)
+        feats = AdapterGraph(adapter)(cond)
+        _save_graph(root / f"graph_adapter_{name}", {"condition": cond}, {f"feature_{i}": f for i, f in enumerate(feats)})
+
+
+def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Case:
+    shape = (spec["n_samples"], oracle.unet.config.in_channels, spec["height"] // 8, spec["width"] // 8)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
+    return Case(
+        name=spec["name"],
+        prompt=spec["prompt"],
+        negative_prompt=spec["negative_prompt"],
+        adapters=[{"name": n, "image": images[n], "weight": w} for n, w in spec["adapters"]],
+        cond_tau=spec["cond_tau"],
+        steps=spec["steps"],
+        guidance=spec["guidance"],
+        scheduler=spec["scheduler"],
+        width=spec["width"],
+        height=spec["height"],
+        n_samples=spec["n_samples"],
+        latents=latents,
+        reference=spec["reference"],
+    )
+
+
+def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
+    for name, image in condition_images().items():
+        path = root / CONDITIONS[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    # Cases read the PNGs back, as the runtime will.
+    images = {n: load_condition(root / p) for n, p in CONDITIONS.items()}
+    entries = []
+    for spec in CASES:
+        case = _make_case(spec, images, oracle)
+        latents, timesteps = run(oracle, case)
+        pixels = decode_images(oracle, latents)
+        cdir = Path("cases") / case.name
+        _save_npy(root / cdir / "latents.npy", case.latents.numpy())
+        _save_npy(root / cdir / "expected_latents.npy", latents.numpy())
+        pngs = []
+        for k, px in enumerate(pixels):
+            rel = (cdir / f"image_{k}.png").as_posix()
+            Image.fromarray(px, "RGB").save(root / rel)
+            pngs.append(rel)
+        scheduler = oracle.scheduler(case.scheduler)
+        entries.append(
+            {
+                "name": case.name,
+                "prompt": case.prompt,
+                "negative_prompt": case.negative_prompt,
+                "adapters": [{"name": n, "image": CONDITIONS[n], "weight": w} for n, w in spec["adapters"]],
+                "cond_tau": case.cond_tau,
+                "steps": case.steps,
+                "guidance": case.guidance,
+                "scheduler": case.scheduler,
+                "width": case.width,
+                "height": case.height,
+                "n_samples": case.n_samples,
+                "latents": (cdir / "latents.npy").as_posix(),
+                "expected_latents": (cdir / "expected_latents.npy").as_posix(),
+                "expected_images": pngs,
+                "reference": case.reference,
+                # informational, for debugging a runtime scheduler:
+                "timesteps": timesteps,
+                "init_noise_sigma": float(scheduler.init_noise_sigma),
+                "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+            }
+        )
+    return entries
+
+
+def write_fixtures(oracle: Oracle, out_dir: Path) -> Path:
+    """Build the fixture directory next to `out_dir` and swap it in when complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        rows = [json.dumps(r, ensure_ascii=False) for r in tokenizer_fixture(oracle)]
+        (tmp / "tokenizer.json").write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
+        graph_fixtures(oracle, tmp)
+        cases = case_fixtures(oracle, tmp)
+        (tmp / "cases.json").write_text(json.dumps(cases, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

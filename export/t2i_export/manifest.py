@@ -1,0 +1,105 @@
+"""`manifest.json`: the graph-set contract with the runtime (docs/manifest.md), written last.
+
+`verify` re-checks a written set the way the runtime will: relative paths inside the set, files
+present, sha256 matching.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+import diffusers
+import torch
+
+from . import FORMAT_VERSION, OPSET, __version__
+from .errors import ExportError
+from .onnx_io import sha256_file
+
+MANIFEST = "manifest.json"
+
+
+def exporter_info() -> dict:
+    # Local build tags (+cu132, +cpu) do not change CPU results: keep the manifest independent of them.
+    return {
+        "t2i_export": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "diffusers": diffusers.__version__,
+        "opset": OPSET,
+    }
+
+
+def build(
+    *,
+    name: str,
+    tokenizer: dict,
+    latent_channels: int,
+    latent_downscale: int,
+    size_multiple: int,
+    default_size: list[int],
+    scaling_factor: float,
+    scheduler: dict,
+    residual_slots: list[dict],
+    graphs: dict,
+    adapters: list[dict],
+) -> dict:
+    """The manifest, keys in the order of docs/manifest.md."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": "sd1",
+        "name": name,
+        "exporter": exporter_info(),
+        "precision": "fp32",
+        "tokenizer": tokenizer,
+        "latent": {"channels": latent_channels, "downscale": latent_downscale},
+        "size_multiple": size_multiple,
+        "default_size": default_size,
+        "vae": {"scaling_factor": scaling_factor},
+        "scheduler": scheduler,
+        "residual_slots": residual_slots,
+        "graphs": graphs,
+        "adapters": adapters,
+    }
+
+
+def write(set_dir: Path, manifest: dict) -> Path:
+    path = set_dir / MANIFEST
+    tmp = set_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def listed_files(manifest: dict) -> list[tuple[str, str]]:
+    """Every (path, sha256) the manifest refers to."""
+    specs = list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
+    files = [(manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])]
+    for spec in specs:
+        files.append((spec["file"], spec["sha256"]))
+        files.extend((d["file"], d["sha256"]) for d in spec["external_data"])
+    return files
+
+
+def check_relative(path: str) -> None:
+    p = PurePosixPath(path)
+    if "\\" in path or p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ExportError(f"manifest path {path!r} must be relative, use '/', and stay inside the graph set")
+
+
+def verify(set_dir: Path) -> dict:
+    """Load and check `set_dir/manifest.json`; returns the manifest or raises ExportError."""
+    path = set_dir / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{set_dir}: no {MANIFEST}")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    for rel, digest in listed_files(manifest):
+        check_relative(rel)
+        f = set_dir / rel
+        if not f.is_file():
+            raise ExportError(f"{path}: lists {rel} which is missing")
+        got = sha256_file(f)
+        if got != digest:
+            raise ExportError(f"{path}: sha256 of {rel} is {got}, manifest says {digest}")
+    return manifest

@@ -1,0 +1,178 @@
+"""Shared ONNX export step: one torch module -> one `.onnx` file (+ one `.onnx.data` file when large).
+
+Every graph goes through `export_graph`, so all graphs share the same exporter settings: the legacy
+TorchScript exporter (`dynamo=False`), opset 17, constant folding, named dynamic axes. The graphs must
+also run in tract (pure-Rust ONNX), so nothing here asks for contrib/custom ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+
+from . import OPSET
+
+# Protobuf refuses messages >= 2 GiB; keep a margin for the graph structure itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+}
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One graph input or output: its name and `dims` (ints fixed, strings symbolic)."""
+
+    name: str
+    dims: Sequence[int | str]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def export_graph(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[TensorIO],
+    outputs: Sequence[TensorIO],
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+) -> list[Path]:
+    """Export `module(*args)` to `path`; returns the files written (the graph, then its external data).
+
+    Symbolic dims of `inputs`/`outputs` become ONNX `dynamic_axes` with those exact names. When the
+    module's weights exceed `external_data_threshold` bytes they go to one `<file>.data` beside it.
+    """
+    module = module.eval()
+    dynamic_axes = {
+        io.name: {axis: dim for axis, dim in enumerate(io.dims) if isinstance(dim, str)}
+        for io in list(inputs) + list(outputs)
+    }
+    external = module_bytes(module) > external_data_threshold
+    with tempfile.TemporaryDirectory(prefix="t2i-export-", dir=path.parent) as tmp:
+        raw = Path(tmp) / "graph.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            # TracerWarnings about shape-dependent Python branches in diffusers are expected: the
+            # traced branch is the one valid for all sizes that are multiples of `size_multiple`.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                dynamo=False,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                input_names=[io.name for io in inputs],
+                output_names=[io.name for io in outputs],
+                dynamic_axes=dynamic_axes,
+            )
+        # Re-save through `onnx` so that a large graph's weights land in exactly one data file with a
+        # relative location (the legacy exporter writes one file per tensor), and so that the file
+        # layout does not depend on how torch chose to write it.
+        model = onnx.load(str(raw), load_external_data=True)
+        _check_io(model, inputs, outputs)
+        _set_dims(model.graph.input, inputs)
+        _set_dims(model.graph.output, outputs)
+        if external:
+            data_name = path.name + ".data"
+            onnx.save_model(
+                model,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            written = [path, path.parent / data_name]
+            # onnx creates the data file owner-only; give it the graph file's permissions.
+            os.chmod(written[1], path.stat().st_mode & 0o777)
+        else:
+            onnx.save_model(model, str(path))
+            written = [path]
+        del model
+    onnx.checker.check_model(str(path))
+    return written
+
+
+def _check_io(model: onnx.ModelProto, inputs: Sequence[TensorIO], outputs: Sequence[TensorIO]) -> None:
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    want_in = [io.name for io in inputs]
+    want_out = [io.name for io in outputs]
+    # The legacy exporter silently drops inputs the traced graph does not use: that would be a bug here.
+    if got_in != want_in or got_out != want_out:
+        raise RuntimeError(f"exported graph IO {got_in} -> {got_out} differs from the contract {want_in} -> {want_out}")
+
+
+def _set_dims(values, ios: Sequence[TensorIO]) -> None:
+    """Write the declared dims into the graph's IO: the exporter's shape inference sometimes invents
+    names (e.g. `LayerNormalizationlast_hidden_state_dim_1` for a dim that is always 77)."""
+    for v, io in zip(values, ios):
+        shape = v.type.tensor_type.shape
+        if len(shape.dim) != len(io.dims):
+            raise RuntimeError(f"{io.name}: exported rank {len(shape.dim)} != declared {list(io.dims)}")
+        for d, want in zip(shape.dim, io.dims):
+            if isinstance(want, str):
+                d.dim_param = want
+            else:
+                if d.HasField("dim_value") and d.dim_value != want:
+                    raise RuntimeError(f"{io.name}: exported dim {d.dim_value} != declared {want}")
+                d.dim_value = want
+
+
+def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
+    """The `inputs`/`outputs` of a GraphSpec, read back from the ONNX file itself."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict]:
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            if tt.elem_type not in _ONNX_DTYPES:
+                raise RuntimeError(f"{path.name}: {v.name} has unsupported ONNX element type {tt.elem_type}")
+            dims: list[int | str] = []
+            for d in tt.shape.dim:
+                if d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                elif d.HasField("dim_value"):
+                    dims.append(int(d.dim_value))
+                else:
+                    raise RuntimeError(f"{path.name}: {v.name} has an unnamed dynamic dimension")
+            out.append({"name": v.name, "dtype": _ONNX_DTYPES[tt.elem_type], "dims": dims})
+        return out
+
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def graph_spec(set_dir: Path, files: list[Path]) -> dict:
+    """A manifest GraphSpec for a graph written by `export_graph` into `set_dir`."""
+    graph, data = files[0], files[1:]
+    inputs, outputs = graph_io(graph)
+    return {
+        "file": graph.relative_to(set_dir).as_posix(),
+        "sha256": sha256_file(graph),
+        "external_data": [{"file": d.relative_to(set_dir).as_posix(), "sha256": sha256_file(d)} for d in data],
+        "inputs": inputs,
+        "outputs": outputs,
+    }

@@ -1,0 +1,208 @@
+"""The parity oracle: diffusers' own pipelines, plus the "loop" reference for `cond_tau` < 1.
+
+`run_loop` is StableDiffusionAdapterPipeline.__call__ (diffusers
+pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py) written out step by step, with one
+change taken from StableDiffusionXLAdapterPipeline (`adapter_conditioning_factor`): the adapter
+residuals are passed only for steps `i < int(steps * cond_tau)`. With `cond_tau = 1` it equals the
+pipeline bit for bit (tests/test_reference.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    MultiAdapter,
+    StableDiffusionAdapterPipeline,
+    StableDiffusionPipeline,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.t2i_adapter.pipeline_stable_diffusion_adapter import _preprocess_adapter_image
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+
+
+@dataclass
+class Oracle:
+    """The diffusers/transformers modules a graph set was exported from."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict
+    adapters: dict[str, T2IAdapter] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model_dir: Path, adapter_dirs: dict[str, Path]) -> "Oracle":
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+        return cls(
+            tokenizer=pipe.tokenizer,
+            text_encoder=pipe.text_encoder.eval(),
+            unet=pipe.unet.eval(),
+            vae=pipe.vae.eval(),
+            scheduler_config=dict(pipe.scheduler.config),
+            adapters={n: T2IAdapter.from_pretrained(str(p)).eval() for n, p in adapter_dirs.items()},
+        )
+
+    def scheduler(self, kind: str):
+        """DDIMScheduler / EulerDiscreteScheduler `.from_config(pipe.scheduler.config)`."""
+        return SCHEDULERS[kind].from_config(self.scheduler_config)
+
+
+@dataclass
+class Case:
+    name: str
+    prompt: str
+    negative_prompt: str | None
+    adapters: list[dict]  # {"name", "image": PIL image, "weight"}
+    cond_tau: float
+    steps: int
+    guidance: float
+    scheduler: str
+    width: int
+    height: int
+    n_samples: int
+    latents: torch.Tensor  # initial noise, before init_noise_sigma scaling
+    reference: str  # "pipeline" | "loop"
+
+
+def _step_kwargs(scheduler) -> dict:
+    # StableDiffusionAdapterPipeline.prepare_extra_step_kwargs(generator=None, eta=0.0)
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = None
+    return kwargs
+
+
+@torch.no_grad()
+def adapter_state(oracle: Oracle, case: Case) -> list[torch.Tensor] | None:
+    """Weighted adapter features, as the adapter pipeline computes them before the loop."""
+    if not case.adapters:
+        return None
+    xs = [_preprocess_adapter_image(a["image"], case.height, case.width) for a in case.adapters]
+    if len(case.adapters) == 1:
+        feats = oracle.adapters[case.adapters[0]["name"]](xs[0])
+        return [f * case.adapters[0]["weight"] for f in feats]
+    multi = MultiAdapter([oracle.adapters[a["name"]] for a in case.adapters])
+    return multi(xs, [a["weight"] for a in case.adapters])
+
+
+@torch.no_grad()
+def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    """Final latents (what output_type="latent" returns) and the timesteps used."""
+    tok, n = oracle.tokenizer, case.n_samples
+    do_cfg = case.guidance > 1.0
+
+    def embed(text: str) -> torch.Tensor:
+        ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        e = oracle.text_encoder(ids)[0]
+        return e.repeat(1, n, 1).view(n, e.shape[1], -1)
+
+    embeds = embed(case.prompt)
+    if do_cfg:
+        embeds = torch.cat([embed(case.negative_prompt if case.negative_prompt is not None else ""), embeds])
+
+    scheduler = oracle.scheduler(case.scheduler)
+    scheduler.set_timesteps(case.steps)
+    latents = case.latents * scheduler.init_noise_sigma
+
+    state = adapter_state(oracle, case)
+    if state is not None:
+        if n > 1:
+            state = [v.repeat(n, 1, 1, 1) for v in state]
+        if do_cfg:
+            state = [torch.cat([v] * 2, dim=0) for v in state]
+
+    cond_steps = int(case.steps * case.cond_tau)
+    kwargs = _step_kwargs(scheduler)
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        residuals = [s.clone() for s in state] if state is not None and i < cond_steps else None
+        noise_pred = oracle.unet(
+            model_input, t, encoder_hidden_states=embeds, down_intrablock_additional_residuals=residuals, return_dict=False
+        )[0]
+        if do_cfg:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + case.guidance * (text - uncond)
+        latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
+    return latents, [float(t) for t in scheduler.timesteps]
+
+
+@torch.no_grad()
+def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    """The same through diffusers' StableDiffusionAdapterPipeline (or StableDiffusionPipeline without
+    adapters). Only valid for cond_tau == 1: the SD 1.x adapter pipeline has no such knob."""
+    if case.cond_tau != 1.0 and case.adapters:
+        raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline cannot do cond_tau={case.cond_tau}")
+    scheduler = oracle.scheduler(case.scheduler)
+    common = dict(
+        vae=oracle.vae,
+        text_encoder=oracle.text_encoder,
+        tokenizer=oracle.tokenizer,
+        unet=oracle.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    call = dict(
+        prompt=case.prompt,
+        negative_prompt=case.negative_prompt,
+        num_inference_steps=case.steps,
+        guidance_scale=case.guidance,
+        height=case.height,
+        width=case.width,
+        num_images_per_prompt=case.n_samples,
+        latents=case.latents.clone(),
+        output_type="latent",
+    )
+    if not case.adapters:
+        pipe = StableDiffusionPipeline(**common)
+    elif len(case.adapters) == 1:
+        a = case.adapters[0]
+        pipe = StableDiffusionAdapterPipeline(adapter=oracle.adapters[a["name"]], **common)
+        call.update(image=a["image"], adapter_conditioning_scale=a["weight"])
+    else:
+        multi = MultiAdapter([oracle.adapters[a["name"]] for a in case.adapters])
+        pipe = StableDiffusionAdapterPipeline(adapter=multi, **common)
+        call.update(image=[a["image"] for a in case.adapters], adapter_conditioning_scale=[a["weight"] for a in case.adapters])
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(**call).images
+    return latents, [float(t) for t in scheduler.timesteps]
+
+
+def run(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    return run_pipeline(oracle, case) if case.reference == "pipeline" else run_loop(oracle, case)
+
+
+@torch.no_grad()
+def decode_images(oracle: Oracle, latents: torch.Tensor) -> np.ndarray:
+    """uint8 [n, H, W, 3]: vae.decode(latents / scaling_factor) -> (x/2+0.5).clamp(0,1) -> (x*255).round().
+
+    Same as diffusers' `decode_latents` + `numpy_to_pil` (numpy rounds half to even).
+    """
+    image = oracle.vae.decode(latents / oracle.vae.config.scaling_factor, return_dict=False)[0]
+    image = (image / 2 + 0.5).clamp(0, 1)
+    image = image.permute(0, 2, 3, 1).float().numpy()
+    return (image * 255).round().astype(np.uint8)
+
+
+def load_condition(path: Path) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image

@@ -1,0 +1,266 @@
+"""Scheduler parity fixtures: what diffusers' samplers do, step by step.
+
+Run from ``export/``::
+
+    python -m t2i_export.scheduler_traces --out ../graphs/fixtures/schedulers
+
+Every config starts from Stable Diffusion 1.5's ``scheduler_config.json`` (a ``PNDMScheduler`` one,
+``SD15`` below) with a few keys overridden, and is loaded exactly as a user switching sampler does:
+``DDIMScheduler.from_config(config)`` / ``EulerDiscreteScheduler.from_config(config)``, then
+``set_timesteps(steps)``. One config goes through ``PNDMScheduler.from_config(SD15).config`` first, so
+its JSON carries ``_use_default_values`` (keys the target scheduler must take its own default for).
+
+``<name>.json`` per config holds:
+
+* ``config``: the JSON handed to ``from_config`` (the runtime parses the same JSON);
+* ``class``, ``kind`` (the runtime's name), ``steps``;
+* ``timesteps`` (float32 values, as the UNet receives them), ``init_noise_sigma``, and for Euler
+  ``sigmas`` (float32);
+* a denoising loop as the pipeline runs it, on a fake UNet: ``start = noise * init_noise_sigma``, then
+  per step ``scaled = scale_model_input(sample, t)``,
+  ``model_output = 0.3 * scaled + 0.05 * sin(t / 100)`` (``fake_model``; float32 torch ops, the
+  constant rounded to float32 once), ``sample = step(model_output, t, sample).prev_sample``;
+  ``trajectory[i]`` has ``sample`` after step ``i`` and, where the scheduler scales (Euler),
+  ``scaled``;
+* ``add_noise``: ``add_noise(original, noise, timesteps[k:k+1])`` at a few step indices ``k``.
+
+``timestep_sweep.json`` holds the timesteps (and Euler sigmas) of more step counts per spacing,
+including the ``trailing`` counts where numpy's float ``arange`` yields one extra step (61, 103, ...);
+``step_fails`` marks a DDIM schedule whose ``step`` raises (a timestep past the training range).
+
+Tensors are float32 ``[1, 4, 4, 4]``, stored as hex strings: 8 hex digits per element, the element's
+IEEE-754 bits as a big-endian number (``format(bits, "08x")``), in C order. ``noise`` and
+``original`` are ``np.random.default_rng(SEED).standard_normal`` draws, so every file is
+bit-for-bit reproducible with the pinned torch/numpy/diffusers (``requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+SEED = 20240607
+SHAPE = (1, 4, 4, 4)
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+
+
+def _trained_betas_100() -> list[float]:
+    """A short custom schedule for ``trained_betas`` (100 training steps), float64 values."""
+    return [float(b) for b in np.linspace(0.001, 0.05, 100) ** 1.5]
+
+
+# (name, kind, overrides of SD15, steps). An override value of `_DROP` removes the key.
+_DROP = object()
+CASES = [
+    # DDIM: SD 1.5 as shipped (leading, steps_offset 1, no clipping, set_alpha_to_one False).
+    ("ddim_sd15_leading_50", "ddim", {}, 50),
+    ("ddim_leading_offset0_10", "ddim", {"steps_offset": 0}, 10),
+    ("ddim_leading_1", "ddim", {}, 1),
+    ("ddim_trailing_25", "ddim", {"timestep_spacing": "trailing"}, 25),
+    ("ddim_trailing_61_extra_step", "ddim", {"timestep_spacing": "trailing"}, 61),
+    ("ddim_linspace_10", "ddim", {"timestep_spacing": "linspace"}, 10),
+    ("ddim_clip_sample_4", "ddim", {"clip_sample": True}, 4),
+    ("ddim_clip_range_half_10", "ddim", {"clip_sample": True, "clip_sample_range": 0.5}, 10),
+    ("ddim_set_alpha_to_one_10", "ddim", {"set_alpha_to_one": True}, 10),
+    ("ddim_vpred_10", "ddim", {"prediction_type": "v_prediction"}, 10),
+    ("ddim_sample_pred_clip_10", "ddim", {"prediction_type": "sample", "clip_sample": True}, 10),
+    (
+        "ddim_zero_snr_trailing_vpred_10",
+        "ddim",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+    ("ddim_cosine_linspace_25", "ddim", {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace"}, 25),
+    # Keys absent: DDIM's own defaults (clip_sample True, set_alpha_to_one True, steps_offset 0).
+    (
+        "ddim_defaults_linear_10",
+        "ddim",
+        {"beta_schedule": "linear", "beta_start": _DROP, "beta_end": _DROP, "clip_sample": _DROP,
+         "set_alpha_to_one": _DROP, "steps_offset": _DROP},
+        10,
+    ),
+    ("ddim_trained_betas_10", "ddim", {"num_train_timesteps": 100, "trained_betas": _trained_betas_100()}, 10),
+    # Euler: from_config of the SD 1.5 config gives linspace spacing (Euler's default).
+    ("euler_sd15_linspace_25", "euler", {}, 25),
+    ("euler_linspace_1", "euler", {}, 1),
+    ("euler_leading_10", "euler", {"timestep_spacing": "leading"}, 10),
+    ("euler_trailing_10", "euler", {"timestep_spacing": "trailing"}, 10),
+    ("euler_trailing_61_extra_step", "euler", {"timestep_spacing": "trailing"}, 61),
+    ("euler_vpred_10", "euler", {"prediction_type": "v_prediction"}, 10),
+    ("euler_sample_pred_4", "euler", {"prediction_type": "sample"}, 4),
+    ("euler_karras_25", "euler", {"use_karras_sigmas": True}, 25),
+    ("euler_karras_leading_sigma_range_10", "euler",
+     {"use_karras_sigmas": True, "timestep_spacing": "leading", "sigma_min": 0.05, "sigma_max": 10.0}, 10),
+    ("euler_log_linear_10", "euler", {"interpolation_type": "log_linear"}, 10),
+    ("euler_final_sigma_min_10", "euler", {"final_sigmas_type": "sigma_min"}, 10),
+    ("euler_continuous_vpred_10", "euler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, 10),
+    (
+        "euler_zero_snr_trailing_vpred_10",
+        "euler",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+    ("euler_linear_betas_50", "euler", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 50),
+]
+
+# Step counts of the timestep sweep; 61, 103 and 121 are trailing counts with an extra step.
+SWEEP_STEPS = [1, 2, 3, 7, 20, 61, 100, 103, 121, 1000]
+SWEEP_CASES = [
+    ("ddim_leading", "ddim", {}),
+    ("ddim_leading_offset0", "ddim", {"steps_offset": 0}),
+    ("ddim_trailing", "ddim", {"timestep_spacing": "trailing"}),
+    ("ddim_linspace", "ddim", {"timestep_spacing": "linspace"}),
+    ("euler_linspace", "euler", {}),
+    ("euler_leading", "euler", {"timestep_spacing": "leading"}),
+    ("euler_trailing", "euler", {"timestep_spacing": "trailing"}),
+    ("euler_karras", "euler", {"use_karras_sigmas": True}),
+]
+
+
+def hex_f32(t: torch.Tensor | np.ndarray) -> str:
+    a = np.ascontiguousarray(np.asarray(t, dtype=np.float32)).reshape(-1)
+    return "".join(format(int(b), "08x") for b in a.view(np.uint32))
+
+
+def fake_model(x: torch.Tensor, t: float) -> torch.Tensor:
+    """Deterministic stand-in for the UNet; the runtime's test computes the same in float32."""
+    return 0.3 * x + 0.05 * math.sin(t / 100)
+
+
+def make_config(overrides: dict) -> dict:
+    config = dict(SD15)
+    for key, value in overrides.items():
+        if value is _DROP:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def build(kind: str, config: dict, steps: int):
+    scheduler = CLASSES[kind].from_config(config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def trace(name: str, kind: str, config: dict, steps: int) -> dict:
+    rng = np.random.default_rng(SEED)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    original = rng.standard_normal(SHAPE).astype(np.float32)
+
+    scheduler = build(kind, config, steps)
+    init_noise_sigma = scheduler.init_noise_sigma
+    sample = torch.from_numpy(noise) * init_noise_sigma
+    trajectory = []
+    for i, t in enumerate(scheduler.timesteps):
+        scaled = scheduler.scale_model_input(sample, t)
+        if kind == "euler":
+            assert scheduler.step_index == i, (name, i, scheduler.step_index)
+        model_output = fake_model(scaled, float(t))
+        sample = scheduler.step(model_output, t, sample).prev_sample
+        entry = {"sample": hex_f32(sample)}
+        if kind != "ddim":
+            entry["scaled"] = hex_f32(scaled)
+        trajectory.append(entry)
+
+    n = len(scheduler.timesteps)
+    add_noise = []
+    for k in sorted({0, n // 2, n - 1}):
+        fresh = build(kind, config, steps)
+        noisy = fresh.add_noise(torch.from_numpy(original), torch.from_numpy(noise), fresh.timesteps[k : k + 1])
+        add_noise.append({"step": k, "result": hex_f32(noisy)})
+
+    out = {
+        "name": name,
+        "class": CLASSES[kind].__name__,
+        "kind": kind,
+        "steps": steps,
+        "config": config,
+        "timesteps": [float(np.float32(t)) for t in scheduler.timesteps.numpy().astype(np.float32)],
+        "init_noise_sigma": float(np.float32(init_noise_sigma)),
+        "shape": list(SHAPE),
+        "noise": hex_f32(noise),
+        "original": hex_f32(original),
+        "trajectory": trajectory,
+        "add_noise": add_noise,
+    }
+    if kind == "euler":
+        out["sigmas"] = [float(s) for s in scheduler.sigmas.numpy().astype(np.float32)]
+    return out
+
+
+def sweep() -> dict:
+    cases = []
+    for name, kind, overrides in SWEEP_CASES:
+        config = make_config(overrides)
+        for steps in SWEEP_STEPS:
+            scheduler = build(kind, config, steps)
+            case = {"name": name, "kind": kind, "steps": steps, "config": config,
+                    "timesteps": hex_f32(scheduler.timesteps.numpy().astype(np.float32))}
+            if kind == "ddim" and int(scheduler.timesteps.max()) >= scheduler.config.num_train_timesteps:
+                # e.g. leading + steps_offset 1 + 1000 steps: timestep 1000. set_timesteps accepts it,
+                # `step` then fails indexing alphas_cumprod; the runtime refuses to build it.
+                try:
+                    t = scheduler.timesteps[0]
+                    scheduler.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE))
+                except IndexError:
+                    case["step_fails"] = True
+                else:
+                    raise AssertionError(f"{name} {steps}: expected step() to fail")
+            if kind == "euler":
+                case["sigmas"] = hex_f32(scheduler.sigmas)
+                case["init_noise_sigma"] = float(np.float32(scheduler.init_noise_sigma))
+            cases.append(case)
+    return {"cases": cases}
+
+
+def pndm_loaded_config() -> dict:
+    """SD15 as diffusers holds it after loading it as PNDM: with `_use_default_values`."""
+    config = dict(PNDMScheduler.from_config(SD15).config)
+    config["_use_default_values"] = sorted(config["_use_default_values"])
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    for name, kind, overrides, steps in CASES:
+        data = trace(name, kind, make_config(overrides), steps)
+        (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+    # The PNDM-loaded config: its `timestep_spacing` ("leading", PNDM's default) is listed in
+    # `_use_default_values`, so Euler takes its own default, linspace.
+    data = trace("euler_pndm_loaded_config_10", "euler", pndm_loaded_config(), 10)
+    assert data["config"]["timestep_spacing"] == "leading" and data["timesteps"][0] == 999.0
+    (args.out / "euler_pndm_loaded_config_10.json").write_text(json.dumps(data, indent=1) + "\n")
+
+    (args.out / "timestep_sweep.json").write_text(json.dumps(sweep()) + "\n")
+
+
+if __name__ == "__main__":
+    main()

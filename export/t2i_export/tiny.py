@@ -1,0 +1,272 @@
+"""Deterministic tiny random-weight SD 1.x checkpoint + two T2I-Adapters, saved in diffusers format.
+
+Built with diffusers'/transformers' own classes, so exporting it goes through exactly the code path
+of a real checkpoint. Each component is initialised right after `torch.manual_seed(SEEDS[name])` by
+the library's own initialiser (then the exact rescalings `_liven`, `_liven_adapter`), so the weights depend only on
+these seeds and the pinned torch/diffusers/transformers versions.
+
+The tokenizer is the real CLIP one (49,408 tokens), converted from open_clip's
+`bpe_simple_vocab_16e6.txt.gz` exactly as OpenAI's CLIP `SimpleTokenizer` reads it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, T2IAdapter, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .errors import ExportError
+
+SEEDS = {"text_encoder": 1, "unet": 2, "vae": 3, "sketch": 4, "color": 5}
+
+OPEN_CLIP_WHEEL = "open_clip_torch-3.3.0-py3-none-any.whl"
+OPEN_CLIP_REQ = "open_clip_torch==3.3.0"
+BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+# sha256 of the decompressed BPE file: guards the tokenizer (and so the fixtures) against a changed wheel.
+BPE_SHA256 = "67603cfda2e032ad77b5f8808af37789d590db664b26df8705d2bf8b3c553fc8"
+
+# SD 1.5's scheduler/scheduler_config.json, verbatim (key order included). Keys it lacks, such as
+# `timestep_spacing`, take each scheduler class's own default in diffusers (`_use_default_values`):
+# DDIM "leading", Euler "linspace".
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+TEXT_ENCODER_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=16,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=16,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+
+UNET_CONFIG = dict(
+    sample_size=8,  # latent 8x8 -> default_size [64, 64]
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(16, 16, 32, 32),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=2,  # SD 1.x's legacy name for the number of heads (8 there)
+    norm_num_groups=8,  # 32 in SD; 8 keeps several channels per group at these widths
+)
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks = 8x downscale, as in SD
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+
+ADAPTER_CONFIGS = {
+    # full adapter: one feature per UNet down block, channels = block_out_channels
+    "sketch": dict(in_channels=1, channels=[16, 16, 32, 32], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
+    # light adapter: len(channels) + 1 features (the last channel count repeated) = 16, 16, 32, 32
+    "color": dict(in_channels=3, channels=[16, 16, 32], num_res_blocks=4, downscale_factor=8, adapter_type="light_adapter"),
+}
+
+
+def _find_wheel() -> Path:
+    env = os.environ.get("T2I_OPEN_CLIP_WHEEL")
+    if env:
+        p = Path(env)
+        if p.is_dir():
+            p = p / OPEN_CLIP_WHEEL
+        if not p.is_file():
+            raise ExportError(f"T2I_OPEN_CLIP_WHEEL={env}: no {OPEN_CLIP_WHEEL} there")
+        return p
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i_export"
+    wheel = cache / OPEN_CLIP_WHEEL
+    if not wheel.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", OPEN_CLIP_REQ, "-d", str(cache)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not wheel.is_file():
+            raise ExportError(
+                f"cannot get {OPEN_CLIP_WHEEL} ({' '.join(cmd)} failed); download it and set T2I_OPEN_CLIP_WHEEL to its path"
+            )
+    return wheel
+
+
+def clip_bpe_text() -> str:
+    with zipfile.ZipFile(_find_wheel()) as z:
+        text = gzip.decompress(z.read(BPE_MEMBER)).decode("utf-8")
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != BPE_SHA256:
+        raise ExportError(f"{BPE_MEMBER} in {OPEN_CLIP_WHEEL} is not the expected CLIP BPE file (sha256 mismatch)")
+    return text
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's byte -> printable unicode map (simple_tokenizer.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Exactly CLIP's SimpleTokenizer.__init__: 49,408 tokens."""
+    lines = bpe_text.split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab.extend("".join(m) for m in merges)
+    vocab.extend(["<|startoftext|>", "<|endoftext|>"])
+    return dict(zip(vocab, range(len(vocab)))), merges
+
+
+def write_clip_tokenizer_dir(dst: Path) -> None:
+    """An SD 1.x-style tokenizer/ directory (vocab.json + merges.txt, as in the real checkpoints)."""
+    vocab, merges = clip_vocab_and_merges(clip_bpe_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "add_prefix_space": False, **special}
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _seeded(name: str):
+    torch.manual_seed(SEEDS[name])
+
+
+LIVEN_ATTN2_OUT = 4.0  # cross-attention output projections × 4
+LIVEN_ADAPTER = 4.0  # adapter features × 4
+FIRST_ADAPTER_CONV = {"full_adapter": "adapter.conv_in", "light_adapter": "adapter.body.0.in_conv"}
+
+
+@torch.no_grad()
+def _liven(unet: UNet2DConditionModel) -> None:
+    """Deterministic rescaling so that the tiny random model's effects are visible (see README).
+
+    With PyTorch's default init the cross-attention output projections are too small for the prompt
+    to move the prediction much; scaled up, CFG and negative prompts change the result noticeably.
+    Pure multiplications: no extra randomness.
+    """
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            module.weight.mul_(LIVEN_ATTN2_OUT)
+
+
+@torch.no_grad()
+def _liven_adapter(adapter: T2IAdapter) -> None:
+    """Multiply every feature by LIVEN_ADAPTER, exactly: a T2I-Adapter is positively homogeneous once
+    its first conv (weight and bias) and every other conv's bias are scaled (convs, ReLU, average
+    pooling, pixel unshuffle and residual sums commute with a positive scale)."""
+    first = FIRST_ADAPTER_CONV[adapter.config.adapter_type]
+    for name, module in adapter.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            if name == first:
+                module.weight.mul_(LIVEN_ADAPTER)
+            module.bias.mul_(LIVEN_ADAPTER)
+
+
+def build_components() -> dict:
+    """Fresh tiny modules, in the order (and with the seeds) that fix their weights."""
+    _seeded("text_encoder")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)).eval()
+    _seeded("unet")
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    _liven(unet)
+    _seeded("vae")
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    adapters = {}
+    for name, cfg in ADAPTER_CONFIGS.items():
+        _seeded(name)
+        adapters[name] = T2IAdapter(**cfg).eval()
+        _liven_adapter(adapters[name])
+    return {"text_encoder": text_encoder, "unet": unet, "vae": vae, "adapters": adapters}
+
+
+def write_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """Save the tiny pipeline (work_dir/tiny-sd1) and adapters (work_dir/adapters/NAME) in diffusers format."""
+    comps = build_components()
+    model_dir = work_dir / "tiny-sd1"
+    tok_dir = work_dir / "tokenizer-src"
+    write_clip_tokenizer_dir(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=comps["vae"],
+        text_encoder=comps["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)),
+        unet=comps["unet"],
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(model_dir))
+    # Replace what save_pretrained wrote for these two by the files a real SD 1.5 checkpoint has, so
+    # that loading them exercises the same code as a real checkpoint (defaults filled in by diffusers).
+    for sub in ("tokenizer", "scheduler"):
+        for f in (model_dir / sub).iterdir():
+            f.unlink()
+    write_clip_tokenizer_dir(model_dir / "tokenizer")
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2) + "\n", encoding="utf-8")
+    adapter_dirs = {}
+    for name, adapter in comps["adapters"].items():
+        adapter_dirs[name] = work_dir / "adapters" / name
+        adapter.save_pretrained(str(adapter_dirs[name]))
+    return model_dir, adapter_dirs
+
+
+def build_tiny_zoo(out_root: Path, work_dir: Path | None = None) -> tuple[Path, Path]:
+    """`python -m t2i_export tiny`: OUT/tiny-sd1 (graph set) and OUT/fixtures/tiny-sd1 (fixtures).
+
+    One intra-op thread, so that float reductions run in one fixed order (bit-for-bit regeneration).
+    """
+    import tempfile
+
+    from .fixtures import write_fixtures
+    from .pipeline import export_pipeline
+    from .reference import Oracle
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="t2i-tiny-") as tmp:
+            work = Path(work_dir) if work_dir is not None else Path(tmp)
+            model_dir, adapter_dirs = write_checkpoint(work)
+            set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / "tiny-sd1", name="tiny-sd1")
+            fixtures_dir = write_fixtures(Oracle.load(model_dir, adapter_dirs), out_root / "fixtures" / "tiny-sd1")
+    finally:
+        torch.set_num_threads(threads)
+    return set_dir, fixtures_dir

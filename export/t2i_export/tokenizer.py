@@ -1,0 +1,58 @@
+"""`tokenizer.json`: the checkpoint's CLIP tokenizer as a HF `tokenizers` JSON, padding and truncation off.
+
+transformers 5's `CLIPTokenizer` *is* a `tokenizers` backend (NFC + whitespace collapse + lowercase,
+CLIP's split regex, byte-level BPE with `</w>`, BOS/EOS post-processor), so its `backend_tokenizer`
+serialised is the exact tokenizer diffusers uses. The runtime encodes with special tokens, then
+truncates to `max_length` keeping EOS last (BOS + 75 tokens + EOS) and pads with `pad_token_id` —
+which is what `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from transformers import CLIPTokenizer
+
+from .errors import ExportError
+
+
+def load_tokenizer(tokenizer_dir: Path) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # transformers raises many kinds; the user needs the directory and the cause
+        raise ExportError(f"tokenizer: cannot load a CLIP tokenizer from {tokenizer_dir}: {e}".replace("\n", " ")) from e
+
+
+def backend_without_padding(tokenizer: CLIPTokenizer) -> Tokenizer:
+    # A copy: transformers configures padding/truncation on its backend for each call.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def max_length(tokenizer: CLIPTokenizer, text_max_positions: int) -> int:
+    n = tokenizer.model_max_length
+    if not isinstance(n, int) or n > text_max_positions:
+        raise ExportError(
+            f"tokenizer: model_max_length={n} is not usable with a text encoder of {text_max_positions} positions; "
+            "set model_max_length in tokenizer/tokenizer_config.json"
+        )
+    return n
+
+
+def export_tokenizer(tokenizer: CLIPTokenizer, path: Path, text_max_positions: int) -> dict:
+    """Writes `path`; returns the manifest's `tokenizer` entry less `file`/`sha256`."""
+    if tokenizer.pad_token_id is None:
+        raise ExportError("tokenizer: no pad token configured (SD 1.x pads with <|endoftext|>)")
+    backend_without_padding(tokenizer).save(str(path), pretty=False)
+    return {"max_length": max_length(tokenizer, text_max_positions), "pad_token_id": int(tokenizer.pad_token_id)}
+
+
+def encode_padded(backend: Tokenizer, prompt: str, max_len: int, eos_id: int, pad_id: int) -> list[int]:
+    """What the runtime does with `tokenizer.json` (used by the tests to prove it)."""
+    ids = backend.encode(prompt).ids
+    if len(ids) > max_len:
+        ids = ids[: max_len - 1] + [eos_id]
+    return ids + [pad_id] * (max_len - len(ids))

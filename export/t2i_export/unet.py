@@ -1,0 +1,141 @@
+"""The `unet` graph: one denoising step's noise prediction, with one input per adapter-residual slot.
+
+Semantics are exactly those of diffusers' `UNet2DConditionModel.forward` called with
+`down_intrablock_additional_residuals=[adapter_residual_0, ...]` (diffusers
+models/unets/unet_2d_condition.py, "3. down"):
+
+* a `CrossAttnDownBlock2D` adds its residual to the output of its last resnet+attention pair, before
+  its downsampler (models/unets/unet_2d_blocks.py, `CrossAttnDownBlock2D.forward`): the skip
+  connection saved there includes the residual;
+* after a block without cross-attention (`DownBlock2D`) the UNet does `sample += residual` *in place*.
+  `sample` is the very tensor object stored last in that block's skip tuple, so the skip connection
+  that the up path concatenates also carries the residual. The exported graph is traced from the real
+  diffusers forward, so it reproduces this aliasing; `tests/test_parity.py` checks it numerically
+  against a variant without the aliasing.
+
+Zeros in every `adapter_residual_i` are exactly "no adapter".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .errors import ExportError
+from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
+
+SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+@dataclass(frozen=True)
+class ResidualSlot:
+    """One `down_intrablock_additional_residuals` entry: `channels` at `downscale` × below the latent."""
+
+    index: int
+    channels: int
+    downscale: int
+
+    @property
+    def input(self) -> str:
+        return f"adapter_residual_{self.index}"
+
+    @property
+    def height(self) -> str:
+        return "latent_height" if self.downscale == 1 else f"latent_height_div{self.downscale}"
+
+    @property
+    def width(self) -> str:
+        return "latent_width" if self.downscale == 1 else f"latent_width_div{self.downscale}"
+
+    def manifest(self) -> dict:
+        return {"input": self.input, "channels": self.channels, "downscale": self.downscale}
+
+
+def check_sd1_unet(config) -> None:
+    """Refuse UNet configs whose forward the graph contract cannot express (SDXL, LCM, ...)."""
+    problems = []
+    for t in config.down_block_types:
+        if t not in SUPPORTED_DOWN_BLOCKS:
+            problems.append(f"down block {t!r} (supported: {', '.join(SUPPORTED_DOWN_BLOCKS)})")
+    if config.addition_embed_type is not None:
+        problems.append(f"addition_embed_type={config.addition_embed_type!r} (SDXL-style added conditioning)")
+    if config.class_embed_type is not None or config.num_class_embeds is not None:
+        problems.append("class embeddings")
+    if config.time_cond_proj_dim is not None:
+        problems.append("time_cond_proj_dim (guidance-embedding UNet)")
+    if config.encoder_hid_dim is not None:
+        problems.append("encoder_hid_dim")
+    if problems:
+        raise ExportError("unet: not an SD 1.x UNet: unsupported " + "; ".join(problems))
+
+
+def residual_slots(config) -> list[ResidualSlot]:
+    """One slot per down block, in diffusers' order.
+
+    A cross-attention block adds its residual before its downsampler (downscale 2**i); a plain
+    `DownBlock2D` gets it added to its output, i.e. after its downsampler if it has one.
+    """
+    n = len(config.down_block_types)
+    slots = []
+    for i, (kind, channels) in enumerate(zip(config.down_block_types, config.block_out_channels)):
+        has_downsampler = i < n - 1
+        after_downsampler = kind == "DownBlock2D" and has_downsampler
+        slots.append(ResidualSlot(i, int(channels), 2 ** (i + 1) if after_downsampler else 2**i))
+    return slots
+
+
+class UNetGraph(torch.nn.Module):
+    """`unet` graph: (sample, timestep, encoder_hidden_states, adapter_residual_0..n-1) -> noise_pred."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *adapter_residuals):
+        # diffusers pops from this list: give it a fresh one each call.
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            down_intrablock_additional_residuals=list(adapter_residuals),
+            return_dict=False,
+        )[0]
+
+
+def io_spec(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int) -> tuple[list[TensorIO], list[TensorIO]]:
+    c = unet.config.in_channels
+    inputs = [
+        TensorIO("sample", ["batch", c, "latent_height", "latent_width"]),
+        TensorIO("timestep", ["batch"]),
+        TensorIO("encoder_hidden_states", ["batch", seq_len, unet.config.cross_attention_dim]),
+    ] + [TensorIO(s.input, ["batch", s.channels, s.height, s.width]) for s in slots]
+    outputs = [TensorIO("noise_pred", ["batch", unet.config.out_channels, "latent_height", "latent_width"])]
+    return inputs, outputs
+
+
+def example_inputs(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, latent_hw=(8, 16)) -> tuple:
+    """Batch 2, a non-square latent and fractional timesteps, so that no dim is traced as a constant."""
+    g = torch.Generator().manual_seed(0)
+    h, w = latent_hw
+    sample = torch.randn(2, unet.config.in_channels, h, w, generator=g)
+    timestep = torch.tensor([999.0, 17.25])
+    ehs = torch.randn(2, seq_len, unet.config.cross_attention_dim, generator=g)
+    res = [torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g) for s in slots]
+    return (sample, timestep, ehs, *res)
+
+
+def export_unet(
+    unet: UNet2DConditionModel,
+    slots: list[ResidualSlot],
+    seq_len: int,
+    path: Path,
+    size_multiple_latent: int,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+) -> list[Path]:
+    inputs, outputs = io_spec(unet, slots, seq_len)
+    # A latent of (1, 2) × the latent size multiple: valid, and height != width.
+    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent))
+    return export_graph(UNetGraph(unet), args, path, inputs, outputs, external_data_threshold)
