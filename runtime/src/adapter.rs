@@ -1,0 +1,171 @@
+//! T2I-Adapters attached to a request, each with a condition image and a weight.
+//!
+//! An [`AdapterSet`] is checked against the graph set when it is built (known names, image size a
+//! multiple of each adapter's downscale factor, finite weights, readable images), so a bad request
+//! fails before any graph runs.
+
+use std::path::PathBuf;
+
+use ndarray::{Array4, ArrayD, Axis};
+
+use crate::backend::{GraphSession, TensorView};
+use crate::condition::{load_condition, ConditionKind};
+use crate::error::{Error, Result};
+use crate::manifest::{ConditionChannels, Manifest};
+
+/// One adapter a request asks for: `--adapter NAME=IMAGE[:WEIGHT]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterRequest {
+    /// The adapter's name in the graph set's manifest.
+    pub name: String,
+    /// Condition image (PNG or JPEG); resized to the output size with PIL's Lanczos like diffusers.
+    pub image: PathBuf,
+    /// Multiplies this adapter's features (diffusers' `adapter_conditioning_scale`).
+    pub weight: f32,
+}
+
+impl std::str::FromStr for AdapterRequest {
+    type Err = Error;
+
+    /// Parses `NAME=IMAGE[:WEIGHT]`; the weight defaults to 1.0.
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, rest) = s.split_once('=').ok_or_else(|| {
+            Error::InvalidRequest(format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT], e.g. sketch=edges.png:0.8"))
+        })?;
+        let (image, weight) = match rest.rsplit_once(':') {
+            Some((image, weight)) if weight.parse::<f32>().is_ok() => (image, weight.parse::<f32>().unwrap_or(1.0)),
+            _ => (rest, 1.0),
+        };
+        if name.is_empty() || image.is_empty() {
+            return Err(Error::InvalidRequest(format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT]")));
+        }
+        Ok(AdapterRequest { name: name.to_string(), image: PathBuf::from(image), weight })
+    }
+}
+
+/// Adapters ready to run for one request: each with its manifest index, weight and preprocessed
+/// condition image ([1, C, H, W], values in [0, 1]).
+#[derive(Debug, Clone)]
+pub struct AdapterSet {
+    entries: Vec<AdapterEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct AdapterEntry {
+    index: usize,
+    weight: f32,
+    condition: Array4<f32>,
+}
+
+impl AdapterSet {
+    /// Checks `requests` against `manifest` for an image of `width` × `height` and loads the
+    /// condition images.
+    pub fn build(manifest: &Manifest, requests: &[AdapterRequest], width: u32, height: u32) -> Result<AdapterSet> {
+        let mut entries = Vec::with_capacity(requests.len());
+        for request in requests {
+            let index = manifest.adapters.iter().position(|a| a.name == request.name).ok_or_else(|| {
+                let names: Vec<&str> = manifest.adapters.iter().map(|a| a.name.as_str()).collect();
+                let available = if names.is_empty() { "no adapters".to_string() } else { names.join(", ") };
+                Error::InvalidRequest(format!("unknown adapter {:?}; this graph set has: {available}", request.name))
+            })?;
+            let spec = &manifest.adapters[index];
+            if !request.weight.is_finite() {
+                return Err(Error::InvalidRequest(format!("adapter {} weight {} is not a number", spec.name, request.weight)));
+            }
+            let factor = spec.downscale_factor;
+            if width % factor != 0 || height % factor != 0 {
+                return Err(Error::InvalidRequest(format!(
+                    "size {width}x{height} is not a multiple of {factor}, which adapter {} needs; try {}x{}",
+                    spec.name,
+                    round_to(width, factor),
+                    round_to(height, factor)
+                )));
+            }
+            let kind = match spec.condition {
+                ConditionChannels::Rgb => ConditionKind::Rgb,
+                ConditionChannels::Gray => ConditionKind::Gray,
+            };
+            let condition = load_condition(&request.image, kind, width, height)?;
+            entries.push(AdapterEntry { index, weight: request.weight, condition });
+        }
+        Ok(AdapterSet { entries })
+    }
+
+    /// True when the request uses no adapter.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Runs every adapter once and sums their weighted features per residual slot, in request
+    /// order, like diffusers' `MultiAdapter.forward` (`acc = w0 * f0; acc += w1 * f1; ...`).
+    /// Slots no adapter feeds stay `None`. `sessions[i]` runs the manifest's adapter `i`.
+    pub fn residuals(&self, manifest: &Manifest, sessions: &mut [Box<dyn GraphSession>]) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let mut slots: Vec<Option<ArrayD<f32>>> = vec![None; manifest.residual_slots.len()];
+        for entry in &self.entries {
+            let spec = &manifest.adapters[entry.index];
+            let features = sessions[entry.index].run(&[("condition", TensorView::F32(entry.condition.view().into_dyn()))])?;
+            for (feature, &slot) in features.into_iter().zip(&spec.residual_slots) {
+                let expected = &manifest.residual_slots[slot];
+                if feature.ndim() != 4 || feature.shape()[1] != expected.channels {
+                    return Err(Error::Backend {
+                        backend: "pipeline",
+                        graph: format!("adapter_{}", spec.name),
+                        message: format!(
+                            "feature for residual slot {slot} has shape {:?}, the unet expects {} channels; re-export the graph set",
+                            feature.shape(),
+                            expected.channels
+                        ),
+                    });
+                }
+                let weighted = feature * entry.weight;
+                slots[slot] = Some(match slots[slot].take() {
+                    None => weighted,
+                    Some(acc) if acc.shape() == weighted.shape() => acc + weighted,
+                    Some(acc) => {
+                        return Err(Error::InvalidRequest(format!(
+                            "adapter {} gives residual slot {slot} shape {:?}, another adapter gave {:?}",
+                            spec.name,
+                            weighted.shape(),
+                            acc.shape()
+                        )))
+                    }
+                });
+            }
+        }
+        Ok(slots)
+    }
+}
+
+/// The multiple of `factor` nearest to `value` (at least `factor`), to suggest a valid size.
+pub(crate) fn round_to(value: u32, factor: u32) -> u32 {
+    (((value + factor / 2) / factor).max(1)) * factor
+}
+
+/// Repeats a batch-1 tensor `times` along the batch axis.
+pub(crate) fn repeat_batch(tensor: &ArrayD<f32>, times: usize) -> ArrayD<f32> {
+    let views: Vec<_> = (0..times).map(|_| tensor.view()).collect();
+    ndarray::concatenate(Axis(0), &views).unwrap_or_else(|_| tensor.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_adapter_arguments() {
+        let a: AdapterRequest = "sketch=edges.png:0.8".parse().unwrap();
+        assert_eq!((a.name.as_str(), a.image.to_str().unwrap(), a.weight), ("sketch", "edges.png", 0.8));
+        let b: AdapterRequest = "color=C:/img/c.png".parse().unwrap();
+        assert_eq!((b.image.to_str().unwrap(), b.weight), ("C:/img/c.png", 1.0));
+        assert!("sketch".parse::<AdapterRequest>().is_err());
+        assert!("=x.png".parse::<AdapterRequest>().is_err());
+        assert!("sketch=".parse::<AdapterRequest>().is_err());
+    }
+
+    #[test]
+    fn suggests_valid_sizes() {
+        assert_eq!(round_to(500, 64), 512);
+        assert_eq!(round_to(10, 64), 64);
+        assert_eq!(round_to(600, 64), 576);
+    }
+}

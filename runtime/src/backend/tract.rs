@@ -1,0 +1,174 @@
+//! The tract backend: pure Rust, no shared library, the CPU fallback.
+//!
+//! tract optimizes a graph for concrete input shapes, so a loaded graph keeps one optimized plan per
+//! set of input shapes it has seen (a request's shapes are fixed for all its steps), shared by all
+//! sessions of that graph.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use ndarray::ArrayD;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use super::{Backend, Graph, GraphSession, TensorView};
+use crate::error::{Error, Result};
+use crate::manifest::{DType, RealTensor};
+
+const BACKEND: &str = "tract";
+
+/// Runs graphs with tract-onnx.
+#[derive(Debug, Default)]
+pub struct TractBackend;
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
+        let err = |e: TractError| Error::Backend {
+            backend: BACKEND,
+            graph: graph.to_string(),
+            message: format!("cannot load {}: {e:#}", path.display()),
+        };
+        // Output types are only known after tract's type inference, which does not always succeed on
+        // symbolic shapes (the residual inputs' dims are separate symbols); tract plans per concrete
+        // shape anyway, so outputs are reported with an unknown type and checked when they arrive.
+        let model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
+        let inputs = (0..model.inputs.len())
+            .map(|i| {
+                let name = model.node(model.inputs[i].node).name.clone();
+                Ok(real_tensor(name, model.input_fact(i)?))
+            })
+            .collect::<TractResult<Vec<_>>>()
+            .map_err(err)?;
+        let outputs = model
+            .outputs
+            .iter()
+            .map(|&outlet| {
+                let name = model.outlet_label(outlet).map(str::to_string).unwrap_or_else(|| model.node(outlet.node).name.clone());
+                Ok(real_tensor(name, model.outlet_fact(outlet)?))
+            })
+            .collect::<TractResult<Vec<_>>>()
+            .map_err(err)?;
+        Ok(Arc::new(TractGraph(Arc::new(Inner {
+            name: graph.to_string(),
+            model,
+            inputs,
+            outputs,
+            plans: Mutex::new(HashMap::new()),
+        }))))
+    }
+}
+
+struct TractGraph(Arc<Inner>);
+
+type Plan = Arc<TypedRunnableModel>;
+
+struct Inner {
+    name: String,
+    model: InferenceModel,
+    inputs: Vec<RealTensor>,
+    outputs: Vec<RealTensor>,
+    /// Optimized plans keyed by the input shapes (in graph input order).
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+}
+
+impl Graph for TractGraph {
+    fn inputs(&self) -> &[RealTensor] {
+        &self.0.inputs
+    }
+
+    fn outputs(&self) -> &[RealTensor] {
+        &self.0.outputs
+    }
+
+    fn session(&self) -> Result<Box<dyn GraphSession>> {
+        Ok(Box::new(TractSession(self.0.clone())))
+    }
+}
+
+struct TractSession(Arc<Inner>);
+
+impl Inner {
+    fn error(&self, message: String) -> Error {
+        Error::Backend { backend: BACKEND, graph: self.name.clone(), message }
+    }
+
+    fn plan(&self, ordered: &[&TensorView<'_>]) -> Result<Plan> {
+        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        if let Some(plan) = self.plans.lock().map_err(|_| self.error("plan cache poisoned".into()))?.get(&key) {
+            return Ok(plan.clone());
+        }
+        let build = || -> TractResult<Plan> {
+            let mut model = self.model.clone();
+            for (i, input) in ordered.iter().enumerate() {
+                let datum = match input {
+                    TensorView::F32(_) => f32::datum_type(),
+                    TensorView::I64(_) => i64::datum_type(),
+                };
+                model = model.with_input_fact(i, InferenceFact::dt_shape(datum, input.shape()))?;
+            }
+            model.into_optimized()?.into_runnable()
+        };
+        let plan = build().map_err(|e| self.error(format!("cannot prepare for input shapes {key:?}: {e:#}")))?;
+        self.plans.lock().map_err(|_| self.error("plan cache poisoned".into()))?.insert(key, plan.clone());
+        Ok(plan)
+    }
+}
+
+impl GraphSession for TractSession {
+    fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
+        let graph = &self.0;
+        let ordered = graph
+            .inputs
+            .iter()
+            .map(|spec| {
+                inputs
+                    .iter()
+                    .find(|(name, _)| *name == spec.name)
+                    .map(|(_, view)| view)
+                    .ok_or_else(|| graph.error(format!("input {} was not given", spec.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let plan = graph.plan(&ordered)?;
+        let values: TVec<TValue> = ordered
+            .iter()
+            .map(|view| match view {
+                TensorView::F32(a) => Tensor::from(a.to_owned()).into(),
+                TensorView::I64(a) => Tensor::from(a.to_owned()).into(),
+            })
+            .collect();
+        let outputs = plan.run(values).map_err(|e| graph.error(format!("{e:#}")))?;
+        outputs
+            .iter()
+            .map(|value| {
+                value
+                    .to_plain_array_view::<f32>()
+                    .map(|a| a.to_owned())
+                    .map_err(|e| graph.error(format!("output is not f32: {e:#}")))
+            })
+            .collect()
+    }
+}
+
+/// The declared type and shape of an input or output, as far as the ONNX file fixes them.
+fn real_tensor(name: String, fact: &InferenceFact) -> RealTensor {
+    RealTensor {
+        name,
+        dtype: fact.datum_type.concretize().and_then(dtype_of),
+        dims: (!fact.shape.is_open()).then(|| fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect()),
+    }
+}
+
+fn dtype_of(datum: DatumType) -> Option<DType> {
+    match datum {
+        DatumType::F32 => Some(DType::Float32),
+        DatumType::F16 => Some(DType::Float16),
+        DatumType::I64 => Some(DType::Int64),
+        DatumType::I32 => Some(DType::Int32),
+        _ => None,
+    }
+}

@@ -1,0 +1,38 @@
+//! t2i-rt: a deployment runtime for Stable Diffusion with T2I-Adapters.
+//!
+//! A graph set (ONNX graphs plus `manifest.json`, written by `python -m t2i_export`) is loaded into a
+//! [`Pipeline`], which runs tokenizer, text encoder, adapters, sampler with classifier-free guidance
+//! and VAE decoder on a [`backend`]: ONNX Runtime (`ort-cpu`) or tract.
+//!
+//! ```no_run
+//! use t2i_rt::{AdapterRequest, LoadOptions, Pipeline, Request};
+//! # fn main() -> t2i_rt::Result<()> {
+//! let mut pipeline = Pipeline::load("graphs/tiny-sd1".as_ref(), &LoadOptions::default())?;
+//! let mut request = Request::new("a house on a hill");
+//! request.adapters.push("sketch=edges.png:0.8".parse::<AdapterRequest>()?);
+//! request.steps = 20;
+//! let generation = pipeline.run(&request, &mut |_progress| true)?;
+//! t2i_rt::output::write_png("house.png".as_ref(), &generation.images[0])?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod adapter;
+mod atomic_file;
+pub mod backend;
+pub mod condition;
+pub mod error;
+pub mod manifest;
+pub mod npy;
+pub mod output;
+pub mod pipeline;
+pub mod resample;
+pub mod scheduler;
+pub mod tokenizer;
+
+pub use adapter::{AdapterRequest, AdapterSet};
+pub use backend::BackendKind;
+pub use error::{Error, Result};
+pub use manifest::Manifest;
+pub use pipeline::{Generation, LoadOptions, Pipeline, Progress, Request};
+pub use scheduler::{SchedulerConfig, SchedulerKind};

@@ -1,0 +1,495 @@
+//! `manifest.json`, the one contract between the exporter and the runtime (docs/manifest.md).
+//!
+//! Loading a manifest checks everything that can be checked without running a graph: the format
+//! version, that every path stays inside the graph set, that the files exist (and, on request, match
+//! their checksums), and that adapters and residual slots agree with each other. Agreement with the
+//! graphs' real inputs and outputs is checked by [`GraphSpec::check_io`] once a backend has loaded them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The manifest format this runtime reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name inside a graph set.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// A parsed and checked `manifest.json`, with the graph-set directory it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Model family: `sd1` (later `sd2`, `sdxl`).
+    pub family: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub exporter: BTreeMap<String, serde_json::Value>,
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    pub tokenizer: TokenizerSpec,
+    pub latent: LatentSpec,
+    /// Image width and height must be multiples of this.
+    pub size_multiple: u32,
+    /// `[width, height]` used when a request names no size.
+    pub default_size: [u32; 2],
+    pub vae: VaeSpec,
+    /// The checkpoint's scheduler config, verbatim.
+    pub scheduler: serde_json::Value,
+    /// The UNet's adapter-residual inputs, in diffusers' `down_intrablock_additional_residuals` order.
+    pub residual_slots: Vec<ResidualSlot>,
+    pub graphs: Graphs,
+    #[serde(default)]
+    pub adapters: Vec<AdapterSpec>,
+    /// The directory the manifest was loaded from; every path above is relative to it.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+fn default_precision() -> String {
+    "fp32".to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    pub file: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Token sequences are truncated and padded to exactly this length.
+    pub max_length: usize,
+    pub pad_token_id: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LatentSpec {
+    pub channels: usize,
+    /// Image size = latent size × downscale.
+    pub downscale: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VaeSpec {
+    /// Latents are divided by this before decoding.
+    pub scaling_factor: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResidualSlot {
+    /// The UNet input fed by this slot.
+    pub input: String,
+    pub channels: usize,
+    /// Spatial downscale relative to the latent.
+    pub downscale: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Graphs {
+    pub text_encoder: GraphSpec,
+    pub unet: GraphSpec,
+    pub vae_decoder: GraphSpec,
+}
+
+/// How an adapter wants its condition image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConditionChannels {
+    /// Three channels, like PIL's `convert("RGB")`.
+    Rgb,
+    /// One channel, like PIL's `convert("L")`.
+    Gray,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterSpec {
+    pub name: String,
+    #[serde(default)]
+    pub adapter_type: String,
+    pub condition: ConditionChannels,
+    pub in_channels: usize,
+    /// Image width and height must be multiples of this (`T2IAdapter.total_downscale_factor`).
+    pub downscale_factor: u32,
+    /// Feature `i` of this adapter feeds `residual_slots[i]`.
+    pub residual_slots: Vec<usize>,
+    pub graph: GraphSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GraphSpec {
+    pub file: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub external_data: Vec<FileSpec>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileSpec {
+    pub file: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// One graph input or output as the manifest declares it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub dims: Vec<Dim>,
+}
+
+/// Element types graphs may use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    Float32,
+    Float16,
+    Int64,
+    Int32,
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::Float32 => "float32",
+            DType::Float16 => "float16",
+            DType::Int64 => "int64",
+            DType::Int32 => "int32",
+        })
+    }
+}
+
+/// A fixed or symbolic dimension.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(i64),
+    Symbolic(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A graph's real input or output, as a backend reports it after loading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RealTensor {
+    pub name: String,
+    /// `None` when the backend cannot tell before a run (tract's outputs) or reports a type the
+    /// runtime does not use. Inputs must have a known, matching type; outputs are checked when known
+    /// and again when a run returns them.
+    pub dtype: Option<DType>,
+    /// `None` when the rank is unknown before a run (tract's outputs); inside, `None` for a
+    /// dimension the graph leaves dynamic.
+    pub dims: Option<Vec<Option<i64>>>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json` and checks it (see the module docs). With `verify_checksums`, every
+    /// file is hashed and compared with the manifest's sha256 (seconds for a multi-GB UNet).
+    pub fn load(dir: &Path, verify_checksums: bool) -> Result<Manifest> {
+        let err = |message: String| Error::GraphSet { dir: dir.to_path_buf(), message };
+        if !dir.is_dir() {
+            return Err(err(
+                "not a directory; pass the folder written by `python -m t2i_export` (it holds manifest.json)"
+                    .into(),
+            ));
+        }
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            err(format!("cannot read {MANIFEST_FILE} ({e}); is this a graph set written by `python -m t2i_export`?"))
+        })?;
+        let mut manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| err(format!("{MANIFEST_FILE} is malformed: {e}; re-export the graph set")))?;
+        manifest.dir = dir.to_path_buf();
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(err(format!(
+                "manifest format_version {} but this runtime reads version {FORMAT_VERSION}; re-export with a matching t2i_export",
+                manifest.format_version
+            )));
+        }
+        manifest.check_consistency().map_err(err)?;
+        for file in manifest.files() {
+            let path = manifest.resolve(&file.file)?;
+            if !path.is_file() {
+                return Err(err(format!("{} is listed in the manifest but missing; re-export the graph set", file.file)));
+            }
+            if verify_checksums {
+                if let Some(expected) = file.sha256 {
+                    let actual = sha256_file(&path)?;
+                    if !actual.eq_ignore_ascii_case(expected) {
+                        return Err(err(format!(
+                            "{} does not match its manifest checksum (the file changed or is truncated); re-export the graph set",
+                            file.file
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Every file the manifest names, with its expected checksum.
+    pub fn files(&self) -> Vec<FileRef<'_>> {
+        let mut files = vec![FileRef { file: &self.tokenizer.file, sha256: self.tokenizer.sha256.as_deref() }];
+        for graph in self.graph_specs() {
+            files.push(FileRef { file: &graph.1.file, sha256: graph.1.sha256.as_deref() });
+            for data in &graph.1.external_data {
+                files.push(FileRef { file: &data.file, sha256: data.sha256.as_deref() });
+            }
+        }
+        files
+    }
+
+    /// Every graph with a display name: `text_encoder`, `unet`, `vae_decoder`, `adapter_NAME`.
+    pub fn graph_specs(&self) -> Vec<(String, &GraphSpec)> {
+        let mut graphs = vec![
+            ("text_encoder".to_string(), &self.graphs.text_encoder),
+            ("unet".to_string(), &self.graphs.unet),
+            ("vae_decoder".to_string(), &self.graphs.vae_decoder),
+        ];
+        graphs.extend(self.adapters.iter().map(|a| (format!("adapter_{}", a.name), &a.graph)));
+        graphs
+    }
+
+    /// The adapter called `name`, if the graph set has one.
+    pub fn adapter(&self, name: &str) -> Option<&AdapterSpec> {
+        self.adapters.iter().find(|a| a.name == name)
+    }
+
+    /// Resolves a manifest path inside the graph set, refusing any path that could leave it
+    /// (absolute, `..`, or a symbolic link pointing outside).
+    pub fn resolve(&self, relative: &str) -> Result<PathBuf> {
+        let err = |message: String| Error::GraphSet { dir: self.dir.clone(), message };
+        let rel = Path::new(relative);
+        let plain = !relative.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !plain {
+            return Err(err(format!("manifest path {relative:?} leaves the graph set; only plain relative paths are allowed")));
+        }
+        let path = self.dir.join(rel);
+        if let (Ok(real), Ok(root)) = (path.canonicalize(), self.dir.canonicalize()) {
+            if !real.starts_with(&root) {
+                return Err(err(format!("manifest path {relative:?} is a link that leaves the graph set")));
+            }
+        }
+        Ok(path)
+    }
+
+    /// Checks the parts of the manifest that must agree with each other.
+    fn check_consistency(&self) -> std::result::Result<(), String> {
+        if self.tokenizer.max_length == 0 {
+            return Err("tokenizer.max_length is 0".into());
+        }
+        if self.size_multiple == 0 || self.latent.downscale == 0 || self.size_multiple % self.latent.downscale != 0 {
+            return Err(format!(
+                "size_multiple {} must be a positive multiple of latent.downscale {}",
+                self.size_multiple, self.latent.downscale
+            ));
+        }
+        if !(self.vae.scaling_factor.is_finite() && self.vae.scaling_factor > 0.0) {
+            return Err(format!("vae.scaling_factor {} must be positive", self.vae.scaling_factor));
+        }
+        let unet_inputs: Vec<&str> = self.graphs.unet.inputs.iter().map(|t| t.name.as_str()).collect();
+        for slot in &self.residual_slots {
+            if !unet_inputs.contains(&slot.input.as_str()) {
+                return Err(format!("residual slot {} is not an input of the unet graph", slot.input));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for adapter in &self.adapters {
+            let valid = !adapter.name.is_empty()
+                && adapter.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(format!("adapter name {:?} must match [A-Za-z0-9_-]+", adapter.name));
+            }
+            if !names.insert(adapter.name.as_str()) {
+                return Err(format!("adapter name {:?} appears twice", adapter.name));
+            }
+            let expected_channels = match adapter.condition {
+                ConditionChannels::Rgb => 3,
+                ConditionChannels::Gray => 1,
+            };
+            if adapter.in_channels != expected_channels {
+                return Err(format!(
+                    "adapter {} has condition {:?} but in_channels {}",
+                    adapter.name, adapter.condition, adapter.in_channels
+                ));
+            }
+            if adapter.downscale_factor == 0 {
+                return Err(format!("adapter {} has downscale_factor 0", adapter.name));
+            }
+            if adapter.residual_slots.len() != adapter.graph.outputs.len() {
+                return Err(format!(
+                    "adapter {} has {} outputs but feeds {} residual slots",
+                    adapter.name,
+                    adapter.graph.outputs.len(),
+                    adapter.residual_slots.len()
+                ));
+            }
+            for &slot in &adapter.residual_slots {
+                if slot >= self.residual_slots.len() {
+                    return Err(format!(
+                        "adapter {} feeds residual slot {slot}, but the unet has {}",
+                        adapter.name,
+                        self.residual_slots.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A file named by the manifest and its expected checksum.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRef<'a> {
+    pub file: &'a str,
+    pub sha256: Option<&'a str>,
+}
+
+impl GraphSpec {
+    /// Checks that a loaded graph's real inputs and outputs are the ones the manifest declares:
+    /// same names, element types and ranks, and equal fixed dimensions.
+    pub fn check_io(&self, graph: &str, inputs: &[RealTensor], outputs: &[RealTensor]) -> std::result::Result<(), String> {
+        check_side(graph, "input", &self.inputs, inputs)?;
+        check_side(graph, "output", &self.outputs, outputs)
+    }
+}
+
+fn check_side(graph: &str, side: &str, declared: &[TensorSpec], real: &[RealTensor]) -> std::result::Result<(), String> {
+    let mismatch = |what: String| {
+        format!("graph {graph} does not match the manifest: {what}; the graph file and manifest.json come from different exports, re-export the graph set")
+    };
+    for spec in declared {
+        let Some(actual) = real.iter().find(|r| r.name == spec.name) else {
+            let names: Vec<&str> = real.iter().map(|r| r.name.as_str()).collect();
+            return Err(mismatch(format!("{side} {} is missing (the graph has {})", spec.name, names.join(", "))));
+        };
+        let type_known = actual.dtype.is_some() || side == "input";
+        if type_known && actual.dtype != Some(spec.dtype) {
+            let real_dtype = actual.dtype.map_or("an unsupported type".to_string(), |d| d.to_string());
+            return Err(mismatch(format!("{side} {} is {real_dtype}, manifest says {}", spec.name, spec.dtype)));
+        }
+        let Some(dims) = &actual.dims else { continue };
+        if dims.len() != spec.dims.len() {
+            return Err(mismatch(format!("{side} {} has rank {}, manifest says {}", spec.name, dims.len(), spec.dims.len())));
+        }
+        for (axis, (dim, real_dim)) in spec.dims.iter().zip(dims).enumerate() {
+            if let (Dim::Fixed(want), Some(have)) = (dim, real_dim) {
+                if want != have {
+                    return Err(mismatch(format!("{side} {} axis {axis} is {have}, manifest says {want}", spec.name)));
+                }
+            }
+        }
+    }
+    if let Some(extra) = real.iter().find(|r| !declared.iter().any(|d| d.name == r.name)) {
+        if side == "input" {
+            return Err(mismatch(format!("{side} {} is not declared", extra.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let io_err = |e: std::io::Error| Error::Io { path: path.to_path_buf(), message: e.to_string() };
+    let mut file = File::open(path).map_err(io_err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_in(dir: &Path) -> Manifest {
+        Manifest {
+            format_version: 1,
+            family: "sd1".into(),
+            name: String::new(),
+            exporter: BTreeMap::new(),
+            precision: "fp32".into(),
+            tokenizer: TokenizerSpec { file: "tokenizer.json".into(), sha256: None, max_length: 77, pad_token_id: 0 },
+            latent: LatentSpec { channels: 4, downscale: 8 },
+            size_multiple: 64,
+            default_size: [64, 64],
+            vae: VaeSpec { scaling_factor: 0.18215 },
+            scheduler: serde_json::json!({}),
+            residual_slots: vec![],
+            graphs: Graphs {
+                text_encoder: graph("text_encoder.onnx"),
+                unet: graph("unet.onnx"),
+                vae_decoder: graph("vae_decoder.onnx"),
+            },
+            adapters: vec![],
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn graph(file: &str) -> GraphSpec {
+        GraphSpec { file: file.into(), sha256: None, external_data: vec![], inputs: vec![], outputs: vec![] }
+    }
+
+    #[test]
+    fn paths_must_stay_inside_the_graph_set() {
+        let m = manifest_in(Path::new("/tmp/set"));
+        assert!(m.resolve("unet.onnx").is_ok());
+        assert!(m.resolve("sub/unet.onnx").is_ok());
+        for bad in ["../unet.onnx", "/etc/passwd", "a/../../b", "", "./x/../../y"] {
+            assert!(m.resolve(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn io_mismatch_is_reported_with_the_fix() {
+        let spec = GraphSpec {
+            inputs: vec![TensorSpec { name: "sample".into(), dtype: DType::Float32, dims: vec![Dim::Symbolic("b".into()), Dim::Fixed(4)] }],
+            ..graph("unet.onnx")
+        };
+        let ok = [RealTensor { name: "sample".into(), dtype: Some(DType::Float32), dims: Some(vec![None, Some(4)]) }];
+        assert!(spec.check_io("unet", &ok, &[]).is_ok());
+        let wrong_dim = [RealTensor { name: "sample".into(), dtype: Some(DType::Float32), dims: Some(vec![None, Some(8)]) }];
+        let message = spec.check_io("unet", &wrong_dim, &[]).unwrap_err();
+        assert!(message.contains("axis 1 is 8") && message.contains("re-export"), "{message}");
+        let wrong_type = [RealTensor { name: "sample".into(), dtype: Some(DType::Int64), dims: Some(vec![None, Some(4)]) }];
+        assert!(spec.check_io("unet", &wrong_type, &[]).unwrap_err().contains("int64"));
+        assert!(spec.check_io("unet", &[], &[]).unwrap_err().contains("missing"));
+    }
+
+    #[test]
+    fn adapter_slots_must_exist() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        m.adapters.push(AdapterSpec {
+            name: "sketch".into(),
+            adapter_type: "full_adapter".into(),
+            condition: ConditionChannels::Gray,
+            in_channels: 1,
+            downscale_factor: 64,
+            residual_slots: vec![0],
+            graph: GraphSpec {
+                outputs: vec![TensorSpec { name: "feature_0".into(), dtype: DType::Float32, dims: vec![] }],
+                ..graph("adapter_sketch.onnx")
+            },
+        });
+        assert!(m.check_consistency().unwrap_err().contains("residual slot 0"));
+    }
+}

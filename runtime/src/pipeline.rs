@@ -1,0 +1,312 @@
+//! The pipeline owns the whole request: tokenize → text encoder → adapters (once) → denoising loop
+//! with classifier-free guidance → VAE decode. It follows diffusers'
+//! `StableDiffusionAdapterPipeline.__call__` (pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py)
+//! step for step, plus `cond_tau` with the semantics of `StableDiffusionXLAdapterPipeline`'s
+//! `adapter_conditioning_factor`: residuals only for steps `i < floor(steps × cond_tau)`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use image::RgbImage;
+use ndarray::{Array, Array4, ArrayD, Axis, IxDyn};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::adapter::{repeat_batch, round_to, AdapterRequest, AdapterSet};
+use crate::backend::{Backend, BackendKind, GraphSession, TensorView};
+use crate::error::{Error, Result};
+use crate::manifest::{GraphSpec, Manifest};
+use crate::output::decoder_output_to_images;
+use crate::scheduler::{SchedulerConfig, SchedulerKind};
+use crate::tokenizer::PromptTokenizer;
+
+/// How to load a graph set.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub backend: BackendKind,
+    /// Hash every file and compare with the manifest (catches truncated or swapped files).
+    pub verify_checksums: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { backend: BackendKind::OrtCpu, verify_checksums: true }
+    }
+}
+
+/// One generation request. [`Request::new`] gives diffusers' defaults.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    /// `None` is the empty prompt, as in diffusers.
+    pub negative_prompt: Option<String>,
+    pub adapters: Vec<AdapterRequest>,
+    /// Fraction of the steps that get adapter residuals, in [0, 1]: steps `i < floor(steps × cond_tau)`.
+    pub cond_tau: f32,
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is off at ≤ 1 (one UNet batch half instead of two).
+    pub guidance: f32,
+    pub scheduler: SchedulerKind,
+    /// Seeds the initial noise (when `latents` is `None`) and any stochastic sampler.
+    pub seed: u64,
+    /// Images per prompt (diffusers' `num_images_per_prompt`).
+    pub n_samples: usize,
+    /// Image size; `None` takes the manifest's `default_size`.
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// Initial noise [n_samples, C, H/8, W/8], exactly as diffusers' `latents=` (before it is
+    /// scaled by the scheduler's `init_noise_sigma`).
+    pub latents: Option<Array4<f32>>,
+}
+
+impl Request {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Request {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            adapters: Vec::new(),
+            cond_tau: 1.0,
+            steps: 50,
+            guidance: 7.5,
+            scheduler: SchedulerKind::Ddim,
+            seed: 0,
+            n_samples: 1,
+            width: None,
+            height: None,
+            latents: None,
+        }
+    }
+}
+
+/// What a request produces.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Final latents [n_samples, C, h, w], what diffusers returns with `output_type="latent"`.
+    pub latents: Array4<f32>,
+    /// Decoded images, one per sample.
+    pub images: Vec<RgbImage>,
+}
+
+/// Progress reported after each denoising step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Steps finished, 1-based.
+    pub step: usize,
+    pub total: usize,
+}
+
+/// A loaded graph set with one worker's sessions.
+pub struct Pipeline {
+    manifest: Manifest,
+    backend: Arc<dyn Backend>,
+    tokenizer: PromptTokenizer,
+    text_encoder: Box<dyn GraphSession>,
+    unet: Box<dyn GraphSession>,
+    vae_decoder: Box<dyn GraphSession>,
+    /// Sessions for the manifest's adapters, in manifest order.
+    adapters: Vec<Box<dyn GraphSession>>,
+}
+
+impl Pipeline {
+    /// Loads the graph set in `dir`: checks the manifest, loads every graph on the backend and
+    /// checks each graph's real inputs and outputs against the manifest.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Pipeline> {
+        let manifest = Manifest::load(dir, options.verify_checksums)?;
+        let backend = options.backend.create()?;
+        let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file)?, &manifest.tokenizer)?;
+        let text_encoder = open(&manifest, backend.as_ref(), "text_encoder", &manifest.graphs.text_encoder)?;
+        let unet = open(&manifest, backend.as_ref(), "unet", &manifest.graphs.unet)?;
+        let vae_decoder = open(&manifest, backend.as_ref(), "vae_decoder", &manifest.graphs.vae_decoder)?;
+        let adapters = manifest
+            .adapters
+            .iter()
+            .map(|a| open(&manifest, backend.as_ref(), &format!("adapter_{}", a.name), &a.graph))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Pipeline { manifest, backend, tokenizer, text_encoder, unet, vae_decoder, adapters })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The backend's name (`ort-cpu`, `tract`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Token ids for `prompt`, padded and truncated to the manifest's `max_length`.
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<i64>> {
+        self.tokenizer.encode(prompt)
+    }
+
+    /// Runs one request. `progress` is called after every step; returning `false` cancels the run
+    /// with [`Error::Cancelled`].
+    pub fn run(&mut self, request: &Request, progress: &mut dyn FnMut(Progress) -> bool) -> Result<Generation> {
+        let plan = self.check(request)?;
+        let (width, height, n) = (plan.width, plan.height, request.n_samples);
+        let adapters = AdapterSet::build(&self.manifest, &request.adapters, width, height)?;
+        let config = SchedulerConfig::new(&self.manifest.scheduler);
+        let mut scheduler = config.build(request.scheduler, request.steps)?;
+        let mut rng = StdRng::seed_from_u64(request.seed);
+
+        // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
+        let guided = request.guidance > 1.0;
+        let negative = request.negative_prompt.as_deref().unwrap_or("");
+        let prompts: Vec<&str> = if guided { vec![negative, &request.prompt] } else { vec![&request.prompt] };
+        let embeddings = self.encode_text(&prompts)?;
+        let per_prompt: Vec<ArrayD<f32>> =
+            (0..prompts.len()).map(|i| repeat_batch(&embeddings.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned(), n)).collect();
+        let views: Vec<_> = per_prompt.iter().map(|a| a.view()).collect();
+        let text = concat(&views)?;
+        let batch = text.shape()[0];
+
+        // Adapters run once; their summed features are repeated over the batch like the text.
+        let (lh, lw) = ((height / self.manifest.latent.downscale) as usize, (width / self.manifest.latent.downscale) as usize);
+        let residuals = adapters.residuals(&self.manifest, &mut self.adapters)?;
+        let residuals: Vec<ArrayD<f32>> = residuals
+            .into_iter()
+            .zip(&self.manifest.residual_slots)
+            .map(|(features, slot)| match features {
+                Some(f) => repeat_batch(&f, batch),
+                None => ArrayD::zeros(IxDyn(&[batch, slot.channels, lh / slot.downscale as usize, lw / slot.downscale as usize])),
+            })
+            .collect();
+        let zero_residuals: Vec<ArrayD<f32>> = residuals.iter().map(|r| ArrayD::zeros(r.raw_dim())).collect();
+        let adapter_steps = if adapters.is_empty() { 0 } else { (request.steps as f64 * f64::from(request.cond_tau)).floor() as usize };
+
+        let channels = self.manifest.latent.channels;
+        let mut latents: ArrayD<f32> = match &request.latents {
+            Some(l) => l.clone().into_dyn(),
+            None => Array::from_shape_simple_fn(IxDyn(&[n, channels, lh, lw]), || StandardNormal.sample(&mut rng)),
+        };
+        latents *= scheduler.init_noise_sigma();
+
+        let total = scheduler.timesteps().len();
+        for step in 0..total {
+            let t = scheduler.timesteps()[step];
+            let mut model_input = if guided { concat(&[latents.view(), latents.view()])? } else { latents.clone() };
+            scheduler.scale_model_input(&mut model_input, step);
+            let timestep = ArrayD::from_elem(IxDyn(&[batch]), t);
+            let step_residuals = if step < adapter_steps { &residuals } else { &zero_residuals };
+            let mut inputs = vec![
+                ("sample", TensorView::F32(model_input.view())),
+                ("timestep", TensorView::F32(timestep.view())),
+                ("encoder_hidden_states", TensorView::F32(text.view())),
+            ];
+            for (slot, residual) in self.manifest.residual_slots.iter().zip(step_residuals) {
+                inputs.push((slot.input.as_str(), TensorView::F32(residual.view())));
+            }
+            let noise = first(self.unet.run(&inputs)?, "unet")?;
+            let noise = if guided {
+                let uncond = noise.slice_axis(Axis(0), (0..n).into());
+                let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
+                // diffusers: noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                &uncond + &((&cond - &uncond) * request.guidance)
+            } else {
+                noise
+            };
+            scheduler.step(noise.view(), step, &mut latents, &mut rng)?;
+            if !progress(Progress { step: step + 1, total }) {
+                return Err(Error::Cancelled);
+            }
+        }
+
+        let latents: Array4<f32> = latents
+            .into_dimensionality()
+            .map_err(|e| Error::InvalidRequest(format!("latents lost their shape: {e}")))?;
+        let images = self.decode(&latents)?;
+        Ok(Generation { latents, images })
+    }
+
+    /// Decodes final latents into images (diffusers' `decode_latents` + `numpy_to_pil`).
+    pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Vec<RgbImage>> {
+        // diffusers: `1 / self.vae.config.scaling_factor * latents`, the reciprocal taken in double.
+        let scaled = latents * ((1.0 / self.manifest.vae.scaling_factor) as f32);
+        let decoded = first(self.vae_decoder.run(&[("latent_sample", TensorView::F32(scaled.view().into_dyn()))])?, "vae_decoder")?;
+        let decoded: Array4<f32> = decoded
+            .into_dimensionality()
+            .map_err(|_| Error::InvalidRequest("vae_decoder output is not 4-dimensional; re-export the graph set".into()))?;
+        decoder_output_to_images(decoded.view())
+    }
+
+    /// Text embeddings [prompts, max_length, D] for `prompts`, in one text-encoder call.
+    pub fn encode_text(&mut self, prompts: &[&str]) -> Result<ArrayD<f32>> {
+        let length = self.tokenizer.max_length();
+        let mut ids = Vec::with_capacity(prompts.len() * length);
+        for prompt in prompts {
+            ids.extend(self.tokenizer.encode(prompt)?);
+        }
+        let ids = ArrayD::from_shape_vec(IxDyn(&[prompts.len(), length]), ids)
+            .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))?;
+        first(self.text_encoder.run(&[("input_ids", TensorView::I64(ids.view()))])?, "text_encoder")
+    }
+
+    /// Validates a request against the graph set before any graph runs.
+    fn check(&self, request: &Request) -> Result<Checked> {
+        let m = &self.manifest;
+        let width = request.width.unwrap_or(m.default_size[0]);
+        let height = request.height.unwrap_or(m.default_size[1]);
+        let multiple = m.size_multiple;
+        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+            return Err(Error::InvalidRequest(format!(
+                "size {width}x{height} is not a multiple of {multiple}, which this graph set needs; try {}x{}",
+                round_to(width, multiple),
+                round_to(height, multiple)
+            )));
+        }
+        if request.steps == 0 {
+            return Err(Error::InvalidRequest("steps must be at least 1".into()));
+        }
+        if request.n_samples == 0 {
+            return Err(Error::InvalidRequest("n_samples must be at least 1".into()));
+        }
+        if !request.guidance.is_finite() {
+            return Err(Error::InvalidRequest(format!("guidance {} is not a number", request.guidance)));
+        }
+        if !(0.0..=1.0).contains(&request.cond_tau) {
+            return Err(Error::InvalidRequest(format!("cond_tau {} must be in [0, 1]", request.cond_tau)));
+        }
+        if let Some(latents) = &request.latents {
+            let ds = m.latent.downscale;
+            let expected = [request.n_samples, m.latent.channels, (height / ds) as usize, (width / ds) as usize];
+            if latents.shape() != expected {
+                return Err(Error::InvalidRequest(format!(
+                    "latents have shape {:?}, but {} sample(s) at {width}x{height} need {expected:?} (n_samples, channels, height/{ds}, width/{ds})",
+                    latents.shape(),
+                    request.n_samples
+                )));
+            }
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::InvalidRequest("latents contain NaN or infinity".into()));
+            }
+        }
+        Ok(Checked { width, height })
+    }
+}
+
+struct Checked {
+    width: u32,
+    height: u32,
+}
+
+/// Loads one graph and checks its real IO against the manifest.
+fn open(manifest: &Manifest, backend: &dyn Backend, name: &str, spec: &GraphSpec) -> Result<Box<dyn GraphSession>> {
+    let graph = backend.load(name, &manifest.resolve(&spec.file)?)?;
+    spec.check_io(name, graph.inputs(), graph.outputs())
+        .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
+    graph.session()
+}
+
+fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {
+    outputs.into_iter().next().ok_or_else(|| Error::Backend {
+        backend: "pipeline",
+        graph: graph.to_string(),
+        message: "graph returned no output".into(),
+    })
+}
+
+fn concat(views: &[ndarray::ArrayViewD<'_, f32>]) -> Result<ArrayD<f32>> {
+    ndarray::concatenate(Axis(0), views).map_err(|e| Error::InvalidRequest(format!("batch concat: {e}")))
+}
+

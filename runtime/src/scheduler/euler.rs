@@ -1,0 +1,325 @@
+//! Euler (diffusers `schedulers/scheduling_euler_discrete.py`, `EulerDiscreteScheduler`),
+//! deterministic (`s_churn = 0`, so `sigma_hat == sigma`).
+
+use ndarray::{ArrayD, ArrayViewD, Zip};
+
+use super::{
+    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, torch_linspace_f32,
+    trailing_timesteps, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule,
+    SPACINGS,
+};
+use crate::error::{Error, Result};
+
+const NAME: &str = "euler";
+
+/// How the inference sigmas are taken from the training ones (`interpolation_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterpolationType {
+    /// `np.interp` of the training sigmas at the (fractional) timesteps.
+    Linear,
+    /// `exp(linspace(log σ_max, log σ_min, steps + 1))`, independent of the timesteps.
+    LogLinear,
+}
+
+/// The sigma appended after the last step (`final_sigmas_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalSigmasType {
+    /// 0: the last step lands on the denoised sample.
+    Zero,
+    /// The training schedule's smallest sigma.
+    SigmaMin,
+}
+
+/// What is fed to the UNet as timestep (`timestep_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepType {
+    /// Training timesteps (possibly fractional).
+    Discrete,
+    /// `0.25 · ln σ`; diffusers only applies it with `v_prediction`, and neither does this.
+    Continuous,
+}
+
+/// `EulerDiscreteScheduler`'s config keys, resolved with its defaults
+/// (`EulerDiscreteScheduler.from_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EulerConfig {
+    pub train: TrainSchedule,
+    /// Default epsilon (`original_sample` is read as `sample`, as diffusers does).
+    pub prediction_type: PredictionType,
+    /// Default linear.
+    pub interpolation_type: InterpolationType,
+    /// Karras et al. (2022) sigmas, rho = 7 (default false).
+    pub use_karras_sigmas: bool,
+    /// Karras sigma range; `None` takes the interpolated schedule's ends.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// Default linspace (unlike DDIM).
+    pub timestep_spacing: TimestepSpacing,
+    /// Default discrete.
+    pub timestep_type: TimestepType,
+    /// Added to `leading` timesteps (default 0).
+    pub steps_offset: i64,
+    /// Default zero.
+    pub final_sigmas_type: FinalSigmasType,
+}
+
+impl EulerConfig {
+    /// Resolves `config` the way `EulerDiscreteScheduler.from_config(config)` does. Errors name
+    /// the key.
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
+        let r = config.reader(NAME)?;
+        for key in ["use_exponential_sigmas", "use_beta_sigmas"] {
+            if r.bool(key, false)? {
+                return Err(r.error(format!("`{key}` = true is not supported yet; accepted: false")));
+            }
+        }
+        Ok(EulerConfig {
+            train: TrainSchedule::read(&r)?,
+            prediction_type: r.choice(
+                "prediction_type",
+                PredictionType::Epsilon,
+                &[
+                    ("epsilon", PredictionType::Epsilon),
+                    ("v_prediction", PredictionType::VPrediction),
+                    ("sample", PredictionType::Sample),
+                    ("original_sample", PredictionType::Sample),
+                ],
+            )?,
+            interpolation_type: r.choice(
+                "interpolation_type",
+                InterpolationType::Linear,
+                &[("linear", InterpolationType::Linear), ("log_linear", InterpolationType::LogLinear)],
+            )?,
+            use_karras_sigmas: r.bool("use_karras_sigmas", false)?,
+            sigma_min: r.opt_float("sigma_min")?,
+            sigma_max: r.opt_float("sigma_max")?,
+            timestep_spacing: r.choice("timestep_spacing", TimestepSpacing::Linspace, &SPACINGS)?,
+            timestep_type: r.choice(
+                "timestep_type",
+                TimestepType::Discrete,
+                &[("discrete", TimestepType::Discrete), ("continuous", TimestepType::Continuous)],
+            )?,
+            steps_offset: r.int("steps_offset", 0)?,
+            final_sigmas_type: r.choice(
+                "final_sigmas_type",
+                FinalSigmasType::Zero,
+                &[("zero", FinalSigmasType::Zero), ("sigma_min", FinalSigmasType::SigmaMin)],
+            )?,
+        })
+    }
+}
+
+/// Euler state for one request: `EulerDiscreteScheduler` after `set_timesteps(steps)`.
+#[derive(Debug, Clone)]
+pub struct EulerScheduler {
+    timesteps: Vec<f32>,
+    /// One per step plus the final one (two more with `log_linear`, as in diffusers).
+    sigmas: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction_type: PredictionType,
+}
+
+impl EulerScheduler {
+    /// `EulerDiscreteScheduler(**config)` followed by `set_timesteps(steps)`.
+    pub fn new(config: &EulerConfig, steps: usize) -> Result<Self> {
+        let num_train = config.train.num_train_timesteps;
+        check_steps(NAME, steps, num_train)?;
+        if config.use_karras_sigmas && num_train < 2 {
+            return Err(Error::Scheduler {
+                scheduler: NAME,
+                message: "`use_karras_sigmas` = true needs `num_train_timesteps` >= 2".into(),
+            });
+        }
+        let mut alphas_cumprod = config.train.alphas_cumprod();
+        if config.train.rescale_betas_zero_snr {
+            // Keeps the last sigma finite (diffusers sets it to 2**-24).
+            if let Some(last) = alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        // float32 torch ops: ((1 - ᾱ) / ᾱ) ** 0.5, indexed by training timestep.
+        let train_sigmas: Vec<f32> = alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+
+        // numpy float32 timesteps of the spacing.
+        let mut timesteps: Vec<f32> = match config.timestep_spacing {
+            TimestepSpacing::Linspace => {
+                numpy_linspace(0.0, (num_train - 1) as f64, steps).iter().rev().map(|&t| t as f32).collect()
+            }
+            TimestepSpacing::Leading => {
+                leading_timesteps(steps, num_train, 0).iter().map(|&t| t as f32 + config.steps_offset as f32).collect()
+            }
+            TimestepSpacing::Trailing => trailing_timesteps(steps, num_train).iter().map(|&t| t as f32).collect(),
+        };
+
+        // Sigmas in float64 (numpy) until the final float32 cast.
+        let mut sigmas: Vec<f64> = match config.interpolation_type {
+            InterpolationType::Linear => {
+                timesteps.iter().map(|&t| numpy_interp_index(t as f64, &train_sigmas)).collect()
+            }
+            InterpolationType::LogLinear => {
+                let (first, last) = (train_sigmas[0], train_sigmas[num_train - 1]);
+                torch_linspace_f32(last.ln() as f64, first.ln() as f64, steps + 1)
+                    .iter()
+                    .map(|x| x.exp() as f64)
+                    .collect()
+            }
+        };
+        if config.use_karras_sigmas {
+            sigmas = karras_sigmas(&sigmas, steps, config.sigma_min, config.sigma_max);
+            let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
+        }
+        let sigma_last = match config.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => train_sigmas[0],
+        };
+        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain([sigma_last]).collect();
+
+        if config.timestep_type == TimestepType::Continuous && config.prediction_type == PredictionType::VPrediction {
+            timesteps = sigmas[..sigmas.len() - 1].iter().map(|s| 0.25 * s.ln()).collect();
+        }
+
+        // `init_noise_sigma` property.
+        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let init_noise_sigma = match config.timestep_spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+        };
+        Ok(EulerScheduler { timesteps, sigmas, init_noise_sigma, prediction_type: config.prediction_type })
+    }
+
+    /// The sigma at each step index, then the final one (`len() >= num_steps() + 1`).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+}
+
+/// `np.interp(x, np.arange(len(fp)), fp)` (numpy `compiled_base.c`), in float64: ends clamp, exact
+/// grid points return the grid value, otherwise `slope * (x - j) + fp[j]`.
+fn numpy_interp_index(x: f64, fp: &[f32]) -> f64 {
+    let n = fp.len();
+    let last = (n - 1) as f64;
+    if x.is_nan() {
+        return x;
+    }
+    if x < 0.0 {
+        return fp[0] as f64;
+    }
+    if x >= last {
+        return fp[n - 1] as f64;
+    }
+    let j = x.floor() as usize;
+    let (y0, y1) = (fp[j] as f64, fp[j + 1] as f64);
+    if j as f64 == x {
+        return y0;
+    }
+    let slope = (y1 - y0) / 1.0;
+    let y = slope * (x - j as f64) + y0;
+    if y.is_nan() {
+        let y = slope * (x - (j + 1) as f64) + y1;
+        if y.is_nan() && y0 == y1 {
+            return y0;
+        }
+        return y;
+    }
+    y
+}
+
+/// `_convert_to_karras` (k-diffusion's `get_sigmas_karras`, rho = 7), in float64.
+fn karras_sigmas(in_sigmas: &[f64], steps: usize, sigma_min: Option<f64>, sigma_max: Option<f64>) -> Vec<f64> {
+    let rho = 7.0f64;
+    let sigma_min = sigma_min.unwrap_or(in_sigmas[in_sigmas.len() - 1]);
+    let sigma_max = sigma_max.unwrap_or(in_sigmas[0]);
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    numpy_linspace(0.0, 1.0, steps)
+        .iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// `_sigma_to_t`: the fractional training timestep of `sigma` by linear interpolation in log
+/// sigma. `log_sigmas` are float32 (numpy `np.log` of the float32 sigmas), so `low - high` is a
+/// float32 difference while the rest is float64, as in numpy.
+fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // cumsum(dists >= 0).argmax(): the last index with log_sigma >= log_sigmas[i], else 0.
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len().saturating_sub(2));
+    let high_idx = low_idx + 1;
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
+    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+impl Scheduler for EulerScheduler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Euler
+    }
+
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        self.init_noise_sigma
+    }
+
+    fn order(&self) -> usize {
+        1
+    }
+
+    fn num_steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// `sample / (sigma² + 1) ** 0.5` in float32.
+    fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
+        assert!(step < self.num_steps(), "euler: step index {step} out of range 0..{}", self.num_steps());
+        let sigma = self.sigmas[step];
+        let denom = (sigma * sigma + 1.0).sqrt();
+        sample.mapv_inplace(|x| x / denom);
+    }
+
+    /// `EulerDiscreteScheduler.step(model_output, timesteps[step], sample)` with `s_churn = 0`:
+    /// `x + (x − x₀)/σ · (σ_next − σ)`, each float32 op in diffusers' order.
+    fn step(
+        &mut self,
+        model_output: ArrayViewD<f32>,
+        step: usize,
+        sample: &mut ArrayD<f32>,
+        _rng: &mut dyn rand::RngCore,
+    ) -> Result<()> {
+        check_step_index(NAME, step, self.num_steps())?;
+        check_same_shape(NAME, "model_output", model_output.shape(), sample.shape())?;
+        let sigma = self.sigmas[step];
+        // gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) = 0, so sigma_hat = sigma * 1.0.
+        let sigma_hat = sigma;
+        let dt = self.sigmas[step + 1] - sigma_hat;
+        let v_in = sigma * sigma + 1.0;
+        let v_out = -sigma / v_in.sqrt();
+        let prediction = self.prediction_type;
+        Zip::from(sample).and(&model_output).for_each(|x, &m| {
+            let s = *x;
+            let x0 = match prediction {
+                PredictionType::Epsilon => s - sigma_hat * m,
+                PredictionType::VPrediction => m * v_out + s / v_in,
+                PredictionType::Sample => m,
+            };
+            let derivative = (s - x0) / sigma_hat;
+            *x = s + derivative * dt;
+        });
+        Ok(())
+    }
+
+    /// `EulerDiscreteScheduler.add_noise`: `original + noise · σ[step]`.
+    fn add_noise(&self, original: ArrayViewD<f32>, noise: ArrayViewD<f32>, step: usize) -> ArrayD<f32> {
+        assert!(step < self.num_steps(), "euler: step index {step} out of range 0..{}", self.num_steps());
+        assert_eq!(noise.shape(), original.shape(), "euler add_noise: noise and original shapes differ");
+        let sigma = self.sigmas[step];
+        Zip::from(&original).and(&noise).map_collect(|&x, &n| x + n * sigma)
+    }
+}

@@ -1,0 +1,566 @@
+//! Samplers (diffusers "schedulers"): a [`SchedulerConfig`] parsed once from the checkpoint's
+//! scheduler config builds a per-request [`Scheduler`] for a given number of steps.
+//!
+//! diffusers is the oracle: a scheduler built here for `(kind, steps)` reproduces
+//! `XScheduler.from_config(config)` followed by `set_timesteps(steps)`, `scale_model_input` and
+//! `step` of diffusers 0.42, including its float32/float64 dtype flow, so trajectories match to
+//! float32 rounding. Schedulers are stepped by index (`0..num_steps()`), never by looking a
+//! timestep up in the schedule, and take their randomness from the caller's RNG.
+//!
+//! The beta/alpha schedule and the timestep spacings every scheduler shares live here, once.
+//!
+//! ```
+//! use t2i_rt::scheduler::SchedulerConfig;
+//!
+//! // The checkpoint's scheduler_config.json (manifest.json's "scheduler").
+//! let config = SchedulerConfig::new(&serde_json::json!({
+//!     "_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
+//!     "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1
+//! }));
+//! let mut scheduler = config.build("euler".parse()?, 20)?;
+//! let mut rng = rand::rng();
+//! let noise = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4, 8, 8]));
+//! let mut latents = noise * scheduler.init_noise_sigma();
+//! for i in 0..scheduler.num_steps() {
+//!     let mut input = latents.clone();
+//!     scheduler.scale_model_input(&mut input, i);
+//!     let noise_pred = input.clone(); // the UNet's output for (input, scheduler.timesteps()[i])
+//!     scheduler.step(noise_pred.view(), i, &mut latents, &mut rng)?;
+//! }
+//! # Ok::<(), t2i_rt::Error>(())
+//! ```
+
+pub mod ddim;
+pub mod euler;
+
+use std::fmt;
+use std::str::FromStr;
+
+use ndarray::{ArrayD, ArrayViewD};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+pub use ddim::{DdimConfig, DdimScheduler};
+pub use euler::{EulerConfig, EulerScheduler};
+
+/// The samplers this runtime implements, by their CLI / request name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// diffusers' `DDIMScheduler` (deterministic, `eta = 0`).
+    Ddim,
+    /// diffusers' `EulerDiscreteScheduler` (deterministic, `s_churn = 0`).
+    Euler,
+}
+
+impl SchedulerKind {
+    /// Every kind, in the order they are listed to users.
+    pub const ALL: [SchedulerKind; 2] = [SchedulerKind::Ddim, SchedulerKind::Euler];
+
+    /// The name used on the command line and in requests (`"ddim"`, `"euler"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+        }
+    }
+
+    /// The diffusers class whose semantics this kind reproduces.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+        }
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        SchedulerKind::ALL.into_iter().find(|k| k.as_str() == name).ok_or_else(|| {
+            let valid: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
+            Error::InvalidRequest(format!("unknown scheduler \"{name}\"; valid names: {}", valid.join(", ")))
+        })
+    }
+}
+
+/// One request's sampler state, built by [`SchedulerConfig::build`] (diffusers' `set_timesteps`).
+///
+/// The denoising loop, for `i in 0..num_steps()`:
+/// 1. `x = sample.clone(); scale_model_input(&mut x, i)`;
+/// 2. `model_output = unet(x, timesteps()[i])`;
+/// 3. `step(model_output, i, &mut sample, rng)`.
+///
+/// The initial sample is unit-variance noise multiplied by [`init_noise_sigma`](Self::init_noise_sigma).
+/// Samples are float32 tensors of any shape (`[batch, channels, h, w]` latents; the classifier-free
+/// guidance batch may be scaled at once, every op is elementwise); `model_output` must have the
+/// sample's shape. Step indices must be `< num_steps()`: `step` returns an error otherwise, while
+/// `scale_model_input` and `add_noise` panic like an out-of-bounds slice index (a loop bug, never
+/// request data).
+pub trait Scheduler: Send {
+    /// Which sampler this is.
+    fn kind(&self) -> SchedulerKind;
+
+    /// The timestep fed to the UNet at each step index, in sampling order (`len() == num_steps()`).
+    /// Integer-valued for DDIM; fractional for Euler with `linspace` spacing.
+    fn timesteps(&self) -> &[f32];
+
+    /// Standard deviation of the initial noise: the pipeline multiplies unit noise by it.
+    fn init_noise_sigma(&self) -> f32;
+
+    /// Model evaluations per step (1 for DDIM and Euler; 2 for Heun later).
+    fn order(&self) -> usize;
+
+    /// Number of step indices, `timesteps().len()`. Usually the requested steps; diffusers'
+    /// `trailing` spacing yields one more for some step counts (e.g. 61), and that is kept.
+    fn num_steps(&self) -> usize;
+
+    /// Scales the sample in place into the UNet's input at step index `step` (identity for DDIM,
+    /// `x / sqrt(sigma² + 1)` for Euler). Panics if `step >= num_steps()`.
+    fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize);
+
+    /// Advances the sample in place from step index `step` to the next one (`sample` becomes
+    /// diffusers' `prev_sample`), given the model's output for the scaled input at `step`.
+    /// Errors if `step >= num_steps()` or the shapes differ. `rng` feeds stochastic samplers; the
+    /// deterministic ones never draw from it.
+    fn step(
+        &mut self,
+        model_output: ArrayViewD<f32>,
+        step: usize,
+        sample: &mut ArrayD<f32>,
+        rng: &mut dyn rand::RngCore,
+    ) -> Result<()>;
+
+    /// Forward diffusion of `original` to the noise level of step index `step` (img2img): diffusers'
+    /// `add_noise(original, noise, timesteps[step:step+1])`. Panics if `step >= num_steps()` or
+    /// `noise` does not have `original`'s shape.
+    fn add_noise(&self, original: ArrayViewD<f32>, noise: ArrayViewD<f32>, step: usize) -> ArrayD<f32>;
+}
+
+/// A checkpoint's scheduler configuration (its `scheduler_config.json`, e.g. SD 1.5's
+/// `PNDMScheduler` one), from which any [`SchedulerKind`] can be built.
+///
+/// diffusers' `XScheduler.from_config(config)` semantics: each key the target scheduler's
+/// `__init__` takes gets the config's value; a missing key, or one listed in the config's
+/// `_use_default_values`, gets that scheduler's own default. Defaults differ between schedulers
+/// (DDIM's `timestep_spacing` is `leading`, Euler's `linspace`), so the JSON is kept and resolved
+/// per kind by [`DdimConfig::from_config`] / [`EulerConfig::from_config`]; unknown keys are ignored.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    values: Map<String, Value>,
+    /// Set when the JSON is not an object; reported by every build.
+    not_an_object: Option<String>,
+    /// DDIM's `eta` (a `step` argument in diffusers, not a config key): 0 is deterministic DDIM,
+    /// the only value supported yet. Defaults to 0.
+    pub eta: f32,
+}
+
+impl Default for SchedulerConfig {
+    /// A config with no keys: every scheduler takes its diffusers defaults.
+    fn default() -> Self {
+        SchedulerConfig { values: Map::new(), not_an_object: None, eta: 0.0 }
+    }
+}
+
+impl SchedulerConfig {
+    /// Takes a diffusers scheduler config (manifest.json's `scheduler`, a JSON object). Nothing is
+    /// checked here: key values are checked when a scheduler is built, against that scheduler's
+    /// accepted values (a key one scheduler rejects may not matter to another).
+    pub fn new(config: &Value) -> Self {
+        let Value::Object(map) = config else {
+            return SchedulerConfig { not_an_object: Some(config.to_string()), ..SchedulerConfig::default() };
+        };
+        // configuration_utils.py `extract_init_dict`: keys whose value was a default of the class
+        // that wrote the config are dropped, so the target class's own default applies; private
+        // keys (`_class_name`, ...) are never passed on.
+        let use_defaults: Vec<&str> = match map.get("_use_default_values") {
+            Some(Value::Array(keys)) => keys.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let values = map
+            .iter()
+            .filter(|(k, _)| !k.starts_with('_') && !use_defaults.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        SchedulerConfig { values, not_an_object: None, eta: 0.0 }
+    }
+
+    /// The effective keys (private `_…` keys and `_use_default_values` entries removed).
+    pub fn values(&self) -> &Map<String, Value> {
+        &self.values
+    }
+
+    /// Builds the per-request state for `steps` inference steps (diffusers' `set_timesteps`).
+    /// Errors on `steps == 0`, `steps > num_train_timesteps`, or a config value the scheduler
+    /// does not support.
+    pub fn build(&self, kind: SchedulerKind, steps: usize) -> Result<Box<dyn Scheduler>> {
+        Ok(match kind {
+            SchedulerKind::Ddim => Box::new(DdimScheduler::new(&DdimConfig::from_config(self)?, steps)?),
+            SchedulerKind::Euler => Box::new(EulerScheduler::new(&EulerConfig::from_config(self)?, steps)?),
+        })
+    }
+
+    pub(crate) fn reader(&self, scheduler: &'static str) -> Result<ConfigReader<'_>> {
+        if let Some(json) = &self.not_an_object {
+            return Err(Error::Scheduler {
+                scheduler,
+                message: format!("the scheduler config must be a JSON object, got {json}"),
+            });
+        }
+        Ok(ConfigReader { scheduler, values: &self.values })
+    }
+}
+
+/// Typed access to config keys with a per-scheduler default, and errors naming the key.
+pub(crate) struct ConfigReader<'a> {
+    pub(crate) scheduler: &'static str,
+    values: &'a Map<String, Value>,
+}
+
+impl ConfigReader<'_> {
+    pub(crate) fn error(&self, message: String) -> Error {
+        Error::Scheduler { scheduler: self.scheduler, message }
+    }
+
+    pub(crate) fn int(&self, key: &str, default: i64) -> Result<i64> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_i64().ok_or_else(|| self.error(format!("`{key}` must be an integer, got {v}"))),
+        }
+    }
+
+    pub(crate) fn float(&self, key: &str, default: f64) -> Result<f64> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.error(format!("`{key}` must be a number, got {v}"))),
+        }
+    }
+
+    pub(crate) fn opt_float(&self, key: &str) -> Result<Option<f64>> {
+        match self.values.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                v.as_f64().map(Some).ok_or_else(|| self.error(format!("`{key}` must be a number or null, got {v}")))
+            }
+        }
+    }
+
+    /// `null` reads as false, as Python's truthiness does for `None`.
+    pub(crate) fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.error(format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+
+    /// A string key with a closed set of accepted values.
+    pub(crate) fn choice<T: Copy>(&self, key: &str, default: T, accepted: &[(&str, T)]) -> Result<T> {
+        let Some(v) = self.values.get(key) else {
+            return Ok(default);
+        };
+        if let Some(s) = v.as_str() {
+            if let Some((_, t)) = accepted.iter().find(|(name, _)| *name == s) {
+                return Ok(*t);
+            }
+        }
+        let names: Vec<&str> = accepted.iter().map(|(n, _)| *n).collect();
+        Err(self.error(format!("`{key}` = {v} is not supported; accepted: {}", names.join(", "))))
+    }
+
+    pub(crate) fn float_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        match self.values.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|x| x.as_f64().ok_or_else(|| self.error(format!("`{key}` must hold numbers, got {x}"))))
+                .collect::<Result<Vec<f64>>>()
+                .map(Some),
+            Some(v) => Err(self.error(format!("`{key}` must be a list of numbers or null, got {v}"))),
+        }
+    }
+}
+
+/// How the training betas are generated (`beta_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetaSchedule {
+    /// `linspace(beta_start, beta_end)`.
+    Linear,
+    /// `linspace(sqrt(beta_start), sqrt(beta_end))²`: Stable Diffusion's.
+    ScaledLinear,
+    /// The Glide cosine schedule (`betas_for_alpha_bar`, max beta 0.999).
+    SquaredcosCapV2,
+}
+
+/// What the model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    /// The noise.
+    Epsilon,
+    /// The velocity `sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀` (SD 2.x 768).
+    VPrediction,
+    /// The denoised sample `x₀`.
+    Sample,
+}
+
+/// How inference timesteps are spread over the training ones (`timestep_spacing`, Table 2 of
+/// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    /// `arange(0, n) * (N // n) + steps_offset`, reversed.
+    Leading,
+    /// `round(arange(N, 0, -N / n)) - 1`.
+    Trailing,
+    /// `linspace(0, N - 1, n)`, reversed.
+    Linspace,
+}
+
+pub(crate) const BETA_SCHEDULES: [(&str, BetaSchedule); 3] = [
+    ("linear", BetaSchedule::Linear),
+    ("scaled_linear", BetaSchedule::ScaledLinear),
+    ("squaredcos_cap_v2", BetaSchedule::SquaredcosCapV2),
+];
+
+pub(crate) const SPACINGS: [(&str, TimestepSpacing); 3] = [
+    ("leading", TimestepSpacing::Leading),
+    ("trailing", TimestepSpacing::Trailing),
+    ("linspace", TimestepSpacing::Linspace),
+];
+
+/// The training noise schedule keys every scheduler shares, with diffusers' common defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSchedule {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// Ignored (and not validated, as in diffusers) when `trained_betas` is set.
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas; when set, `beta_start`, `beta_end` and `beta_schedule` are ignored.
+    pub trained_betas: Option<Vec<f64>>,
+    /// Rescale betas to zero terminal SNR (`rescale_zero_terminal_snr`).
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl TrainSchedule {
+    pub(crate) fn read(r: &ConfigReader<'_>) -> Result<Self> {
+        let n = r.int("num_train_timesteps", 1000)?;
+        let num_train_timesteps = usize::try_from(n)
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| r.error(format!("`num_train_timesteps` must be at least 1, got {n}")))?;
+        let trained_betas = r.float_list("trained_betas")?;
+        // diffusers only looks at beta_schedule when trained_betas is absent.
+        let beta_schedule = match &trained_betas {
+            Some(b) if b.len() != num_train_timesteps => {
+                return Err(r.error(format!(
+                    "`trained_betas` has {} values but `num_train_timesteps` is {num_train_timesteps}",
+                    b.len()
+                )))
+            }
+            Some(_) => r.choice("beta_schedule", BetaSchedule::Linear, &BETA_SCHEDULES).unwrap_or(BetaSchedule::Linear),
+            None => r.choice("beta_schedule", BetaSchedule::Linear, &BETA_SCHEDULES)?,
+        };
+        Ok(TrainSchedule {
+            num_train_timesteps,
+            beta_start: r.float("beta_start", 0.0001)?,
+            beta_end: r.float("beta_end", 0.02)?,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr: r.bool("rescale_betas_zero_snr", false)?,
+        })
+    }
+
+    /// The float32 betas, as the schedulers' `__init__` builds `self.betas`.
+    pub fn betas(&self) -> Vec<f32> {
+        let n = self.num_train_timesteps;
+        let betas = if let Some(b) = &self.trained_betas {
+            b.iter().map(|&x| x as f32).collect()
+        } else {
+            match self.beta_schedule {
+                BetaSchedule::Linear => torch_linspace_f32(self.beta_start, self.beta_end, n),
+                BetaSchedule::ScaledLinear => torch_linspace_f32(self.beta_start.powf(0.5), self.beta_end.powf(0.5), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect(),
+                BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar_cosine(n),
+            }
+        };
+        if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        }
+    }
+
+    /// `alphas_cumprod = cumprod(1 - betas)`, float32 like diffusers' tensor.
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let alphas: Vec<f32> = self.betas().iter().map(|b| 1.0 - b).collect();
+        torch_cumprod_f32(&alphas)
+    }
+}
+
+/// `torch.linspace(start, end, steps, dtype=torch.float32)` on CPU, bit-exact: the bounds are
+/// rounded to float32, and ATen's kernel (RangeFactoriesKernel.cpp) computes `start + step * i` for
+/// the first half and `end - step * (steps - i - 1)` for the rest, which the compiler contracts
+/// into FMAs in the AVX2/AVX512 builds (verified against torch 2.15: plain mul-then-add differs
+/// in ~15% of the betas).
+pub(crate) fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
+    let (start, end) = (start as f32, end as f32);
+    match steps {
+        0 => Vec::new(),
+        1 => vec![start],
+        _ => {
+            let step = (end - start) / (steps - 1) as f32;
+            let halfway = steps / 2;
+            (0..steps)
+                .map(|i| {
+                    if i < halfway {
+                        step.mul_add(i as f32, start)
+                    } else {
+                        (-step).mul_add((steps - i - 1) as f32, end)
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `torch.cumprod` of a float32 tensor on CPU: ATen accumulates in `acc_type<float>` = double and
+/// rounds each partial product to float32 (a float32 running product differs from it).
+pub(crate) fn torch_cumprod_f32(x: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f64;
+    x.iter()
+        .map(|&v| {
+            acc *= v as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// scheduling_ddpm.py `betas_for_alpha_bar` with the cosine transform, in Python floats, then
+/// float32.
+fn betas_for_alpha_bar_cosine(n: usize) -> Vec<f32> {
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    (0..n)
+        .map(|i| {
+            let t1 = i as f64 / n as f64;
+            let t2 = (i + 1) as f64 / n as f64;
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+        })
+        .collect()
+}
+
+/// scheduling_ddim.py `rescale_zero_terminal_snr` (Algorithm 1 of arXiv 2305.08891), in float32
+/// torch ops.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+    let mut sqrt_bar: Vec<f32> = torch_cumprod_f32(&alphas).iter().map(|a| a.sqrt()).collect();
+    let (Some(&first), Some(&last)) = (sqrt_bar.first(), sqrt_bar.last()) else {
+        return Vec::new();
+    };
+    let scale = first / (first - last);
+    for s in &mut sqrt_bar {
+        *s = (*s - last) * scale;
+    }
+    let bar: Vec<f32> = sqrt_bar.iter().map(|s| s * s).collect();
+    (0..bar.len()).map(|i| if i == 0 { bar[0] } else { bar[i] / bar[i - 1] }).map(|a| 1.0 - a).collect()
+}
+
+/// `np.linspace(start, stop, num)` in float64 (numpy's `_core/function_base.py`): `i * step +
+/// start` with the last element set to `stop`; `num == 1` gives `[start]`.
+pub(crate) fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num <= 1 {
+        return vec![start; num];
+    }
+    let div = (num - 1) as f64;
+    let delta = stop - start;
+    let step = delta / div;
+    let mut y: Vec<f64> = (0..num)
+        .map(|i| {
+            let y = if step == 0.0 { i as f64 / div * delta } else { i as f64 * step };
+            y + start
+        })
+        .collect();
+    if let Some(last) = y.last_mut() {
+        *last = stop;
+    }
+    y
+}
+
+/// Integer training timesteps of the `leading` spacing, in sampling order:
+/// `(arange(0, n) * (N // n))[::-1] + steps_offset`.
+pub(crate) fn leading_timesteps(n: usize, num_train: usize, steps_offset: i64) -> Vec<i64> {
+    let ratio = (num_train / n) as i64;
+    (0..n as i64).rev().map(|i| i * ratio + steps_offset).collect()
+}
+
+/// Integer training timesteps of the `trailing` spacing: `round(np.arange(N, 0, -N / n)) - 1`.
+///
+/// numpy's float `arange` has `ceil(-N / -(N / n))` elements, which is `n + 1` for some `n`
+/// (61, 103, 121, …); the extra last element rounds to 0 and becomes timestep -1. diffusers keeps
+/// it (and indexes `alphas_cumprod[-1]`, the last entry), so this does too.
+pub(crate) fn trailing_timesteps(n: usize, num_train: usize) -> Vec<i64> {
+    let start = num_train as f64;
+    let step = -(num_train as f64 / n as f64);
+    // PyArray_ArangeObj: length from the true division; values from the first two elements
+    // (`start`, `start + step`) through the dtype's `fill`: `start + i * (second - start)`.
+    let len = ((0.0 - start) / step).ceil().max(0.0) as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .map(|t| t.round_ties_even() as i64 - 1)
+        .collect()
+}
+
+/// Python-style index into a schedule of training timesteps: diffusers indexes torch tensors
+/// with the timestep, so -1 is the last entry. Out-of-range timesteps are rejected when a
+/// scheduler is built.
+pub(crate) fn wrap_index(t: i64, len: usize) -> Option<usize> {
+    let len = len as i64;
+    let i = if t < 0 { t + len } else { t };
+    (0..len).contains(&i).then_some(i as usize)
+}
+
+pub(crate) fn check_steps(scheduler: &'static str, steps: usize, num_train: usize) -> Result<()> {
+    if steps == 0 || steps > num_train {
+        return Err(Error::Scheduler {
+            scheduler,
+            message: format!(
+                "{steps} inference steps requested; must be between 1 and num_train_timesteps ({num_train})"
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_step_index(scheduler: &'static str, step: usize, num_steps: usize) -> Result<()> {
+    if step >= num_steps {
+        return Err(Error::Scheduler {
+            scheduler,
+            message: format!("step index {step} is out of range: this schedule has {num_steps} steps"),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_same_shape(scheduler: &'static str, what: &str, a: &[usize], b: &[usize]) -> Result<()> {
+    if a != b {
+        return Err(Error::Scheduler {
+            scheduler,
+            message: format!("{what} has shape {a:?} but the sample has shape {b:?}; they must match"),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Bad input never panics and never writes output: `t2i-rt run` exits non-zero with one line on
+//! stderr that names the problem, and leaves no file behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("t2i-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Copies the tiny graph set so a test can break it.
+fn copy_set(name: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    for entry in std::fs::read_dir(common::tiny_sd1()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut manifest);
+    std::fs::write(path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// Runs `t2i-rt run` with a small valid request plus `extra`, expecting failure whose message
+/// contains `expect`.
+fn fails(name: &str, graphs: &Path, extra: &[&str], env: &[(&str, &str)], expect: &str) {
+    let out = temp_dir(name).join("out.png");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i-rt"));
+    cmd.args(["run", "--graphs"]).arg(graphs).args(["--prompt", "a cat", "--steps", "2", "--seed", "1", "--out"]).arg(&out);
+    cmd.args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let output = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{name}: succeeded; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{name}: panicked: {stderr}");
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(error_lines.len(), 1, "{name}: want one error line, got: {stderr}");
+    assert!(error_lines[0].contains(expect), "{name}: error {:?} does not mention {expect:?}", error_lines[0]);
+    assert!(!out.exists(), "{name}: wrote {} despite the error", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().collect();
+    assert!(leftovers.is_empty(), "{name}: left files behind: {leftovers:?}");
+}
+
+fn fixture(path: &str) -> String {
+    common::tiny_sd1_fixtures().join(path).to_string_lossy().into_owned()
+}
+
+#[test]
+fn request_errors_are_one_line_and_write_nothing() {
+    let set = common::tiny_sd1();
+    let sketch = format!("sketch={}", fixture("sketch.png"));
+    fails("missing-set", Path::new("/nonexistent/set"), &[], &[], "not a directory");
+    fails("unknown-adapter", &set, &["--adapter", &format!("lineart={}", fixture("sketch.png"))], &[], "unknown adapter \"lineart\"; this graph set has: ");
+    fails("unreadable-image", &set, &["--adapter", "sketch=/nonexistent.png"], &[], "/nonexistent.png");
+    let not_image = temp_dir("not-image").join("x.png");
+    std::fs::write(&not_image, b"not a png").unwrap();
+    fails("not-an-image", &set, &["--adapter", &format!("sketch={}", not_image.display())], &[], "x.png");
+    fails("bad-size", &set, &["--width", "100", "--height", "64"], &[], "not a multiple of 64");
+    fails("bad-size-adapter", &set, &["--width", "96", "--height", "64", "--adapter", &sketch], &[], "not a multiple");
+    fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim");
+    fails("bad-backend", &set, &["--backend", "cuda9"], &[], "ort-cpu");
+    fails("bad-cond-tau", &set, &["--cond-tau", "1.5"], &[], "cond_tau");
+    let latents = temp_dir("bad-latents").join("latents.npy");
+    ndarray_npy::write_npy(&latents, &ndarray::Array4::<f32>::zeros((1, 4, 4, 4))).unwrap();
+    fails("bad-latents", &set, &["--latents", latents.to_str().unwrap()], &[], "latents have shape [1, 4, 4, 4]");
+    fails("missing-out-dir", &set, &["--out", "/nonexistent/dir/x.png"], &[], "does not exist");
+    fails("no-ort", &set, &[], &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")], "ONNX Runtime library not found");
+}
+
+#[test]
+fn broken_graph_sets_are_refused() {
+    let escape = copy_set("escape");
+    edit_manifest(&escape, |m| m["graphs"]["unet"]["file"] = "../unet.onnx".into());
+    fails("path-escape", &escape, &[], &[], "leaves the graph set");
+
+    let renamed = copy_set("renamed-input");
+    edit_manifest(&renamed, |m| m["graphs"]["unet"]["inputs"][0]["name"] = "latents".into());
+    fails("io-mismatch", &renamed, &["--no-verify"], &[], "does not match the manifest");
+
+    let corrupt = copy_set("corrupt");
+    let unet = corrupt.join("unet.onnx");
+    let mut bytes = std::fs::read(&unet).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&unet, bytes).unwrap();
+    fails("checksum", &corrupt, &[], &[], "does not match its manifest checksum");
+
+    let missing = copy_set("missing-graph");
+    std::fs::remove_file(missing.join("vae_decoder.onnx")).unwrap();
+    fails("missing-graph", &missing, &[], &[], "vae_decoder.onnx is listed in the manifest but missing");
+
+    let version = copy_set("version");
+    edit_manifest(&version, |m| m["format_version"] = 99.into());
+    fails("format-version", &version, &[], &[], "format_version 99");
+}

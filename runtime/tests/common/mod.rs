@@ -1,0 +1,39 @@
+//! Shared by the parity tests: where the committed fixtures are, and how results are compared.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ndarray::ArrayD;
+
+/// `graphs/` at the repository root.
+pub fn graphs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("graphs")
+}
+
+/// The tiny SD 1.x graph set.
+pub fn tiny_sd1() -> PathBuf {
+    graphs_dir().join("tiny-sd1")
+}
+
+/// The diffusers fixtures for the tiny SD 1.x set.
+pub fn tiny_sd1_fixtures() -> PathBuf {
+    graphs_dir().join("fixtures").join("tiny-sd1")
+}
+
+/// ‖actual − expected‖₂ / ‖expected‖₂.
+pub fn rel_l2(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
+    assert_eq!(actual.shape(), expected.shape(), "shape mismatch");
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (a, e) in actual.iter().zip(expected) {
+        diff += (f64::from(*a) - f64::from(*e)).powi(2);
+        norm += f64::from(*e).powi(2);
+    }
+    assert!(norm > 0.0, "expected tensor is all zeros: the comparison would be meaningless");
+    (diff / norm).sqrt()
+}
+
+/// max |actual − expected|.
+pub fn max_abs(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
+    assert_eq!(actual.shape(), expected.shape(), "shape mismatch");
+    actual.iter().zip(expected).map(|(a, e)| (f64::from(*a) - f64::from(*e)).abs()).fold(0.0, f64::max)
+}

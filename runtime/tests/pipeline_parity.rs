@@ -1,0 +1,107 @@
+//! The whole pipeline against diffusers (graphs/fixtures/tiny-sd1/cases.json): the same prompt,
+//! negative prompt, condition images, adapter weights, cond_tau, sampler and initial latents must
+//! give diffusers' final latents and images.
+//!
+//! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
+//! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
+//! differences compound over the steps) and the same 2/255 pixel bound.
+
+mod common;
+
+use std::path::PathBuf;
+
+use ndarray::{Array4, ArrayD};
+use serde::Deserialize;
+use t2i_rt::adapter::AdapterRequest;
+use t2i_rt::backend::BackendKind;
+use t2i_rt::pipeline::{LoadOptions, Pipeline, Request};
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    adapters: Vec<CaseAdapter>,
+    cond_tau: f32,
+    steps: usize,
+    guidance: f32,
+    scheduler: String,
+    width: u32,
+    height: u32,
+    n_samples: usize,
+    latents: String,
+    expected_latents: String,
+    expected_images: Vec<String>,
+    reference: String,
+}
+
+#[derive(Deserialize)]
+struct CaseAdapter {
+    name: String,
+    image: String,
+    weight: f32,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(common::tiny_sd1_fixtures().join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn fixture(path: &str) -> PathBuf {
+    common::tiny_sd1_fixtures().join(path)
+}
+
+fn check_backend(backend: BackendKind, latent_tolerance: f64) {
+    let mut pipeline = Pipeline::load(&common::tiny_sd1(), &LoadOptions { backend, verify_checksums: true }).unwrap();
+    let cases = cases();
+    for required in ["ddim", "euler"] {
+        assert!(
+            cases.iter().any(|c| c.scheduler == required && c.adapters.len() >= 2 && c.cond_tau < 1.0 && c.negative_prompt.is_some()),
+            "no case with {required}, two adapters, cond_tau < 1 and a negative prompt"
+        );
+    }
+    assert!(cases.iter().any(|c| c.reference == "pipeline"), "no case checked against diffusers' pipeline itself");
+    for case in &cases {
+        let mut request = Request::new(case.prompt.clone());
+        request.negative_prompt = case.negative_prompt.clone();
+        request.adapters = case
+            .adapters
+            .iter()
+            .map(|a| AdapterRequest { name: a.name.clone(), image: fixture(&a.image), weight: a.weight })
+            .collect();
+        request.cond_tau = case.cond_tau;
+        request.steps = case.steps;
+        request.guidance = case.guidance;
+        request.scheduler = case.scheduler.parse().unwrap();
+        request.width = Some(case.width);
+        request.height = Some(case.height);
+        request.n_samples = case.n_samples;
+        request.latents = Some(ndarray_npy::read_npy::<_, Array4<f32>>(fixture(&case.latents)).unwrap());
+        let generation = pipeline.run(&request, &mut |_| true).unwrap();
+
+        let expected: ArrayD<f32> = ndarray_npy::read_npy(fixture(&case.expected_latents)).unwrap();
+        let rel = common::rel_l2(&generation.latents.clone().into_dyn(), &expected);
+        assert_eq!(generation.images.len(), case.expected_images.len(), "{}: image count", case.name);
+        let mut worst_pixel = 0u8;
+        for (image, path) in generation.images.iter().zip(&case.expected_images) {
+            let want = image::open(fixture(path)).unwrap().to_rgb8();
+            assert_eq!(image.dimensions(), want.dimensions(), "{}: image size", case.name);
+            for (a, b) in image.as_raw().iter().zip(want.as_raw()) {
+                worst_pixel = worst_pixel.max(a.abs_diff(*b));
+            }
+        }
+        eprintln!("{backend} {} ({}): latents rel L2 {rel:.2e}, max pixel diff {worst_pixel}/255", case.name, case.reference);
+        assert!(rel <= latent_tolerance, "{backend} {}: latents rel L2 {rel:.3e} > {latent_tolerance:e}", case.name);
+        assert!(worst_pixel <= 2, "{backend} {}: a pixel differs by {worst_pixel}/255 > 2/255", case.name);
+    }
+}
+
+#[test]
+fn ort_cpu_pipeline_equals_diffusers() {
+    check_backend(BackendKind::OrtCpu, 1e-4);
+}
+
+#[test]
+fn tract_pipeline_equals_diffusers() {
+    check_backend(BackendKind::Tract, 1e-3);
+}

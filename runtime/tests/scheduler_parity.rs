@@ -1,0 +1,401 @@
+//! Sampler parity with diffusers 0.42.1, on the traces `export/t2i_export/scheduler_traces.py`
+//! writes to `graphs/fixtures/schedulers/` (see its docstring for the exact loop and encoding).
+//!
+//! Each trace is re-run here from its config JSON, noise and fake UNet, free-running (every step
+//! takes the runtime's own previous sample, so errors would accumulate as in a real loop).
+//!
+//! Tolerances, and why:
+//! * timesteps: bit-equal, except Karras and `continuous` timesteps, which diffusers derives from
+//!   logs of the sigmas through numpy's float32 `np.log` / torch's `log` (SIMD and MKL code that is
+//!   not correctly rounded): `TIMESTEP_TOL` relative (measured ≤ 6.2e-7, i.e. a few float32 ulps,
+//!   over 1..=1000 Karras steps; a UNet cannot tell).
+//! * sigmas and `init_noise_sigma`: `SIGMA_TOL` relative. diffusers takes them from torch CPU
+//!   `sqrt`/`exp`, which run through MKL VML (high-accuracy mode, not correctly rounded: 6 of SD's
+//!   1000 training sigmas are 1 ulp off the exact float32 square root); the runtime rounds
+//!   correctly, so interpolated sigmas may differ by 1 ulp (measured ≤ 1.2e-7).
+//! * every sample (the scaled UNet input and the sample after each step) and every `add_noise`
+//!   result: relative L2 error `‖rust − diffusers‖₂ / ‖diffusers‖₂ ≤ 1e-5` per tensor, the
+//!   runtime's parity target. The arithmetic mirrors diffusers' float32 op order, so most traces
+//!   are bit-equal and the rest differ by those ulps of a coefficient; the test prints the
+//!   measured maxima (`cargo test --test scheduler_parity -- --nocapture`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use serde_json::{json, Value};
+use t2i_rt::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use t2i_rt::Error;
+
+const REL_L2_TOL: f64 = 1e-5;
+const TIMESTEP_TOL: f64 = 1e-5;
+const SIGMA_TOL: f64 = 1e-6;
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/fixtures/schedulers")
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// 8 hex digits per float32: its IEEE-754 bits as a big-endian number.
+fn decode_hex(s: &str) -> Vec<f32> {
+    assert_eq!(s.len() % 8, 0, "hex tensor length {} is not a multiple of 8", s.len());
+    (0..s.len() / 8)
+        .map(|i| f32::from_bits(u32::from_str_radix(&s[8 * i..8 * i + 8], 16).expect("hex digits")))
+        .collect()
+}
+
+fn tensor(v: &Value, shape: &[usize]) -> ArrayD<f32> {
+    ArrayD::from_shape_vec(IxDyn(shape), decode_hex(v.as_str().expect("hex string"))).expect("shape")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+}
+
+/// The trace script's `fake_model`: `0.3 * x + 0.05 * sin(t / 100)` as torch computes it (the
+/// Python-float constant is rounded to float32 once, then float32 multiply and add).
+fn fake_model(x: &ArrayD<f32>, t: f32) -> ArrayD<f32> {
+    let c = (0.05 * (t as f64 / 100.0).sin()) as f32;
+    x.mapv(|v| 0.3f32 * v + c)
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ: {got:?} vs {want:?}");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| if g == w { 0.0 } else { ((g - w) as f64).abs() / (w as f64).abs().max(1e-30) })
+        .fold(0.0, f64::max)
+}
+
+fn kind_of(case: &Value) -> SchedulerKind {
+    case["kind"].as_str().expect("kind").parse().expect("known kind")
+}
+
+fn build(case: &Value) -> Box<dyn Scheduler> {
+    let config = SchedulerConfig::new(&case["config"]);
+    let steps = case["steps"].as_u64().expect("steps") as usize;
+    config.build(kind_of(case), steps).unwrap_or_else(|e| panic!("{}: {e}", case["name"]))
+}
+
+/// The timestep tolerance: configs whose timesteps diffusers derives from logs of sigmas.
+fn timestep_tol(config: &Value) -> f64 {
+    let from_logs = config["use_karras_sigmas"] == json!(true)
+        || (config["timestep_type"] == json!("continuous") && config["prediction_type"] == json!("v_prediction"));
+    if from_logs {
+        TIMESTEP_TOL
+    } else {
+        0.0
+    }
+}
+
+struct Measured {
+    timesteps_max_rel: f64,
+    sigmas_max_rel: f64,
+    sample_max_rel_l2: f64,
+    scaled_max_rel_l2: f64,
+    add_noise_max_rel_l2: f64,
+    bit_equal: bool,
+}
+
+fn check_trace(case: &Value) -> Measured {
+    let name = case["name"].as_str().expect("name");
+    let shape: Vec<usize> =
+        case["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().unwrap() as usize).collect();
+    let mut scheduler = build(case);
+    let time_tol = timestep_tol(&case["config"]);
+
+    let want_t = floats(&case["timesteps"]);
+    assert_eq!(scheduler.num_steps(), want_t.len(), "{name}: number of steps");
+    let timesteps_max_rel = max_rel(scheduler.timesteps(), &want_t);
+    assert!(timesteps_max_rel <= time_tol, "{name}: timesteps {:?} != {want_t:?}", scheduler.timesteps());
+
+    let init = scheduler.init_noise_sigma();
+    let want_init = case["init_noise_sigma"].as_f64().unwrap() as f32;
+    let mut sigmas_max_rel = max_rel(&[init], &[want_init]);
+    if let Some(sigmas) = case.get("sigmas") {
+        let config = SchedulerConfig::new(&case["config"]);
+        let euler = t2i_rt::scheduler::EulerScheduler::new(
+            &t2i_rt::scheduler::EulerConfig::from_config(&config).unwrap(),
+            case["steps"].as_u64().unwrap() as usize,
+        )
+        .unwrap();
+        sigmas_max_rel = sigmas_max_rel.max(max_rel(euler.sigmas(), &floats(sigmas)));
+    }
+    assert!(sigmas_max_rel <= SIGMA_TOL, "{name}: init_noise_sigma {init} vs {want_init} or sigmas");
+    assert_eq!(scheduler.order(), 1);
+
+    let noise = tensor(&case["noise"], &shape);
+    let mut sample = noise.mapv(|x| x * init);
+    let mut rng = rand::rng();
+    let (mut sample_max, mut scaled_max) = (0.0f64, 0.0f64);
+    let mut bit_equal = timesteps_max_rel == 0.0 && sigmas_max_rel == 0.0;
+    let trajectory = case["trajectory"].as_array().expect("trajectory");
+    assert_eq!(trajectory.len(), scheduler.num_steps(), "{name}: trajectory length");
+    for (i, entry) in trajectory.iter().enumerate() {
+        let mut scaled = sample.clone();
+        scheduler.scale_model_input(&mut scaled, i);
+        if let Some(want) = entry.get("scaled") {
+            let want = tensor(want, &shape);
+            let err = rel_l2(scaled.as_slice().unwrap(), want.as_slice().unwrap());
+            bit_equal &= scaled == want;
+            scaled_max = scaled_max.max(err);
+            assert!(err <= REL_L2_TOL, "{name}: scaled input at step {i}: relative L2 error {err:e}");
+        }
+        let t = scheduler.timesteps()[i];
+        let model_output = fake_model(&scaled, t);
+        scheduler.step(model_output.view(), i, &mut sample, &mut rng).unwrap();
+        let want = tensor(&entry["sample"], &shape);
+        assert!(sample.iter().all(|x| x.is_finite()), "{name}: non-finite sample at step {i}");
+        let err = rel_l2(sample.as_slice().unwrap(), want.as_slice().unwrap());
+        bit_equal &= sample == want;
+        sample_max = sample_max.max(err);
+        assert!(err <= REL_L2_TOL, "{name}: sample after step {i}: relative L2 error {err:e}");
+    }
+
+    let original = tensor(&case["original"], &shape);
+    let fresh = build(case);
+    let mut add_noise_max = 0.0f64;
+    for entry in case["add_noise"].as_array().expect("add_noise") {
+        let k = entry["step"].as_u64().unwrap() as usize;
+        let got = fresh.add_noise(original.view(), noise.view(), k);
+        let want = tensor(&entry["result"], &shape);
+        let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+        bit_equal &= got == want;
+        add_noise_max = add_noise_max.max(err);
+        assert!(err <= REL_L2_TOL, "{name}: add_noise at step {k}: relative L2 error {err:e}");
+    }
+    Measured {
+        timesteps_max_rel,
+        sigmas_max_rel,
+        sample_max_rel_l2: sample_max,
+        scaled_max_rel_l2: scaled_max,
+        add_noise_max_rel_l2: add_noise_max,
+        bit_equal,
+    }
+}
+
+#[test]
+fn traces_match_diffusers() {
+    let mut paths: Vec<PathBuf> = fs::read_dir(fixtures_dir())
+        .expect("graphs/fixtures/schedulers exists (python -m t2i_export.scheduler_traces)")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json") && !p.ends_with("timestep_sweep.json"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 16, "expected the scheduler traces, found {}", paths.len());
+    println!(
+        "{:<40} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}  bit-equal",
+        "trace", "steps", "t rel", "sigma rel", "sample L2", "scaled L2", "noise L2"
+    );
+    for path in &paths {
+        let case = read_json(path);
+        let m = check_trace(&case);
+        println!(
+            "{:<40} {:>6} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e}  {}",
+            case["name"].as_str().unwrap(),
+            case["timesteps"].as_array().unwrap().len(),
+            m.timesteps_max_rel,
+            m.sigmas_max_rel,
+            m.sample_max_rel_l2,
+            m.scaled_max_rel_l2,
+            m.add_noise_max_rel_l2,
+            m.bit_equal
+        );
+    }
+}
+
+#[test]
+fn timestep_sweep_matches_diffusers() {
+    let sweep = read_json(&fixtures_dir().join("timestep_sweep.json"));
+    let cases = sweep["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 40);
+    for case in cases {
+        let label = format!("{} with {} steps", case["name"], case["steps"]);
+        if case.get("step_fails") == Some(&json!(true)) {
+            // diffusers' `step` raises IndexError on this schedule; the runtime refuses to build it.
+            let config = SchedulerConfig::new(&case["config"]);
+            let steps = case["steps"].as_u64().unwrap() as usize;
+            assert!(config.build(kind_of(case), steps).is_err(), "{label}: expected an error");
+            continue;
+        }
+        let scheduler = build(case);
+        let tol = timestep_tol(&case["config"]);
+        let want = decode_hex(case["timesteps"].as_str().unwrap());
+        let err = max_rel(scheduler.timesteps(), &want);
+        assert!(err <= tol, "{label}: timesteps {:?} != {want:?}", scheduler.timesteps());
+        if let Some(sigmas) = case.get("sigmas") {
+            let config = SchedulerConfig::new(&case["config"]);
+            let steps = case["steps"].as_u64().unwrap() as usize;
+            let euler = t2i_rt::scheduler::EulerScheduler::new(
+                &t2i_rt::scheduler::EulerConfig::from_config(&config).unwrap(),
+                steps,
+            )
+            .unwrap();
+            let err = max_rel(euler.sigmas(), &decode_hex(sigmas.as_str().unwrap()));
+            assert!(err <= SIGMA_TOL, "{label}: sigmas differ by {err:e}");
+            let want_init = case["init_noise_sigma"].as_f64().unwrap() as f32;
+            let err = max_rel(&[scheduler.init_noise_sigma()], &[want_init]);
+            assert!(err <= SIGMA_TOL, "{label}: init_noise_sigma differs by {err:e}");
+        }
+    }
+}
+
+fn sd15() -> Value {
+    json!({
+        "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": false,
+        "skip_prk_steps": true, "steps_offset": 1, "clip_sample": false, "trained_betas": null
+    })
+}
+
+fn scheduler_error(result: Result<Box<dyn Scheduler>, Error>) -> (&'static str, String) {
+    match result {
+        Err(Error::Scheduler { scheduler, message }) => (scheduler, message),
+        Err(other) => panic!("expected a scheduler error, got {other}"),
+        Ok(_) => panic!("expected an error"),
+    }
+}
+
+#[test]
+fn kind_names_round_trip_and_unknown_name_lists_valid_ones() {
+    for kind in SchedulerKind::ALL {
+        assert_eq!(kind.as_str().parse::<SchedulerKind>().unwrap(), kind);
+        assert_eq!(kind.to_string(), kind.as_str());
+    }
+    let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
+    assert!(err.contains("dpm++") && err.contains("ddim, euler"), "{err}");
+}
+
+#[test]
+fn bad_beta_schedule_names_key_and_accepted_values() {
+    let mut config = sd15();
+    config["beta_schedule"] = json!("sigmoid");
+    let config = SchedulerConfig::new(&config);
+    for kind in SchedulerKind::ALL {
+        let (scheduler, message) = scheduler_error(config.build(kind, 10));
+        assert_eq!(scheduler, kind.as_str());
+        assert!(message.contains("beta_schedule") && message.contains("sigmoid"), "{message}");
+        assert!(message.contains("linear, scaled_linear, squaredcos_cap_v2"), "{message}");
+    }
+    // diffusers ignores beta_schedule when trained_betas is given.
+    let mut config = sd15();
+    config["beta_schedule"] = json!("sigmoid");
+    config["num_train_timesteps"] = json!(4);
+    config["trained_betas"] = json!([0.1, 0.2, 0.3, 0.4]);
+    SchedulerConfig::new(&config).build(SchedulerKind::Ddim, 2).unwrap();
+}
+
+#[test]
+fn steps_out_of_range_are_rejected() {
+    let config = SchedulerConfig::new(&sd15());
+    for kind in SchedulerKind::ALL {
+        let (_, message) = scheduler_error(config.build(kind, 0));
+        assert!(message.contains("0 inference steps"), "{message}");
+        let (_, message) = scheduler_error(config.build(kind, 1001));
+        assert!(message.contains("1001") && message.contains("1000"), "{message}");
+    }
+    config.build(SchedulerKind::Euler, 1000).unwrap();
+    config.build(SchedulerKind::Ddim, 999).unwrap();
+    // Leading spacing with steps_offset 1 and 1000 steps reaches timestep 1000: diffusers fails
+    // indexing alphas_cumprod; the runtime says so when building.
+    let (_, message) = scheduler_error(config.build(SchedulerKind::Ddim, 1000));
+    assert!(message.contains("timestep 1000"), "{message}");
+}
+
+#[test]
+fn unsupported_values_are_clear_errors() {
+    let cases = [
+        (SchedulerKind::Ddim, "thresholding", json!(true), "not supported yet"),
+        (SchedulerKind::Ddim, "prediction_type", json!("flow"), "epsilon, v_prediction, sample"),
+        (SchedulerKind::Ddim, "timestep_spacing", json!("uniform"), "leading, trailing, linspace"),
+        (SchedulerKind::Ddim, "num_train_timesteps", json!(1000.5), "integer"),
+        (SchedulerKind::Euler, "use_exponential_sigmas", json!(true), "not supported yet"),
+        (SchedulerKind::Euler, "use_beta_sigmas", json!(true), "not supported yet"),
+        (SchedulerKind::Euler, "interpolation_type", json!("cubic"), "linear, log_linear"),
+        (SchedulerKind::Euler, "final_sigmas_type", json!("one"), "zero, sigma_min"),
+        (SchedulerKind::Euler, "timestep_type", json!("edm"), "discrete, continuous"),
+        (SchedulerKind::Euler, "trained_betas", json!([0.1]), "trained_betas"),
+    ];
+    for (kind, key, value, expect) in cases {
+        let mut config = sd15();
+        config[key] = value;
+        let config = SchedulerConfig::new(&config);
+        let (scheduler, message) = scheduler_error(config.build(kind, 10));
+        assert_eq!(scheduler, kind.as_str());
+        assert!(message.contains(key) && message.contains(expect), "{key}: {message}");
+    }
+    let mut config = SchedulerConfig::new(&sd15());
+    config.eta = 0.5;
+    let (_, message) = scheduler_error(config.build(SchedulerKind::Ddim, 10));
+    assert!(message.contains("eta") && message.contains("not supported yet"), "{message}");
+    for kind in SchedulerKind::ALL {
+        let (_, message) = scheduler_error(SchedulerConfig::new(&json!([1, 2])).build(kind, 10));
+        assert!(message.contains("JSON object"), "{message}");
+    }
+}
+
+#[test]
+fn from_config_defaults_are_per_scheduler() {
+    use t2i_rt::scheduler::{DdimConfig, EulerConfig, PredictionType, TimestepSpacing};
+    // SD 1.5's config has no timestep_spacing: DDIM takes "leading", Euler "linspace".
+    let config = SchedulerConfig::new(&sd15());
+    let ddim = DdimConfig::from_config(&config).unwrap();
+    assert_eq!(ddim.timestep_spacing, TimestepSpacing::Leading);
+    assert!(!ddim.clip_sample && !ddim.set_alpha_to_one && ddim.steps_offset == 1);
+    assert_eq!(EulerConfig::from_config(&config).unwrap().timestep_spacing, TimestepSpacing::Linspace);
+    // No keys at all: DDIM clips and sets alpha to one by default.
+    let ddim = DdimConfig::from_config(&SchedulerConfig::default()).unwrap();
+    assert!(ddim.clip_sample && ddim.set_alpha_to_one && ddim.steps_offset == 0);
+    assert_eq!(ddim.prediction_type, PredictionType::Epsilon);
+    // `_use_default_values` keys fall back to the target's default.
+    let mut loaded = sd15();
+    loaded["timestep_spacing"] = json!("leading");
+    loaded["_use_default_values"] = json!(["timestep_spacing"]);
+    let config = SchedulerConfig::new(&loaded);
+    assert_eq!(EulerConfig::from_config(&config).unwrap().timestep_spacing, TimestepSpacing::Linspace);
+}
+
+#[test]
+fn step_index_and_shapes_are_checked() {
+    let config = SchedulerConfig::new(&sd15());
+    let mut rng = rand::rng();
+    for kind in SchedulerKind::ALL {
+        let mut scheduler = config.build(kind, 4).unwrap();
+        assert_eq!(scheduler.kind(), kind);
+        let mut sample = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
+        let output = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
+        let (_, message) = match scheduler.step(output.view(), 4, &mut sample, &mut rng) {
+            Err(Error::Scheduler { scheduler, message }) => (scheduler, message),
+            other => panic!("expected a scheduler error, got {other:?}"),
+        };
+        assert!(message.contains("step index 4"), "{message}");
+        let wrong = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 3]));
+        assert!(scheduler.step(wrong.view(), 0, &mut sample, &mut rng).is_err());
+        scheduler.step(output.view(), 0, &mut sample, &mut rng).unwrap();
+    }
+}
+
+#[test]
+#[should_panic(expected = "step index 4 out of range")]
+fn scale_model_input_past_the_end_panics() {
+    let scheduler = SchedulerConfig::new(&sd15()).build(SchedulerKind::Euler, 4).unwrap();
+    scheduler.scale_model_input(&mut ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2])), 4);
+}
