@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up a fresh checkout and runs every test: the Rust runtime's (parity against the committed
+# diffusers fixtures, on ort-cpu and tract) and the exporter's (pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-ort.sh
+bash scripts/setup-python.sh
+cargo test --workspace --locked
+export T2I_OPEN_CLIP_WHEEL=$(ls "$PWD"/.cache/wheels/open_clip_torch-3.3.0-*.whl | head -n1)
+(cd export && ../.venv/bin/python -m pytest -q tests)
