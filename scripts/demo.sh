@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
 cargo build --locked --bin t2i-rt
 mkdir -p out
-fx=graphs/fixtures/tiny-sd1
+fx=graphs/fixtures/tiny-sd1/conditions
 ./target/debug/t2i-rt inspect graphs/tiny-sd1
 ./target/debug/t2i-rt run --graphs graphs/tiny-sd1 --prompt "a red house on a hill, watercolor" \
   --negative-prompt "blurry" --adapter "sketch=$fx/sketch.png:1.0" --adapter "color=$fx/color.png:1.2" \
