@@ -57,6 +57,7 @@ fn fails(name: &str, graphs: &Path, extra: &[&str], env: &[(&str, &str)], expect
     if let Ok(entries) = std::fs::read_dir(out.parent().unwrap()) {
         let leftovers: Vec<_> = entries.collect();
         assert!(leftovers.is_empty(), "{name}: left files behind: {leftovers:?}");
+        let _ = std::fs::remove_dir_all(out.parent().unwrap());
     }
 }
 
@@ -84,6 +85,9 @@ fn request_errors_are_one_line_and_write_nothing() {
     fails("bad-latents", &set, &["--latents", latents.to_str().unwrap()], &[], "latents have shape [1, 4, 4, 4]");
     fails("missing-out-dir", &set, &["--out", "/nonexistent/dir/x.png"], &[], "does not exist");
     fails("no-ort", &set, &[], &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")], "ONNX Runtime library not found");
+    for dir in [not_image.parent(), latents.parent()].into_iter().flatten() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[test]
@@ -111,4 +115,7 @@ fn broken_graph_sets_are_refused() {
     let version = copy_set("version");
     edit_manifest(&version, |m| m["format_version"] = 99.into());
     fails("format-version", &version, &[], &[], "format_version 99");
+    for dir in [escape, renamed, corrupt, missing, version] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
