@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, CowArray, IxDyn};
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
@@ -116,22 +116,23 @@ struct OrtSession {
 impl GraphSession for OrtSession {
     fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
         let err = |message: String| Error::Backend { backend: BACKEND, graph: self.name.clone(), message };
-        // ONNX Runtime reads dense row-major buffers; views from slicing may not be.
-        let owned: Vec<(&str, OwnedInput)> = inputs
+        // ONNX Runtime reads dense row-major buffers: borrow inputs that are (all of ours, in
+        // practice), copy only views that are not.
+        let dense: Vec<(&str, DenseInput<'_>)> = inputs
             .iter()
             .map(|(name, view)| {
-                let owned = match view {
-                    TensorView::F32(a) => OwnedInput::F32(a.as_standard_layout().into_owned()),
-                    TensorView::I64(a) => OwnedInput::I64(a.as_standard_layout().into_owned()),
+                let dense = match view {
+                    TensorView::F32(a) => DenseInput::F32(a.as_standard_layout()),
+                    TensorView::I64(a) => DenseInput::I64(a.as_standard_layout()),
                 };
-                (*name, owned)
+                (*name, dense)
             })
             .collect();
-        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(owned.len());
-        for (name, input) in &owned {
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(dense.len());
+        for (name, input) in &dense {
             let value: SessionInputValue<'_> = match input {
-                OwnedInput::F32(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
-                OwnedInput::I64(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
+                DenseInput::F32(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
+                DenseInput::I64(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
             };
             values.push((Cow::Borrowed(*name), value));
         }
@@ -147,9 +148,9 @@ impl GraphSession for OrtSession {
     }
 }
 
-enum OwnedInput {
-    F32(ArrayD<f32>),
-    I64(ArrayD<i64>),
+enum DenseInput<'a> {
+    F32(CowArray<'a, f32, IxDyn>),
+    I64(CowArray<'a, i64, IxDyn>),
 }
 
 fn real_tensor(name: &str, dtype: &ValueType) -> RealTensor {
