@@ -73,7 +73,7 @@ impl AdapterSet {
                 return Err(Error::InvalidRequest(format!("adapter {} weight {} is not a number", spec.name, request.weight)));
             }
             let factor = spec.downscale_factor;
-            if width % factor != 0 || height % factor != 0 {
+            if !width.is_multiple_of(factor) || !height.is_multiple_of(factor) {
                 return Err(Error::InvalidRequest(format!(
                     "size {width}x{height} is not a multiple of {factor}, which adapter {} needs; try {}x{}",
                     spec.name,

@@ -13,7 +13,7 @@ use t2i_rt::adapter::AdapterRequest;
 use t2i_rt::backend::BackendKind;
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
-use t2i_rt::pipeline::{LoadOptions, Pipeline, Request};
+use t2i_rt::pipeline::{Pipeline, Request};
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Parser)]
@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt and optional adapter condition images.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a graph set's manifest and every graph's inputs and outputs.
     Inspect(InspectArgs),
 }
@@ -116,7 +116,7 @@ fn scheduler_help() -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Inspect(args) => inspect(args),
     };
     match result {
@@ -172,9 +172,11 @@ fn run(args: RunArgs) -> Result<()> {
         check_writable(path)?;
     }
 
+    // Check the request against the manifest first: a typo should not wait for the graphs to load.
     let start = Instant::now();
-    let options = LoadOptions { backend: args.backend, verify_checksums: !args.no_verify };
-    let mut pipeline = Pipeline::load(&dir, &options)?;
+    let manifest = Manifest::load(&dir, !args.no_verify)?;
+    request.check(&manifest)?;
+    let mut pipeline = Pipeline::from_manifest(manifest, args.backend)?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
     let bar = ProgressBar::with_draw_target(Some(request.steps as u64), progress_target());

@@ -221,7 +221,7 @@ impl Manifest {
         }
         manifest.check_consistency().map_err(err)?;
         for file in manifest.files() {
-            let path = manifest.resolve(&file.file)?;
+            let path = manifest.resolve(file.file)?;
             if !path.is_file() {
                 return Err(err(format!("{} is listed in the manifest but missing; re-export the graph set", file.file)));
             }
@@ -291,7 +291,7 @@ impl Manifest {
         if self.tokenizer.max_length == 0 {
             return Err("tokenizer.max_length is 0".into());
         }
-        if self.size_multiple == 0 || self.latent.downscale == 0 || self.size_multiple % self.latent.downscale != 0 {
+        if self.size_multiple == 0 || self.latent.downscale == 0 || !self.size_multiple.is_multiple_of(self.latent.downscale) {
             return Err(format!(
                 "size_multiple {} must be a positive multiple of latent.downscale {}",
                 self.size_multiple, self.latent.downscale

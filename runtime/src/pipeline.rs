@@ -77,6 +77,51 @@ impl Request {
             latents: None,
         }
     }
+
+    /// Checks this request against a graph set's manifest without running anything: size, steps,
+    /// guidance, cond_tau, latents shape, sampler configuration, adapter names and condition images.
+    pub fn check(&self, m: &Manifest) -> Result<Checked> {
+        let request = self;
+        let width = request.width.unwrap_or(m.default_size[0]);
+        let height = request.height.unwrap_or(m.default_size[1]);
+        let multiple = m.size_multiple;
+        if width == 0 || height == 0 || !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
+            return Err(Error::InvalidRequest(format!(
+                "size {width}x{height} is not a multiple of {multiple}, which this graph set needs; try {}x{}",
+                round_to(width, multiple),
+                round_to(height, multiple)
+            )));
+        }
+        if request.steps == 0 {
+            return Err(Error::InvalidRequest("steps must be at least 1".into()));
+        }
+        if request.n_samples == 0 {
+            return Err(Error::InvalidRequest("n_samples must be at least 1".into()));
+        }
+        if !request.guidance.is_finite() {
+            return Err(Error::InvalidRequest(format!("guidance {} is not a number", request.guidance)));
+        }
+        if !(0.0..=1.0).contains(&request.cond_tau) {
+            return Err(Error::InvalidRequest(format!("cond_tau {} must be in [0, 1]", request.cond_tau)));
+        }
+        if let Some(latents) = &request.latents {
+            let ds = m.latent.downscale;
+            let expected = [request.n_samples, m.latent.channels, (height / ds) as usize, (width / ds) as usize];
+            if latents.shape() != expected {
+                return Err(Error::InvalidRequest(format!(
+                    "latents have shape {:?}, but {} sample(s) at {width}x{height} need {expected:?} (n_samples, channels, height/{ds}, width/{ds})",
+                    latents.shape(),
+                    request.n_samples
+                )));
+            }
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::InvalidRequest("latents contain NaN or infinity".into()));
+            }
+        }
+        SchedulerConfig::new(&m.scheduler).build(request.scheduler, request.steps)?;
+        let adapters = AdapterSet::build(m, &request.adapters, width, height)?;
+        Ok(Checked { width, height, adapters })
+    }
 }
 
 /// What a request produces.
@@ -113,7 +158,13 @@ impl Pipeline {
     /// checks each graph's real inputs and outputs against the manifest.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Pipeline> {
         let manifest = Manifest::load(dir, options.verify_checksums)?;
-        let backend = options.backend.create()?;
+        Pipeline::from_manifest(manifest, options.backend)
+    }
+
+    /// Loads the graphs of an already loaded manifest (e.g. after checking a request against it with
+    /// [`Request::check`], so that a bad request fails before seconds of graph loading).
+    pub fn from_manifest(manifest: Manifest, backend: BackendKind) -> Result<Pipeline> {
+        let backend = backend.create()?;
         let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file)?, &manifest.tokenizer)?;
         let text_encoder = open(&manifest, backend.as_ref(), "text_encoder", &manifest.graphs.text_encoder)?;
         let unet = open(&manifest, backend.as_ref(), "unet", &manifest.graphs.unet)?;
@@ -143,11 +194,9 @@ impl Pipeline {
     /// Runs one request. `progress` is called after every step; returning `false` cancels the run
     /// with [`Error::Cancelled`].
     pub fn run(&mut self, request: &Request, progress: &mut dyn FnMut(Progress) -> bool) -> Result<Generation> {
-        let plan = self.check(request)?;
-        let (width, height, n) = (plan.width, plan.height, request.n_samples);
-        let adapters = AdapterSet::build(&self.manifest, &request.adapters, width, height)?;
-        let config = SchedulerConfig::new(&self.manifest.scheduler);
-        let mut scheduler = config.build(request.scheduler, request.steps)?;
+        let Checked { width, height, adapters } = request.check(&self.manifest)?;
+        let n = request.n_samples;
+        let mut scheduler = SchedulerConfig::new(&self.manifest.scheduler).build(request.scheduler, request.steps)?;
         let mut rng = StdRng::seed_from_u64(request.seed);
 
         // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
@@ -241,53 +290,13 @@ impl Pipeline {
             .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))?;
         first(self.text_encoder.run(&[("input_ids", TensorView::I64(ids.view()))])?, "text_encoder")
     }
-
-    /// Validates a request against the graph set before any graph runs.
-    fn check(&self, request: &Request) -> Result<Checked> {
-        let m = &self.manifest;
-        let width = request.width.unwrap_or(m.default_size[0]);
-        let height = request.height.unwrap_or(m.default_size[1]);
-        let multiple = m.size_multiple;
-        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
-            return Err(Error::InvalidRequest(format!(
-                "size {width}x{height} is not a multiple of {multiple}, which this graph set needs; try {}x{}",
-                round_to(width, multiple),
-                round_to(height, multiple)
-            )));
-        }
-        if request.steps == 0 {
-            return Err(Error::InvalidRequest("steps must be at least 1".into()));
-        }
-        if request.n_samples == 0 {
-            return Err(Error::InvalidRequest("n_samples must be at least 1".into()));
-        }
-        if !request.guidance.is_finite() {
-            return Err(Error::InvalidRequest(format!("guidance {} is not a number", request.guidance)));
-        }
-        if !(0.0..=1.0).contains(&request.cond_tau) {
-            return Err(Error::InvalidRequest(format!("cond_tau {} must be in [0, 1]", request.cond_tau)));
-        }
-        if let Some(latents) = &request.latents {
-            let ds = m.latent.downscale;
-            let expected = [request.n_samples, m.latent.channels, (height / ds) as usize, (width / ds) as usize];
-            if latents.shape() != expected {
-                return Err(Error::InvalidRequest(format!(
-                    "latents have shape {:?}, but {} sample(s) at {width}x{height} need {expected:?} (n_samples, channels, height/{ds}, width/{ds})",
-                    latents.shape(),
-                    request.n_samples
-                )));
-            }
-            if latents.iter().any(|v| !v.is_finite()) {
-                return Err(Error::InvalidRequest("latents contain NaN or infinity".into()));
-            }
-        }
-        Ok(Checked { width, height })
-    }
 }
 
-struct Checked {
-    width: u32,
-    height: u32,
+/// A request that passed [`Request::check`]: its image size and its adapters, ready to run.
+pub struct Checked {
+    pub width: u32,
+    pub height: u32,
+    pub adapters: AdapterSet,
 }
 
 /// Loads one graph and checks its real IO against the manifest.

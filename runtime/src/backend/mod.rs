@@ -44,7 +44,7 @@ impl BackendKind {
     pub fn create(self) -> Result<Arc<dyn Backend>> {
         Ok(match self {
             BackendKind::OrtCpu => Arc::new(OrtBackend::new(OrtOptions::default())?),
-            BackendKind::Tract => Arc::new(TractBackend::default()),
+            BackendKind::Tract => Arc::new(TractBackend),
         })
     }
 }
