@@ -30,7 +30,9 @@ impl std::str::FromStr for AdapterRequest {
     /// Parses `NAME=IMAGE[:WEIGHT]`; the weight defaults to 1.0.
     fn from_str(s: &str) -> Result<Self> {
         let (name, rest) = s.split_once('=').ok_or_else(|| {
-            Error::InvalidRequest(format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT], e.g. sketch=edges.png:0.8"))
+            Error::InvalidRequest(format!(
+                "adapter {s:?} must look like NAME=IMAGE[:WEIGHT], e.g. sketch=edges.png:0.8"
+            ))
         })?;
         let (image, weight) = match rest.rsplit_once(':') {
             Some((image, weight)) if weight.parse::<f32>().is_ok() => (image, weight.parse::<f32>().unwrap_or(1.0)),
@@ -70,7 +72,10 @@ impl AdapterSet {
             })?;
             let spec = &manifest.adapters[index];
             if !request.weight.is_finite() {
-                return Err(Error::InvalidRequest(format!("adapter {} weight {} is not a number", spec.name, request.weight)));
+                return Err(Error::InvalidRequest(format!(
+                    "adapter {} weight {} is not a number",
+                    spec.name, request.weight
+                )));
             }
             let factor = spec.downscale_factor;
             if !width.is_multiple_of(factor) || !height.is_multiple_of(factor) {
@@ -99,11 +104,16 @@ impl AdapterSet {
     /// Runs every adapter once and sums their weighted features per residual slot, in request
     /// order, like diffusers' `MultiAdapter.forward` (`acc = w0 * f0; acc += w1 * f1; ...`).
     /// Slots no adapter feeds stay `None`. `sessions[i]` runs the manifest's adapter `i`.
-    pub fn residuals(&self, manifest: &Manifest, sessions: &mut [Box<dyn GraphSession>]) -> Result<Vec<Option<ArrayD<f32>>>> {
+    pub fn residuals(
+        &self,
+        manifest: &Manifest,
+        sessions: &mut [Box<dyn GraphSession>],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
         let mut slots: Vec<Option<ArrayD<f32>>> = vec![None; manifest.residual_slots.len()];
         for entry in &self.entries {
             let spec = &manifest.adapters[entry.index];
-            let features = sessions[entry.index].run(&[("condition", TensorView::F32(entry.condition.view().into_dyn()))])?;
+            let features =
+                sessions[entry.index].run(&[("condition", TensorView::F32(entry.condition.view().into_dyn()))])?;
             for (feature, &slot) in features.into_iter().zip(&spec.residual_slots) {
                 let expected = &manifest.residual_slots[slot];
                 if feature.ndim() != 4 || feature.shape()[1] != expected.channels {

@@ -9,7 +9,10 @@ use crate::error::{Error, Result};
 /// Writes `path` through `write`: into a hidden temporary file in the same directory, flushed and
 /// then renamed over `path`. On any error the temporary file is removed and `path` is untouched.
 /// The parent directory must exist (it is not created: a typo in `--out` should not make folders).
-pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>) -> Result<()> {
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::result::Result<(), String>,
+) -> Result<()> {
     let err = |message: String| Error::Io { path: path.to_path_buf(), message };
     let file_name = path.file_name().ok_or_else(|| err("is not a file path".into()))?;
     let dir = match path.parent() {
@@ -54,7 +57,10 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporary file left behind");
         write_atomically(&target, |w| w.write_all(b"new").map_err(|e| e.to_string())).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
-        assert!(write_atomically(&dir.join("missing/out.bin"), |_| Ok(())).unwrap_err().to_string().contains("does not exist"));
+        assert!(write_atomically(&dir.join("missing/out.bin"), |_| Ok(()))
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -59,41 +59,22 @@ pub struct ConditionImage {
 ///
 /// Errors: [`Error::Io`] if the file cannot be read, [`Error::Image`] if it is not a PNG or JPEG or
 /// cannot be decoded, [`Error::InvalidRequest`] if `width` or `height` is zero.
-pub fn load_condition(
-    path: &Path,
-    kind: ConditionKind,
-    width: u32,
-    height: u32,
-) -> Result<Array4<f32>> {
+pub fn load_condition(path: &Path, kind: ConditionKind, width: u32, height: u32) -> Result<Array4<f32>> {
     if width == 0 || height == 0 {
         return Err(Error::InvalidRequest(format!(
             "condition image {}: target size {width}x{height} must be at least 1x1",
             path.display()
         )));
     }
-    Ok(ConditionImage::open(path, kind)?
-        .resized(width, height)
-        .to_tensor())
+    Ok(ConditionImage::open(path, kind)?.resized(width, height).to_tensor())
 }
 
 impl ConditionImage {
     /// Wraps 8-bit pixels (HWC, `kind.channels()` per pixel). Returns `None` if the buffer length
     /// is not `width * height * channels`.
-    pub fn from_pixels(
-        width: u32,
-        height: u32,
-        kind: ConditionKind,
-        pixels: Vec<u8>,
-    ) -> Option<Self> {
-        let expected = (width as usize)
-            .checked_mul(height as usize)?
-            .checked_mul(kind.channels())?;
-        (pixels.len() == expected).then_some(ConditionImage {
-            width,
-            height,
-            kind,
-            pixels,
-        })
+    pub fn from_pixels(width: u32, height: u32, kind: ConditionKind, pixels: Vec<u8>) -> Option<Self> {
+        let expected = (width as usize).checked_mul(height as usize)?.checked_mul(kind.channels())?;
+        (pixels.len() == expected).then_some(ConditionImage { width, height, kind, pixels })
     }
 
     /// Decodes a PNG or JPEG file and converts it like Pillow's `Image.open(path).convert(mode)`.
@@ -123,10 +104,7 @@ impl ConditionImage {
                 _ => format!("cannot read condition image: {e}"),
             },
         })?;
-        let image_error = |message: String| Error::Image {
-            path: path.to_path_buf(),
-            message,
-        };
+        let image_error = |message: String| Error::Image { path: path.to_path_buf(), message };
 
         let format = image::guess_format(&bytes).map_err(|_| {
             image_error(
@@ -139,22 +117,15 @@ impl ConditionImage {
             ImageFormat::Png => "PNG",
             ImageFormat::Jpeg => "JPEG",
             other => {
-                let ext = other
-                    .extensions_str()
-                    .first()
-                    .copied()
-                    .unwrap_or("this format");
+                let ext = other.extensions_str().first().copied().unwrap_or("this format");
                 return Err(image_error(format!(
                     "{} images are not supported; convert it to PNG (or JPEG)",
                     ext.to_uppercase()
                 )));
             }
         };
-        let decoded = image::load_from_memory_with_format(&bytes, format).map_err(|e| {
-            image_error(format!(
-                "cannot decode {name}: {e} (is the file truncated or corrupt?)"
-            ))
-        })?;
+        let decoded = image::load_from_memory_with_format(&bytes, format)
+            .map_err(|e| image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)")))?;
 
         let (width, height) = (decoded.width(), decoded.height());
         // PNG colour type from IHDR (after signature 8, length 4, "IHDR" 4, width 4, height 4,
@@ -163,52 +134,33 @@ impl ConditionImage {
         let png_gray16 = format == ImageFormat::Png && bytes.get(25) == Some(&0);
         let native = match decoded {
             DynamicImage::ImageLuma8(im) => Native::L(im.into_raw()),
-            DynamicImage::ImageLumaA8(im) => {
-                Native::L(im.into_raw().chunks_exact(2).map(|p| p[0]).collect())
-            }
+            DynamicImage::ImageLumaA8(im) => Native::L(im.into_raw().chunks_exact(2).map(|p| p[0]).collect()),
             DynamicImage::ImageRgb8(im) => Native::Rgb(im.into_raw()),
             DynamicImage::ImageRgba8(im) => Native::Rgb(drop_alpha(&im.into_raw(), 4, |v| v)),
             // "I;16" -> L / RGB clips (Convert.c I16_L, I16_RGB).
-            DynamicImage::ImageLuma16(im) => {
-                Native::L(im.into_raw().iter().map(|&v| clip_u16(v)).collect())
+            DynamicImage::ImageLuma16(im) => Native::L(im.into_raw().iter().map(|&v| clip_u16(v)).collect()),
+            DynamicImage::ImageLumaA16(im) if png_gray16 => {
+                Native::L(im.into_raw().chunks_exact(2).map(|p| clip_u16(p[0])).collect())
             }
-            DynamicImage::ImageLumaA16(im) if png_gray16 => Native::L(
-                im.into_raw()
-                    .chunks_exact(2)
-                    .map(|p| clip_u16(p[0]))
-                    .collect(),
-            ),
             // Pillow opens 16-bit gray+alpha as RGBA through raw mode "LA;16B" (high bytes).
-            DynamicImage::ImageLumaA16(im) => Native::L(
-                im.into_raw()
-                    .chunks_exact(2)
-                    .map(|p| high_byte(p[0]))
-                    .collect(),
-            ),
-            DynamicImage::ImageRgb16(im) => {
-                Native::Rgb(im.into_raw().iter().map(|&v| high_byte(v)).collect())
+            DynamicImage::ImageLumaA16(im) => {
+                Native::L(im.into_raw().chunks_exact(2).map(|p| high_byte(p[0])).collect())
             }
+            DynamicImage::ImageRgb16(im) => Native::Rgb(im.into_raw().iter().map(|&v| high_byte(v)).collect()),
             DynamicImage::ImageRgba16(im) => Native::Rgb(drop_alpha(&im.into_raw(), 4, high_byte)),
             other => {
                 return Err(image_error(format!(
-                "unsupported pixel format {:?}; save the image as an 8-bit RGB or grayscale PNG",
-                other.color()
-            )))
+                    "unsupported pixel format {:?}; save the image as an 8-bit RGB or grayscale PNG",
+                    other.color()
+                )))
             }
         };
         let pixels = match (native, kind) {
             (Native::L(px), ConditionKind::Gray) | (Native::Rgb(px), ConditionKind::Rgb) => px,
             (Native::L(px), ConditionKind::Rgb) => px.iter().flat_map(|&v| [v, v, v]).collect(),
-            (Native::Rgb(px), ConditionKind::Gray) => {
-                px.chunks_exact(3).map(|p| luma(p[0], p[1], p[2])).collect()
-            }
+            (Native::Rgb(px), ConditionKind::Gray) => px.chunks_exact(3).map(|p| luma(p[0], p[1], p[2])).collect(),
         };
-        Ok(ConditionImage {
-            width,
-            height,
-            kind,
-            pixels,
-        })
+        Ok(ConditionImage { width, height, kind, pixels })
     }
 
     /// Width in pixels.
@@ -233,33 +185,15 @@ impl ConditionImage {
 
     /// Pillow's `img.resize((width, height), resample=Image.LANCZOS)`; same size is a copy.
     pub fn resized(&self, width: u32, height: u32) -> ConditionImage {
-        let pixels = resize_lanczos(
-            &self.pixels,
-            self.kind.channels(),
-            self.width,
-            self.height,
-            width,
-            height,
-        );
-        ConditionImage {
-            width,
-            height,
-            kind: self.kind,
-            pixels,
-        }
+        let pixels = resize_lanczos(&self.pixels, self.kind.channels(), self.width, self.height, width, height);
+        ConditionImage { width, height, kind: self.kind, pixels }
     }
 
     /// `[1, C, H, W]` with `f32::from(v) / 255.0`, as `np.array(img).astype(np.float32) / 255.0`
     /// transposed to NCHW (the division is in f32 in both).
     pub fn to_tensor(&self) -> Array4<f32> {
-        let (c, h, w) = (
-            self.kind.channels(),
-            self.height as usize,
-            self.width as usize,
-        );
-        Array4::from_shape_fn((1, c, h, w), |(_, ch, y, x)| {
-            f32::from(self.pixels[(y * w + x) * c + ch]) / 255.0
-        })
+        let (c, h, w) = (self.kind.channels(), self.height as usize, self.width as usize);
+        Array4::from_shape_fn((1, c, h, w), |(_, ch, y, x)| f32::from(self.pixels[(y * w + x) * c + ch]) / 255.0)
     }
 }
 
@@ -284,10 +218,7 @@ fn clip_u16(v: u16) -> u8 {
 
 /// Keeps the first three samples of each `stride`-sample pixel, mapped through `f`.
 fn drop_alpha<T: Copy>(samples: &[T], stride: usize, f: impl Fn(T) -> u8) -> Vec<u8> {
-    samples
-        .chunks_exact(stride)
-        .flat_map(|p| [f(p[0]), f(p[1]), f(p[2])])
-        .collect()
+    samples.chunks_exact(stride).flat_map(|p| [f(p[0]), f(p[1]), f(p[2])]).collect()
 }
 
 #[cfg(test)]
@@ -308,9 +239,7 @@ mod tests {
 
     #[test]
     fn tensor_is_nchw() {
-        let im =
-            ConditionImage::from_pixels(2, 1, ConditionKind::Rgb, vec![0, 51, 255, 10, 20, 30])
-                .unwrap();
+        let im = ConditionImage::from_pixels(2, 1, ConditionKind::Rgb, vec![0, 51, 255, 10, 20, 30]).unwrap();
         let t = im.to_tensor();
         assert_eq!(t.shape(), &[1, 3, 1, 2]);
         assert_eq!(t[[0, 1, 0, 0]], 51.0 / 255.0);

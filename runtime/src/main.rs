@@ -159,9 +159,9 @@ fn run(args: RunArgs) -> Result<()> {
     request.n_samples = args.n_samples;
     request.width = args.width;
     request.height = args.height;
-    request.seed = args.seed.unwrap_or_else(|| {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-    });
+    request.seed = args
+        .seed
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     if let Some(path) = &args.latents {
         request.latents = Some(t2i_rt::npy::read_latents(path)?);
     } else {
@@ -255,16 +255,37 @@ fn inspect(args: InspectArgs) -> Result<()> {
     println!("graph set   {}", dir.display());
     println!("name        {}", manifest.name);
     println!("family      {}  (format {}, {})", manifest.family, manifest.format_version, manifest.precision);
-    println!("size        default {}x{}, multiples of {}", manifest.default_size[0], manifest.default_size[1], manifest.size_multiple);
-    println!("latent      {} channels, 1/{} of the image; VAE scaling {}", manifest.latent.channels, manifest.latent.downscale, manifest.vae.scaling_factor);
-    println!("tokenizer   {} (max length {}, pad id {})", manifest.tokenizer.file, manifest.tokenizer.max_length, manifest.tokenizer.pad_token_id);
+    println!(
+        "size        default {}x{}, multiples of {}",
+        manifest.default_size[0], manifest.default_size[1], manifest.size_multiple
+    );
+    println!(
+        "latent      {} channels, 1/{} of the image; VAE scaling {}",
+        manifest.latent.channels, manifest.latent.downscale, manifest.vae.scaling_factor
+    );
+    println!(
+        "tokenizer   {} (max length {}, pad id {})",
+        manifest.tokenizer.file, manifest.tokenizer.max_length, manifest.tokenizer.pad_token_id
+    );
     let class = manifest.scheduler.get("_class_name").and_then(|v| v.as_str()).unwrap_or("?");
     println!("scheduler   {class} config; samplers: {}", scheduler_help().trim_start_matches("Sampler: "));
-    println!("residuals   {}", manifest.residual_slots.iter().map(|s| format!("{}({}ch, /{})", s.input, s.channels, s.downscale)).collect::<Vec<_>>().join(" "));
+    println!(
+        "residuals   {}",
+        manifest
+            .residual_slots
+            .iter()
+            .map(|s| format!("{}({}ch, /{})", s.input, s.channels, s.downscale))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     for a in &manifest.adapters {
         println!(
             "adapter     {} ({}, {} condition, size multiple {}, feeds slots {:?})",
-            a.name, a.adapter_type, if a.in_channels == 1 { "gray" } else { "rgb" }, a.downscale_factor, a.residual_slots
+            a.name,
+            a.adapter_type,
+            if a.in_channels == 1 { "gray" } else { "rgb" },
+            a.downscale_factor,
+            a.residual_slots
         );
     }
     let backend = args.backend.create()?;
@@ -275,7 +296,11 @@ fn inspect(args: InspectArgs) -> Result<()> {
             Ok(()) => "matches manifest".to_string(),
             Err(e) => format!("MISMATCH: {e}"),
         };
-        println!("  {name}  ({}{})  {status}", spec.file, if spec.external_data.is_empty() { "" } else { " + external data" });
+        println!(
+            "  {name}  ({}{})  {status}",
+            spec.file,
+            if spec.external_data.is_empty() { "" } else { " + external data" }
+        );
         print_tensors("in ", &spec.inputs);
         print_tensors("out", &spec.outputs);
     }

@@ -202,8 +202,7 @@ impl Manifest {
         let err = |message: String| Error::GraphSet { dir: dir.to_path_buf(), message };
         if !dir.is_dir() {
             return Err(err(
-                "not a directory; pass the folder written by `python -m t2i_export` (it holds manifest.json)"
-                    .into(),
+                "not a directory; pass the folder written by `python -m t2i_export` (it holds manifest.json)".into(),
             ));
         }
         let path = dir.join(MANIFEST_FILE);
@@ -223,7 +222,10 @@ impl Manifest {
         for file in manifest.files() {
             let path = manifest.resolve(file.file)?;
             if !path.is_file() {
-                return Err(err(format!("{} is listed in the manifest but missing; re-export the graph set", file.file)));
+                return Err(err(format!(
+                    "{} is listed in the manifest but missing; re-export the graph set",
+                    file.file
+                )));
             }
             if verify_checksums {
                 if let Some(expected) = file.sha256 {
@@ -275,7 +277,9 @@ impl Manifest {
         let rel = Path::new(relative);
         let plain = !relative.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
         if !plain {
-            return Err(err(format!("manifest path {relative:?} leaves the graph set; only plain relative paths are allowed")));
+            return Err(err(format!(
+                "manifest path {relative:?} leaves the graph set; only plain relative paths are allowed"
+            )));
         }
         let path = self.dir.join(rel);
         if let (Ok(real), Ok(root)) = (path.canonicalize(), self.dir.canonicalize()) {
@@ -291,7 +295,10 @@ impl Manifest {
         if self.tokenizer.max_length == 0 {
             return Err("tokenizer.max_length is 0".into());
         }
-        if self.size_multiple == 0 || self.latent.downscale == 0 || !self.size_multiple.is_multiple_of(self.latent.downscale) {
+        if self.size_multiple == 0
+            || self.latent.downscale == 0
+            || !self.size_multiple.is_multiple_of(self.latent.downscale)
+        {
             return Err(format!(
                 "size_multiple {} must be a positive multiple of latent.downscale {}",
                 self.size_multiple, self.latent.downscale
@@ -361,13 +368,23 @@ pub struct FileRef<'a> {
 impl GraphSpec {
     /// Checks that a loaded graph's real inputs and outputs are the ones the manifest declares:
     /// same names, element types and ranks, and equal fixed dimensions.
-    pub fn check_io(&self, graph: &str, inputs: &[RealTensor], outputs: &[RealTensor]) -> std::result::Result<(), String> {
+    pub fn check_io(
+        &self,
+        graph: &str,
+        inputs: &[RealTensor],
+        outputs: &[RealTensor],
+    ) -> std::result::Result<(), String> {
         check_side(graph, "input", &self.inputs, inputs)?;
         check_side(graph, "output", &self.outputs, outputs)
     }
 }
 
-fn check_side(graph: &str, side: &str, declared: &[TensorSpec], real: &[RealTensor]) -> std::result::Result<(), String> {
+fn check_side(
+    graph: &str,
+    side: &str,
+    declared: &[TensorSpec],
+    real: &[RealTensor],
+) -> std::result::Result<(), String> {
     let mismatch = |what: String| {
         format!("graph {graph} does not match the manifest: {what}; the graph file and manifest.json come from different exports, re-export the graph set")
     };
@@ -383,7 +400,12 @@ fn check_side(graph: &str, side: &str, declared: &[TensorSpec], real: &[RealTens
         }
         let Some(dims) = &actual.dims else { continue };
         if dims.len() != spec.dims.len() {
-            return Err(mismatch(format!("{side} {} has rank {}, manifest says {}", spec.name, dims.len(), spec.dims.len())));
+            return Err(mismatch(format!(
+                "{side} {} has rank {}, manifest says {}",
+                spec.name,
+                dims.len(),
+                spec.dims.len()
+            )));
         }
         for (axis, (dim, real_dim)) in spec.dims.iter().zip(dims).enumerate() {
             if let (Dim::Fixed(want), Some(have)) = (dim, real_dim) {
@@ -462,15 +484,21 @@ mod tests {
     #[test]
     fn io_mismatch_is_reported_with_the_fix() {
         let spec = GraphSpec {
-            inputs: vec![TensorSpec { name: "sample".into(), dtype: DType::Float32, dims: vec![Dim::Symbolic("b".into()), Dim::Fixed(4)] }],
+            inputs: vec![TensorSpec {
+                name: "sample".into(),
+                dtype: DType::Float32,
+                dims: vec![Dim::Symbolic("b".into()), Dim::Fixed(4)],
+            }],
             ..graph("unet.onnx")
         };
         let ok = [RealTensor { name: "sample".into(), dtype: Some(DType::Float32), dims: Some(vec![None, Some(4)]) }];
         assert!(spec.check_io("unet", &ok, &[]).is_ok());
-        let wrong_dim = [RealTensor { name: "sample".into(), dtype: Some(DType::Float32), dims: Some(vec![None, Some(8)]) }];
+        let wrong_dim =
+            [RealTensor { name: "sample".into(), dtype: Some(DType::Float32), dims: Some(vec![None, Some(8)]) }];
         let message = spec.check_io("unet", &wrong_dim, &[]).unwrap_err();
         assert!(message.contains("axis 1 is 8") && message.contains("re-export"), "{message}");
-        let wrong_type = [RealTensor { name: "sample".into(), dtype: Some(DType::Int64), dims: Some(vec![None, Some(4)]) }];
+        let wrong_type =
+            [RealTensor { name: "sample".into(), dtype: Some(DType::Int64), dims: Some(vec![None, Some(4)]) }];
         assert!(spec.check_io("unet", &wrong_type, &[]).unwrap_err().contains("int64"));
         assert!(spec.check_io("unet", &[], &[]).unwrap_err().contains("missing"));
     }

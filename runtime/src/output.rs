@@ -27,10 +27,7 @@ pub fn decoder_output_to_images(x: ArrayView4<f32>) -> Result<Vec<RgbImage>> {
         )));
     }
     let (Ok(width), Ok(height)) = (u32::try_from(w), u32::try_from(h)) else {
-        return Err(Error::InvalidRequest(format!(
-            "decoder output {:?} is too large for an image",
-            x.shape()
-        )));
+        return Err(Error::InvalidRequest(format!("decoder output {:?} is too large for an image", x.shape())));
     };
     Ok((0..n)
         .map(|i| {
@@ -59,12 +56,7 @@ fn to_u8(v: f32) -> u8 {
 pub fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
     write_atomically(path, |out| {
         PngEncoder::new(out)
-            .write_image(
-                img.as_raw(),
-                img.width(),
-                img.height(),
-                ExtendedColorType::Rgb8,
-            )
+            .write_image(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
             .map_err(|e| format!("cannot encode PNG: {e}"))
     })
 }
@@ -110,10 +102,7 @@ mod tests {
     #[test]
     fn rejects_non_rgb() {
         let x = Array4::<f32>::zeros((1, 4, 2, 2));
-        assert!(matches!(
-            decoder_output_to_images(x.view()),
-            Err(Error::InvalidRequest(_))
-        ));
+        assert!(matches!(decoder_output_to_images(x.view()), Err(Error::InvalidRequest(_))));
     }
 
     #[test]

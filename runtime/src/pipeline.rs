@@ -204,25 +204,33 @@ impl Pipeline {
         let negative = request.negative_prompt.as_deref().unwrap_or("");
         let prompts: Vec<&str> = if guided { vec![negative, &request.prompt] } else { vec![&request.prompt] };
         let embeddings = self.encode_text(&prompts)?;
-        let per_prompt: Vec<ArrayD<f32>> =
-            (0..prompts.len()).map(|i| repeat_batch(&embeddings.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned(), n)).collect();
+        let per_prompt: Vec<ArrayD<f32>> = (0..prompts.len())
+            .map(|i| repeat_batch(&embeddings.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned(), n))
+            .collect();
         let views: Vec<_> = per_prompt.iter().map(|a| a.view()).collect();
         let text = concat(&views)?;
         let batch = text.shape()[0];
 
         // Adapters run once; their summed features are repeated over the batch like the text.
-        let (lh, lw) = ((height / self.manifest.latent.downscale) as usize, (width / self.manifest.latent.downscale) as usize);
+        let (lh, lw) =
+            ((height / self.manifest.latent.downscale) as usize, (width / self.manifest.latent.downscale) as usize);
         let residuals = adapters.residuals(&self.manifest, &mut self.adapters)?;
         let residuals: Vec<ArrayD<f32>> = residuals
             .into_iter()
             .zip(&self.manifest.residual_slots)
             .map(|(features, slot)| match features {
                 Some(f) => repeat_batch(&f, batch),
-                None => ArrayD::zeros(IxDyn(&[batch, slot.channels, lh / slot.downscale as usize, lw / slot.downscale as usize])),
+                None => ArrayD::zeros(IxDyn(&[
+                    batch,
+                    slot.channels,
+                    lh / slot.downscale as usize,
+                    lw / slot.downscale as usize,
+                ])),
             })
             .collect();
         let zero_residuals: Vec<ArrayD<f32>> = residuals.iter().map(|r| ArrayD::zeros(r.raw_dim())).collect();
-        let adapter_steps = if adapters.is_empty() { 0 } else { (request.steps as f64 * f64::from(request.cond_tau)).floor() as usize };
+        let adapter_steps =
+            if adapters.is_empty() { 0 } else { (request.steps as f64 * f64::from(request.cond_tau)).floor() as usize };
 
         let channels = self.manifest.latent.channels;
         let mut latents: ArrayD<f32> = match &request.latents {
@@ -272,10 +280,13 @@ impl Pipeline {
     pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Vec<RgbImage>> {
         // diffusers: `1 / self.vae.config.scaling_factor * latents`, the reciprocal taken in double.
         let scaled = latents * ((1.0 / self.manifest.vae.scaling_factor) as f32);
-        let decoded = first(self.vae_decoder.run(&[("latent_sample", TensorView::F32(scaled.view().into_dyn()))])?, "vae_decoder")?;
-        let decoded: Array4<f32> = decoded
-            .into_dimensionality()
-            .map_err(|_| Error::InvalidRequest("vae_decoder output is not 4-dimensional; re-export the graph set".into()))?;
+        let decoded = first(
+            self.vae_decoder.run(&[("latent_sample", TensorView::F32(scaled.view().into_dyn()))])?,
+            "vae_decoder",
+        )?;
+        let decoded: Array4<f32> = decoded.into_dimensionality().map_err(|_| {
+            Error::InvalidRequest("vae_decoder output is not 4-dimensional; re-export the graph set".into())
+        })?;
         decoder_output_to_images(decoded.view())
     }
 
@@ -318,4 +329,3 @@ fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {
 fn concat(views: &[ndarray::ArrayViewD<'_, f32>]) -> Result<ArrayD<f32>> {
     ndarray::concatenate(Axis(0), views).map_err(|e| Error::InvalidRequest(format!("batch concat: {e}")))
 }
-

@@ -146,19 +146,11 @@ impl Coeffs {
                 let w = if ww != 0.0 { w / ww } else { w };
                 // normalize_coeffs_8bpc: round half away from zero, then truncate.
                 let scaled = w * f64::from(1_u32 << PRECISION_BITS);
-                *dst = if w < 0.0 {
-                    (-0.5 + scaled) as i32
-                } else {
-                    (0.5 + scaled) as i32
-                };
+                *dst = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
             }
             bounds.push((xmin, n));
         }
-        Coeffs {
-            ksize,
-            bounds,
-            weights,
-        }
+        Coeffs { ksize, bounds, weights }
     }
 
     fn taps(&self, out_index: usize) -> (usize, &[i32]) {
@@ -212,13 +204,7 @@ fn horizontal(
 
 /// `ImagingResampleVertical_8bpc`: `src` starts at source row `row_offset` of the coefficients'
 /// coordinate system (the horizontal pass only produced the rows the vertical pass reads).
-fn vertical(
-    src: &[u8],
-    channels: usize,
-    width: usize,
-    coeffs: &Coeffs,
-    row_offset: usize,
-) -> Vec<u8> {
+fn vertical(src: &[u8], channels: usize, width: usize, coeffs: &Coeffs, row_offset: usize) -> Vec<u8> {
     let out_height = coeffs.bounds.len();
     let stride = width * channels;
     let mut out = vec![0_u8; out_height * stride];

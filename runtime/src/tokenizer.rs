@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::error::{Error, Result};
 use crate::manifest::TokenizerSpec;
@@ -44,7 +46,8 @@ impl PromptTokenizer {
 
     /// Token ids of `prompt`: exactly `max_length` of them, special tokens included.
     pub fn encode(&self, prompt: &str) -> Result<Vec<i64>> {
-        let encoding = self.inner.encode(prompt, true).map_err(|e| Error::Tokenizer(format!("cannot encode {prompt:?}: {e}")))?;
+        let encoding =
+            self.inner.encode(prompt, true).map_err(|e| Error::Tokenizer(format!("cannot encode {prompt:?}: {e}")))?;
         let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
         if ids.len() != self.max_length {
             return Err(Error::Tokenizer(format!("encoded {} ids, expected {}", ids.len(), self.max_length)));

@@ -70,7 +70,13 @@ fn request_errors_are_one_line_and_write_nothing() {
     let set = common::tiny_sd1();
     let sketch = format!("sketch={}", fixture("conditions/sketch.png"));
     fails("missing-set", Path::new("/nonexistent/set"), &[], &[], "not a directory");
-    fails("unknown-adapter", &set, &["--adapter", &format!("lineart={}", fixture("conditions/sketch.png"))], &[], "unknown adapter \"lineart\"; this graph set has: ");
+    fails(
+        "unknown-adapter",
+        &set,
+        &["--adapter", &format!("lineart={}", fixture("conditions/sketch.png"))],
+        &[],
+        "unknown adapter \"lineart\"; this graph set has: ",
+    );
     fails("unreadable-image", &set, &["--adapter", "sketch=/nonexistent.png"], &[], "/nonexistent.png");
     let not_image = temp_dir("not-image").join("x.png");
     std::fs::write(&not_image, b"not a png").unwrap();
@@ -84,7 +90,13 @@ fn request_errors_are_one_line_and_write_nothing() {
     ndarray_npy::write_npy(&latents, &ndarray::Array4::<f32>::zeros((1, 4, 4, 4))).unwrap();
     fails("bad-latents", &set, &["--latents", latents.to_str().unwrap()], &[], "latents have shape [1, 4, 4, 4]");
     fails("missing-out-dir", &set, &["--out", "/nonexistent/dir/x.png"], &[], "does not exist");
-    fails("no-ort", &set, &[], &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")], "ONNX Runtime library not found");
+    fails(
+        "no-ort",
+        &set,
+        &[],
+        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+        "ONNX Runtime library not found",
+    );
     for dir in [not_image.parent(), latents.parent()].into_iter().flatten() {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -12,9 +12,13 @@ use serde_json::Value;
 #[test]
 fn run_reproduces_diffusers_through_the_cli() {
     let fixtures = common::tiny_sd1_fixtures();
-    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
     // Two adapters with weights, cond_tau < 1 and a negative prompt.
-    let case = cases.iter().find(|c| c["adapters"].as_array().unwrap().len() == 2 && c["cond_tau"].as_f64().unwrap() < 1.0).unwrap();
+    let case = cases
+        .iter()
+        .find(|c| c["adapters"].as_array().unwrap().len() == 2 && c["cond_tau"].as_f64().unwrap() < 1.0)
+        .unwrap();
     let out_dir = std::env::temp_dir().join(format!("t2i-cli-run-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let (png, latents_out) = (out_dir.join("out.png"), out_dir.join("latents.npy"));
@@ -25,9 +29,20 @@ fn run_reproduces_diffusers_through_the_cli() {
     cmd.args(["--negative-prompt", case["negative_prompt"].as_str().unwrap()]);
     for adapter in case["adapters"].as_array().unwrap() {
         let image = fixtures.join(adapter["image"].as_str().unwrap());
-        cmd.arg("--adapter").arg(format!("{}={}:{}", adapter["name"].as_str().unwrap(), image.display(), adapter["weight"]));
+        cmd.arg("--adapter").arg(format!(
+            "{}={}:{}",
+            adapter["name"].as_str().unwrap(),
+            image.display(),
+            adapter["weight"]
+        ));
     }
-    for (flag, key) in [("--cond-tau", "cond_tau"), ("--steps", "steps"), ("--guidance", "guidance"), ("--width", "width"), ("--height", "height")] {
+    for (flag, key) in [
+        ("--cond-tau", "cond_tau"),
+        ("--steps", "steps"),
+        ("--guidance", "guidance"),
+        ("--width", "width"),
+        ("--height", "height"),
+    ] {
         cmd.arg(flag).arg(case[key].to_string());
     }
     cmd.args(["--scheduler", case["scheduler"].as_str().unwrap()]);
@@ -36,7 +51,8 @@ fn run_reproduces_diffusers_through_the_cli() {
     let output = cmd.output().unwrap();
     assert!(output.status.success(), "t2i-rt run failed: {}", String::from_utf8_lossy(&output.stderr));
 
-    let expected: ArrayD<f32> = ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
+    let expected: ArrayD<f32> =
+        ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
     let actual: ArrayD<f32> = ndarray_npy::read_npy(&latents_out).unwrap();
     let rel = common::rel_l2(&actual, &expected);
     assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");

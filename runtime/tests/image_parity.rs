@@ -72,16 +72,10 @@ fn read_npy(name: &str) -> Npy {
     assert_eq!(&bytes[..6], b"\x93NUMPY", "{name}: not a .npy file");
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (
-            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
-            12,
-        ),
+        _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
     };
     let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
-    assert!(
-        header.contains("'fortran_order': False"),
-        "{name}: Fortran order"
-    );
+    assert!(header.contains("'fortran_order': False"), "{name}: Fortran order");
     let field = |key: &str| {
         let at = header.find(key).unwrap() + key.len();
         header[at..].trim_start_matches([':', ' ']).to_string()
@@ -94,11 +88,7 @@ fn read_npy(name: &str) -> Npy {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())
         .collect();
-    Npy {
-        descr,
-        shape,
-        data: bytes[start + header_len..].to_vec(),
-    }
+    Npy { descr, shape, data: bytes[start + header_len..].to_vec() }
 }
 
 impl Npy {
@@ -109,10 +99,7 @@ impl Npy {
 
     fn f32(&self) -> Vec<f32> {
         assert_eq!(self.descr, "<f4");
-        self.data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
+        self.data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     }
 
     /// (height, width) of an HWC or HW image.
@@ -123,11 +110,7 @@ impl Npy {
 
 /// Index and values of the first mismatch, for readable failures.
 fn first_mismatch(got: &[u8], want: &[u8]) -> Option<(usize, u8, u8)> {
-    got.iter()
-        .zip(want)
-        .enumerate()
-        .find(|(_, (g, w))| g != w)
-        .map(|(i, (&g, &w))| (i, g, w))
+    got.iter().zip(want).enumerate().find(|(_, (g, w))| g != w).map(|(i, (&g, &w))| (i, g, w))
 }
 
 #[test]
@@ -154,12 +137,7 @@ fn lanczos_resize_matches_pillow() {
         let src = ConditionImage::open(&fixtures().join(&case.source), case.mode).unwrap();
         let got = src.resized(w, h);
         assert_eq!((got.height(), got.width()), want.hw());
-        assert_eq!(
-            first_mismatch(got.pixels(), want.u8()),
-            None,
-            "{}",
-            case.expected
-        );
+        assert_eq!(first_mismatch(got.pixels(), want.u8()), None, "{}", case.expected);
     }
 }
 
@@ -170,12 +148,7 @@ fn lanczos_resize_of_pillow_decoded_jpeg_matches_pillow() {
         let src = read_npy(&case.source);
         let (sh, sw) = src.hw();
         let got = resize_lanczos(src.u8(), case.mode.channels(), sw, sh, w, h);
-        assert_eq!(
-            first_mismatch(&got, read_npy(&case.expected).u8()),
-            None,
-            "{}",
-            case.expected
-        );
+        assert_eq!(first_mismatch(&got, read_npy(&case.expected).u8()), None, "{}", case.expected);
     }
 }
 
@@ -188,11 +161,7 @@ fn adapter_tensor_matches_diffusers() {
         assert_eq!(got.shape(), &want.shape[..], "{}", case.expected);
         let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
         let want: Vec<u32> = want.f32().iter().map(|v| v.to_bits()).collect();
-        assert!(
-            got == want,
-            "{}: tensor differs from _preprocess_adapter_image",
-            case.expected
-        );
+        assert!(got == want, "{}: tensor differs from _preprocess_adapter_image", case.expected);
     }
 }
 
@@ -207,12 +176,7 @@ fn jpeg_decode_is_close_to_pillow() {
         let want = read_npy(&case.expected);
         let got = ConditionImage::open(&fixtures().join(&case.source), case.mode).unwrap();
         assert_eq!((got.height(), got.width()), want.hw());
-        let diffs: Vec<u8> = got
-            .pixels()
-            .iter()
-            .zip(want.u8())
-            .map(|(a, b)| a.abs_diff(*b))
-            .collect();
+        let diffs: Vec<u8> = got.pixels().iter().zip(want.u8()).map(|(a, b)| a.abs_diff(*b)).collect();
         let max = diffs.iter().copied().max().unwrap_or(0);
         let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
         let differing = diffs.iter().filter(|&&d| d != 0).count();
@@ -223,11 +187,7 @@ fn jpeg_decode_is_close_to_pillow() {
             case.mode.pil_mode(),
             diffs.len()
         );
-        assert!(
-            max <= JPEG_MAX_DIFF && mean <= JPEG_MAX_MEAN_DIFF,
-            "{}: decode too far from Pillow",
-            case.source
-        );
+        assert!(max <= JPEG_MAX_DIFF && mean <= JPEG_MAX_MEAN_DIFF, "{}: decode too far from Pillow", case.source);
     }
 }
 
@@ -245,15 +205,8 @@ fn output_rounding_matches_diffusers() {
     let want = read_npy(&case.expected);
     let images = decoder_output_to_images(x.view()).unwrap();
     assert_eq!(images.len(), shape[0]);
-    let got: Vec<u8> = images
-        .iter()
-        .flat_map(|im| im.as_raw().iter().copied())
-        .collect();
-    assert_eq!(
-        first_mismatch(&got, want.u8()),
-        None,
-        "(flat NHWC index, ours, diffusers)"
-    );
+    let got: Vec<u8> = images.iter().flat_map(|im| im.as_raw().iter().copied()).collect();
+    assert_eq!(first_mismatch(&got, want.u8()), None, "(flat NHWC index, ours, diffusers)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,18 +217,15 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("t2i_image_parity_{}_{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("t2i_image_parity_{}_{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
 
     fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
@@ -291,15 +241,9 @@ impl Drop for Scratch {
 fn missing_file_is_an_io_error_naming_it() {
     let path = Path::new("/nonexistent/dir/cond.png");
     let err = load_condition(path, ConditionKind::Rgb, 64, 64).unwrap_err();
-    assert!(
-        matches!(&err, Error::Io { path: p, .. } if p.as_path() == path),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::Io { path: p, .. } if p.as_path() == path), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("/nonexistent/dir/cond.png") && msg.contains("not found"),
-        "{msg}"
-    );
+    assert!(msg.contains("/nonexistent/dir/cond.png") && msg.contains("not found"), "{msg}");
 }
 
 #[test]
@@ -313,30 +257,18 @@ fn non_images_are_rejected_with_the_reason() {
     let png = fs::read(fixtures().join("rgb.png")).unwrap();
     fs::write(&truncated, &png[..png.len() / 2]).unwrap();
 
-    for (path, needle) in [
-        (&text, "not a PNG or JPEG"),
-        (&gif, "not supported"),
-        (&truncated, "cannot decode PNG"),
-    ] {
+    for (path, needle) in [(&text, "not a PNG or JPEG"), (&gif, "not supported"), (&truncated, "cannot decode PNG")] {
         let err = ConditionImage::open(path, ConditionKind::Gray).unwrap_err();
-        assert!(
-            matches!(&err, Error::Image { path: p, .. } if p.as_path() == path.as_path()),
-            "{err:?}"
-        );
+        assert!(matches!(&err, Error::Image { path: p, .. } if p.as_path() == path.as_path()), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains(needle) && msg.contains(&*path.to_string_lossy()),
-            "{msg}"
-        );
+        assert!(msg.contains(needle) && msg.contains(&*path.to_string_lossy()), "{msg}");
     }
     let err = load_condition(&fixtures().join("rgb.png"), ConditionKind::Rgb, 0, 64).unwrap_err();
     assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
 }
 
 fn sample_image() -> RgbImage {
-    RgbImage::from_fn(13, 7, |x, y| {
-        image::Rgb([(x * 19) as u8, (y * 37) as u8, (x * y) as u8])
-    })
+    RgbImage::from_fn(13, 7, |x, y| image::Rgb([(x * 19) as u8, (y * 37) as u8, (x * y) as u8]))
 }
 
 #[test]
@@ -355,10 +287,7 @@ fn write_png_does_not_create_directories() {
     let dir = Scratch::new("write_nodir");
     let path = dir.0.join("missing").join("out.png");
     let err = write_png(&path, &sample_image()).unwrap_err();
-    assert!(
-        matches!(&err, Error::Io { path: p, .. } if p.as_path() == path.as_path()),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::Io { path: p, .. } if p.as_path() == path.as_path()), "{err:?}");
     assert!(err.to_string().contains("does not exist"), "{err}");
     assert!(dir.entries().is_empty());
 }
@@ -372,11 +301,7 @@ fn failed_write_png_leaves_nothing_behind() {
     fs::write(target.join("keep"), "x").unwrap();
     let err = write_png(&target, &sample_image()).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
-    assert_eq!(
-        dir.entries(),
-        ["taken.png"],
-        "temporary file must be removed"
-    );
+    assert_eq!(dir.entries(), ["taken.png"], "temporary file must be removed");
     assert!(target.join("keep").is_file());
 }
 
@@ -391,11 +316,7 @@ fn grid_tiles_row_major() {
     assert_eq!(g.get_pixel(3, 1).0, [0, 20, 0]);
     assert_eq!(g.get_pixel(2, 3).0, [0, 0, 30]);
     assert_eq!(g.get_pixel(5, 3).0, [0, 0, 0]);
-    assert_eq!(
-        grid(std::slice::from_ref(&a), 0),
-        a,
-        "columns clamp to at least 1"
-    );
+    assert_eq!(grid(std::slice::from_ref(&a), 0), a, "columns clamp to at least 1");
     let x = Array4::<f32>::zeros((0, 3, 4, 4));
     let empty: ArrayView4<f32> = x.view();
     assert!(decoder_output_to_images(empty).unwrap().is_empty());

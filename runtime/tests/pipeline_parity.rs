@@ -56,7 +56,10 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
     let cases = cases();
     for required in ["ddim", "euler"] {
         assert!(
-            cases.iter().any(|c| c.scheduler == required && c.adapters.len() >= 2 && c.cond_tau < 1.0 && c.negative_prompt.is_some()),
+            cases.iter().any(|c| c.scheduler == required
+                && c.adapters.len() >= 2
+                && c.cond_tau < 1.0
+                && c.negative_prompt.is_some()),
             "no case with {required}, two adapters, cond_tau < 1 and a negative prompt"
         );
     }
@@ -90,7 +93,10 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
                 worst_pixel = worst_pixel.max(a.abs_diff(*b));
             }
         }
-        eprintln!("{backend} {} ({}): latents rel L2 {rel:.2e}, max pixel diff {worst_pixel}/255", case.name, case.reference);
+        eprintln!(
+            "{backend} {} ({}): latents rel L2 {rel:.2e}, max pixel diff {worst_pixel}/255",
+            case.name, case.reference
+        );
         assert!(rel <= latent_tolerance, "{backend} {}: latents rel L2 {rel:.3e} > {latent_tolerance:e}", case.name);
         assert!(worst_pixel <= 2, "{backend} {}: a pixel differs by {worst_pixel}/255 > 2/255", case.name);
     }

@@ -17,11 +17,15 @@ struct Case {
 #[test]
 fn ids_equal_transformers() {
     let manifest = Manifest::load(&common::tiny_sd1(), true).unwrap();
-    let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file).unwrap(), &manifest.tokenizer).unwrap();
+    let tokenizer =
+        PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file).unwrap(), &manifest.tokenizer).unwrap();
     let text = std::fs::read_to_string(common::tiny_sd1_fixtures().join("tokenizer.json")).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
     assert!(cases.len() >= 8, "too few tokenizer cases");
-    assert!(cases.iter().any(|c| c.ids.iter().filter(|&&id| id == 49407).count() == 1), "a case must fill all 77 tokens (truncation)");
+    assert!(
+        cases.iter().any(|c| c.ids.iter().filter(|&&id| id == 49407).count() == 1),
+        "a case must fill all 77 tokens (truncation)"
+    );
     for case in &cases {
         assert_eq!(tokenizer.encode(&case.prompt).unwrap(), case.ids, "prompt {:?}", case.prompt);
     }

@@ -209,7 +209,8 @@ pub fn find_onnxruntime_library() -> std::result::Result<PathBuf, String> {
             Err(format!("ORT_DYLIB_PATH={} is not a file; {}", path.display(), install_hint()))
         };
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot locate the running executable ({e}); {}", install_hint()))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot locate the running executable ({e}); {}", install_hint()))?;
     let exe_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut candidates = vec![exe_dir.join(ORT_LIBRARY_NAME), exe_dir.join("lib").join(ORT_LIBRARY_NAME)];
     candidates.extend(exe_dir.ancestors().map(|dir| dir.join(".ort").join(ORT_LIBRARY_NAME)));

@@ -48,7 +48,10 @@ impl Backend for TractBackend {
             .outputs
             .iter()
             .map(|&outlet| {
-                let name = model.outlet_label(outlet).map(str::to_string).unwrap_or_else(|| model.node(outlet.node).name.clone());
+                let name = model
+                    .outlet_label(outlet)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(outlet.node).name.clone());
                 Ok(real_tensor(name, model.outlet_fact(outlet)?))
             })
             .collect::<TractResult<Vec<_>>>()
@@ -159,7 +162,8 @@ fn real_tensor(name: String, fact: &InferenceFact) -> RealTensor {
     RealTensor {
         name,
         dtype: fact.datum_type.concretize().and_then(dtype_of),
-        dims: (!fact.shape.is_open()).then(|| fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect()),
+        dims: (!fact.shape.is_open())
+            .then(|| fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect()),
     }
 }
 
