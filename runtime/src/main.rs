@@ -40,7 +40,15 @@ enum Command {
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])))]
+#[command(
+    group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])),
+    after_help = "Examples:\n  \
+    t2i-rt run --graphs sd15-t2i --prompt \"a castle, oil painting\" --adapter sketch=castle.png --out castle.png\n  \
+    t2i-rt run --graph sd15-t2i/unet.onnx --prompt \"a castle\" --negative-prompt \"blurry\" \\\n      \
+    --adapter sketch=castle.png:1.0 --adapter color=palette.png:1.2 --cond-tau 0.5 \\\n      \
+    --steps 30 --scheduler euler --seed 7 --n-samples 4 --out castles.png\n\n\
+Adapter names are those the graph set was exported with (see `t2i-rt inspect DIR`)."
+)]
 struct RunArgs {
     /// Graph-set folder (holds manifest.json).
     #[arg(long, value_name = "DIR")]
