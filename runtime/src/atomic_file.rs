@@ -1,8 +1,9 @@
 //! Writing output files so that a failure never leaves a partial file behind.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -22,9 +23,12 @@ pub fn write_atomically(
     if !dir.is_dir() {
         return Err(err(format!("directory {} does not exist; create it first", dir.display())));
     }
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    // Unique per process and call, and created exclusively, so concurrent writers never share one.
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let serial = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp-{}-{serial}", file_name.to_string_lossy(), std::process::id()));
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| err(e.to_string()))?;
     let result = (|| {
-        let file = File::create(&tmp).map_err(|e| e.to_string())?;
         let mut writer = BufWriter::new(file);
         write(&mut writer)?;
         writer.flush().map_err(|e| e.to_string())?;
