@@ -35,6 +35,10 @@ impl Default for LoadOptions {
     }
 }
 
+/// Largest image side accepted: 8× what SDXL is trained for; beyond it the latents and
+/// activations alone exhaust a server's memory, and the allocation would abort instead of erroring.
+pub const MAX_SIDE: u32 = 8192;
+
 /// One generation request. [`Request::new`] gives diffusers' defaults.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -90,6 +94,11 @@ impl Request {
                 "size {width}x{height} is not a multiple of {multiple}, which this graph set needs; try {}x{}",
                 round_to(width, multiple),
                 round_to(height, multiple)
+            )));
+        }
+        if width > MAX_SIDE || height > MAX_SIDE {
+            return Err(Error::InvalidRequest(format!(
+                "size {width}x{height} is larger than {MAX_SIDE} pixels on a side, which t2i-rt refuses rather than run out of memory"
             )));
         }
         if request.steps == 0 {

@@ -83,6 +83,7 @@ fn request_errors_are_one_line_and_write_nothing() {
     fails("not-an-image", &set, &["--adapter", &format!("sketch={}", not_image.display())], &[], "x.png");
     fails("bad-size", &set, &["--width", "100", "--height", "64"], &[], "not a multiple of 64");
     fails("bad-size-adapter", &set, &["--width", "96", "--height", "64", "--adapter", &sketch], &[], "not a multiple");
+    fails("huge-size", &set, &["--width", "65536", "--height", "64"], &[], "larger than 8192");
     fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim");
     fails("bad-backend", &set, &["--backend", "cuda9"], &[], "ort-cpu");
     fails("bad-cond-tau", &set, &["--cond-tau", "1.5"], &[], "cond_tau");
