@@ -9,17 +9,27 @@ use std::path::PathBuf;
 use ndarray::{Array4, ArrayD, Axis};
 
 use crate::backend::{GraphSession, TensorView};
-use crate::condition::{load_condition, ConditionKind};
+use crate::condition::{load_condition, ConditionImage, ConditionKind};
 use crate::error::{Error, Result};
 use crate::manifest::{ConditionChannels, Manifest};
+
+/// Where a condition image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConditionSource {
+    /// A PNG or JPEG file, converted to the adapter's channels like Pillow's `convert`.
+    File(PathBuf),
+    /// 8-bit pixels already in memory (a service's decoded upload); their channels must be the
+    /// adapter's (1 for gray adapters, 3 for rgb ones).
+    Pixels(ConditionImage),
+}
 
 /// One adapter a request asks for: `--adapter NAME=IMAGE[:WEIGHT]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterRequest {
     /// The adapter's name in the graph set's manifest.
     pub name: String,
-    /// Condition image (PNG or JPEG); resized to the output size with PIL's Lanczos like diffusers.
-    pub image: PathBuf,
+    /// Condition image; resized to the output size with PIL's Lanczos like diffusers.
+    pub image: ConditionSource,
     /// Multiplies this adapter's features (diffusers' `adapter_conditioning_scale`).
     pub weight: f32,
 }
@@ -41,7 +51,7 @@ impl std::str::FromStr for AdapterRequest {
         if name.is_empty() || image.is_empty() {
             return Err(Error::InvalidRequest(format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT]")));
         }
-        Ok(AdapterRequest { name: name.to_string(), image: PathBuf::from(image), weight })
+        Ok(AdapterRequest { name: name.to_string(), image: ConditionSource::File(PathBuf::from(image)), weight })
     }
 }
 
@@ -90,7 +100,18 @@ impl AdapterSet {
                 ConditionChannels::Rgb => ConditionKind::Rgb,
                 ConditionChannels::Gray => ConditionKind::Gray,
             };
-            let condition = load_condition(&request.image, kind, width, height)?;
+            let condition = match &request.image {
+                ConditionSource::File(path) => load_condition(path, kind, width, height)?,
+                ConditionSource::Pixels(image) if image.kind() == kind => image.resized(width, height).to_tensor(),
+                ConditionSource::Pixels(image) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "adapter {} takes {} condition pixels, got {} channel(s)",
+                        spec.name,
+                        kind.pil_mode(),
+                        image.kind().channels()
+                    )))
+                }
+            };
             entries.push(AdapterEntry { index, weight: request.weight, condition });
         }
         Ok(AdapterSet { entries })
@@ -164,9 +185,9 @@ mod tests {
     #[test]
     fn parses_adapter_arguments() {
         let a: AdapterRequest = "sketch=edges.png:0.8".parse().unwrap();
-        assert_eq!((a.name.as_str(), a.image.to_str().unwrap(), a.weight), ("sketch", "edges.png", 0.8));
+        assert_eq!((a.name.as_str(), &a.image, a.weight), ("sketch", &ConditionSource::File("edges.png".into()), 0.8));
         let b: AdapterRequest = "color=C:/img/c.png".parse().unwrap();
-        assert_eq!((b.image.to_str().unwrap(), b.weight), ("C:/img/c.png", 1.0));
+        assert_eq!((&b.image, b.weight), (&ConditionSource::File("C:/img/c.png".into()), 1.0));
         assert!("sketch".parse::<AdapterRequest>().is_err());
         assert!("=x.png".parse::<AdapterRequest>().is_err());
         assert!("sketch=".parse::<AdapterRequest>().is_err());

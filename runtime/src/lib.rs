@@ -30,7 +30,7 @@ pub mod resample;
 pub mod scheduler;
 pub mod tokenizer;
 
-pub use adapter::{AdapterRequest, AdapterSet};
+pub use adapter::{AdapterRequest, AdapterSet, ConditionSource};
 pub use backend::BackendKind;
 pub use error::{Error, Result};
 pub use manifest::Manifest;

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 
 use ndarray::{Array4, ArrayD};
 use serde::Deserialize;
-use t2i_rt::adapter::AdapterRequest;
+use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::BackendKind;
+use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::pipeline::{LoadOptions, Pipeline, Request};
 
 #[derive(Deserialize)]
@@ -70,7 +71,16 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
         request.adapters = case
             .adapters
             .iter()
-            .map(|a| AdapterRequest { name: a.name.clone(), image: fixture(&a.image), weight: a.weight })
+            .map(|a| {
+                // Both condition sources must give diffusers' result: the gray sketch goes in as
+                // decoded pixels (how a service passes an upload), the others as files.
+                let image = if a.name == "sketch" {
+                    ConditionSource::Pixels(ConditionImage::open(&fixture(&a.image), ConditionKind::Gray).unwrap())
+                } else {
+                    ConditionSource::File(fixture(&a.image))
+                };
+                AdapterRequest { name: a.name.clone(), image, weight: a.weight }
+            })
             .collect();
         request.cond_tau = case.cond_tau;
         request.steps = case.steps;
