@@ -338,3 +338,20 @@ fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {
 fn concat(views: &[ndarray::ArrayViewD<'_, f32>]) -> Result<ArrayD<f32>> {
     ndarray::concatenate(Axis(0), views).map_err(|e| Error::InvalidRequest(format!("batch concat: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Graph;
+
+    /// A worker owns its pipeline and may move between threads; loaded graphs are shared by all.
+    #[test]
+    fn threading_contract() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync + ?Sized>() {}
+        send::<Pipeline>();
+        send::<Request>();
+        send_sync::<dyn Graph>();
+        send_sync::<dyn Backend>();
+    }
+}
