@@ -128,19 +128,3 @@ def test_graphs_take_other_sizes_and_batches(zoo, oracle):
     spec = graph_specs(m)["adapter_sketch"]
     for got_f, want_f in zip(run_ort(zoo.set_dir / spec["file"], {"condition": cond.numpy()}), want_feats):
         assert_close(got_f, want_f.numpy(), "adapter_sketch at batch 3, 128x64")
-
-
-def test_graphs_run_in_tract(zoo):
-    """Optional (pip install tract==0.23.9): the graphs only use ops the Rust runtime's tract backend has."""
-    tract = pytest.importorskip("tract")
-    dt = {np.dtype(np.float32): "f32", np.dtype(np.int64): "i64"}
-    for name, spec in graph_specs(zoo.manifest()).items():
-        inputs, outputs = load_graph_fixture(zoo.fixtures_dir, name, spec)
-        model = tract.onnx().load(str(zoo.set_dir / spec["file"]))
-        for idx, i in enumerate(spec["inputs"]):
-            a = inputs[i["name"]]
-            model.set_input_fact(idx, ",".join(map(str, a.shape)) + "," + dt[a.dtype])
-        runnable = model.into_model().into_runnable()
-        got = runnable.run([inputs[i["name"]] for i in spec["inputs"]])
-        for o, g in zip(spec["outputs"], got):
-            assert_close(g.to_numpy(), outputs[o["name"]], f"tract {name}.{o['name']}")
