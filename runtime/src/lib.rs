@@ -34,5 +34,5 @@ pub use adapter::{AdapterRequest, AdapterSet, ConditionSource};
 pub use backend::BackendKind;
 pub use error::{Error, Result};
 pub use manifest::Manifest;
-pub use pipeline::{Generation, LoadOptions, Pipeline, Progress, Request};
+pub use pipeline::{Generation, LoadOptions, Model, Pipeline, Progress, Request};
 pub use scheduler::{SchedulerConfig, SchedulerKind};

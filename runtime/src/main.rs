@@ -13,7 +13,7 @@ use t2i_rt::adapter::AdapterRequest;
 use t2i_rt::backend::BackendKind;
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
-use t2i_rt::pipeline::{Pipeline, Request};
+use t2i_rt::pipeline::{Model, Request};
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Parser)]
@@ -184,7 +184,7 @@ fn run(args: RunArgs) -> Result<()> {
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
     request.check(&manifest)?;
-    let mut pipeline = Pipeline::from_manifest(manifest, args.backend)?;
+    let mut pipeline = Model::from_manifest(manifest, args.backend)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
     let bar = ProgressBar::with_draw_target(Some(request.steps as u64), progress_target());

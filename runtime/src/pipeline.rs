@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::adapter::{repeat_batch, round_to, AdapterRequest, AdapterSet};
-use crate::backend::{Backend, BackendKind, GraphSession, TensorView};
+use crate::backend::{Backend, BackendKind, Graph, GraphSession, TensorView};
 use crate::error::{Error, Result};
 use crate::manifest::{GraphSpec, Manifest};
 use crate::output::decoder_output_to_images;
@@ -150,11 +150,79 @@ pub struct Progress {
     pub total: usize,
 }
 
-/// A loaded graph set with one worker's sessions.
-pub struct Pipeline {
+/// A loaded graph set: manifest, tokenizer and every graph, loaded once and shared by all workers.
+/// `Send + Sync` and cheap to clone (an `Arc`); each worker opens its own [`Pipeline`] from it.
+#[derive(Clone)]
+pub struct Model(Arc<ModelInner>);
+
+struct ModelInner {
     manifest: Manifest,
     backend: Arc<dyn Backend>,
     tokenizer: PromptTokenizer,
+    text_encoder: Arc<dyn Graph>,
+    unet: Arc<dyn Graph>,
+    vae_decoder: Arc<dyn Graph>,
+    /// The manifest's adapters, in manifest order.
+    adapters: Vec<Arc<dyn Graph>>,
+}
+
+impl Model {
+    /// Loads the graph set in `dir`: checks the manifest, loads every graph on the backend and
+    /// checks each graph's real inputs and outputs against the manifest.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Model> {
+        let manifest = Manifest::load(dir, options.verify_checksums)?;
+        Model::from_manifest(manifest, options.backend)
+    }
+
+    /// Loads the graphs of an already loaded manifest (e.g. after checking a request against it with
+    /// [`Request::check`], so that a bad request fails before seconds of graph loading).
+    pub fn from_manifest(manifest: Manifest, backend: BackendKind) -> Result<Model> {
+        let backend = backend.create()?;
+        let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file)?, &manifest.tokenizer)?;
+        let load = |name: &str, spec: &GraphSpec| -> Result<Arc<dyn Graph>> {
+            let graph = backend.load(name, &manifest.resolve(&spec.file)?)?;
+            spec.check_io(name, graph.inputs(), graph.outputs())
+                .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
+            Ok(graph)
+        };
+        let text_encoder = load("text_encoder", &manifest.graphs.text_encoder)?;
+        let unet = load("unet", &manifest.graphs.unet)?;
+        let vae_decoder = load("vae_decoder", &manifest.graphs.vae_decoder)?;
+        let adapters = manifest
+            .adapters
+            .iter()
+            .map(|a| load(&format!("adapter_{}", a.name), &a.graph))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model(Arc::new(ModelInner { manifest, backend, tokenizer, text_encoder, unet, vae_decoder, adapters })))
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.0.manifest
+    }
+
+    /// The backend's name (`ort-cpu`, `tract`).
+    pub fn backend_name(&self) -> &'static str {
+        self.0.backend.name()
+    }
+
+    /// Opens one worker's sessions. The first worker reuses the sessions built while loading; on
+    /// ort every further worker builds its own sessions (ONNX Runtime keeps weights per session).
+    pub fn pipeline(&self) -> Result<Pipeline> {
+        let m = &self.0;
+        Ok(Pipeline {
+            model: self.clone(),
+            text_encoder: m.text_encoder.session()?,
+            unet: m.unet.session()?,
+            vae_decoder: m.vae_decoder.session()?,
+            adapters: m.adapters.iter().map(|g| g.session()).collect::<Result<Vec<_>>>()?,
+        })
+    }
+}
+
+/// One worker: a [`Model`] with its own sessions, running one request at a time. `Send`, so a
+/// worker can move between threads; open one per concurrent request.
+pub struct Pipeline {
+    model: Model,
     text_encoder: Box<dyn GraphSession>,
     unet: Box<dyn GraphSession>,
     vae_decoder: Box<dyn GraphSession>,
@@ -163,49 +231,39 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Loads the graph set in `dir`: checks the manifest, loads every graph on the backend and
-    /// checks each graph's real inputs and outputs against the manifest.
+    /// Loads the graph set in `dir` and opens one worker on it ([`Model::load`] then
+    /// [`Model::pipeline`]).
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Pipeline> {
-        let manifest = Manifest::load(dir, options.verify_checksums)?;
-        Pipeline::from_manifest(manifest, options.backend)
+        Model::load(dir, options)?.pipeline()
     }
 
-    /// Loads the graphs of an already loaded manifest (e.g. after checking a request against it with
-    /// [`Request::check`], so that a bad request fails before seconds of graph loading).
-    pub fn from_manifest(manifest: Manifest, backend: BackendKind) -> Result<Pipeline> {
-        let backend = backend.create()?;
-        let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file)?, &manifest.tokenizer)?;
-        let text_encoder = open(&manifest, backend.as_ref(), "text_encoder", &manifest.graphs.text_encoder)?;
-        let unet = open(&manifest, backend.as_ref(), "unet", &manifest.graphs.unet)?;
-        let vae_decoder = open(&manifest, backend.as_ref(), "vae_decoder", &manifest.graphs.vae_decoder)?;
-        let adapters = manifest
-            .adapters
-            .iter()
-            .map(|a| open(&manifest, backend.as_ref(), &format!("adapter_{}", a.name), &a.graph))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Pipeline { manifest, backend, tokenizer, text_encoder, unet, vae_decoder, adapters })
+    /// The shared model this worker runs.
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
     pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+        self.model.manifest()
     }
 
     /// The backend's name (`ort-cpu`, `tract`).
     pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
+        self.model.backend_name()
     }
 
     /// Token ids for `prompt`, padded and truncated to the manifest's `max_length`.
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<i64>> {
-        self.tokenizer.encode(prompt)
+        self.model.0.tokenizer.encode(prompt)
     }
 
     /// Runs one request. `progress` is called after every step; returning `false` cancels the run
     /// with [`Error::Cancelled`].
     pub fn run(&mut self, request: &Request, progress: &mut dyn FnMut(Progress) -> bool) -> Result<Generation> {
-        let Checked { width, height, adapters } = request.check(&self.manifest)?;
+        let model = self.model.clone();
+        let manifest = model.manifest();
+        let Checked { width, height, adapters } = request.check(manifest)?;
         let n = request.n_samples;
-        let mut scheduler = SchedulerConfig::new(&self.manifest.scheduler).build(request.scheduler, request.steps)?;
+        let mut scheduler = SchedulerConfig::new(&manifest.scheduler).build(request.scheduler, request.steps)?;
         let mut rng = StdRng::seed_from_u64(request.seed);
 
         // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
@@ -221,12 +279,11 @@ impl Pipeline {
         let batch = text.shape()[0];
 
         // Adapters run once; their summed features are repeated over the batch like the text.
-        let (lh, lw) =
-            ((height / self.manifest.latent.downscale) as usize, (width / self.manifest.latent.downscale) as usize);
-        let residuals = adapters.residuals(&self.manifest, &mut self.adapters)?;
+        let (lh, lw) = ((height / manifest.latent.downscale) as usize, (width / manifest.latent.downscale) as usize);
+        let residuals = adapters.residuals(manifest, &mut self.adapters)?;
         let residuals: Vec<ArrayD<f32>> = residuals
             .into_iter()
-            .zip(&self.manifest.residual_slots)
+            .zip(&manifest.residual_slots)
             .map(|(features, slot)| match features {
                 Some(f) => repeat_batch(&f, batch),
                 None => ArrayD::zeros(IxDyn(&[
@@ -241,7 +298,7 @@ impl Pipeline {
         let adapter_steps =
             if adapters.is_empty() { 0 } else { (request.steps as f64 * f64::from(request.cond_tau)).floor() as usize };
 
-        let channels = self.manifest.latent.channels;
+        let channels = manifest.latent.channels;
         let mut latents: ArrayD<f32> = match &request.latents {
             Some(l) => l.clone().into_dyn(),
             None => Array::from_shape_simple_fn(IxDyn(&[n, channels, lh, lw]), || StandardNormal.sample(&mut rng)),
@@ -260,7 +317,7 @@ impl Pipeline {
                 ("timestep", TensorView::F32(timestep.view())),
                 ("encoder_hidden_states", TensorView::F32(text.view())),
             ];
-            for (slot, residual) in self.manifest.residual_slots.iter().zip(step_residuals) {
+            for (slot, residual) in manifest.residual_slots.iter().zip(step_residuals) {
                 inputs.push((slot.input.as_str(), TensorView::F32(residual.view())));
             }
             let noise = first(self.unet.run(&inputs)?, "unet")?;
@@ -287,8 +344,9 @@ impl Pipeline {
 
     /// Decodes final latents into images (diffusers' `decode_latents` + `numpy_to_pil`).
     pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Vec<RgbImage>> {
+        let manifest = self.model.manifest();
         // diffusers: `1 / self.vae.config.scaling_factor * latents`, the reciprocal taken in double.
-        let scaled = latents * ((1.0 / self.manifest.vae.scaling_factor) as f32);
+        let scaled = latents * ((1.0 / manifest.vae.scaling_factor) as f32);
         let decoded = first(
             self.vae_decoder.run(&[("latent_sample", TensorView::F32(scaled.view().into_dyn()))])?,
             "vae_decoder",
@@ -301,10 +359,11 @@ impl Pipeline {
 
     /// Text embeddings [prompts, max_length, D] for `prompts`, in one text-encoder call.
     pub fn encode_text(&mut self, prompts: &[&str]) -> Result<ArrayD<f32>> {
-        let length = self.tokenizer.max_length();
+        let tokenizer = &self.model.0.tokenizer;
+        let length = tokenizer.max_length();
         let mut ids = Vec::with_capacity(prompts.len() * length);
         for prompt in prompts {
-            ids.extend(self.tokenizer.encode(prompt)?);
+            ids.extend(self.model.0.tokenizer.encode(prompt)?);
         }
         let ids = ArrayD::from_shape_vec(IxDyn(&[prompts.len(), length]), ids)
             .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))?;
@@ -317,14 +376,6 @@ pub struct Checked {
     pub width: u32,
     pub height: u32,
     pub adapters: AdapterSet,
-}
-
-/// Loads one graph and checks its real IO against the manifest.
-fn open(manifest: &Manifest, backend: &dyn Backend, name: &str, spec: &GraphSpec) -> Result<Box<dyn GraphSession>> {
-    let graph = backend.load(name, &manifest.resolve(&spec.file)?)?;
-    spec.check_io(name, graph.inputs(), graph.outputs())
-        .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
-    graph.session()
 }
 
 fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {
@@ -342,7 +393,6 @@ fn concat(views: &[ndarray::ArrayViewD<'_, f32>]) -> Result<ArrayD<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Graph;
 
     /// A worker owns its pipeline and may move between threads; loaded graphs are shared by all.
     #[test]
@@ -350,6 +400,7 @@ mod tests {
         fn send<T: Send>() {}
         fn send_sync<T: Send + Sync + ?Sized>() {}
         send::<Pipeline>();
+        send_sync::<Model>();
         send::<Request>();
         send_sync::<dyn Graph>();
         send_sync::<dyn Backend>();

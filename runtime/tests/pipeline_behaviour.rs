@@ -3,7 +3,7 @@
 
 mod common;
 
-use t2i_rt::{BackendKind, Error, LoadOptions, Pipeline, Request};
+use t2i_rt::{BackendKind, Error, LoadOptions, Model, Pipeline, Request};
 
 fn request(seed: u64) -> Request {
     let mut request = Request::new("a lighthouse at dusk");
@@ -46,4 +46,24 @@ fn progress_reports_every_step_and_can_cancel() {
     });
     assert!(matches!(result, Err(Error::Cancelled)), "cancel was ignored: {result:?}");
     assert_eq!(calls, 2, "the run went on after the callback asked to stop");
+}
+
+#[test]
+fn workers_share_one_model_across_threads() {
+    for backend in BackendKind::ALL {
+        let model = Model::load(&common::tiny_sd1(), &LoadOptions { backend, verify_checksums: false }).unwrap();
+        let single = model.pipeline().unwrap().run(&request(3), &mut |_| true).unwrap();
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let mut worker = model.pipeline().unwrap();
+                    scope.spawn(move || worker.run(&request(3), &mut |_| true).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for generation in results {
+            assert_eq!(generation.latents, single.latents, "{backend}: a concurrent worker differs");
+        }
+    }
 }
