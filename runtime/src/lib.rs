@@ -5,9 +5,11 @@
 //! and VAE decoder on a [`backend`]: ONNX Runtime (`ort-cpu`) or tract.
 //!
 //! ```no_run
-//! use t2i_rt::{AdapterRequest, LoadOptions, Pipeline, Request};
+//! use t2i_rt::{AdapterRequest, LoadOptions, Model, Request};
 //! # fn main() -> t2i_rt::Result<()> {
-//! let mut pipeline = Pipeline::load("graphs/tiny-sd1".as_ref(), &LoadOptions::default())?;
+//! // Load once (shareable between threads), then open one pipeline per worker.
+//! let model = Model::load("graphs/tiny-sd1".as_ref(), &LoadOptions::default())?;
+//! let mut pipeline = model.pipeline()?;
 //! let mut request = Request::new("a house on a hill");
 //! request.adapters.push("sketch=edges.png:0.8".parse::<AdapterRequest>()?);
 //! request.steps = 20;
