@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use ndarray::{Array4, ArrayD, Axis};
+use ndarray::{Array4, ArrayD};
 
 use crate::backend::{GraphSession, TensorView};
 use crate::condition::{load_condition, ConditionImage, ConditionKind};
@@ -170,12 +170,6 @@ impl AdapterSet {
 /// The multiple of `factor` nearest to `value` (at least `factor`), to suggest a valid size.
 pub(crate) fn round_to(value: u32, factor: u32) -> u32 {
     (((value + factor / 2) / factor).max(1)) * factor
-}
-
-/// Repeats a batch-1 tensor `times` along the batch axis.
-pub(crate) fn repeat_batch(tensor: &ArrayD<f32>, times: usize) -> ArrayD<f32> {
-    let views: Vec<_> = (0..times).map(|_| tensor.view()).collect();
-    ndarray::concatenate(Axis(0), &views).unwrap_or_else(|_| tensor.clone())
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::adapter::{repeat_batch, round_to, AdapterRequest, AdapterSet};
+use crate::adapter::{round_to, AdapterRequest, AdapterSet};
 use crate::backend::{Backend, BackendKind, Graph, GraphSession, TensorView};
 use crate::error::{Error, Result};
 use crate::manifest::{GraphSpec, Manifest};
@@ -271,12 +271,9 @@ impl Pipeline {
         let negative = request.negative_prompt.as_deref().unwrap_or("");
         let prompts: Vec<&str> = if guided { vec![negative, &request.prompt] } else { vec![&request.prompt] };
         let embeddings = self.encode_text(&prompts)?;
-        let per_prompt: Vec<ArrayD<f32>> = (0..prompts.len())
-            .map(|i| repeat_batch(&embeddings.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned(), n))
-            .collect();
-        let views: Vec<_> = per_prompt.iter().map(|a| a.view()).collect();
-        let text = concat(&views)?;
-        let batch = text.shape()[0];
+        let rows: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n)).collect();
+        let text = embeddings.select(Axis(0), &rows);
+        let batch = rows.len();
 
         // Adapters run once; their summed features are repeated over the batch like the text.
         let (lh, lw) = ((height / manifest.latent.downscale) as usize, (width / manifest.latent.downscale) as usize);
@@ -285,7 +282,7 @@ impl Pipeline {
             .into_iter()
             .zip(&manifest.residual_slots)
             .map(|(features, slot)| match features {
-                Some(f) => repeat_batch(&f, batch),
+                Some(features) => features.select(Axis(0), &vec![0; batch]),
                 None => ArrayD::zeros(IxDyn(&[
                     batch,
                     slot.channels,
