@@ -152,10 +152,6 @@ impl Scheduler for DdimScheduler {
         1
     }
 
-    fn num_steps(&self) -> usize {
-        self.timesteps.len()
-    }
-
     /// Identity, as in diffusers.
     fn scale_model_input(&self, _sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "ddim: step index {step} out of range 0..{}", self.num_steps());

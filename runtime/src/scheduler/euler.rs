@@ -272,10 +272,6 @@ impl Scheduler for EulerScheduler {
         1
     }
 
-    fn num_steps(&self) -> usize {
-        self.timesteps.len()
-    }
-
     /// `sample / (sigma² + 1) ** 0.5` in float32.
     fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "euler: step index {step} out of range 0..{}", self.num_steps());

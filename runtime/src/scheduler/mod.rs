@@ -120,7 +120,9 @@ pub trait Scheduler: Send {
 
     /// Number of step indices, `timesteps().len()`. Usually the requested steps; diffusers'
     /// `trailing` spacing yields one more for some step counts (e.g. 61), and that is kept.
-    fn num_steps(&self) -> usize;
+    fn num_steps(&self) -> usize {
+        self.timesteps().len()
+    }
 
     /// Scales the sample in place into the UNet's input at step index `step` (identity for DDIM,
     /// `x / sqrt(sigma² + 1)` for Euler). Panics if `step >= num_steps()`.
