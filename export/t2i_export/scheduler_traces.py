@@ -39,11 +39,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
 
 SEED = 20240607
 SHAPE = (1, 4, 4, 4)
@@ -63,7 +75,27 @@ SD15 = {
     "trained_betas": None,
 }
 
-CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+# The runtime's names (`--scheduler`), each a diffusers class plus the keys the name forces
+# (`from_config(config, **PRESETS[kind])`), as `SchedulerKind::preset` in the runtime.
+CLASSES = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "lms": LMSDiscreteScheduler,
+    "dpmpp-2m": DPMSolverMultistepScheduler,
+    "dpmpp-2m-karras": DPMSolverMultistepScheduler,
+    "dpmpp-2m-sde": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "lcm": LCMScheduler,
+    "ddpm": DDPMScheduler,
+}
+PRESETS = {
+    "dpmpp-2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    "dpmpp-2m-karras": {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    "dpmpp-2m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+}
 
 
 def _trained_betas_100() -> list[float]:
@@ -73,7 +105,7 @@ def _trained_betas_100() -> list[float]:
 
 # (name, kind, overrides of SD15, steps). An override value of `_DROP` removes the key.
 _DROP = object()
-CASES = [
+DDIM_CASES = [
     # DDIM: SD 1.5 as shipped (leading, steps_offset 1, no clipping, set_alpha_to_one False).
     ("ddim_sd15_leading_50", "ddim", {}, 50),
     ("ddim_leading_offset0_10", "ddim", {"steps_offset": 0}, 10),
@@ -102,6 +134,19 @@ CASES = [
         10,
     ),
     ("ddim_trained_betas_10", "ddim", {"num_train_timesteps": 100, "trained_betas": _trained_betas_100()}, 10),
+    ("ddim_thresholding_10", "ddim", {"thresholding": True, "sample_max_value": 1.5}, 10),
+    ("ddim_thresholding_ratio_vpred_10", "ddim",
+     {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0,
+      "prediction_type": "v_prediction"}, 10),
+]
+
+# DDIM with eta > 0: the cases' `step_kwargs` are passed to every `step` (as the pipelines' `eta=`).
+DDIM_ETA_CASES = [
+    ("ddim_eta_1_10", "ddim", {}, 10, {"eta": 1.0}),
+    ("ddim_eta_half_trailing_25", "ddim", {"timestep_spacing": "trailing"}, 25, {"eta": 0.5}),
+]
+
+EULER_CASES = [
     # Euler: from_config of the SD 1.5 config gives linspace spacing (Euler's default).
     ("euler_sd15_linspace_25", "euler", {}, 25),
     ("euler_linspace_1", "euler", {}, 1),
@@ -124,6 +169,37 @@ CASES = [
     ),
     ("euler_linear_betas_50", "euler", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 50),
 ]
+
+# Each sampler's cases, (name, kind, overrides of SD15, steps). Keep these blocks apart: they are
+# edited independently.
+PNDM_CASES: list = []
+
+
+EULER_ANCESTRAL_CASES: list = []
+
+
+HEUN_CASES: list = []
+
+
+LMS_CASES: list = []
+
+
+DPM_SOLVER_CASES: list = []
+
+
+UNIPC_CASES: list = []
+
+
+LCM_CASES: list = []
+
+
+DDPM_CASES: list = []
+
+
+CASES = (
+    DDIM_CASES + EULER_CASES + PNDM_CASES + EULER_ANCESTRAL_CASES + HEUN_CASES + LMS_CASES + DPM_SOLVER_CASES
+    + UNIPC_CASES + LCM_CASES + DDPM_CASES
+)
 
 # Step counts of the timestep sweep; 61, 103 and 121 are trailing counts with an extra step.
 SWEEP_STEPS = [1, 2, 3, 7, 20, 61, 100, 103, 121, 1000]
@@ -160,30 +236,63 @@ def make_config(overrides: dict) -> dict:
 
 
 def build(kind: str, config: dict, steps: int):
-    scheduler = CLASSES[kind].from_config(config)
+    scheduler = CLASSES[kind].from_config(config, **PRESETS.get(kind, {}))
     scheduler.set_timesteps(steps)
     return scheduler
 
 
-def trace(name: str, kind: str, config: dict, steps: int) -> dict:
+class RecordNoise:
+    """Records every tensor the schedulers' ``randn_tensor`` returns while active.
+
+    The scheduler modules import ``randn_tensor`` by name, so it is patched in each of them. The
+    draws come from a seeded ``torch.Generator``; the runtime's test replays them in order.
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.draws: list[torch.Tensor] = []
+        self.patched: list[tuple[object, object]] = []
+
+    def __enter__(self):
+        for module in {sys.modules[cls.__module__] for cls in CLASSES.values()}:
+            original = getattr(module, "randn_tensor", None)
+            if original is None:
+                continue
+
+            def recording(shape, generator=None, device=None, dtype=None, layout=None, _original=original):
+                out = _original(shape, generator=self.generator, device=device, dtype=dtype, layout=layout)
+                self.draws.append(out.clone())
+                return out
+
+            self.patched.append((module, original))
+            module.randn_tensor = recording
+        return self
+
+    def __exit__(self, *exc):
+        for module, original in self.patched:
+            module.randn_tensor = original
+
+
+def trace(name: str, kind: str, config: dict, steps: int, step_kwargs: dict | None = None) -> dict:
     rng = np.random.default_rng(SEED)
     noise = rng.standard_normal(SHAPE).astype(np.float32)
     original = rng.standard_normal(SHAPE).astype(np.float32)
+    step_kwargs = step_kwargs or {}
 
     scheduler = build(kind, config, steps)
     init_noise_sigma = scheduler.init_noise_sigma
     sample = torch.from_numpy(noise) * init_noise_sigma
     trajectory = []
-    for i, t in enumerate(scheduler.timesteps):
-        scaled = scheduler.scale_model_input(sample, t)
-        if kind == "euler":
-            assert scheduler.step_index == i, (name, i, scheduler.step_index)
-        model_output = fake_model(scaled, float(t))
-        sample = scheduler.step(model_output, t, sample).prev_sample
-        entry = {"sample": hex_f32(sample)}
-        if kind != "ddim":
-            entry["scaled"] = hex_f32(scaled)
-        trajectory.append(entry)
+    with RecordNoise(SEED) as recorder:
+        for i, t in enumerate(scheduler.timesteps):
+            scaled = scheduler.scale_model_input(sample, t)
+            model_output = fake_model(scaled, float(t))
+            step_input = sample
+            sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+            entry = {"sample": hex_f32(sample)}
+            if scaled is not step_input:  # samplers whose scale_model_input is not the identity
+                entry["scaled"] = hex_f32(scaled)
+            trajectory.append(entry)
 
     n = len(scheduler.timesteps)
     add_noise = []
@@ -198,6 +307,7 @@ def trace(name: str, kind: str, config: dict, steps: int) -> dict:
         "kind": kind,
         "steps": steps,
         "config": config,
+        "order": scheduler.order,
         "timesteps": [float(np.float32(t)) for t in scheduler.timesteps.numpy().astype(np.float32)],
         "init_noise_sigma": float(np.float32(init_noise_sigma)),
         "shape": list(SHAPE),
@@ -206,7 +316,11 @@ def trace(name: str, kind: str, config: dict, steps: int) -> dict:
         "trajectory": trajectory,
         "add_noise": add_noise,
     }
-    if kind == "euler":
+    if step_kwargs:
+        out["step_kwargs"] = step_kwargs
+    if recorder.draws:
+        out["noise_draws"] = [hex_f32(d) for d in recorder.draws]
+    if isinstance(getattr(scheduler, "sigmas", None), torch.Tensor):
         out["sigmas"] = [float(s) for s in scheduler.sigmas.numpy().astype(np.float32)]
     return out
 
@@ -249,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for name, kind, overrides, steps in CASES:
-        data = trace(name, kind, make_config(overrides), steps)
+    for name, kind, overrides, steps, *step_kwargs in CASES + DDIM_ETA_CASES:
+        data = trace(name, kind, make_config(overrides), steps, *step_kwargs)
         (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
     # The PNDM-loaded config: its `timestep_spacing` ("leading", PNDM's default) is listed in

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 use serde_json::{json, Value};
-use t2i_rt::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use t2i_rt::scheduler::{NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
 use t2i_rt::Error;
 
 const REL_L2_TOL: f64 = 1e-5;
@@ -89,8 +89,17 @@ fn kind_of(case: &Value) -> SchedulerKind {
     case["kind"].as_str().expect("kind").parse().expect("known kind")
 }
 
+/// The case's config, with the `step` keyword arguments the trace passed (DDIM's `eta`).
+fn config_of(case: &Value) -> SchedulerConfig {
+    let mut config = SchedulerConfig::new(&case["config"]);
+    if let Some(eta) = case.get("step_kwargs").and_then(|k| k.get("eta")) {
+        config.eta = eta.as_f64().expect("eta") as f32;
+    }
+    config
+}
+
 fn build(case: &Value) -> Box<dyn Scheduler> {
-    let config = SchedulerConfig::new(&case["config"]);
+    let config = config_of(case);
     let steps = case["steps"].as_u64().expect("steps") as usize;
     config.build(kind_of(case), steps).unwrap_or_else(|e| panic!("{}: {e}", case["name"]))
 }
@@ -103,6 +112,34 @@ fn timestep_tol(config: &Value) -> f64 {
         TIMESTEP_TOL
     } else {
         0.0
+    }
+}
+
+/// Replays the standard normal tensors diffusers' `randn_tensor` returned during the trace, in
+/// order; each draw must be consumed whole by one request of the same size.
+struct Replay {
+    draws: Vec<Vec<f32>>,
+    next: usize,
+}
+
+impl Replay {
+    fn new(case: &Value) -> Self {
+        let draws = match case.get("noise_draws") {
+            Some(Value::Array(d)) => d.iter().map(|h| decode_hex(h.as_str().expect("hex"))).collect(),
+            _ => Vec::new(),
+        };
+        Replay { draws, next: 0 }
+    }
+}
+
+impl NoiseSource for Replay {
+    fn fill_standard_normal(&mut self, out: &mut [f32]) {
+        let draw = self.draws.get(self.next).unwrap_or_else(|| {
+            panic!("the scheduler drew noise {} times; diffusers drew {}", self.next + 1, self.draws.len())
+        });
+        assert_eq!(draw.len(), out.len(), "noise draw {} has a different size than diffusers'", self.next);
+        out.copy_from_slice(draw);
+        self.next += 1;
     }
 }
 
@@ -131,20 +168,15 @@ fn check_trace(case: &Value) -> Measured {
     let want_init = case["init_noise_sigma"].as_f64().unwrap() as f32;
     let mut sigmas_max_rel = max_rel(&[init], &[want_init]);
     if let Some(sigmas) = case.get("sigmas") {
-        let config = SchedulerConfig::new(&case["config"]);
-        let euler = t2i_rt::scheduler::EulerScheduler::new(
-            &t2i_rt::scheduler::EulerConfig::from_config(&config).unwrap(),
-            case["steps"].as_u64().unwrap() as usize,
-        )
-        .unwrap();
-        sigmas_max_rel = sigmas_max_rel.max(max_rel(euler.sigmas(), &floats(sigmas)));
+        let got = scheduler.sigmas().unwrap_or_else(|| panic!("{name}: diffusers has sigmas, the runtime none"));
+        sigmas_max_rel = sigmas_max_rel.max(max_rel(got, &floats(sigmas)));
     }
     assert!(sigmas_max_rel <= SIGMA_TOL, "{name}: init_noise_sigma {init} vs {want_init} or sigmas");
-    assert_eq!(scheduler.order(), 1);
+    assert_eq!(scheduler.order() as u64, case["order"].as_u64().unwrap_or(1), "{name}: order");
 
     let noise = tensor(&case["noise"], &shape);
     let mut sample = noise.mapv(|x| x * init);
-    let mut rng = rand::rng();
+    let mut rng = Replay::new(case);
     let (mut sample_max, mut scaled_max) = (0.0f64, 0.0f64);
     let mut bit_equal = timesteps_max_rel == 0.0 && sigmas_max_rel == 0.0;
     let trajectory = case["trajectory"].as_array().expect("trajectory");
@@ -169,6 +201,7 @@ fn check_trace(case: &Value) -> Measured {
         sample_max = sample_max.max(err);
         assert!(err <= REL_L2_TOL, "{name}: sample after step {i}: relative L2 error {err:e}");
     }
+    assert_eq!(rng.next, rng.draws.len(), "{name}: diffusers drew noise {} times", rng.draws.len());
 
     let original = tensor(&case["original"], &shape);
     let fresh = build(case);
@@ -242,14 +275,8 @@ fn timestep_sweep_matches_diffusers() {
         let err = max_rel(scheduler.timesteps(), &want);
         assert!(err <= tol, "{label}: timesteps {:?} != {want:?}", scheduler.timesteps());
         if let Some(sigmas) = case.get("sigmas") {
-            let config = SchedulerConfig::new(&case["config"]);
-            let steps = case["steps"].as_u64().unwrap() as usize;
-            let euler = t2i_rt::scheduler::EulerScheduler::new(
-                &t2i_rt::scheduler::EulerConfig::from_config(&config).unwrap(),
-                steps,
-            )
-            .unwrap();
-            let err = max_rel(euler.sigmas(), &decode_hex(sigmas.as_str().unwrap()));
+            let got = scheduler.sigmas().unwrap_or_else(|| panic!("{label}: the runtime has no sigmas"));
+            let err = max_rel(got, &decode_hex(sigmas.as_str().unwrap()));
             assert!(err <= SIGMA_TOL, "{label}: sigmas differ by {err:e}");
             let want_init = case["init_noise_sigma"].as_f64().unwrap() as f32;
             let err = max_rel(&[scheduler.init_noise_sigma()], &[want_init]);
@@ -281,7 +308,7 @@ fn kind_names_round_trip_and_unknown_name_lists_valid_ones() {
         assert_eq!(kind.to_string(), kind.as_str());
     }
     let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
-    assert!(err.contains("dpm++") && err.contains("ddim, euler"), "{err}");
+    assert!(err.contains("dpm++") && err.contains("ddim, pndm, euler, euler-a,"), "{err}");
 }
 
 #[test]
@@ -323,7 +350,6 @@ fn steps_out_of_range_are_rejected() {
 #[test]
 fn unsupported_values_are_clear_errors() {
     let cases = [
-        (SchedulerKind::Ddim, "thresholding", json!(true), "not supported yet"),
         (SchedulerKind::Ddim, "prediction_type", json!("flow"), "epsilon, v_prediction, sample"),
         (SchedulerKind::Ddim, "timestep_spacing", json!("uniform"), "leading, trailing, linspace"),
         (SchedulerKind::Ddim, "num_train_timesteps", json!(1000.5), "integer"),
@@ -343,9 +369,9 @@ fn unsupported_values_are_clear_errors() {
         assert!(message.contains(key) && message.contains(expect), "{key}: {message}");
     }
     let mut config = SchedulerConfig::new(&sd15());
-    config.eta = 0.5;
+    config.eta = -0.5;
     let (_, message) = scheduler_error(config.build(SchedulerKind::Ddim, 10));
-    assert!(message.contains("eta") && message.contains("not supported yet"), "{message}");
+    assert!(message.contains("eta") && message.contains(">= 0"), "{message}");
     for kind in SchedulerKind::ALL {
         let (_, message) = scheduler_error(SchedulerConfig::new(&json!([1, 2])).build(kind, 10));
         assert!(message.contains("JSON object"), "{message}");

@@ -1,10 +1,12 @@
-//! DDIM (diffusers `schedulers/scheduling_ddim.py`, `DDIMScheduler`), deterministic (`eta = 0`).
+//! DDIM (diffusers `schedulers/scheduling_ddim.py`, `DDIMScheduler`): deterministic with `eta = 0`,
+//! adding seeded noise with `eta > 0`.
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
-    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, trailing_timesteps, wrap_index,
-    PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn, threshold_sample,
+    trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind,
+    TimestepSpacing, TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -14,7 +16,7 @@ const NAME: &str = "ddim";
 #[derive(Debug, Clone, PartialEq)]
 pub struct DdimConfig {
     pub train: TrainSchedule,
-    /// Clamp the predicted `x₀` to `±clip_sample_range` (default true).
+    /// Clamp the predicted `x₀` to `±clip_sample_range` (default true); ignored with `thresholding`.
     pub clip_sample: bool,
     /// Default 1.0.
     pub clip_sample_range: f64,
@@ -26,7 +28,11 @@ pub struct DdimConfig {
     pub prediction_type: PredictionType,
     /// Default leading.
     pub timestep_spacing: TimestepSpacing,
-    /// The `eta` of `step` ([`SchedulerConfig::eta`]); only 0 is supported yet.
+    /// Dynamic thresholding of `x₀` (default false): `Some((dynamic_thresholding_ratio,
+    /// sample_max_value))`, defaults 0.995 and 1.0.
+    pub thresholding: Option<(f64, f64)>,
+    /// The `eta` of `step` ([`SchedulerConfig::eta`]): 0 is deterministic, > 0 adds `eta · σ_t`
+    /// times seeded noise.
     pub eta: f32,
 }
 
@@ -34,14 +40,9 @@ impl DdimConfig {
     /// Resolves `config` the way `DDIMScheduler.from_config(config)` does. Errors name the key.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let r = config.reader(NAME)?;
-        if r.bool("thresholding", false)? {
-            return Err(
-                r.error("`thresholding` = true (dynamic thresholding) is not supported yet; accepted: false".into())
-            );
-        }
         let eta = config.eta;
-        if eta != 0.0 {
-            return Err(r.error(format!("eta = {eta} is not supported yet; only 0 (deterministic DDIM) is")));
+        if !(eta.is_finite() && eta >= 0.0) {
+            return Err(r.error(format!("eta = {eta} must be a number >= 0 (0 is deterministic DDIM)")));
         }
         Ok(DdimConfig {
             train: TrainSchedule::read(&r)?,
@@ -59,6 +60,7 @@ impl DdimConfig {
                 ],
             )?,
             timestep_spacing: r.choice("timestep_spacing", TimestepSpacing::Leading, &SPACINGS)?,
+            thresholding: r.thresholding()?,
             eta,
         })
     }
@@ -79,6 +81,7 @@ pub struct DdimScheduler {
     prediction_type: PredictionType,
     /// Clamp bounds for `x₀`, as float32 like torch's `clamp` scalars.
     clip: Option<(f32, f32)>,
+    thresholding: Option<(f64, f64)>,
     eta: f32,
 }
 
@@ -116,6 +119,7 @@ impl DdimScheduler {
             step_ratio: (num_train / steps) as i64,
             prediction_type: config.prediction_type,
             clip,
+            thresholding: config.thresholding,
             eta: config.eta,
         })
     }
@@ -157,14 +161,15 @@ impl Scheduler for DdimScheduler {
         assert!(step < self.num_steps(), "ddim: step index {step} out of range 0..{}", self.num_steps());
     }
 
-    /// `DDIMScheduler.step(model_output, timesteps[step], sample, eta=0)`, formulas (12) and (16)
+    /// `DDIMScheduler.step(model_output, timesteps[step], sample, eta)`, formulas (12) and (16)
     /// of the DDIM paper, with every coefficient a float32 scalar computed in diffusers' order.
+    /// With `eta > 0` it draws one standard normal tensor of the sample's shape from `noise`.
     fn step(
         &mut self,
         model_output: ArrayViewD<f32>,
         step: usize,
         sample: &mut ArrayD<f32>,
-        _rng: &mut dyn rand::RngCore,
+        noise: &mut dyn NoiseSource,
     ) -> Result<()> {
         check_step_index(NAME, step, self.num_steps())?;
         check_same_shape(NAME, "model_output", model_output.shape(), sample.shape())?;
@@ -182,17 +187,32 @@ impl Scheduler for DdimScheduler {
         let direction_coef = (1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).sqrt();
         let sqrt_alpha_prev = alpha_prod_t_prev.sqrt();
 
-        let (prediction, clip) = (self.prediction_type, self.clip);
-        Zip::from(sample).and(&model_output).for_each(|x, &m| {
-            let s = *x;
-            let (x0, eps) = match prediction {
-                PredictionType::Epsilon => ((s - sqrt_beta * m) / sqrt_alpha, m),
-                PredictionType::Sample => (m, (s - sqrt_alpha * m) / sqrt_beta),
-                PredictionType::VPrediction => (sqrt_alpha * s - sqrt_beta * m, sqrt_alpha * m + sqrt_beta * s),
-            };
-            let x0 = clip.map_or(x0, |bounds| clamp(x0, bounds));
-            *x = sqrt_alpha_prev * x0 + direction_coef * eps;
-        });
+        let prediction = self.prediction_type;
+        let split = |s: f32, m: f32| match prediction {
+            PredictionType::Epsilon => ((s - sqrt_beta * m) / sqrt_alpha, m),
+            PredictionType::Sample => (m, (s - sqrt_alpha * m) / sqrt_beta),
+            PredictionType::VPrediction => (sqrt_alpha * s - sqrt_beta * m, sqrt_alpha * m + sqrt_beta * s),
+        };
+        if let Some((ratio, max_value)) = self.thresholding {
+            // Thresholding looks at all of x₀ at once; ε is the unthresholded one, as in diffusers.
+            let mut x0 = Zip::from(&*sample).and(&model_output).map_collect(|&s, &m| split(s, m).0);
+            threshold_sample(&mut x0, ratio, max_value);
+            Zip::from(&mut *sample).and(&model_output).and(&x0).for_each(|x, &m, &x0| {
+                let eps = split(*x, m).1;
+                *x = sqrt_alpha_prev * x0 + direction_coef * eps;
+            });
+        } else {
+            let clip = self.clip;
+            Zip::from(&mut *sample).and(&model_output).for_each(|x, &m| {
+                let (x0, eps) = split(*x, m);
+                let x0 = clip.map_or(x0, |bounds| clamp(x0, bounds));
+                *x = sqrt_alpha_prev * x0 + direction_coef * eps;
+            });
+        }
+        if self.eta > 0.0 {
+            let z = randn(noise, sample.shape());
+            Zip::from(sample).and(&z).for_each(|x, &z| *x += std_dev_t * z);
+        }
         Ok(())
     }
 

@@ -3,10 +3,11 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
+use super::sigmas::{karras_sigmas, numpy_interp_index, sigma_to_t, train_sigmas};
 use super::{
     check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, torch_linspace_f32,
-    trailing_timesteps, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule,
-    SPACINGS,
+    trailing_timesteps, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
+    TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -138,7 +139,7 @@ impl EulerScheduler {
             }
         }
         // float32 torch ops: ((1 - ᾱ) / ᾱ) ** 0.5, indexed by training timestep.
-        let train_sigmas: Vec<f32> = alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+        let train_sigmas = train_sigmas(&alphas_cumprod);
 
         // numpy float32 timesteps of the spacing.
         let mut timesteps: Vec<f32> = match config.timestep_spacing {
@@ -187,72 +188,6 @@ impl EulerScheduler {
         };
         Ok(EulerScheduler { timesteps, sigmas, init_noise_sigma, prediction_type: config.prediction_type })
     }
-
-    /// The sigma at each step index, then the final one (`len() >= num_steps() + 1`).
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-}
-
-/// `np.interp(x, np.arange(len(fp)), fp)` (numpy `compiled_base.c`), in float64: ends clamp, exact
-/// grid points return the grid value, otherwise `slope * (x - j) + fp[j]`.
-fn numpy_interp_index(x: f64, fp: &[f32]) -> f64 {
-    let n = fp.len();
-    let last = (n - 1) as f64;
-    if x.is_nan() {
-        return x;
-    }
-    if x < 0.0 {
-        return fp[0] as f64;
-    }
-    if x >= last {
-        return fp[n - 1] as f64;
-    }
-    let j = x.floor() as usize;
-    let (y0, y1) = (fp[j] as f64, fp[j + 1] as f64);
-    if j as f64 == x {
-        return y0;
-    }
-    let slope = (y1 - y0) / 1.0;
-    let y = slope * (x - j as f64) + y0;
-    if y.is_nan() {
-        let y = slope * (x - (j + 1) as f64) + y1;
-        if y.is_nan() && y0 == y1 {
-            return y0;
-        }
-        return y;
-    }
-    y
-}
-
-/// `_convert_to_karras` (k-diffusion's `get_sigmas_karras`, rho = 7), in float64.
-fn karras_sigmas(in_sigmas: &[f64], steps: usize, sigma_min: Option<f64>, sigma_max: Option<f64>) -> Vec<f64> {
-    let rho = 7.0f64;
-    let sigma_min = sigma_min.unwrap_or(in_sigmas[in_sigmas.len() - 1]);
-    let sigma_max = sigma_max.unwrap_or(in_sigmas[0]);
-    let min_inv_rho = sigma_min.powf(1.0 / rho);
-    let max_inv_rho = sigma_max.powf(1.0 / rho);
-    numpy_linspace(0.0, 1.0, steps)
-        .iter()
-        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
-        .collect()
-}
-
-/// `_sigma_to_t`: the fractional training timestep of `sigma` by linear interpolation in log
-/// sigma. `log_sigmas` are float32 (numpy `np.log` of the float32 sigmas), so `low - high` is a
-/// float32 difference while the rest is float64, as in numpy.
-fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    // cumsum(dists >= 0).argmax(): the last index with log_sigma >= log_sigmas[i], else 0.
-    let low_idx = log_sigmas
-        .iter()
-        .rposition(|&l| log_sigma - l as f64 >= 0.0)
-        .unwrap_or(0)
-        .min(log_sigmas.len().saturating_sub(2));
-    let high_idx = low_idx + 1;
-    let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
-    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
-    (1.0 - w) * low_idx as f64 + w * high_idx as f64
 }
 
 impl Scheduler for EulerScheduler {
@@ -272,6 +207,11 @@ impl Scheduler for EulerScheduler {
         1
     }
 
+    /// The sigma at each step index, then the final one (`len() >= num_steps() + 1`).
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
     /// `sample / (sigma² + 1) ** 0.5` in float32.
     fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "euler: step index {step} out of range 0..{}", self.num_steps());
@@ -287,7 +227,7 @@ impl Scheduler for EulerScheduler {
         model_output: ArrayViewD<f32>,
         step: usize,
         sample: &mut ArrayD<f32>,
-        _rng: &mut dyn rand::RngCore,
+        _noise: &mut dyn NoiseSource,
     ) -> Result<()> {
         check_step_index(NAME, step, self.num_steps())?;
         check_same_shape(NAME, "model_output", model_output.shape(), sample.shape())?;

@@ -31,12 +31,22 @@
 //! ```
 
 pub mod ddim;
+pub mod ddpm;
+pub mod dpm_solver;
 pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
+pub mod lcm;
+pub mod lms;
+pub mod pndm;
+pub(crate) mod sigmas;
+pub mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
 
 use ndarray::{ArrayD, ArrayViewD};
+use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -44,24 +54,69 @@ use crate::error::{Error, Result};
 pub use ddim::{DdimConfig, DdimScheduler};
 pub use euler::{EulerConfig, EulerScheduler};
 
-/// The samplers this runtime implements, by their CLI / request name.
+/// The samplers this runtime implements, by the names users know them by. Several names are one
+/// diffusers class with a preset (`dpmpp-2m-karras` is `DPMSolverMultistepScheduler` with
+/// `use_karras_sigmas = true`): see [`preset`](Self::preset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
-    /// diffusers' `DDIMScheduler` (deterministic, `eta = 0`).
+    /// `DDIMScheduler`; `eta` > 0 ([`SchedulerConfig::eta`]) makes it stochastic.
     Ddim,
-    /// diffusers' `EulerDiscreteScheduler` (deterministic, `s_churn = 0`).
+    /// `PNDMScheduler` with `skip_prk_steps` (PLMS): SD 1.5's default.
+    Pndm,
+    /// `EulerDiscreteScheduler` (`s_churn = 0`): SDXL's default.
     Euler,
+    /// `EulerAncestralDiscreteScheduler` ("Euler a"), stochastic.
+    EulerAncestral,
+    /// `HeunDiscreteScheduler`: two model calls per step.
+    Heun,
+    /// `LMSDiscreteScheduler` (order 4).
+    Lms,
+    /// `DPMSolverMultistepScheduler`, `dpmsolver++`, order 2 ("DPM++ 2M").
+    DpmPp2m,
+    /// "DPM++ 2M Karras": the same with `use_karras_sigmas = true`.
+    DpmPp2mKarras,
+    /// "DPM++ 2M SDE": `algorithm_type = sde-dpmsolver++`, stochastic.
+    DpmPp2mSde,
+    /// `UniPCMultistepScheduler` (`bh2`).
+    UniPc,
+    /// `LCMScheduler` (latent consistency models), stochastic between steps.
+    Lcm,
+    /// `DDPMScheduler`, stochastic.
+    Ddpm,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 2] = [SchedulerKind::Ddim, SchedulerKind::Euler];
+    pub const ALL: [SchedulerKind; 12] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Pndm,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Heun,
+        SchedulerKind::Lms,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::DpmPp2mSde,
+        SchedulerKind::UniPc,
+        SchedulerKind::Lcm,
+        SchedulerKind::Ddpm,
+    ];
 
-    /// The name used on the command line and in requests (`"ddim"`, `"euler"`).
+    /// The name used on the command line and in requests (`"ddim"`, `"euler-a"`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Pndm => "pndm",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::Lms => "lms",
+            SchedulerKind::DpmPp2m => "dpmpp-2m",
+            SchedulerKind::DpmPp2mKarras => "dpmpp-2m-karras",
+            SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Ddpm => "ddpm",
         }
     }
 
@@ -69,8 +124,51 @@ impl SchedulerKind {
     pub fn diffusers_class(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras | SchedulerKind::DpmPp2mSde => {
+                "DPMSolverMultistepScheduler"
+            }
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
         }
+    }
+
+    /// Config keys this name forces on top of the checkpoint's config (diffusers'
+    /// `XScheduler.from_config(config, **preset)`); request overrides still apply after them.
+    pub fn preset(self) -> Vec<(&'static str, Value)> {
+        match self {
+            SchedulerKind::DpmPp2m => {
+                vec![("algorithm_type", "dpmsolver++".into()), ("solver_order", 2.into())]
+            }
+            SchedulerKind::DpmPp2mKarras => vec![
+                ("algorithm_type", "dpmsolver++".into()),
+                ("solver_order", 2.into()),
+                ("use_karras_sigmas", true.into()),
+            ],
+            SchedulerKind::DpmPp2mSde => {
+                vec![("algorithm_type", "sde-dpmsolver++".into()), ("solver_order", 2.into())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether `use_karras_sigmas` is a key of this kind's diffusers class (what `--karras` sets).
+    pub fn takes_karras_sigmas(self) -> bool {
+        !matches!(self, SchedulerKind::Ddim | SchedulerKind::Pndm | SchedulerKind::Lcm | SchedulerKind::Ddpm)
+    }
+
+    /// Whether the kind draws noise while stepping (with the default config; DDIM only with
+    /// `eta` > 0).
+    pub fn is_stochastic(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::EulerAncestral | SchedulerKind::DpmPp2mSde | SchedulerKind::Lcm | SchedulerKind::Ddpm
+        )
     }
 }
 
@@ -89,6 +187,31 @@ impl FromStr for SchedulerKind {
             Error::InvalidRequest(format!("unknown scheduler \"{name}\"; valid names: {}", valid.join(", ")))
         })
     }
+}
+
+/// Where stochastic samplers take their noise from. Any [`rand::RngCore`] is one (standard
+/// normal draws through `rand_distr::StandardNormal`, in element order); tests replay the exact
+/// draws diffusers made.
+pub trait NoiseSource {
+    /// Fills `out` with independent standard normal draws.
+    fn fill_standard_normal(&mut self, out: &mut [f32]);
+}
+
+impl<R: rand::RngCore + ?Sized> NoiseSource for R {
+    fn fill_standard_normal(&mut self, out: &mut [f32]) {
+        for x in out {
+            *x = StandardNormal.sample(self);
+        }
+    }
+}
+
+/// A standard normal tensor of `shape` drawn from `noise` (diffusers' `randn_tensor`).
+pub(crate) fn randn(noise: &mut dyn NoiseSource, shape: &[usize]) -> ArrayD<f32> {
+    let mut out = ArrayD::<f32>::zeros(shape);
+    if let Some(slice) = out.as_slice_mut() {
+        noise.fill_standard_normal(slice);
+    }
+    out
 }
 
 /// One request's sampler state, built by [`SchedulerConfig::build`] (diffusers' `set_timesteps`).
@@ -115,7 +238,8 @@ pub trait Scheduler: Send {
     /// Standard deviation of the initial noise: the pipeline multiplies unit noise by it.
     fn init_noise_sigma(&self) -> f32;
 
-    /// Model evaluations per step (1 for DDIM and Euler; 2 for Heun later).
+    /// diffusers' `order`: model evaluations per step of the solver (2 for Heun, whose
+    /// `timesteps()` hold both evaluations of each step; 1 for most others).
     fn order(&self) -> usize;
 
     /// Number of step indices, `timesteps().len()`. Usually the requested steps; diffusers'
@@ -130,15 +254,21 @@ pub trait Scheduler: Send {
 
     /// Advances the sample in place from step index `step` to the next one (`sample` becomes
     /// diffusers' `prev_sample`), given the model's output for the scaled input at `step`.
-    /// Errors if `step >= num_steps()` or the shapes differ. `rng` feeds stochastic samplers; the
-    /// deterministic ones never draw from it.
+    /// Errors if `step >= num_steps()` or the shapes differ. `noise` feeds stochastic samplers
+    /// (pass the request's seeded RNG); the deterministic ones never draw from it.
     fn step(
         &mut self,
         model_output: ArrayViewD<f32>,
         step: usize,
         sample: &mut ArrayD<f32>,
-        rng: &mut dyn rand::RngCore,
+        noise: &mut dyn NoiseSource,
     ) -> Result<()>;
+
+    /// The sigma schedule of Karras-style samplers (one per step index plus the final one), as
+    /// diffusers' `scheduler.sigmas`; `None` for the ᾱ-based ones (DDIM, PNDM, DDPM, LCM).
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
 
     /// Forward diffusion of `original` to the noise level of step index `step` (img2img): diffusers'
     /// `add_noise(original, noise, timesteps[step:step+1])`. Panics if `step >= num_steps()` or
@@ -147,20 +277,20 @@ pub trait Scheduler: Send {
 }
 
 /// A checkpoint's scheduler configuration (its `scheduler_config.json`, e.g. SD 1.5's
-/// `PNDMScheduler` one), from which any [`SchedulerKind`] can be built.
+/// `PNDMScheduler` one), from which any [`SchedulerKind`] can be built, plus a request's overrides.
 ///
-/// diffusers' `XScheduler.from_config(config)` semantics: each key the target scheduler's
-/// `__init__` takes gets the config's value; a missing key, or one listed in the config's
-/// `_use_default_values`, gets that scheduler's own default. Defaults differ between schedulers
-/// (DDIM's `timestep_spacing` is `leading`, Euler's `linspace`), so the JSON is kept and resolved
-/// per kind by [`DdimConfig::from_config`] / [`EulerConfig::from_config`]; unknown keys are ignored.
+/// diffusers' `XScheduler.from_config(config, **overrides)` semantics: each key the target
+/// scheduler's `__init__` takes gets the override's value, else the config's; a missing key, or
+/// one listed in the config's `_use_default_values`, gets that scheduler's own default. Defaults
+/// differ between schedulers (DDIM's `timestep_spacing` is `leading`, Euler's `linspace`), so the
+/// JSON is kept and resolved per kind by each `XConfig::from_config`; unknown keys are ignored.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     values: Map<String, Value>,
     /// Set when the JSON is not an object; reported by every build.
     not_an_object: Option<String>,
     /// DDIM's `eta` (a `step` argument in diffusers, not a config key): 0 is deterministic DDIM,
-    /// the only value supported yet. Defaults to 0.
+    /// > 0 adds seeded noise (1 is DDPM-like). Defaults to 0.
     pub eta: f32,
 }
 
@@ -194,18 +324,40 @@ impl SchedulerConfig {
         SchedulerConfig { values, not_an_object: None, eta: 0.0 }
     }
 
-    /// The effective keys (private `_…` keys and `_use_default_values` entries removed).
+    /// Sets (overrides) one config key, as a keyword argument of diffusers' `from_config` does.
+    /// Values are checked when a scheduler is built.
+    pub fn set(&mut self, key: &str, value: Value) {
+        self.values.insert(key.to_owned(), value);
+    }
+
+    /// The effective keys (private `_…` keys and `_use_default_values` entries removed, overrides
+    /// applied).
     pub fn values(&self) -> &Map<String, Value> {
         &self.values
     }
 
-    /// Builds the per-request state for `steps` inference steps (diffusers' `set_timesteps`).
-    /// Errors on `steps == 0`, `steps > num_train_timesteps`, or a config value the scheduler
-    /// does not support.
+    /// Builds the per-request state for `steps` inference steps (diffusers' `set_timesteps`), with
+    /// the kind's [`preset`](SchedulerKind::preset) keys replacing the config's. Errors on `steps == 0`, `steps >
+    /// num_train_timesteps`, or a config value the scheduler does not support.
     pub fn build(&self, kind: SchedulerKind, steps: usize) -> Result<Box<dyn Scheduler>> {
+        let mut config = self.clone();
+        for (key, value) in kind.preset() {
+            config.set(key, value);
+        }
+        let config = &config;
         Ok(match kind {
-            SchedulerKind::Ddim => Box::new(DdimScheduler::new(&DdimConfig::from_config(self)?, steps)?),
-            SchedulerKind::Euler => Box::new(EulerScheduler::new(&EulerConfig::from_config(self)?, steps)?),
+            SchedulerKind::Ddim => Box::new(DdimScheduler::new(&DdimConfig::from_config(config)?, steps)?),
+            SchedulerKind::Pndm => pndm::build(config, steps)?,
+            SchedulerKind::Euler => Box::new(EulerScheduler::new(&EulerConfig::from_config(config)?, steps)?),
+            SchedulerKind::EulerAncestral => euler_ancestral::build(config, steps)?,
+            SchedulerKind::Heun => heun::build(config, steps)?,
+            SchedulerKind::Lms => lms::build(config, steps)?,
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras | SchedulerKind::DpmPp2mSde => {
+                dpm_solver::build(config, steps, kind)?
+            }
+            SchedulerKind::UniPc => unipc::build(config, steps)?,
+            SchedulerKind::Lcm => lcm::build(config, steps)?,
+            SchedulerKind::Ddpm => ddpm::build(config, steps)?,
         })
     }
 
@@ -276,6 +428,19 @@ impl ConfigReader<'_> {
         }
         let names: Vec<&str> = accepted.iter().map(|(n, _)| *n).collect();
         Err(self.error(format!("`{key}` = {v} is not supported; accepted: {}", names.join(", "))))
+    }
+
+    /// `thresholding` (default false) with `dynamic_thresholding_ratio` (0.995) and
+    /// `sample_max_value` (1.0), as the schedulers that have dynamic thresholding take them.
+    pub(crate) fn thresholding(&self) -> Result<Option<(f64, f64)>> {
+        if !self.bool("thresholding", false)? {
+            return Ok(None);
+        }
+        let ratio = self.float("dynamic_thresholding_ratio", 0.995)?;
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(self.error(format!("`dynamic_thresholding_ratio` = {ratio} must be in [0, 1]")));
+        }
+        Ok(Some((ratio, self.float("sample_max_value", 1.0)?)))
     }
 
     pub(crate) fn float_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
@@ -565,4 +730,39 @@ pub(crate) fn check_same_shape(scheduler: &'static str, what: &str, a: &[usize],
         });
     }
     Ok(())
+}
+
+/// Dynamic thresholding of a predicted `x₀` (`_threshold_sample` in diffusers' DDIM, DDPM,
+/// DPM-Solver, UniPC and LCM schedulers; Imagen, arXiv 2205.08891): per batch item, `s` is the
+/// `ratio` quantile of `|x₀|` clamped to `[1, max_value]`, and `x₀` becomes `clamp(x₀, -s, s) / s`.
+/// The quantile is `torch.quantile`'s linear interpolation in float32.
+pub(crate) fn threshold_sample(x0: &mut ArrayD<f32>, ratio: f64, max_value: f64) {
+    let batch = x0.shape().first().copied().unwrap_or(1).max(1);
+    let per_item = x0.len() / batch;
+    if per_item == 0 {
+        return;
+    }
+    let mut flat: Vec<f32> = x0.iter().copied().collect();
+    for item in flat.chunks_mut(per_item) {
+        let mut sorted: Vec<f32> = item.iter().map(|x| x.abs()).collect();
+        // torch sorts NaN last; a NaN row makes the quantile NaN.
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let last = (per_item - 1) as f32;
+        let rank = if sorted.iter().any(|x| x.is_nan()) { last } else { ratio as f32 * last };
+        let below = rank as usize;
+        let weight = rank - below as f32;
+        let above = rank.ceil() as usize;
+        let (lo, hi) = (sorted[below], sorted[above.min(per_item - 1)]);
+        // ATen's lerp: exact at both ends.
+        let q = if weight.abs() < 0.5 { lo + weight * (hi - lo) } else { hi - (hi - lo) * (1.0 - weight) };
+        // torch.clamp(s, min=1, max=sample_max_value), NaN propagating.
+        let s = if q.is_nan() { q } else { q.max(1.0).min(max_value as f32) };
+        for x in item.iter_mut() {
+            let c = if x.is_nan() { *x } else { x.max(-s).min(s) };
+            *x = c / s;
+        }
+    }
+    for (dst, src) in x0.iter_mut().zip(flat) {
+        *dst = src;
+    }
 }

@@ -1,0 +1,8 @@
+//! LCMScheduler (diffusers `schedulers/scheduling_lcm.py`): not implemented yet (work in progress).
+
+use super::{Scheduler, SchedulerConfig};
+use crate::error::{Error, Result};
+
+pub(crate) fn build(_config: &SchedulerConfig, _steps: usize) -> Result<Box<dyn Scheduler>> {
+    Err(Error::Scheduler { scheduler: "lcm", message: "not implemented yet".into() })
+}
