@@ -17,6 +17,7 @@ Every input is drawn from a `torch.Generator` with the fixed seed written next t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import uuid
 from pathlib import Path
@@ -143,6 +144,32 @@ CASES = [
     ),
 ]
 
+# (g)-(o): every deterministic sampler through diffusers' own pipeline, plus Heun (two model calls
+# per step) with cond_tau, request scheduler options and guidance_rescale.
+SAMPLER_CASES = [
+    dict(name=f"{tag}_{kind.replace('-', '_')}_sketch_pipeline", prompt="a lighthouse by the sea",
+         negative_prompt="blurry", adapters=[("sketch", 1.0)], cond_tau=1.0, steps=6, guidance=7.5,
+         scheduler=kind, width=64, height=64, n_samples=1, seed=seed, reference="pipeline")
+    for tag, kind, seed in [("g", "pndm", 107), ("h", "heun", 108), ("i", "lms", 109), ("j", "dpmpp-2m", 110),
+                            ("k", "dpmpp-2m-karras", 111), ("l", "unipc", 112)]
+] + [
+    dict(name="m_dpmpp_2m_two_adapters_pipeline", prompt="a red house on a green hill, oil painting",
+         negative_prompt=None, adapters=[("sketch", 1.0), ("color", 0.8)], cond_tau=1.0, steps=8, guidance=5.0,
+         scheduler="dpmpp-2m", width=64, height=64, n_samples=1, seed=113, reference="pipeline"),
+    dict(name="n_heun_two_adapters_tau05", prompt="a red house on a green hill, oil painting",
+         negative_prompt="blurry, low quality", adapters=[("sketch", 1.0), ("color", 1.2)], cond_tau=0.5, steps=5,
+         guidance=7.5, scheduler="heun", width=64, height=64, n_samples=1, seed=114, reference="loop"),
+    dict(name="o_euler_karras_trailing_options", prompt="a mountain landscape", negative_prompt=None,
+         adapters=[("sketch", 1.0)], cond_tau=1.0, steps=6, guidance=7.5, scheduler="euler", width=64, height=64,
+         n_samples=1, seed=115, reference="pipeline",
+         scheduler_options={"use_karras_sigmas": True, "timestep_spacing": "trailing"}),
+    dict(name="p_ddim_zero_snr_vpred_guidance_rescale", prompt="a bowl of fruit on a wooden table",
+         negative_prompt=None, adapters=[], cond_tau=1.0, steps=6, guidance=7.5, scheduler="ddim", width=64,
+         height=64, n_samples=2, seed=116, reference="pipeline", guidance_rescale=0.7,
+         scheduler_options={"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                            "prediction_type": "v_prediction"}),
+]
+
 CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"}
 
 
@@ -232,6 +259,8 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
         n_samples=spec["n_samples"],
         latents=latents,
         reference=spec["reference"],
+        scheduler_options=spec.get("scheduler_options", {}),
+        guidance_rescale=spec.get("guidance_rescale", 0.0),
     )
 
 
@@ -243,7 +272,7 @@ def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
     # Cases read the PNGs back, as the runtime will.
     images = {n: load_condition(root / p) for n, p in CONDITIONS.items()}
     entries = []
-    for spec in CASES:
+    for spec in CASES + SAMPLER_CASES:
         case = _make_case(spec, images, oracle)
         latents, timesteps = run(oracle, case)
         pixels = decode_images(oracle, latents)
@@ -255,7 +284,12 @@ def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
             rel = (cdir / f"image_{k}.png").as_posix()
             Image.fromarray(px, "RGB").save(root / rel)
             pngs.append(rel)
-        scheduler = oracle.scheduler(case.scheduler)
+        scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+        extra = {}
+        if case.scheduler_options:
+            extra["scheduler_options"] = case.scheduler_options
+        if case.guidance_rescale:
+            extra["guidance_rescale"] = case.guidance_rescale
         entries.append(
             {
                 "name": case.name,
@@ -273,10 +307,16 @@ def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
                 "expected_latents": (cdir / "expected_latents.npy").as_posix(),
                 "expected_images": pngs,
                 "reference": case.reference,
+                **extra,
                 # informational, for debugging a runtime scheduler:
                 "timesteps": timesteps,
                 "init_noise_sigma": float(scheduler.init_noise_sigma),
-                "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+                # (non-finite floats as strings: JSON has no -Infinity)
+                "scheduler_config": {
+                    k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in scheduler.config.items()
+                    if not k.startswith("_")
+                },
             }
         )
     return entries

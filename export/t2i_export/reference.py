@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    EulerDiscreteScheduler,
     MultiAdapter,
     StableDiffusionAdapterPipeline,
     StableDiffusionPipeline,
     T2IAdapter,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.pipelines.t2i_adapter.pipeline_stable_diffusion_adapter import _preprocess_adapter_image
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+from .scheduler_traces import CLASSES as SCHEDULERS
+from .scheduler_traces import PRESETS
 
 
 @dataclass
@@ -55,9 +55,10 @@ class Oracle:
             adapters={n: T2IAdapter.from_pretrained(str(p)).eval() for n, p in adapter_dirs.items()},
         )
 
-    def scheduler(self, kind: str):
-        """DDIMScheduler / EulerDiscreteScheduler `.from_config(pipe.scheduler.config)`."""
-        return SCHEDULERS[kind].from_config(self.scheduler_config)
+    def scheduler(self, kind: str, options: dict | None = None):
+        """The runtime's sampler `kind` as diffusers builds it: `Class.from_config(pipe.scheduler.config,
+        **preset, **options)` (`options` are a request's scheduler config overrides)."""
+        return SCHEDULERS[kind].from_config(self.scheduler_config, **{**PRESETS.get(kind, {}), **(options or {})})
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Case:
     n_samples: int
     latents: torch.Tensor  # initial noise, before init_noise_sigma scaling
     reference: str  # "pipeline" | "loop"
+    scheduler_options: dict = field(default_factory=dict)
+    guidance_rescale: float = 0.0
 
 
 def _step_kwargs(scheduler) -> dict:
@@ -116,7 +119,7 @@ def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
     if do_cfg:
         embeds = torch.cat([embed(case.negative_prompt if case.negative_prompt is not None else ""), embeds])
 
-    scheduler = oracle.scheduler(case.scheduler)
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
     scheduler.set_timesteps(case.steps)
     latents = case.latents * scheduler.init_noise_sigma
 
@@ -139,6 +142,8 @@ def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
         if do_cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + case.guidance * (text - uncond)
+            if case.guidance_rescale > 0.0:  # StableDiffusionPipeline's
+                noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=case.guidance_rescale)
         latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
     return latents, [float(t) for t in scheduler.timesteps]
 
@@ -149,7 +154,9 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
     adapters). Only valid for cond_tau == 1: the SD 1.x adapter pipeline has no such knob."""
     if case.cond_tau != 1.0 and case.adapters:
         raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline cannot do cond_tau={case.cond_tau}")
-    scheduler = oracle.scheduler(case.scheduler)
+    if case.guidance_rescale != 0.0 and case.adapters:
+        raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline has no guidance_rescale")
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
     common = dict(
         vae=oracle.vae,
         text_encoder=oracle.text_encoder,
@@ -173,6 +180,7 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
     )
     if not case.adapters:
         pipe = StableDiffusionPipeline(**common)
+        call.update(guidance_rescale=case.guidance_rescale)
     elif len(case.adapters) == 1:
         a = case.adapters[0]
         pipe = StableDiffusionAdapterPipeline(adapter=oracle.adapters[a["name"]], **common)

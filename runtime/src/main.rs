@@ -75,9 +75,23 @@ struct RunArgs {
     /// Classifier-free guidance scale (≤ 1 turns guidance off).
     #[arg(long, default_value_t = 7.5, value_name = "F")]
     guidance: f32,
-    /// Sampler.
-    #[arg(long, default_value = "ddim", value_name = "NAME", help = scheduler_help())]
+    /// diffusers' guidance_rescale in [0, 1] (0.7 for zero-terminal-SNR models; 0 is off).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    guidance_rescale: f32,
+    #[arg(long, default_value = "ddim", value_name = "NAME", help = "Sampler (see below)", long_help = scheduler_long_help())]
     scheduler: SchedulerKind,
+    /// Karras sigmas (use_karras_sigmas) for the samplers that have them: euler, heun, lms,
+    /// dpmpp-2m, dpmpp-2m-sde, unipc.
+    #[arg(long)]
+    karras: bool,
+    /// DDIM's eta: 0 is deterministic; 1 adds as much seeded noise as DDPM.
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    eta: f32,
+    /// Override a key of the graph set's scheduler config (diffusers' names), VALUE as JSON or a
+    /// bare string, e.g. timestep_spacing=trailing, steps_offset=0, prediction_type=v_prediction.
+    /// Repeatable.
+    #[arg(long = "scheduler-option", value_name = "KEY=VALUE", value_parser = parse_scheduler_option)]
+    scheduler_options: Vec<(String, serde_json::Value)>,
     /// Seed for the initial noise (default: drawn at random and printed, so a run can be repeated).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
@@ -116,9 +130,33 @@ struct InspectArgs {
     backend: BackendKind,
 }
 
-fn scheduler_help() -> String {
+fn scheduler_names() -> String {
     let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
-    format!("Sampler: {}", names.join(", "))
+    names.join(", ")
+}
+
+fn scheduler_long_help() -> String {
+    let mut help = String::from(
+        "Sampler, by the name UIs use; each reproduces a diffusers scheduler built from the graph set's \
+         scheduler config (plus --karras / --scheduler-option):\n",
+    );
+    for kind in SchedulerKind::ALL {
+        let preset: Vec<String> = kind.preset().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let preset = if preset.is_empty() { String::new() } else { format!(" ({})", preset.join(", ")) };
+        let noise = if kind.is_stochastic() { ", stochastic (seeded)" } else { "" };
+        help.push_str(&format!("  {:<16} {}{preset}{noise}\n", kind.as_str(), kind.diffusers_class()));
+    }
+    help
+}
+
+/// `KEY=VALUE` for `--scheduler-option`: VALUE is JSON (`true`, `0`, `"trailing"`) or a bare string.
+fn parse_scheduler_option(arg: &str) -> std::result::Result<(String, serde_json::Value), String> {
+    let (key, value) = arg.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got \"{arg}\""))?;
+    if key.is_empty() {
+        return Err(format!("expected KEY=VALUE, got \"{arg}\""));
+    }
+    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((key.to_owned(), value))
 }
 
 fn main() -> ExitCode {
@@ -163,7 +201,26 @@ fn run(args: RunArgs) -> Result<()> {
     request.cond_tau = args.cond_tau;
     request.steps = args.steps;
     request.guidance = args.guidance;
+    request.guidance_rescale = args.guidance_rescale;
     request.scheduler = args.scheduler;
+    request.eta = args.eta;
+    if args.eta != 0.0 && args.scheduler != SchedulerKind::Ddim {
+        bail!(
+            "--eta only applies to the ddim sampler (diffusers ignores it elsewhere); drop it or use --scheduler ddim"
+        );
+    }
+    if args.karras {
+        if !args.scheduler.takes_karras_sigmas() {
+            bail!(
+                "--karras: the {} sampler ({}) has no Karras sigmas; use it with euler, heun, lms, dpmpp-2m, \
+                 dpmpp-2m-sde or unipc",
+                args.scheduler,
+                args.scheduler.diffusers_class()
+            );
+        }
+        request.scheduler_options.insert("use_karras_sigmas".into(), true.into());
+    }
+    request.scheduler_options.extend(args.scheduler_options);
     request.n_samples = args.n_samples;
     request.width = args.width;
     request.height = args.height;
@@ -276,7 +333,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         manifest.tokenizer.file, manifest.tokenizer.max_length, manifest.tokenizer.pad_token_id
     );
     let class = manifest.scheduler.get("_class_name").and_then(|v| v.as_str()).unwrap_or("?");
-    println!("scheduler   {class} config; samplers: {}", scheduler_help().trim_start_matches("Sampler: "));
+    println!("scheduler   {class} config; samplers: {}", scheduler_names());
     println!(
         "residuals   {}",
         manifest

@@ -12,6 +12,7 @@ use ndarray::{Array, Array4, ArrayD, Axis, IxDyn};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use serde_json::{Map, Value};
 
 use crate::adapter::{round_to, AdapterRequest, AdapterSet};
 use crate::backend::{Backend, BackendKind, Graph, GraphSession, TensorView};
@@ -51,7 +52,16 @@ pub struct Request {
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is off at ≤ 1 (one UNet batch half instead of two).
     pub guidance: f32,
+    /// diffusers' `guidance_rescale` (arXiv 2305.08891 §3.4), in [0, 1]: 0 is plain guidance; 0.7
+    /// is the paper's value for zero-terminal-SNR models. Only applies with guidance on.
+    pub guidance_rescale: f32,
     pub scheduler: SchedulerKind,
+    /// diffusers scheduler config keys that override the graph set's scheduler config for this
+    /// request, like `XScheduler.from_config(config, **options)`: e.g. `"use_karras_sigmas": true`,
+    /// `"timestep_spacing": "trailing"`. Values are checked when the scheduler is built.
+    pub scheduler_options: Map<String, Value>,
+    /// DDIM's `eta` (≥ 0; 0 is deterministic). Ignored by the other samplers, as in diffusers.
+    pub eta: f32,
     /// Seeds the initial noise (when `latents` is `None`) and any stochastic sampler.
     pub seed: u64,
     /// Images per prompt (diffusers' `num_images_per_prompt`).
@@ -73,7 +83,10 @@ impl Request {
             cond_tau: 1.0,
             steps: 50,
             guidance: 7.5,
+            guidance_rescale: 0.0,
             scheduler: SchedulerKind::Ddim,
+            scheduler_options: Map::new(),
+            eta: 0.0,
             seed: 0,
             n_samples: 1,
             width: None,
@@ -113,6 +126,12 @@ impl Request {
         if !(0.0..=1.0).contains(&request.cond_tau) {
             return Err(Error::InvalidRequest(format!("cond_tau {} must be in [0, 1]", request.cond_tau)));
         }
+        if !(0.0..=1.0).contains(&request.guidance_rescale) {
+            return Err(Error::InvalidRequest(format!(
+                "guidance_rescale {} must be in [0, 1] (0 is off; 0.7 is typical)",
+                request.guidance_rescale
+            )));
+        }
         if let Some(latents) = &request.latents {
             let ds = m.latent.downscale;
             let expected = [request.n_samples, m.latent.channels, (height / ds) as usize, (width / ds) as usize];
@@ -127,9 +146,21 @@ impl Request {
                 return Err(Error::InvalidRequest("latents contain NaN or infinity".into()));
             }
         }
-        SchedulerConfig::new(&m.scheduler).build(request.scheduler, request.steps)?;
+        request.scheduler_config(m).build(request.scheduler, request.steps)?;
         let adapters = AdapterSet::build(m, &request.adapters, width, height)?;
         Ok(Checked { width, height, adapters })
+    }
+}
+
+impl Request {
+    /// The graph set's scheduler config with this request's `scheduler_options` and `eta`.
+    pub fn scheduler_config(&self, m: &Manifest) -> SchedulerConfig {
+        let mut config = SchedulerConfig::new(&m.scheduler);
+        for (key, value) in &self.scheduler_options {
+            config.set(key, value.clone());
+        }
+        config.eta = self.eta;
+        config
     }
 }
 
@@ -263,7 +294,7 @@ impl Pipeline {
         let manifest = model.manifest();
         let Checked { width, height, adapters } = request.check(manifest)?;
         let n = request.n_samples;
-        let mut scheduler = SchedulerConfig::new(&manifest.scheduler).build(request.scheduler, request.steps)?;
+        let mut scheduler = request.scheduler_config(manifest).build(request.scheduler, request.steps)?;
         let mut rng = StdRng::seed_from_u64(request.seed);
 
         // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
@@ -322,7 +353,11 @@ impl Pipeline {
                 let uncond = noise.slice_axis(Axis(0), (0..n).into());
                 let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
                 // diffusers: noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-                &uncond + &((&cond - &uncond) * request.guidance)
+                let mut guided_noise = &uncond + &((&cond - &uncond) * request.guidance);
+                if request.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&mut guided_noise, cond.view(), request.guidance_rescale);
+                }
+                guided_noise
             } else {
                 noise
             };
@@ -401,5 +436,23 @@ mod tests {
         send::<Request>();
         send_sync::<dyn Graph>();
         send_sync::<dyn Backend>();
+    }
+}
+
+/// diffusers' `rescale_noise_cfg` (pipeline_stable_diffusion.py; arXiv 2305.08891 §3.4): per
+/// sample, rescale the guided noise to the text branch's standard deviation (unbiased, over C, H,
+/// W) and mix `guidance_rescale` of it with the plain guided noise.
+fn rescale_noise_cfg(noise_cfg: &mut ArrayD<f32>, noise_pred_text: ndarray::ArrayViewD<f32>, guidance_rescale: f32) {
+    // torch's CPU std accumulates in double; the result is rounded to float32.
+    fn std(x: ndarray::ArrayViewD<f32>) -> f32 {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        var.sqrt() as f32
+    }
+    let keep = (1.0 - f64::from(guidance_rescale)) as f32;
+    for (mut cfg, text) in noise_cfg.outer_iter_mut().zip(noise_pred_text.outer_iter()) {
+        let ratio = std(text.view()) / std(cfg.view());
+        cfg.mapv_inplace(|v| guidance_rescale * (v * ratio) + keep * v);
     }
 }

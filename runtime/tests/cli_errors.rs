@@ -84,7 +84,18 @@ fn request_errors_are_one_line_and_write_nothing() {
     fails("bad-size", &set, &["--width", "100", "--height", "64"], &[], "not a multiple of 64");
     fails("bad-size-adapter", &set, &["--width", "96", "--height", "64", "--adapter", &sketch], &[], "not a multiple");
     fails("huge-size", &set, &["--width", "65536", "--height", "64"], &[], "larger than 8192");
-    fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim");
+    fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim, pndm, euler, euler-a, heun");
+    fails("karras-on-ddim", &set, &["--scheduler", "ddim", "--karras"], &[], "has no Karras sigmas");
+    fails("eta-on-euler", &set, &["--scheduler", "euler", "--eta", "0.5"], &[], "--eta only applies to the ddim");
+    fails("bad-scheduler-option", &set, &["--scheduler-option", "spacing"], &[], "expected KEY=VALUE");
+    fails(
+        "bad-scheduler-value",
+        &set,
+        &["--scheduler", "euler", "--scheduler-option", "timestep_spacing=sideways"],
+        &[],
+        "`timestep_spacing` = \"sideways\" is not supported; accepted: leading, trailing, linspace",
+    );
+    fails("bad-guidance-rescale", &set, &["--guidance-rescale", "2"], &[], "guidance_rescale 2 must be in [0, 1]");
     fails("bad-backend", &set, &["--backend", "cuda9"], &[], "ort-cpu");
     fails("bad-cond-tau", &set, &["--cond-tau", "1.5"], &[], "cond_tau");
     let latents = temp_dir("bad-latents").join("latents.npy");

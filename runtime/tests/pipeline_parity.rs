@@ -1,6 +1,7 @@
 //! The whole pipeline against diffusers (graphs/fixtures/tiny-sd1/cases.json): the same prompt,
-//! negative prompt, condition images, adapter weights, cond_tau, sampler and initial latents must
-//! give diffusers' final latents and images.
+//! negative prompt, condition images, adapter weights, cond_tau, sampler (with request scheduler
+//! options), guidance_rescale and initial latents must give diffusers' final latents and images.
+//! Every deterministic sampler has a case run through diffusers' own pipeline.
 //!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
 //! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
@@ -16,6 +17,7 @@ use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::BackendKind;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::pipeline::{LoadOptions, Pipeline, Request};
+use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Deserialize)]
 struct Case {
@@ -34,6 +36,10 @@ struct Case {
     expected_latents: String,
     expected_images: Vec<String>,
     reference: String,
+    #[serde(default)]
+    scheduler_options: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    guidance_rescale: f32,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +71,14 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
         );
     }
     assert!(cases.iter().any(|c| c.reference == "pipeline"), "no case checked against diffusers' pipeline itself");
+    for kind in SchedulerKind::ALL.into_iter().filter(|k| !k.is_stochastic()) {
+        assert!(
+            cases.iter().any(|c| c.scheduler == kind.as_str() && c.reference == "pipeline"),
+            "no case runs the {kind} sampler through diffusers' pipeline"
+        );
+    }
+    assert!(cases.iter().any(|c| c.guidance_rescale > 0.0), "no guidance_rescale case");
+    assert!(cases.iter().any(|c| !c.scheduler_options.is_empty()), "no case with scheduler options");
     for case in &cases {
         let mut request = Request::new(case.prompt.clone());
         request.negative_prompt = case.negative_prompt.clone();
@@ -86,6 +100,8 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
         request.steps = case.steps;
         request.guidance = case.guidance;
         request.scheduler = case.scheduler.parse().unwrap();
+        request.scheduler_options = case.scheduler_options.clone();
+        request.guidance_rescale = case.guidance_rescale;
         request.width = Some(case.width);
         request.height = Some(case.height);
         request.n_samples = case.n_samples;

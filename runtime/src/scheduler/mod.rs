@@ -159,7 +159,14 @@ impl SchedulerKind {
 
     /// Whether `use_karras_sigmas` is a key of this kind's diffusers class (what `--karras` sets).
     pub fn takes_karras_sigmas(self) -> bool {
-        !matches!(self, SchedulerKind::Ddim | SchedulerKind::Pndm | SchedulerKind::Lcm | SchedulerKind::Ddpm)
+        !matches!(
+            self,
+            SchedulerKind::Ddim
+                | SchedulerKind::Pndm
+                | SchedulerKind::EulerAncestral
+                | SchedulerKind::Lcm
+                | SchedulerKind::Ddpm
+        )
     }
 
     /// Whether the kind draws noise while stepping (with the default config; DDIM only with
