@@ -175,10 +175,39 @@ EULER_CASES = [
 PNDM_CASES: list = []
 
 
-EULER_ANCESTRAL_CASES: list = []
+EULER_ANCESTRAL_CASES = [
+    # Euler a: SD 1.5 as shipped gives linspace spacing (the class default); one randn per step.
+    ("euler_a_sd15_linspace_25", "euler-a", {}, 25),
+    ("euler_a_linspace_1", "euler-a", {}, 1),
+    ("euler_a_leading_10", "euler-a", {"timestep_spacing": "leading"}, 10),
+    ("euler_a_leading_offset0_10", "euler-a", {"timestep_spacing": "leading", "steps_offset": 0}, 10),
+    ("euler_a_trailing_61_extra_step", "euler-a", {"timestep_spacing": "trailing"}, 61),
+    ("euler_a_vpred_10", "euler-a", {"prediction_type": "v_prediction"}, 10),
+    (
+        "euler_a_zero_snr_trailing_vpred_10",
+        "euler-a",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+    ("euler_a_linear_betas_50", "euler-a", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 50),
+]
 
 
-HEUN_CASES: list = []
+HEUN_CASES = [
+    # Heun: 2 * steps - 1 model evaluations; the trajectory has one entry per evaluation.
+    ("heun_sd15_linspace_25", "heun", {}, 25),
+    # linspace with 1 step is timestep 0 (np.linspace(0, 999, 1)): one Euler step from sigma_min.
+    ("heun_linspace_1", "heun", {}, 1),
+    ("heun_leading_2", "heun", {"timestep_spacing": "leading"}, 2),
+    ("heun_karras_25", "heun", {"use_karras_sigmas": True}, 25),
+    ("heun_karras_leading_sigma_range_10", "heun",
+     {"use_karras_sigmas": True, "timestep_spacing": "leading", "sigma_min": 0.05, "sigma_max": 10.0}, 10),
+    ("heun_trailing_10", "heun", {"timestep_spacing": "trailing"}, 10),
+    ("heun_vpred_10", "heun", {"prediction_type": "v_prediction"}, 10),
+    ("heun_sample_pred_clip_4", "heun", {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.5}, 4),
+    # Heun's __init__ has no rescale_betas_zero_snr: from_config ignores the key.
+    ("heun_zero_snr_key_ignored_10", "heun", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
+]
 
 
 LMS_CASES: list = []

@@ -408,11 +408,13 @@ fn step_index_and_shapes_are_checked() {
         assert_eq!(scheduler.kind(), kind);
         let mut sample = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
         let output = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
-        let (_, message) = match scheduler.step(output.view(), 4, &mut sample, &mut rng) {
+        // Heun's 4 steps are 7 model evaluations: the first index past the end is num_steps().
+        let end = scheduler.num_steps();
+        let (_, message) = match scheduler.step(output.view(), end, &mut sample, &mut rng) {
             Err(Error::Scheduler { scheduler, message }) => (scheduler, message),
             other => panic!("expected a scheduler error, got {other:?}"),
         };
-        assert!(message.contains("step index 4"), "{message}");
+        assert!(message.contains(&format!("step index {end}")), "{message}");
         let wrong = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 3]));
         assert!(scheduler.step(wrong.view(), 0, &mut sample, &mut rng).is_err());
         scheduler.step(output.view(), 0, &mut sample, &mut rng).unwrap();
@@ -424,4 +426,51 @@ fn step_index_and_shapes_are_checked() {
 fn scale_model_input_past_the_end_panics() {
     let scheduler = SchedulerConfig::new(&sd15()).build(SchedulerKind::Euler, 4).unwrap();
     scheduler.scale_model_input(&mut ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2])), 4);
+}
+
+#[test]
+fn euler_a_and_heun_refuse_what_diffusers_cannot_run() {
+    let cases = [
+        // diffusers raises NotImplementedError in `step` for it.
+        (SchedulerKind::EulerAncestral, "prediction_type", json!("sample"), "epsilon, v_prediction"),
+        (SchedulerKind::EulerAncestral, "timestep_spacing", json!("uniform"), "leading, trailing, linspace"),
+        (SchedulerKind::Heun, "use_exponential_sigmas", json!(true), "not supported yet"),
+        (SchedulerKind::Heun, "use_beta_sigmas", json!(true), "not supported yet"),
+        (SchedulerKind::Heun, "beta_schedule", json!("exp"), "linear, scaled_linear, squaredcos_cap_v2"),
+        (SchedulerKind::Heun, "prediction_type", json!("original_sample"), "epsilon, v_prediction, sample"),
+    ];
+    for (kind, key, value, expect) in cases {
+        let mut config = sd15();
+        config[key] = value;
+        let (scheduler, message) = scheduler_error(SchedulerConfig::new(&config).build(kind, 10));
+        assert_eq!(scheduler, kind.as_str());
+        assert!(message.contains(key) && message.contains(expect), "{key}: {message}");
+    }
+}
+
+#[test]
+fn heun_second_stage_needs_its_first_and_add_noise_takes_the_repeated_sigma() {
+    let config = SchedulerConfig::new(&sd15());
+    let mut scheduler = config.build(SchedulerKind::Heun, 4).unwrap();
+    assert_eq!((scheduler.num_steps(), scheduler.order()), (7, 2));
+    let t = scheduler.timesteps().to_vec();
+    assert!(t[1] == t[2] && t[3] == t[4] && t[5] == t[6] && t[0] != t[1], "{t:?}");
+    let mut rng = rand::rng();
+    let mut sample = ArrayD::<f32>::ones(IxDyn(&[1, 4, 2, 2]));
+    let output = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
+    let (_, message) = match scheduler.step(output.view(), 1, &mut sample, &mut rng) {
+        Err(Error::Scheduler { scheduler, message }) => (scheduler, message),
+        other => panic!("expected a scheduler error, got {other:?}"),
+    };
+    assert!(message.contains("step index 1") && message.contains("step 0 first"), "{message}");
+    scheduler.step(output.view(), 0, &mut sample, &mut rng).unwrap();
+    scheduler.step(output.view(), 1, &mut sample, &mut rng).unwrap();
+    assert!(scheduler.step(output.view(), 3, &mut sample, &mut rng).is_err());
+    // diffusers' add_noise looks the timestep up and takes its second occurrence: same sigma.
+    let zeros = ArrayD::<f32>::zeros(IxDyn(&[2]));
+    let ones = ArrayD::<f32>::ones(IxDyn(&[2]));
+    let sigmas = scheduler.sigmas().unwrap().to_vec();
+    for (k, &sigma) in sigmas[..scheduler.num_steps()].iter().enumerate() {
+        assert_eq!(scheduler.add_noise(zeros.view(), ones.view(), k)[0], sigma, "step {k}");
+    }
 }

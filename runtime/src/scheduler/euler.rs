@@ -3,13 +3,12 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
-use super::sigmas::{karras_sigmas, numpy_interp_index, sigma_to_t, train_sigmas};
+use super::sigmas::{interp_sigmas, karras_schedule, schedule_train_sigmas, sigma_init_noise, spaced_timesteps};
 use super::{
-    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, torch_linspace_f32,
-    trailing_timesteps, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
-    TrainSchedule, SPACINGS,
+    check_same_shape, check_step_index, check_steps, torch_linspace_f32, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const NAME: &str = "euler";
 
@@ -125,38 +124,14 @@ impl EulerScheduler {
     pub fn new(config: &EulerConfig, steps: usize) -> Result<Self> {
         let num_train = config.train.num_train_timesteps;
         check_steps(NAME, steps, num_train)?;
-        if config.use_karras_sigmas && num_train < 2 {
-            return Err(Error::Scheduler {
-                scheduler: NAME,
-                message: "`use_karras_sigmas` = true needs `num_train_timesteps` >= 2".into(),
-            });
-        }
-        let mut alphas_cumprod = config.train.alphas_cumprod();
-        if config.train.rescale_betas_zero_snr {
-            // Keeps the last sigma finite (diffusers sets it to 2**-24).
-            if let Some(last) = alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
         // float32 torch ops: ((1 - ᾱ) / ᾱ) ** 0.5, indexed by training timestep.
-        let train_sigmas = train_sigmas(&alphas_cumprod);
-
+        let train_sigmas = schedule_train_sigmas(&config.train);
         // numpy float32 timesteps of the spacing.
-        let mut timesteps: Vec<f32> = match config.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                numpy_linspace(0.0, (num_train - 1) as f64, steps).iter().rev().map(|&t| t as f32).collect()
-            }
-            TimestepSpacing::Leading => {
-                leading_timesteps(steps, num_train, 0).iter().map(|&t| t as f32 + config.steps_offset as f32).collect()
-            }
-            TimestepSpacing::Trailing => trailing_timesteps(steps, num_train).iter().map(|&t| t as f32).collect(),
-        };
+        let mut timesteps = spaced_timesteps(config.timestep_spacing, steps, num_train, config.steps_offset);
 
         // Sigmas in float64 (numpy) until the final float32 cast.
         let mut sigmas: Vec<f64> = match config.interpolation_type {
-            InterpolationType::Linear => {
-                timesteps.iter().map(|&t| numpy_interp_index(t as f64, &train_sigmas)).collect()
-            }
+            InterpolationType::Linear => interp_sigmas(&timesteps, &train_sigmas),
             InterpolationType::LogLinear => {
                 let (first, last) = (train_sigmas[0], train_sigmas[num_train - 1]);
                 torch_linspace_f32(last.ln() as f64, first.ln() as f64, steps + 1)
@@ -166,9 +141,8 @@ impl EulerScheduler {
             }
         };
         if config.use_karras_sigmas {
-            sigmas = karras_sigmas(&sigmas, steps, config.sigma_min, config.sigma_max);
-            let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
+            (sigmas, timesteps) =
+                karras_schedule(NAME, &sigmas, steps, config.sigma_min, config.sigma_max, &train_sigmas)?;
         }
         let sigma_last = match config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
@@ -180,12 +154,7 @@ impl EulerScheduler {
             timesteps = sigmas[..sigmas.len() - 1].iter().map(|s| 0.25 * s.ln()).collect();
         }
 
-        // `init_noise_sigma` property.
-        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let init_noise_sigma = sigma_init_noise(&sigmas, config.timestep_spacing);
         Ok(EulerScheduler { timesteps, sigmas, init_noise_sigma, prediction_type: config.prediction_type })
     }
 }

@@ -773,3 +773,20 @@ pub(crate) fn threshold_sample(x0: &mut ArrayD<f32>, ratio: f64, max_value: f64)
         *dst = src;
     }
 }
+
+// ---- Euler Ancestral, Heun: `add_noise`'s timestep lookup ----
+
+/// The step index diffusers' `add_noise(original, noise, timesteps[step:step+1])` takes its sigma
+/// from (`index_for_timestep`): the first index holding `timesteps[step]`'s value, or the second
+/// when the value occurs more than once (Heun's repeated timesteps; diffusers picks the second so
+/// img2img does not skip a sigma).
+pub(crate) fn index_for_timestep(timesteps: &[f32], step: usize) -> usize {
+    let t = timesteps[step];
+    let mut matches = timesteps.iter().enumerate().filter(|&(_, &u)| u == t).map(|(i, _)| i);
+    match (matches.next(), matches.next()) {
+        (_, Some(second)) => second,
+        (Some(first), None) => first,
+        // NaN matches nothing (diffusers raises IndexError); keep the requested index.
+        (None, None) => step,
+    }
+}

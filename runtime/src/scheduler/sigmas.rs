@@ -3,7 +3,8 @@
 //! sigmas and the inverse map from a sigma back to a timestep, each with numpy's float64 /
 //! float32 flow as diffusers runs it.
 
-use super::numpy_linspace;
+use super::{leading_timesteps, numpy_linspace, trailing_timesteps, TimestepSpacing, TrainSchedule};
+use crate::error::{Error, Result};
 
 /// The training sigmas `((1 - ᾱ) / ᾱ) ** 0.5` as float32 torch ops, indexed by training timestep.
 pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
@@ -74,4 +75,78 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
     let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
     (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+// ---- The `set_timesteps` schedule of Euler, Euler Ancestral and Heun ----
+// scheduling_euler_discrete.py, scheduling_euler_ancestral_discrete.py and scheduling_heun_discrete.py
+// build their timesteps and sigmas with the same numpy code; it lives here once.
+
+/// The training sigmas of `train`, with the zero-terminal-SNR fix of the Euler samplers:
+/// `alphas_cumprod[-1] = 2**-24` when `rescale_betas_zero_snr` is set, so the last sigma stays
+/// finite (about 4096).
+pub(crate) fn schedule_train_sigmas(train: &TrainSchedule) -> Vec<f32> {
+    let mut alphas_cumprod = train.alphas_cumprod();
+    if train.rescale_betas_zero_snr {
+        if let Some(last) = alphas_cumprod.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+    train_sigmas(&alphas_cumprod)
+}
+
+/// The numpy float32 timesteps of `spacing` for `steps` inference steps, in sampling order
+/// (`steps_offset` only moves `leading` ones).
+pub(crate) fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    steps: usize,
+    num_train: usize,
+    steps_offset: i64,
+) -> Vec<f32> {
+    match spacing {
+        TimestepSpacing::Linspace => {
+            numpy_linspace(0.0, (num_train - 1) as f64, steps).iter().rev().map(|&t| t as f32).collect()
+        }
+        TimestepSpacing::Leading => {
+            leading_timesteps(steps, num_train, 0).iter().map(|&t| t as f32 + steps_offset as f32).collect()
+        }
+        TimestepSpacing::Trailing => trailing_timesteps(steps, num_train).iter().map(|&t| t as f32).collect(),
+    }
+}
+
+/// `np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)`, float64.
+pub(crate) fn interp_sigmas(timesteps: &[f32], train_sigmas: &[f32]) -> Vec<f64> {
+    timesteps.iter().map(|&t| numpy_interp_index(t as f64, train_sigmas)).collect()
+}
+
+/// `use_karras_sigmas`: the Karras sigmas spanning `sigmas` (or `[sigma_min, sigma_max]`) and
+/// their fractional timesteps (`_convert_to_karras`, then `_sigma_to_t` on the float32 log
+/// training sigmas). Errors for `scheduler` when the training schedule is too short to invert.
+pub(crate) fn karras_schedule(
+    scheduler: &'static str,
+    sigmas: &[f64],
+    steps: usize,
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
+    train_sigmas: &[f32],
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    if train_sigmas.len() < 2 {
+        return Err(Error::Scheduler {
+            scheduler,
+            message: "`use_karras_sigmas` = true needs `num_train_timesteps` >= 2".into(),
+        });
+    }
+    let sigmas = karras_sigmas(sigmas, steps, sigma_min, sigma_max);
+    let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+    let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
+    Ok((sigmas, timesteps))
+}
+
+/// The `init_noise_sigma` property: the largest sigma for `linspace` / `trailing` spacing,
+/// `(max² + 1) ** 0.5` for `leading`, in float32.
+pub(crate) fn sigma_init_noise(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
+    let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    }
 }
