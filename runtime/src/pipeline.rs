@@ -422,23 +422,6 @@ fn concat(views: &[ndarray::ArrayViewD<'_, f32>]) -> Result<ArrayD<f32>> {
     ndarray::concatenate(Axis(0), views).map_err(|e| Error::InvalidRequest(format!("batch concat: {e}")))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A worker owns its pipeline and may move between threads; loaded graphs are shared by all.
-    #[test]
-    fn threading_contract() {
-        fn send<T: Send>() {}
-        fn send_sync<T: Send + Sync + ?Sized>() {}
-        send::<Pipeline>();
-        send_sync::<Model>();
-        send::<Request>();
-        send_sync::<dyn Graph>();
-        send_sync::<dyn Backend>();
-    }
-}
-
 /// diffusers' `rescale_noise_cfg` (pipeline_stable_diffusion.py; arXiv 2305.08891 §3.4): per
 /// sample, rescale the guided noise to the text branch's standard deviation (unbiased, over C, H,
 /// W) and mix `guidance_rescale` of it with the plain guided noise.
@@ -454,5 +437,22 @@ fn rescale_noise_cfg(noise_cfg: &mut ArrayD<f32>, noise_pred_text: ndarray::Arra
     for (mut cfg, text) in noise_cfg.outer_iter_mut().zip(noise_pred_text.outer_iter()) {
         let ratio = std(text.view()) / std(cfg.view());
         cfg.mapv_inplace(|v| guidance_rescale * (v * ratio) + keep * v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker owns its pipeline and may move between threads; loaded graphs are shared by all.
+    #[test]
+    fn threading_contract() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync + ?Sized>() {}
+        send::<Pipeline>();
+        send_sync::<Model>();
+        send::<Request>();
+        send_sync::<dyn Graph>();
+        send_sync::<dyn Backend>();
     }
 }
