@@ -66,7 +66,7 @@ struct RunArgs {
     /// output size) and an optional weight (default 1.0). Repeat to combine adapters.
     #[arg(long = "adapter", value_name = "NAME=IMAGE[:WEIGHT]")]
     adapters: Vec<AdapterRequest>,
-    /// Fraction of the steps that get adapter guidance (the first floor(steps × cond_tau) steps).
+    /// Fraction of the steps that get adapter guidance: the first int(steps × F) model calls, all at 1.
     #[arg(long, default_value_t = 1.0, value_name = "F")]
     cond_tau: f32,
     /// Denoising steps.

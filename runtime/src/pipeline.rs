@@ -2,7 +2,8 @@
 //! with classifier-free guidance → VAE decode. It follows diffusers'
 //! `StableDiffusionAdapterPipeline.__call__` (pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py)
 //! step for step, plus `cond_tau` with the semantics of `StableDiffusionXLAdapterPipeline`'s
-//! `adapter_conditioning_factor`: residuals only for steps `i < floor(steps × cond_tau)`.
+//! `adapter_conditioning_factor`: with `cond_tau < 1`, residuals only for model calls
+//! `i < int(steps × cond_tau)`; with `cond_tau = 1`, for every call, as the SD 1.x pipeline does.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,7 +48,10 @@ pub struct Request {
     /// `None` is the empty prompt, as in diffusers.
     pub negative_prompt: Option<String>,
     pub adapters: Vec<AdapterRequest>,
-    /// Fraction of the steps that get adapter residuals, in [0, 1]: steps `i < floor(steps × cond_tau)`.
+    /// Fraction of the steps that get adapter residuals, in [0, 1] (diffusers'
+    /// `adapter_conditioning_factor`): 1 is every model call; below 1, the calls with index
+    /// `i < int(steps × cond_tau)`, computed as Python does from the decimal value (0.7 × 10 is 7).
+    /// Samplers with two model calls per step (Heun) count calls, as diffusers' loop does.
     pub cond_tau: f32,
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is off at ≤ 1 (one UNet batch half instead of two).
@@ -323,8 +327,7 @@ impl Pipeline {
             })
             .collect();
         let zero_residuals: Vec<ArrayD<f32>> = residuals.iter().map(|r| ArrayD::zeros(r.raw_dim())).collect();
-        let adapter_steps =
-            if adapters.is_empty() { 0 } else { (request.steps as f64 * f64::from(request.cond_tau)).floor() as usize };
+        let adapter_steps = adapter_calls(adapters.is_empty(), request.steps, request.cond_tau);
 
         let channels = manifest.latent.channels;
         let mut latents: ArrayD<f32> = match &request.latents {
@@ -440,6 +443,22 @@ fn rescale_noise_cfg(noise_cfg: &mut ArrayD<f32>, noise_pred_text: ndarray::Arra
     }
 }
 
+/// How many model calls (from the first) get adapter residuals. `cond_tau = 1` is every call:
+/// `StableDiffusionAdapterPipeline` has no factor and always adds them (with Heun's two calls per
+/// step too). Below 1 it is the XL pipeline's `int(num_inference_steps * adapter_conditioning_factor)`
+/// with the factor as the Python float the user would type: an f32 such as 0.7 is widened through
+/// its shortest decimal form, so 10 steps × 0.7 gives 7 like Python, not 6.
+fn adapter_calls(no_adapters: bool, steps: usize, cond_tau: f32) -> usize {
+    if no_adapters {
+        return 0;
+    }
+    if cond_tau >= 1.0 {
+        return usize::MAX;
+    }
+    let tau: f64 = cond_tau.to_string().parse().unwrap_or(f64::from(cond_tau));
+    (steps as f64 * tau) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,5 +473,17 @@ mod tests {
         send::<Request>();
         send_sync::<dyn Graph>();
         send_sync::<dyn Backend>();
+    }
+
+    #[test]
+    fn adapter_calls_follow_python_arithmetic() {
+        assert_eq!(adapter_calls(true, 10, 1.0), 0);
+        assert_eq!(adapter_calls(false, 10, 1.0), usize::MAX);
+        // Python: int(10 * 0.7) == 7, int(10 * 0.3) == 3, int(6 * 0.5) == 3, int(30 * 0.1) == 3.
+        assert_eq!(adapter_calls(false, 10, 0.7), 7);
+        assert_eq!(adapter_calls(false, 10, 0.3), 3);
+        assert_eq!(adapter_calls(false, 6, 0.5), 3);
+        assert_eq!(adapter_calls(false, 30, 0.1), 3);
+        assert_eq!(adapter_calls(false, 10, 0.0), 0);
     }
 }
