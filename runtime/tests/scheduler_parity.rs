@@ -408,11 +408,13 @@ fn step_index_and_shapes_are_checked() {
         assert_eq!(scheduler.kind(), kind);
         let mut sample = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
         let output = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2]));
-        let (_, message) = match scheduler.step(output.view(), 4, &mut sample, &mut rng) {
+        // One past the last index: 4 for most kinds, 5 for PLMS (PNDM repeats a timestep).
+        let past_end = scheduler.num_steps();
+        let (_, message) = match scheduler.step(output.view(), past_end, &mut sample, &mut rng) {
             Err(Error::Scheduler { scheduler, message }) => (scheduler, message),
-            other => panic!("expected a scheduler error, got {other:?}"),
+            other => panic!("{kind}: expected a scheduler error, got {other:?}"),
         };
-        assert!(message.contains("step index 4"), "{message}");
+        assert!(message.contains(&format!("step index {past_end}")), "{message}");
         let wrong = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 3]));
         assert!(scheduler.step(wrong.view(), 0, &mut sample, &mut rng).is_err());
         scheduler.step(output.view(), 0, &mut sample, &mut rng).unwrap();
@@ -424,4 +426,44 @@ fn step_index_and_shapes_are_checked() {
 fn scale_model_input_past_the_end_panics() {
     let scheduler = SchedulerConfig::new(&sd15()).build(SchedulerKind::Euler, 4).unwrap();
     scheduler.scale_model_input(&mut ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2])), 4);
+}
+
+#[test]
+fn pndm_lms_ddpm_refuse_what_they_do_not_support() {
+    let cases = [
+        (SchedulerKind::Pndm, "prediction_type", json!("sample"), 10, "epsilon, v_prediction"),
+        (SchedulerKind::Pndm, "skip_prk_steps", json!(false), 3, "at least 4"),
+        (SchedulerKind::Lms, "use_exponential_sigmas", json!(true), 10, "not supported yet"),
+        (SchedulerKind::Lms, "use_beta_sigmas", json!(true), 10, "not supported yet"),
+        (SchedulerKind::Lms, "prediction_type", json!("original_sample"), 10, "epsilon, v_prediction, sample"),
+        (SchedulerKind::Ddpm, "variance_type", json!("learned_range"), 10, "predicts the variance"),
+        (SchedulerKind::Ddpm, "variance_type", json!("fixed_large_log"), 10, "NaN"),
+        (SchedulerKind::Ddpm, "variance_type", json!("other"), 10, "fixed_small, fixed_small_log, fixed_large"),
+        (SchedulerKind::Ddpm, "timestep_spacing", json!("uniform"), 10, "leading, trailing, linspace"),
+    ];
+    for (kind, key, value, steps, expect) in cases {
+        let mut config = sd15();
+        config[key] = value;
+        let (scheduler, message) = scheduler_error(SchedulerConfig::new(&config).build(kind, steps));
+        assert_eq!(scheduler, kind.as_str());
+        assert!(message.contains(key) && message.contains(expect), "{kind} {key}: {message}");
+    }
+    // Leading spacing with steps_offset 1 reaches timestep 1000 with 1000 steps, as for DDIM.
+    let config = SchedulerConfig::new(&sd15());
+    for kind in [SchedulerKind::Pndm, SchedulerKind::Ddpm] {
+        let (_, message) = scheduler_error(config.build(kind, 1000));
+        assert!(message.contains("timestep 1000"), "{kind}: {message}");
+    }
+}
+
+#[test]
+fn pndm_evaluates_the_model_once_more_than_the_steps() {
+    let config = SchedulerConfig::new(&sd15());
+    for (steps, evaluations) in [(1, 1), (2, 3), (20, 21)] {
+        assert_eq!(config.build(SchedulerKind::Pndm, steps).unwrap().num_steps(), evaluations);
+    }
+    // The Runge-Kutta warm-up: 4 evaluations for each of the first 3 steps.
+    let mut prk = sd15();
+    prk["skip_prk_steps"] = json!(false);
+    assert_eq!(SchedulerConfig::new(&prk).build(SchedulerKind::Pndm, 20).unwrap().num_steps(), 29);
 }
