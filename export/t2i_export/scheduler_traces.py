@@ -172,7 +172,22 @@ EULER_CASES = [
 
 # Each sampler's cases, (name, kind, overrides of SD15, steps). Keep these blocks apart: they are
 # edited independently.
-PNDM_CASES: list = []
+PNDM_CASES = [
+    # PNDM: SD 1.5 as shipped (PLMS: skip_prk_steps, leading, steps_offset 1, set_alpha_to_one False).
+    # PLMS repeats the second timestep: 50 steps are 51 model evaluations.
+    ("pndm_sd15_plms_50", "pndm", {}, 50),
+    ("pndm_plms_1", "pndm", {}, 1),
+    ("pndm_plms_2", "pndm", {}, 2),
+    ("pndm_set_alpha_to_one_vpred_10", "pndm", {"set_alpha_to_one": True, "prediction_type": "v_prediction"}, 10),
+    ("pndm_linspace_10", "pndm", {"timestep_spacing": "linspace"}, 10),
+    ("pndm_trailing_61_extra_step", "pndm", {"timestep_spacing": "trailing"}, 61),
+    ("pndm_offset0_trained_betas_10", "pndm",
+     {"steps_offset": 0, "num_train_timesteps": 100, "trained_betas": _trained_betas_100()}, 10),
+    # skip_prk_steps False: the Runge-Kutta warm-up (12 evaluations for the first 3 steps).
+    ("pndm_prk_10", "pndm", {"skip_prk_steps": False}, 10),
+    ("pndm_prk_4_trailing_vpred", "pndm",
+     {"skip_prk_steps": False, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 4),
+]
 
 
 EULER_ANCESTRAL_CASES = [
@@ -210,7 +225,16 @@ HEUN_CASES = [
 ]
 
 
-LMS_CASES: list = []
+LMS_CASES = [
+    # LMS (order 4, the default of `step`): from_config of SD 1.5 gives linspace spacing.
+    ("lms_sd15_linspace_25", "lms", {}, 25),
+    ("lms_linspace_1", "lms", {}, 1),
+    ("lms_leading_3", "lms", {"timestep_spacing": "leading"}, 3),
+    ("lms_karras_25", "lms", {"use_karras_sigmas": True}, 25),
+    ("lms_trailing_vpred_10", "lms", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 10),
+    ("lms_sample_pred_10", "lms", {"prediction_type": "sample"}, 10),
+    ("lms_linear_betas_50", "lms", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 50),
+]
 
 
 DPM_SOLVER_CASES: list = []
@@ -222,7 +246,29 @@ UNIPC_CASES: list = []
 LCM_CASES: list = []
 
 
-DDPM_CASES: list = []
+DDPM_CASES = [
+    # DDPM: SD 1.5 as shipped (leading, steps_offset 1, no clipping): noise at every step, the last
+    # one included (its timestep is 1 > 0).
+    ("ddpm_sd15_leading_50", "ddpm", {}, 50),
+    ("ddpm_leading_offset0_1", "ddpm", {"steps_offset": 0}, 1),
+    ("ddpm_fixed_small_log_clip_10", "ddpm",
+     {"variance_type": "fixed_small_log", "clip_sample": True, "steps_offset": 0}, 10),
+    ("ddpm_fixed_large_linspace_10", "ddpm", {"variance_type": "fixed_large", "timestep_spacing": "linspace"}, 10),
+    ("ddpm_clip_range_sample_pred_10", "ddpm",
+     {"clip_sample": True, "clip_sample_range": 0.5, "prediction_type": "sample"}, 10),
+    ("ddpm_thresholding_vpred_10", "ddpm",
+     {"thresholding": True, "sample_max_value": 1.5, "prediction_type": "v_prediction"}, 10),
+    (
+        "ddpm_zero_snr_trailing_vpred_10",
+        "ddpm",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+    ("ddpm_trailing_61_extra_step", "ddpm", {"timestep_spacing": "trailing"}, 61),
+    ("ddpm_defaults_100", "ddpm",
+     {"beta_schedule": "linear", "beta_start": _DROP, "beta_end": _DROP, "clip_sample": _DROP,
+      "steps_offset": _DROP}, 100),
+]
 
 
 CASES = (

@@ -412,7 +412,7 @@ fn step_index_and_shapes_are_checked() {
         let end = scheduler.num_steps();
         let (_, message) = match scheduler.step(output.view(), end, &mut sample, &mut rng) {
             Err(Error::Scheduler { scheduler, message }) => (scheduler, message),
-            other => panic!("expected a scheduler error, got {other:?}"),
+            other => panic!("{kind}: expected a scheduler error, got {other:?}"),
         };
         assert!(message.contains(&format!("step index {end}")), "{message}");
         let wrong = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 3]));
@@ -473,4 +473,44 @@ fn heun_second_stage_needs_its_first_and_add_noise_takes_the_repeated_sigma() {
     for (k, &sigma) in sigmas[..scheduler.num_steps()].iter().enumerate() {
         assert_eq!(scheduler.add_noise(zeros.view(), ones.view(), k)[0], sigma, "step {k}");
     }
+}
+
+#[test]
+fn pndm_lms_ddpm_refuse_what_they_do_not_support() {
+    let cases = [
+        (SchedulerKind::Pndm, "prediction_type", json!("sample"), 10, "epsilon, v_prediction"),
+        (SchedulerKind::Pndm, "skip_prk_steps", json!(false), 3, "at least 4"),
+        (SchedulerKind::Lms, "use_exponential_sigmas", json!(true), 10, "not supported yet"),
+        (SchedulerKind::Lms, "use_beta_sigmas", json!(true), 10, "not supported yet"),
+        (SchedulerKind::Lms, "prediction_type", json!("original_sample"), 10, "epsilon, v_prediction, sample"),
+        (SchedulerKind::Ddpm, "variance_type", json!("learned_range"), 10, "predicts the variance"),
+        (SchedulerKind::Ddpm, "variance_type", json!("fixed_large_log"), 10, "NaN"),
+        (SchedulerKind::Ddpm, "variance_type", json!("other"), 10, "fixed_small, fixed_small_log, fixed_large"),
+        (SchedulerKind::Ddpm, "timestep_spacing", json!("uniform"), 10, "leading, trailing, linspace"),
+    ];
+    for (kind, key, value, steps, expect) in cases {
+        let mut config = sd15();
+        config[key] = value;
+        let (scheduler, message) = scheduler_error(SchedulerConfig::new(&config).build(kind, steps));
+        assert_eq!(scheduler, kind.as_str());
+        assert!(message.contains(key) && message.contains(expect), "{kind} {key}: {message}");
+    }
+    // Leading spacing with steps_offset 1 reaches timestep 1000 with 1000 steps, as for DDIM.
+    let config = SchedulerConfig::new(&sd15());
+    for kind in [SchedulerKind::Pndm, SchedulerKind::Ddpm] {
+        let (_, message) = scheduler_error(config.build(kind, 1000));
+        assert!(message.contains("timestep 1000"), "{kind}: {message}");
+    }
+}
+
+#[test]
+fn pndm_evaluates_the_model_once_more_than_the_steps() {
+    let config = SchedulerConfig::new(&sd15());
+    for (steps, evaluations) in [(1, 1), (2, 3), (20, 21)] {
+        assert_eq!(config.build(SchedulerKind::Pndm, steps).unwrap().num_steps(), evaluations);
+    }
+    // The Runge-Kutta warm-up: 4 evaluations for each of the first 3 steps.
+    let mut prk = sd15();
+    prk["skip_prk_steps"] = json!(false);
+    assert_eq!(SchedulerConfig::new(&prk).build(SchedulerKind::Pndm, 20).unwrap().num_steps(), 29);
 }
