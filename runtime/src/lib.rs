@@ -22,6 +22,7 @@
 pub mod adapter;
 mod atomic_file;
 pub mod backend;
+pub mod bench;
 pub mod condition;
 pub mod error;
 pub mod manifest;
@@ -36,5 +37,5 @@ pub use adapter::{AdapterRequest, AdapterSet, ConditionSource};
 pub use backend::BackendKind;
 pub use error::{Error, Result};
 pub use manifest::Manifest;
-pub use pipeline::{Generation, LoadOptions, Model, Pipeline, Progress, Request};
+pub use pipeline::{Generation, LoadOptions, Model, Pipeline, Progress, Request, Timings};
 pub use scheduler::{SchedulerConfig, SchedulerKind};

@@ -11,9 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use t2i_rt::adapter::AdapterRequest;
 use t2i_rt::backend::BackendKind;
+use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
-use t2i_rt::pipeline::{Model, Request};
+use t2i_rt::pipeline::{LoadOptions, Model, Request};
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Parser)]
@@ -37,6 +38,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print a graph set's manifest and every graph's inputs and outputs.
     Inspect(InspectArgs),
+    /// Measure latency per stage (median / p90 / min over runs), start-up time and peak memory.
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args)]
@@ -116,9 +119,60 @@ struct RunArgs {
     /// Output PNG. With --n-samples > 1 this is a grid, and each sample is written as NAME-i.png.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
+    /// Threads per graph call (default: ONNX Runtime one per physical core; tract every core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Skip checking graph files against their manifest checksums (faster start-up for large sets).
     #[arg(long)]
     no_verify: bool,
+}
+
+#[derive(Args)]
+#[command(
+    group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])),
+    after_help = "Stages: prepare (request checks, condition images), tokenize, text_encoder, adapters (once per \
+request), unet_step, scheduler_step and loop_other_step (per model call), orchestration_per_step (all time \
+outside graph execution, per model call), vae_decode, total.\n\n\
+With --adapter the same request also runs without adapters, alternating run by run, and the adapter \
+overhead is printed as a ratio of the median totals.\n\n\
+Example:\n  t2i-rt bench --graphs graphs/tiny-sd1 --steps 30 --adapter sketch=edges.png --iters 10 --json bench.json"
+)]
+struct BenchArgs {
+    /// Graph-set folder (holds manifest.json).
+    #[arg(long, value_name = "DIR")]
+    graphs: Option<PathBuf>,
+    /// A graph file of the set (e.g. DIR/unet.onnx); the rest is found beside it.
+    #[arg(long, value_name = "FILE")]
+    graph: Option<PathBuf>,
+    #[arg(long, default_value = "ort-cpu", value_name = "B")]
+    backend: BackendKind,
+    /// Threads per graph call (default: the backend's).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    steps: usize,
+    /// Image size (default: the graph set's default size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    size: Option<(u32, u32)>,
+    /// Attach an adapter, as for `run`. Repeatable.
+    #[arg(long = "adapter", value_name = "NAME=IMAGE[:WEIGHT]")]
+    adapters: Vec<AdapterRequest>,
+    #[arg(long, default_value = "ddim", value_name = "NAME")]
+    scheduler: SchedulerKind,
+    /// Classifier-free guidance scale (> 1: a batch of 2 per UNet call).
+    #[arg(long, default_value_t = 7.5, value_name = "F")]
+    guidance: f32,
+    #[arg(long, default_value = "a photo of a lighthouse on a cliff at sunset", value_name = "TEXT")]
+    prompt: String,
+    /// Unmeasured runs first (session warm-up, tract's per-shape planning).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    warmup: usize,
+    /// Measured runs.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    iters: usize,
+    /// Also write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -164,6 +218,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Inspect(args) => inspect(args),
+        Command::Bench(args) => bench(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,7 +296,8 @@ fn run(args: RunArgs) -> Result<()> {
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
     request.check(&manifest)?;
-    let mut pipeline = Model::from_manifest(manifest, args.backend)?.pipeline()?;
+    let options = LoadOptions { backend: args.backend, verify_checksums: !args.no_verify, threads: args.threads };
+    let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
     let bar = ProgressBar::with_draw_target(Some(request.steps as u64), progress_target());
@@ -275,6 +331,122 @@ fn run(args: RunArgs) -> Result<()> {
         write_png(&args.out, &grid(images, columns))?;
     }
     eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `WxH`, e.g. `512x768`.
+fn parse_size(arg: &str) -> std::result::Result<(u32, u32), String> {
+    let (w, h) = arg.split_once(['x', 'X']).ok_or_else(|| format!("expected WxH (e.g. 512x512), got \"{arg}\""))?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("expected WxH (e.g. 512x512), got \"{arg}\""));
+    Ok((parse(w)?, parse(h)?))
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let dir = graph_set_dir(args.graphs, args.graph)?;
+    let mut request = Request::new(args.prompt);
+    request.steps = args.steps;
+    request.guidance = args.guidance;
+    request.scheduler = args.scheduler;
+    request.adapters = args.adapters;
+    request.width = args.size.map(|s| s.0);
+    request.height = args.size.map(|s| s.1);
+    let manifest = Manifest::load(&dir, true)?;
+    request.check(&manifest)?;
+    let graphs = dir.display().to_string();
+    let (width, height) =
+        (request.width.unwrap_or(manifest.default_size[0]), request.height.unwrap_or(manifest.default_size[1]));
+
+    // Start-up: what a service pays before its first request (checksums excluded).
+    let start = Instant::now();
+    let manifest = Manifest::load(&dir, false)?;
+    let options = LoadOptions { backend: args.backend, verify_checksums: false, threads: args.threads };
+    let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
+    let startup = start.elapsed();
+
+    let configs: Vec<(&str, Request)> = if request.adapters.is_empty() {
+        vec![("", request)]
+    } else {
+        let mut bare = request.clone();
+        bare.adapters.clear();
+        vec![("with adapters", request), ("without adapters", bare)]
+    };
+    let runs = configs.len() * (args.warmup + args.iters);
+    let bar = ProgressBar::with_draw_target(Some(runs as u64), progress_target());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} run {pos}/{len} [{bar:30}] {elapsed_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let requests: Vec<&Request> = configs.iter().map(|(_, r)| r).collect();
+    let timings = measure(&mut pipeline, &requests, args.warmup, args.iters, &mut || bar.inc(1))?;
+    bar.finish_and_clear();
+    let results: Vec<_> = configs.iter().zip(&timings).map(|((label, _), t)| (*label, stage_stats(t))).collect();
+    let peak_rss = peak_rss_mb();
+
+    println!(
+        "{} on {} ({} thread(s)), {width}x{height}, {} steps of {}, guidance {}, {} measured run(s) after {} warm-up",
+        graphs,
+        args.backend,
+        args.threads.map_or("default".to_string(), |n| n.to_string()),
+        args.steps,
+        args.scheduler,
+        args.guidance,
+        args.iters,
+        args.warmup
+    );
+    println!(
+        "start-up {:.1} ms; peak RSS {}",
+        startup.as_secs_f64() * 1e3,
+        peak_rss.map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+    );
+    for (label, stats) in &results {
+        if !label.is_empty() {
+            println!("\n{label}:");
+        }
+        println!("{:<24} {:>12} {:>12} {:>12}", "stage (ms)", "median", "p90", "min");
+        for (stage, s) in stats {
+            println!("{stage:<24} {:>12.3} {:>12.3} {:>12.3}", s.median, s.p90, s.min);
+        }
+        if let (Some(o), Some(u)) = (stats.get("orchestration_per_step"), stats.get("unet_step")) {
+            println!("orchestration: {:.3}% of a UNet step (median)", 100.0 * o.median / u.median);
+        }
+    }
+    let overhead = match results.as_slice() {
+        [(_, with), (_, without)] => {
+            let ratio = with["total"].median / without["total"].median;
+            println!("\nadapter overhead: total with / without adapters = {ratio:.4} ({:+.2}%)", (ratio - 1.0) * 100.0);
+            Some(ratio)
+        }
+        _ => None,
+    };
+
+    if let Some(path) = &args.json {
+        let stages = |stats: &std::collections::BTreeMap<&str, Stats>| serde_json::to_value(stats).unwrap_or_default();
+        let mut json = serde_json::json!({
+            "backend": args.backend.as_str(),
+            "graphs": graphs,
+            "size": [width, height],
+            "steps": args.steps,
+            "scheduler": args.scheduler.as_str(),
+            "guidance": args.guidance,
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "stages_ms": stages(&results[0].1),
+            "startup_ms": startup.as_secs_f64() * 1e3,
+            "peak_rss_mb": peak_rss,
+        });
+        if let (Some(ratio), Some((_, without))) = (overhead, results.get(1)) {
+            json["without_adapters"] = serde_json::json!({ "stages_ms": stages(without) });
+            json["adapter_overhead"] = ratio.into();
+        }
+        let text = serde_json::to_string_pretty(&json).context("serializing the results")? + "\n";
+        t2i_rt::output::write_file_atomic(path, text.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
 
@@ -353,7 +525,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
             a.residual_slots
         );
     }
-    let backend = args.backend.create()?;
+    let backend = args.backend.create(None)?;
     println!("checksums   ok\n\ngraphs (as read by {}):", backend.name());
     for (name, spec) in manifest.graph_specs() {
         let graph = backend.load(&name, &manifest.resolve(&spec.file)?)?;

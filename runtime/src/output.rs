@@ -1,5 +1,6 @@
 //! Decoder output to images: diffusers' post-processing, atomic PNG writing and image grids.
 
+use std::io::Write;
 use std::path::Path;
 
 use image::codecs::png::PngEncoder;
@@ -59,6 +60,11 @@ pub fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
             .write_image(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
             .map_err(|e| format!("cannot encode PNG: {e}"))
     })
+}
+
+/// Writes `bytes` to `path` atomically, like [`write_png`] (reports, JSON).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |out| out.write_all(bytes).map_err(|e| e.to_string()))
 }
 
 /// Tiles images left to right, top to bottom, `columns` per row, like diffusers'

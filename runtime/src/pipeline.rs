@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use ndarray::{Array, Array4, ArrayD, Axis, IxDyn};
@@ -29,11 +30,14 @@ pub struct LoadOptions {
     pub backend: BackendKind,
     /// Hash every file and compare with the manifest (catches truncated or swapped files).
     pub verify_checksums: bool,
+    /// Threads one graph call may use; `None` is the backend's default (ONNX Runtime: one per
+    /// physical core; tract: one).
+    pub threads: Option<usize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { backend: BackendKind::OrtCpu, verify_checksums: true }
+        LoadOptions { backend: BackendKind::OrtCpu, verify_checksums: true, threads: None }
     }
 }
 
@@ -175,6 +179,31 @@ pub struct Generation {
     pub latents: Array4<f32>,
     /// Decoded images, one per sample.
     pub images: Vec<RgbImage>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Wall time of each stage of one [`Pipeline::run`]. Per-step entries have one value per model
+/// call (`Scheduler::num_steps`).
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Checking the request: sizes, scheduler build, loading and resizing condition images.
+    pub prepare: Duration,
+    pub tokenize: Duration,
+    /// The text encoder graph.
+    pub text_encoder: Duration,
+    /// The adapter graphs, and summing their weighted features.
+    pub adapters: Duration,
+    /// The UNet graph, per model call.
+    pub unet: Vec<Duration>,
+    /// `scale_model_input` + `step`, per model call.
+    pub scheduler: Vec<Duration>,
+    /// Everything else in the loop, per model call: building the CFG batch, timesteps and
+    /// residual inputs, combining the guidance halves, progress.
+    pub loop_other: Vec<Duration>,
+    /// The VAE decoder graph and conversion to 8-bit images.
+    pub vae_decode: Duration,
+    pub total: Duration,
 }
 
 /// Progress reported after each denoising step.
@@ -206,13 +235,13 @@ impl Model {
     /// checks each graph's real inputs and outputs against the manifest.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Model> {
         let manifest = Manifest::load(dir, options.verify_checksums)?;
-        Model::from_manifest(manifest, options.backend)
+        Model::from_manifest(manifest, options)
     }
 
     /// Loads the graphs of an already loaded manifest (e.g. after checking a request against it with
     /// [`Request::check`], so that a bad request fails before seconds of graph loading).
-    pub fn from_manifest(manifest: Manifest, backend: BackendKind) -> Result<Model> {
-        let backend = backend.create()?;
+    pub fn from_manifest(manifest: Manifest, options: &LoadOptions) -> Result<Model> {
+        let backend = options.backend.create(options.threads)?;
         let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file)?, &manifest.tokenizer)?;
         let load = |name: &str, spec: &GraphSpec| -> Result<Arc<dyn Graph>> {
             let graph = backend.load(name, &manifest.resolve(&spec.file)?)?;
@@ -294,25 +323,35 @@ impl Pipeline {
     /// Runs one request. `progress` is called after every step; returning `false` cancels the run
     /// with [`Error::Cancelled`].
     pub fn run(&mut self, request: &Request, progress: &mut dyn FnMut(Progress) -> bool) -> Result<Generation> {
+        let start = Instant::now();
+        let mut timings = Timings::default();
         let model = self.model.clone();
         let manifest = model.manifest();
         let Checked { width, height, adapters } = request.check(manifest)?;
         let n = request.n_samples;
         let mut scheduler = request.scheduler_config(manifest).build(request.scheduler, request.steps)?;
         let mut rng = StdRng::seed_from_u64(request.seed);
+        timings.prepare = start.elapsed();
 
         // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
         let guided = request.guidance > 1.0;
         let negative = request.negative_prompt.as_deref().unwrap_or("");
         let prompts: Vec<&str> = if guided { vec![negative, &request.prompt] } else { vec![&request.prompt] };
-        let embeddings = self.encode_text(&prompts)?;
+        let clock = Instant::now();
+        let ids = self.token_ids(&prompts)?;
+        timings.tokenize = clock.elapsed();
+        let clock = Instant::now();
+        let embeddings = self.encode_ids(ids)?;
+        timings.text_encoder = clock.elapsed();
         let rows: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n)).collect();
         let text = embeddings.select(Axis(0), &rows);
         let batch = rows.len();
 
         // Adapters run once; their summed features are repeated over the batch like the text.
         let (lh, lw) = ((height / manifest.latent.downscale) as usize, (width / manifest.latent.downscale) as usize);
+        let clock = Instant::now();
         let residuals = adapters.residuals(manifest, &mut self.adapters)?;
+        timings.adapters = clock.elapsed();
         let residuals: Vec<ArrayD<f32>> = residuals
             .into_iter()
             .zip(&manifest.residual_slots)
@@ -338,9 +377,12 @@ impl Pipeline {
 
         let total = scheduler.timesteps().len();
         for step in 0..total {
+            let step_start = Instant::now();
             let t = scheduler.timesteps()[step];
             let mut model_input = if guided { concat(&[latents.view(), latents.view()])? } else { latents.clone() };
+            let clock = Instant::now();
             scheduler.scale_model_input(&mut model_input, step);
+            let mut scheduler_time = clock.elapsed();
             let timestep = ArrayD::from_elem(IxDyn(&[batch]), t);
             let step_residuals = if step < adapter_steps { &residuals } else { &zero_residuals };
             let mut inputs = vec![
@@ -351,7 +393,9 @@ impl Pipeline {
             for (slot, residual) in manifest.residual_slots.iter().zip(step_residuals) {
                 inputs.push((slot.input.as_str(), TensorView::F32(residual.view())));
             }
+            let clock = Instant::now();
             let noise = first(self.unet.run(&inputs)?, "unet")?;
+            let unet_time = clock.elapsed();
             let noise = if guided {
                 let uncond = noise.slice_axis(Axis(0), (0..n).into());
                 let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
@@ -364,17 +408,25 @@ impl Pipeline {
             } else {
                 noise
             };
+            let clock = Instant::now();
             scheduler.step(noise.view(), step, &mut latents, &mut rng)?;
+            scheduler_time += clock.elapsed();
             if !progress(Progress { step: step + 1, total }) {
                 return Err(Error::Cancelled);
             }
+            timings.unet.push(unet_time);
+            timings.scheduler.push(scheduler_time);
+            timings.loop_other.push(step_start.elapsed().saturating_sub(unet_time + scheduler_time));
         }
 
         let latents: Array4<f32> = latents
             .into_dimensionality()
             .map_err(|e| Error::InvalidRequest(format!("latents lost their shape: {e}")))?;
+        let clock = Instant::now();
         let images = self.decode(&latents)?;
-        Ok(Generation { latents, images })
+        timings.vae_decode = clock.elapsed();
+        timings.total = start.elapsed();
+        Ok(Generation { latents, images, timings })
     }
 
     /// Decodes final latents into images (diffusers' `decode_latents` + `numpy_to_pil`).
@@ -394,14 +446,23 @@ impl Pipeline {
 
     /// Text embeddings [prompts, max_length, D] for `prompts`, in one text-encoder call.
     pub fn encode_text(&mut self, prompts: &[&str]) -> Result<ArrayD<f32>> {
+        let ids = self.token_ids(prompts)?;
+        self.encode_ids(ids)
+    }
+
+    /// Token ids [prompts, max_length] for `prompts`.
+    fn token_ids(&self, prompts: &[&str]) -> Result<ArrayD<i64>> {
         let tokenizer = &self.model.0.tokenizer;
         let length = tokenizer.max_length();
         let mut ids = Vec::with_capacity(prompts.len() * length);
         for prompt in prompts {
-            ids.extend(self.model.0.tokenizer.encode(prompt)?);
+            ids.extend(tokenizer.encode(prompt)?);
         }
-        let ids = ArrayD::from_shape_vec(IxDyn(&[prompts.len(), length]), ids)
-            .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))?;
+        ArrayD::from_shape_vec(IxDyn(&[prompts.len(), length]), ids)
+            .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))
+    }
+
+    fn encode_ids(&mut self, ids: ArrayD<i64>) -> Result<ArrayD<f32>> {
         first(self.text_encoder.run(&[("input_ids", TensorView::I64(ids.view()))])?, "text_encoder")
     }
 }

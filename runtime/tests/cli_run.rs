@@ -1,6 +1,6 @@
 //! `t2i-rt run` end to end through the binary: diffusers' initial latents in with `--latents`,
 //! final latents out with `--save-latents`, equal to diffusers' (same tolerance as the library's
-//! pipeline parity test: relative L2 ≤ 1e-4 on ort-cpu), and PNGs within 2/255.
+//! pipeline parity test: relative L2 ≤ 1e-4 on ort-cpu), and PNGs within 2/255; and `t2i-rt bench`.
 
 mod common;
 
@@ -60,5 +60,48 @@ fn run_reproduces_diffusers_through_the_cli() {
     let got = image::open(&png).unwrap().to_rgb8();
     let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= 2, "a pixel differs by {worst}/255");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// `t2i-rt bench --json` writes the documented shape, with and without adapters, on both backends.
+#[test]
+fn bench_writes_stage_statistics() {
+    let out_dir = std::env::temp_dir().join(format!("t2i-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let sketch = common::tiny_sd1_fixtures().join("conditions/sketch.png");
+    for backend in ["ort-cpu", "tract"] {
+        let json = out_dir.join(format!("{backend}.json"));
+        let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+            .args(["bench", "--graphs"])
+            .arg(common::tiny_sd1())
+            .args(["--backend", backend, "--steps", "3", "--size", "64x128", "--scheduler", "heun"])
+            .args(["--warmup", "0", "--iters", "2", "--threads", "1", "--adapter"])
+            .arg(format!("sketch={}:0.8", sketch.display()))
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains("adapter overhead: total with / without adapters = "), "{stdout}");
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["backend"], backend);
+        assert_eq!(report["size"], serde_json::json!([64, 128]));
+        assert_eq!((report["steps"].as_u64(), report["iters"].as_u64()), (Some(3), Some(2)));
+        assert!(report["startup_ms"].as_f64().unwrap() > 0.0);
+        assert!(report["peak_rss_mb"].as_f64().unwrap() > 0.0);
+        assert!(report["adapter_overhead"].as_f64().unwrap() > 0.0);
+        for stats in [&report["stages_ms"], &report["without_adapters"]["stages_ms"]] {
+            for stage in ["tokenize", "text_encoder", "unet_step", "scheduler_step", "vae_decode", "total"] {
+                let s = &stats[stage];
+                let (median, p90, min) = (s["median"].as_f64(), s["p90"].as_f64(), s["min"].as_f64());
+                assert!(
+                    matches!((min, median, p90), (Some(a), Some(b), Some(c)) if a <= b && b <= c && a >= 0.0),
+                    "{backend} {stage}: {s}"
+                );
+            }
+        }
+        assert!(report["stages_ms"]["adapters"]["median"].as_f64().unwrap() > 0.0);
+    }
     std::fs::remove_dir_all(&out_dir).unwrap();
 }

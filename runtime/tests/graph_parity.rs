@@ -14,7 +14,7 @@ use t2i_rt::manifest::{DType, Manifest};
 
 fn check_backend(kind: BackendKind) {
     let manifest = Manifest::load(&tiny_sd1(), true).expect("tiny graph set loads");
-    let backend = kind.create().expect("backend starts");
+    let backend = kind.create(None).expect("backend starts");
     let mut checked = 0;
     for (name, spec) in manifest.graph_specs() {
         let dir = tiny_sd1_fixtures().join(format!("graph_{name}"));

@@ -59,7 +59,8 @@ fn fixture(path: &str) -> PathBuf {
 }
 
 fn check_backend(backend: BackendKind, latent_tolerance: f64) {
-    let mut pipeline = Pipeline::load(&common::tiny_sd1(), &LoadOptions { backend, verify_checksums: true }).unwrap();
+    let mut pipeline =
+        Pipeline::load(&common::tiny_sd1(), &LoadOptions { backend, verify_checksums: true, threads: None }).unwrap();
     let cases = cases();
     for required in ["ddim", "euler"] {
         assert!(

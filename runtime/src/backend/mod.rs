@@ -19,6 +19,9 @@ use crate::manifest::RealTensor;
 pub use self::ort::{find_onnxruntime_library, OrtBackend, OrtOptions, ORT_LIBRARY_NAME};
 pub use self::tract::TractBackend;
 
+/// Most threads a graph call may be given.
+pub const MAX_THREADS: usize = 1024;
+
 /// Which implementation runs the graphs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
@@ -39,12 +42,17 @@ impl BackendKind {
         }
     }
 
-    /// Creates the backend. For ort this loads the ONNX Runtime library (see
-    /// [`find_onnxruntime_library`]).
-    pub fn create(self) -> Result<Arc<dyn Backend>> {
+    /// Creates the backend, with `threads` per graph call (`None`: the backend's default). For
+    /// ort this loads the ONNX Runtime library (see [`find_onnxruntime_library`]).
+    pub fn create(self, threads: Option<usize>) -> Result<Arc<dyn Backend>> {
+        if let Some(n) = threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
+            return Err(Error::InvalidRequest(format!("threads {n} must be between 1 and {MAX_THREADS}")));
+        }
         Ok(match self {
-            BackendKind::OrtCpu => Arc::new(OrtBackend::new(OrtOptions::default())?),
-            BackendKind::Tract => Arc::new(TractBackend),
+            BackendKind::OrtCpu => {
+                Arc::new(OrtBackend::new(OrtOptions { intra_threads: threads, ..OrtOptions::default() })?)
+            }
+            BackendKind::Tract => Arc::new(TractBackend::new(threads)),
         })
     }
 }

@@ -3,12 +3,17 @@
 //! tract optimizes a graph for concrete input shapes, so a loaded graph keeps one optimized plan per
 //! set of input shapes it has seen (a request's shapes are fixed for all its steps), shared by all
 //! sessions of that graph.
+//!
+//! tract's kernels run single-threaded unless given an executor; this backend gives every graph
+//! call a rayon pool of `threads` (default: the machine's available parallelism, as ONNX Runtime
+//! uses every core by default).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use ndarray::ArrayD;
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -19,8 +24,25 @@ use crate::manifest::{DType, RealTensor};
 const BACKEND: &str = "tract";
 
 /// Runs graphs with tract-onnx.
-#[derive(Debug, Default)]
-pub struct TractBackend;
+#[derive(Debug, Clone)]
+pub struct TractBackend {
+    executor: Executor,
+}
+
+impl TractBackend {
+    /// `threads` per graph call; `None` takes the machine's available parallelism.
+    pub fn new(threads: Option<usize>) -> Self {
+        let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+        TractBackend { executor }
+    }
+}
+
+impl Default for TractBackend {
+    fn default() -> Self {
+        TractBackend::new(None)
+    }
+}
 
 impl Backend for TractBackend {
     fn name(&self) -> &'static str {
@@ -62,6 +84,7 @@ impl Backend for TractBackend {
             inputs,
             outputs,
             plans: Mutex::new(HashMap::new()),
+            executor: self.executor.clone(),
         }))))
     }
 }
@@ -77,6 +100,8 @@ struct Inner {
     outputs: Vec<RealTensor>,
     /// Optimized plans keyed by the input shapes (in graph input order).
     plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+    /// The thread pool graph calls run on (shared by every graph of the backend).
+    executor: Executor,
 }
 
 impl Graph for TractGraph {
@@ -144,7 +169,8 @@ impl GraphSession for TractSession {
                 TensorView::I64(a) => Tensor::from(a.to_owned()).into(),
             })
             .collect();
-        let outputs = plan.run(values).map_err(|e| graph.error(format!("{e:#}")))?;
+        let outputs = multithread_tract_scope(graph.executor.clone(), || plan.run(values))
+            .map_err(|e| graph.error(format!("{e:#}")))?;
         outputs
             .iter()
             .map(|value| {
