@@ -240,10 +240,53 @@ LMS_CASES = [
 DPM_SOLVER_CASES: list = []
 
 
-UNIPC_CASES: list = []
+UNIPC_CASES = [
+    # UniPC: from_config of SD 1.5 gives bh2, order 2, linspace (UniPC's own rule), final sigma 0.
+    ("unipc_sd15_linspace_20", "unipc", {}, 20),
+    ("unipc_linspace_1", "unipc", {}, 1),
+    ("unipc_karras_25", "unipc", {"use_karras_sigmas": True}, 25),
+    ("unipc_karras_50_repeated_timesteps", "unipc", {"use_karras_sigmas": True}, 50),
+    ("unipc_trailing_10", "unipc", {"timestep_spacing": "trailing"}, 10),
+    ("unipc_leading_15", "unipc", {"timestep_spacing": "leading"}, 15),
+    ("unipc_vpred_10", "unipc", {"prediction_type": "v_prediction"}, 10),
+    ("unipc_order3_25", "unipc", {"solver_order": 3}, 25),
+    ("unipc_order3_no_lower_final_sigma_min_10", "unipc",
+     {"solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, 10),
+    # bh1 and predict_x0=False give NaN with a final sigma of 0 in diffusers: sigma_min.
+    ("unipc_bh1_sigma_min_10", "unipc", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 10),
+    ("unipc_eps_space_sample_pred_sigma_min_10", "unipc",
+     {"predict_x0": False, "prediction_type": "sample", "final_sigmas_type": "sigma_min"}, 10),
+    ("unipc_disable_corrector_thresholding_10", "unipc",
+     {"disable_corrector": [0, 1, 2], "thresholding": True, "sample_max_value": 1.5}, 10),
+    (
+        "unipc_zero_snr_trailing_vpred_10",
+        "unipc",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+]
 
 
-LCM_CASES: list = []
+# LCM-Dreamshaper v7's scheduler_config.json (an LCMScheduler one).
+LCM_DREAMSHAPER = {
+    "_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "original_inference_steps": 50, "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False, "set_alpha_to_one": True, "steps_offset": 1, "thresholding": False,
+    "timestep_scaling": 10.0, "timestep_spacing": "leading", "trained_betas": None,
+}
+LCM_CASES = [
+    # LCM-LoRA on SD 1.5: LCMScheduler.from_config(SD15).
+    ("lcm_sd15_4", "lcm", {}, 4),
+    ("lcm_sd15_8", "lcm", {}, 8),
+    ("lcm_1", "lcm", {}, 1),
+    ("lcm_dreamshaper_config_6", "lcm", {**{k: _DROP for k in SD15}, **LCM_DREAMSHAPER}, 6),
+    ("lcm_original_steps_50_of_50", "lcm", {}, 50),
+    ("lcm_original_steps_20_7", "lcm", {"original_inference_steps": 20}, 7),
+    ("lcm_vpred_clip_4", "lcm", {"prediction_type": "v_prediction", "clip_sample": True, "clip_sample_range": 1.5}, 4),
+    ("lcm_sample_pred_thresholding_4", "lcm", {"prediction_type": "sample", "thresholding": True}, 4),
+    ("lcm_zero_snr_vpred_timestep_scaling_5_4", "lcm",
+     {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_scaling": 5.0}, 4),
+]
 
 
 DDPM_CASES = [

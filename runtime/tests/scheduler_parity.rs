@@ -514,3 +514,62 @@ fn pndm_evaluates_the_model_once_more_than_the_steps() {
     prk["skip_prk_steps"] = json!(false);
     assert_eq!(SchedulerConfig::new(&prk).build(SchedulerKind::Pndm, 20).unwrap().num_steps(), 29);
 }
+
+#[test]
+fn unipc_and_lcm_refuse_what_they_do_not_implement() {
+    let cases = [
+        (SchedulerKind::UniPc, json!({"use_flow_sigmas": true}), "use_flow_sigmas"),
+        (SchedulerKind::UniPc, json!({"use_exponential_sigmas": true}), "use_exponential_sigmas"),
+        (SchedulerKind::UniPc, json!({"use_beta_sigmas": true}), "use_beta_sigmas"),
+        (SchedulerKind::UniPc, json!({"solver_p": {"_class_name": "DDIMScheduler"}}), "solver_p"),
+        (SchedulerKind::UniPc, json!({"prediction_type": "flow_prediction"}), "epsilon, v_prediction, sample"),
+        (SchedulerKind::UniPc, json!({"solver_type": "bh3"}), "bh1, bh2"),
+        (SchedulerKind::UniPc, json!({"solver_order": 0}), "solver_order"),
+        // diffusers' last step yields NaN / inf for these with a final sigma of 0.
+        (SchedulerKind::UniPc, json!({"solver_type": "bh1"}), "sigma_min"),
+        (SchedulerKind::UniPc, json!({"predict_x0": false}), "sigma_min"),
+        (SchedulerKind::UniPc, json!({"lower_order_final": false}), "sigma_min"),
+        (SchedulerKind::Lcm, json!({"prediction_type": "flow"}), "epsilon, v_prediction, sample"),
+        (SchedulerKind::Lcm, json!({"original_inference_steps": 2000}), "original_inference_steps"),
+    ];
+    for (kind, overrides, expect) in cases {
+        let mut config = sd15();
+        for (k, v) in overrides.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let (scheduler, message) = scheduler_error(SchedulerConfig::new(&config).build(kind, 10));
+        assert_eq!(scheduler, kind.as_str());
+        assert!(message.contains(expect), "{overrides}: {message}");
+    }
+    // As diffusers: LCM's steps are a subset of its `original_inference_steps` (50) schedule.
+    let config = SchedulerConfig::new(&sd15());
+    let (_, message) = scheduler_error(config.build(SchedulerKind::Lcm, 51));
+    assert!(message.contains("51") && message.contains("original_inference_steps"), "{message}");
+    config.build(SchedulerKind::Lcm, 50).unwrap();
+    let mut config = sd15();
+    config["final_sigmas_type"] = json!("sigma_min");
+    config["solver_type"] = json!("bh1");
+    SchedulerConfig::new(&config).build(SchedulerKind::UniPc, 10).unwrap();
+}
+
+/// UniPC's multistep history is per request: starting mid-schedule (img2img) or running the same
+/// schedule again gives what a fresh scheduler does from there.
+#[test]
+fn unipc_history_restarts_when_steps_do_not_follow() {
+    let config = SchedulerConfig::new(&sd15());
+    let run = |scheduler: &mut Box<dyn Scheduler>, from: usize| {
+        let mut rng = rand::rng();
+        let mut sample = ArrayD::from_shape_fn(IxDyn(&[1, 4, 2, 2]), |d| d[1] as f32 - 1.5 + 0.1 * d[3] as f32);
+        for i in from..scheduler.num_steps() {
+            let output = fake_model(&sample, scheduler.timesteps()[i]);
+            scheduler.step(output.view(), i, &mut sample, &mut rng).unwrap();
+        }
+        sample
+    };
+    let mut reused = config.build(SchedulerKind::UniPc, 12).unwrap();
+    let first = run(&mut reused, 0);
+    assert_eq!(run(&mut reused, 0), first);
+    let mid = run(&mut reused, 5);
+    assert_eq!(run(&mut config.build(SchedulerKind::UniPc, 12).unwrap(), 5), mid);
+    assert_ne!(mid, first);
+}
