@@ -90,7 +90,5 @@ def export_random(preset: str, adapter_presets: list[str], out_dir: Path, name: 
     with tempfile.TemporaryDirectory(prefix="t2i-tok-") as tmp:
         write_clip_tokenizer_dir(Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))
-    comps = Components(
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler_config=dict(SD15_SCHEDULER_CONFIG)
-    )
+    comps = Components.single_encoder(tokenizer, text_encoder, unet, vae, dict(SD15_SCHEDULER_CONFIG))
     return export_components(comps, adapters, out_dir, name or f"random-{preset}")
