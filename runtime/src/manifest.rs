@@ -357,16 +357,22 @@ impl Manifest {
             }
             for output in std::iter::once(&e.hidden_output).chain(&e.pooled_output) {
                 if !e.graph.outputs.iter().any(|o| &o.name == output) {
-                    return Err(format!("text encoder {} names output {output}, which its graph does not have", e.name));
+                    return Err(format!(
+                        "text encoder {} names output {output}, which its graph does not have",
+                        e.name
+                    ));
                 }
             }
         }
         let unet_takes = |name: &str| self.graphs.unet.inputs.iter().any(|t| t.name == name);
         match &self.added_cond.text_embeds {
             Some(encoder) => {
-                let pooled = self.text_encoders.iter().find(|e| &e.name == encoder).and_then(|e| e.pooled_output.as_ref());
+                let pooled =
+                    self.text_encoders.iter().find(|e| &e.name == encoder).and_then(|e| e.pooled_output.as_ref());
                 if pooled.is_none() {
-                    return Err(format!("added_cond.text_embeds names {encoder:?}, which is no text encoder with a pooled_output"));
+                    return Err(format!(
+                        "added_cond.text_embeds names {encoder:?}, which is no text encoder with a pooled_output"
+                    ));
                 }
                 if !unet_takes("text_embeds") {
                     return Err("added_cond.text_embeds is set but the unet graph has no text_embeds input".into());
@@ -552,7 +558,12 @@ mod tests {
             precision: "fp32".into(),
             text_encoders: vec![TextEncoderSpec {
                 name: "text_encoder".into(),
-                tokenizer: TokenizerSpec { file: "tokenizer.json".into(), sha256: None, max_length: 77, pad_token_id: 0 },
+                tokenizer: TokenizerSpec {
+                    file: "tokenizer.json".into(),
+                    sha256: None,
+                    max_length: 77,
+                    pad_token_id: 0,
+                },
                 hidden_output: "last_hidden_state".into(),
                 pooled_output: None,
                 graph: GraphSpec {
@@ -568,10 +579,7 @@ mod tests {
             vae: VaeSpec { scaling_factor: 0.18215, precision: "fp32".into() },
             scheduler: serde_json::json!({}),
             residual_slots: vec![],
-            graphs: Graphs {
-                unet: graph("unet.onnx"),
-                vae_decoder: graph("vae_decoder.onnx"),
-            },
+            graphs: Graphs { unet: graph("unet.onnx"), vae_decoder: graph("vae_decoder.onnx") },
             adapters: vec![],
             dir: dir.to_path_buf(),
         }

@@ -94,7 +94,8 @@ impl SizeConditioning {
     pub fn time_ids(&self, width: u32, height: u32) -> ([f32; 6], [f32; 6]) {
         let ids = |o: (u32, u32), c: (u32, u32), t: (u32, u32)| [o.0, o.1, c.0, c.1, t.0, t.1].map(|v| v as f32);
         let output = (height, width);
-        let positive = ids(self.original_size.unwrap_or(output), self.crops_coords_top_left, self.target_size.unwrap_or(output));
+        let positive =
+            ids(self.original_size.unwrap_or(output), self.crops_coords_top_left, self.target_size.unwrap_or(output));
         let negative = match (self.negative_original_size, self.negative_target_size) {
             (Some(o), Some(t)) => ids(o, self.negative_crops_coords_top_left, t),
             _ => positive,
@@ -319,7 +320,8 @@ impl Pipeline {
         let guided = request.guidance > 1.0;
         let zero_negative = guided && request.negative_prompt.is_none() && manifest.force_zeros_for_empty_prompt;
         let negative = request.negative_prompt.as_deref().unwrap_or("");
-        let prompts: Vec<&str> = if guided && !zero_negative { vec![negative, &request.prompt] } else { vec![&request.prompt] };
+        let prompts: Vec<&str> =
+            if guided && !zero_negative { vec![negative, &request.prompt] } else { vec![&request.prompt] };
         let mut embeddings = self.encode_text(&prompts)?;
         if zero_negative {
             embeddings = embeddings.with_zero_row_first()?;

@@ -21,7 +21,8 @@ fn sdxl_size_unet_step_at_1024() {
     let mut session = graph.session().unwrap();
     eprintln!("loaded in {:.1}s", start.elapsed().as_secs_f64());
     let fill = |shape: &[usize], v: f32| ArrayD::from_elem(IxDyn(shape), v);
-    let sample = ArrayD::from_shape_fn(IxDyn(&[1, 4, 128, 128]), |i| ((i[2] * 7 + i[3] * 3 + i[1]) % 17) as f32 / 17.0 - 0.5);
+    let sample =
+        ArrayD::from_shape_fn(IxDyn(&[1, 4, 128, 128]), |i| ((i[2] * 7 + i[3] * 3 + i[1]) % 17) as f32 / 17.0 - 0.5);
     let timestep = fill(&[1], 999.0);
     let ehs = fill(&[1, 77, 2048], 0.1);
     let text_embeds = fill(&[1, 1280], 0.1);

@@ -33,7 +33,13 @@ fn ids_equal_transformers() {
                 "a case must fill all 77 tokens (truncation)"
             );
             for case in &cases {
-                assert_eq!(tokenizer.encode(&case.prompt).unwrap(), case.ids, "{set} {}: prompt {:?}", encoder.name, case.prompt);
+                assert_eq!(
+                    tokenizer.encode(&case.prompt).unwrap(),
+                    case.ids,
+                    "{set} {}: prompt {:?}",
+                    encoder.name,
+                    case.prompt
+                );
             }
             pad_ids.push(spec.pad_token_id);
         }
