@@ -1,7 +1,7 @@
-"""t2i_export: exports Stable Diffusion 1.x + T2I-Adapter checkpoints to the ONNX graph set that
+"""t2i_export: exports Stable Diffusion 1.x / 2.x / XL + T2I-Adapter checkpoints to the ONNX graph set that
 t2i-rt runs (contract: docs/manifest.md)."""
 
 __version__ = "0.1.0"
 
 OPSET = 17
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2

@@ -40,17 +40,27 @@ def condition_kind(adapter: T2IAdapter) -> str:
     return "gray" if adapter.config.in_channels == 1 else "rgb"
 
 
+def _blank_features(adapter: T2IAdapter, size_multiple: int) -> tuple[int, list[torch.Tensor]]:
+    side = math.lcm(size_multiple, adapter.total_downscale_factor)
+    with torch.no_grad():
+        return side, adapter(torch.zeros(1, adapter.config.in_channels, side, side))
+
+
+def feature_count(adapter: T2IAdapter, size_multiple: int) -> int:
+    """How many features (residuals) the adapter yields: 4 for SD 1.x/2.x full and light adapters and
+    for full_adapter_xl, whose 4th feeds SDXL's mid block."""
+    return len(_blank_features(adapter, size_multiple)[1])
+
+
 def match_slots(name: str, adapter: T2IAdapter, slots: list[ResidualSlot], vae_downscale: int, size_multiple: int) -> list[int]:
-    """Which residual slots the adapter's features feed (feature i -> slot i for SD 1.x adapters).
+    """Which residual slots the adapter's features feed (feature i -> slot i, diffusers pops them in order).
 
     Checked by running the adapter once on a blank image: every feature must have the channels and the
     spatial size of its slot, otherwise the UNet's `down_intrablock_additional_residuals` would not fit.
     """
     if adapter.config.in_channels not in (1, 3):
         raise ExportError(f"adapter {name}: in_channels={adapter.config.in_channels}; only 1 (gray) or 3 (rgb) are supported")
-    side = math.lcm(size_multiple, adapter.total_downscale_factor)
-    with torch.no_grad():
-        feats = adapter(torch.zeros(1, adapter.config.in_channels, side, side))
+    side, feats = _blank_features(adapter, size_multiple)
     if len(feats) > len(slots):
         raise ExportError(
             f"adapter {name}: yields {len(feats)} features but the UNet has only {len(slots)} residual slots "

@@ -18,18 +18,25 @@ def _adapter_arg(text: str) -> tuple[str, Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m t2i_export", description="Export SD 1.x + T2I-Adapters to a t2i-rt graph set.")
+    p = argparse.ArgumentParser(prog="python -m t2i_export", description="Export SD 1.x / 2.x / XL + T2I-Adapters to a t2i-rt graph set.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pp = sub.add_parser("pipeline", help="export a local diffusers SD 1.x pipeline directory (+ T2I-Adapter directories)")
+    pp = sub.add_parser("pipeline", help="export a local diffusers SD 1.x/2.x/XL pipeline directory (+ T2I-Adapter directories)")
     pp.add_argument("--model", type=Path, required=True, help="diffusers pipeline dir (model_index.json, unet/, vae/, ...)")
     pp.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=DIR",
                     help="a diffusers T2IAdapter dir, exported as adapter_NAME.onnx (repeatable)")
     pp.add_argument("--out", type=Path, required=True, help="graph-set directory to write")
     pp.add_argument("--name", help="manifest name (default: the --out directory's name)")
+    pp.add_argument("--vae", type=Path, metavar="DIR",
+                    help="a diffusers AutoencoderKL dir to use instead of the model's vae/ (e.g. an fp16-safe SDXL VAE)")
+    pp.add_argument("--vae-precision", choices=["fp32", "fp16"], default="fp32",
+                    help="compute precision of the VAE decoder graph (its inputs/outputs stay float32); "
+                    "fp16 is refused for VAEs with force_upcast (SDXL's original VAE overflows)")
 
-    pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph set and its parity fixtures")
-    pt.add_argument("--out", type=Path, required=True, help="writes OUT/tiny-sd1 and OUT/fixtures/tiny-sd1")
+    pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
+    pt.add_argument("--out", type=Path, required=True, help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY")
+    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl"],
+                    help="only these members of the tiny zoo (repeatable; default: all)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 
     pr = sub.add_parser("random", help="export a random-weight pipeline of a real model's size (benchmarks)")
@@ -65,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pipeline":
             from .pipeline import export_pipeline
 
-            out = export_pipeline(args.model, args.adapter, args.out, args.name)
+            out = export_pipeline(
+                args.model, args.adapter, args.out, args.name, vae_dir=args.vae, vae_precision=args.vae_precision
+            )
             print(f"wrote {out}")
         elif args.command == "tiny":
             from .tiny import build_tiny_zoo
 
-            set_dir, fixtures_dir = build_tiny_zoo(args.out, args.work)
-            print(f"wrote {set_dir} and {fixtures_dir}")
+            for set_dir, fixtures_dir in build_tiny_zoo(args.out, args.work, args.family):
+                print(f"wrote {set_dir} and {fixtures_dir}")
         elif args.command == "random":
             from .random_preset import export_random
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .adapter import AdapterGraph
+from .adapter import AdapterGraph, feature_count
 from .reference import Case, Oracle, decode_images, load_condition, run
-from .text_encoder import TextEncoderGraph
-from .unet import UNetGraph, residual_slots
+from .text_encoder import POOLED_OUTPUT, TextEncoderGraph
+from .unet import UNetGraph, has_text_time, residual_slots
 from .vae import VaeDecoderGraph
 
 TOKENIZER_PROMPTS = [
@@ -170,7 +170,90 @@ SAMPLER_CASES = [
                             "prediction_type": "v_prediction"}),
 ]
 
+# SD 2.x: v-prediction (the tiny set's scheduler config, like SD 2.1's), with the seg adapter.
+SD2_CASES = [
+    dict(
+        name="a_sd2_ddim_vpred_seg_pipeline",
+        prompt="a red house on a green hill, oil painting",
+        negative_prompt="blurry, low quality",
+        adapters=[("seg", 1.0)],
+        cond_tau=1.0,
+        steps=6,
+        guidance=7.5,
+        scheduler="ddim",
+        width=128,
+        height=64,
+        n_samples=1,
+        seed=301,
+        reference="pipeline",
+    ),
+    dict(
+        name="b_sd2_euler_vpred_seg_pipeline",
+        prompt="a cat sitting on a chair",
+        negative_prompt=None,
+        adapters=[("seg", 0.8)],
+        cond_tau=1.0,
+        steps=6,
+        guidance=7.5,
+        scheduler="euler",
+        width=64,
+        height=64,
+        n_samples=1,
+        seed=302,
+        reference="pipeline",
+    ),
+]
+
+# SDXL: StableDiffusionXLAdapterPipeline itself for every case (it has adapter_conditioning_factor).
+SDXL_CASES = [
+    dict(
+        name="a_sdxl_euler_canny_pipeline",
+        prompt="a red house on a green hill, oil painting",
+        negative_prompt=None,  # force_zeros_for_empty_prompt: zero embeddings for the unconditional half
+        adapters=[("canny", 0.9)],
+        cond_tau=1.0,
+        steps=6,
+        guidance=5.0,
+        scheduler="euler",
+        width=96,
+        height=64,
+        n_samples=1,
+        seed=401,
+        reference="pipeline",
+    ),
+    dict(
+        name="b_sdxl_ddim_two_adapters_tau05",
+        prompt=LONG_PROMPT,
+        negative_prompt="blurry, low quality",
+        adapters=[("canny", 1.0), ("depth", 0.8)],
+        cond_tau=0.5,
+        steps=6,
+        guidance=7.0,
+        scheduler="ddim",
+        width=64,
+        height=64,
+        n_samples=2,
+        seed=402,
+        reference="pipeline",
+        size_cond=dict(
+            original_size=(128, 96),
+            crops_coords_top_left=(8, 4),
+            target_size=(64, 64),
+            negative_original_size=(32, 32),
+            negative_target_size=(64, 64),
+        ),
+    ),
+]
+
+CASES_BY_FAMILY = {"sd1": CASES, "sd2": SD2_CASES, "sdxl": SDXL_CASES}
+
 CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"}
+# Which synthetic image (see `condition_images`) each family's adapters take, and where it is saved.
+CONDITIONS_BY_FAMILY = {
+    "sd1": {"sketch": ("sketch", CONDITIONS["sketch"]), "color": ("color", CONDITIONS["color"])},
+    "sd2": {"seg": ("color", "conditions/seg.png")},  # a colour-coded region map, like a segmentation
+    "sdxl": {"canny": ("sketch", "conditions/canny.png"), "depth": ("color", "conditions/depth.png")},
+}
 
 
 def condition_images() -> dict[str, Image.Image]:
@@ -199,8 +282,8 @@ def _save_graph(dir_: Path, inputs: dict[str, torch.Tensor], outputs: dict[str, 
         _save_npy(dir_ / f"out_{k}.npy", v.numpy())
 
 
-def tokenizer_fixture(oracle: Oracle) -> list[dict]:
-    tok = oracle.tokenizer
+def tokenizer_fixture(oracle: Oracle, tokenizer=None) -> list[dict]:
+    tok = tokenizer or oracle.tokenizer
     out = []
     for p in TOKENIZER_PROMPTS:
         ids = tok(p, padding="max_length", max_length=77, truncation=True).input_ids
@@ -208,16 +291,28 @@ def tokenizer_fixture(oracle: Oracle) -> list[dict]:
     return out
 
 
+def tokenizer_fixture_file(encoder_name: str) -> str:
+    """`tokenizer.json` for `text_encoder`, `tokenizer_2.json` for `text_encoder_2`."""
+    return encoder_name.replace("text_encoder", "tokenizer") + ".json"
+
+
 @torch.no_grad()
 def graph_fixtures(oracle: Oracle, root: Path) -> None:
     """Per graph: non-trivial inputs at a non-square size (image 64x128 = latent 8x16) and the torch outputs."""
-    tok = oracle.tokenizer
-    ids = tok(TOKENIZER_PROMPTS[:2], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    hidden = TextEncoderGraph(oracle.text_encoder)(ids)
-    _save_graph(root / "graph_text_encoder", {"input_ids": ids}, {"last_hidden_state": hidden})
+    hiddens, pooled = [], None
+    for name, tok, model, use in oracle.encoders():
+        ids = tok(TOKENIZER_PROMPTS[:2], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = TextEncoderGraph(model, use)(ids)
+        outs = {use.hidden_output: out[0]} if use.pooled else {use.hidden_output: out}
+        if use.pooled:
+            pooled = outs[POOLED_OUTPUT] = out[1]
+        hiddens.append(outs[use.hidden_output])
+        _save_graph(root / f"graph_{name}", {"input_ids": ids}, outs)
+    hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens, dim=-1)
 
     g = torch.Generator().manual_seed(201)
-    slots = residual_slots(oracle.unet.config)
+    features = max((feature_count(a, 64) for a in oracle.adapters.values()), default=0)
+    slots = residual_slots(oracle.unet.config, features)
     h, w = 8, 16
     unet_in = {
         "sample": torch.randn(2, oracle.unet.config.in_channels, h, w, generator=g),
@@ -225,6 +320,9 @@ def graph_fixtures(oracle: Oracle, root: Path) -> None:
         "timestep": torch.tensor([801.0, 17.25]),
         "encoder_hidden_states": hidden,
     }
+    if has_text_time(oracle.unet.config):
+        unet_in["text_embeds"] = pooled
+        unet_in["time_ids"] = torch.tensor([[64.0, 128.0, 0.0, 0.0, 64.0, 128.0], [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0]])
     for s in slots:
         unet_in[s.input] = torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g)
     noise_pred = UNetGraph(oracle.unet)(*[unet_in[k].clone() for k in unet_in])
@@ -261,18 +359,21 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
         reference=spec["reference"],
         scheduler_options=spec.get("scheduler_options", {}),
         guidance_rescale=spec.get("guidance_rescale", 0.0),
+        size_cond=dict(spec.get("size_cond", {})),
     )
 
 
-def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
-    for name, image in condition_images().items():
-        path = root / CONDITIONS[name]
+def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]:
+    conditions = CONDITIONS_BY_FAMILY[family]
+    synthetic = condition_images()
+    for source, rel in conditions.values():
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        synthetic[source].save(path)
     # Cases read the PNGs back, as the runtime will.
-    images = {n: load_condition(root / p) for n, p in CONDITIONS.items()}
+    images = {n: load_condition(root / rel) for n, (_, rel) in conditions.items()}
     entries = []
-    for spec in CASES + SAMPLER_CASES:
+    for spec in CASES_BY_FAMILY[family] + (SAMPLER_CASES if family == "sd1" else []):
         case = _make_case(spec, images, oracle)
         latents, timesteps = run(oracle, case)
         pixels = decode_images(oracle, latents)
@@ -295,7 +396,7 @@ def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
                 "name": case.name,
                 "prompt": case.prompt,
                 "negative_prompt": case.negative_prompt,
-                "adapters": [{"name": n, "image": CONDITIONS[n], "weight": w} for n, w in spec["adapters"]],
+                "adapters": [{"name": n, "image": conditions[n][1], "weight": w} for n, w in spec["adapters"]],
                 "cond_tau": case.cond_tau,
                 "steps": case.steps,
                 "guidance": case.guidance,
@@ -308,6 +409,7 @@ def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
                 "expected_images": pngs,
                 "reference": case.reference,
                 **extra,
+                **({"size_cond": {k: list(v) for k, v in case.size_cond.items()}} if case.size_cond else {}),
                 # informational, for debugging a runtime scheduler:
                 "timesteps": timesteps,
                 "init_noise_sigma": float(scheduler.init_noise_sigma),
@@ -322,16 +424,17 @@ def case_fixtures(oracle: Oracle, root: Path) -> list[dict]:
     return entries
 
 
-def write_fixtures(oracle: Oracle, out_dir: Path) -> Path:
+def write_fixtures(oracle: Oracle, out_dir: Path, family: str = "sd1") -> Path:
     """Build the fixture directory next to `out_dir` and swap it in when complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        rows = [json.dumps(r, ensure_ascii=False) for r in tokenizer_fixture(oracle)]
-        (tmp / "tokenizer.json").write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
+        for name, tok, _, _ in oracle.encoders():
+            rows = [json.dumps(r, ensure_ascii=False) for r in tokenizer_fixture(oracle, tok)]
+            (tmp / tokenizer_fixture_file(name)).write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
         graph_fixtures(oracle, tmp)
-        cases = case_fixtures(oracle, tmp)
+        cases = case_fixtures(oracle, tmp, family)
         (tmp / "cases.json").write_text(json.dumps(cases, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)

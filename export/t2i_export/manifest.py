@@ -31,13 +31,17 @@ def exporter_info() -> dict:
 
 def build(
     *,
+    family: str,
     name: str,
-    tokenizer: dict,
+    text_encoders: list[dict],
+    force_zeros_for_empty_prompt: bool,
+    added_cond: dict,
     latent_channels: int,
     latent_downscale: int,
     size_multiple: int,
     default_size: list[int],
     scaling_factor: float,
+    vae_precision: str,
     scheduler: dict,
     residual_slots: list[dict],
     graphs: dict,
@@ -46,15 +50,17 @@ def build(
     """The manifest, keys in the order of docs/manifest.md."""
     return {
         "format_version": FORMAT_VERSION,
-        "family": "sd1",
+        "family": family,
         "name": name,
         "exporter": exporter_info(),
         "precision": "fp32",
-        "tokenizer": tokenizer,
+        "text_encoders": text_encoders,
+        "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+        "added_cond": added_cond,
         "latent": {"channels": latent_channels, "downscale": latent_downscale},
         "size_multiple": size_multiple,
         "default_size": default_size,
-        "vae": {"scaling_factor": scaling_factor},
+        "vae": {"scaling_factor": scaling_factor, "precision": vae_precision},
         "scheduler": scheduler,
         "residual_slots": residual_slots,
         "graphs": graphs,
@@ -72,12 +78,14 @@ def write(set_dir: Path, manifest: dict) -> Path:
 
 def listed_files(manifest: dict) -> list[tuple[str, str]]:
     """Every (path, sha256) the manifest refers to."""
-    specs = list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
-    files = [(manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])]
+    encoders = manifest["text_encoders"]
+    specs = [e["graph"] for e in encoders] + list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
+    files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders]
     for spec in specs:
         files.append((spec["file"], spec["sha256"]))
         files.extend((d["file"], d["sha256"]) for d in spec["external_data"])
-    return files
+    # Encoders may share one tokenizer file: list each file once.
+    return list(dict.fromkeys(files))
 
 
 def check_relative(path: str) -> None:

@@ -89,30 +89,58 @@ def export_graph(
             )
         # Re-save through `onnx` so that a large graph's weights land in exactly one data file with a
         # relative location (the legacy exporter writes one file per tensor), and so that the file
-        # layout does not depend on how torch chose to write it.
-        model = onnx.load(str(raw), load_external_data=True)
+        # layout does not depend on how torch chose to write it. Large weights are streamed tensor by
+        # tensor rather than loaded: an SDXL UNet is 10 GB in fp32, and torch already holds a copy.
+        model = onnx.load(str(raw), load_external_data=False)
         _check_io(model, inputs, outputs)
         _set_dims(model.graph.input, inputs)
         _set_dims(model.graph.output, outputs)
         if external:
             data_name = path.name + ".data"
-            onnx.save_model(
-                model,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
+            _gather_external_data(model, Path(tmp), path.parent / data_name)
+            onnx.save_model(model, str(path))
             written = [path, path.parent / data_name]
-            # onnx creates the data file owner-only; give it the graph file's permissions.
+            # give the data file the graph file's permissions.
             os.chmod(written[1], path.stat().st_mode & 0o777)
         else:
+            onnx.load_external_data_for_model(model, tmp)
             onnx.save_model(model, str(path))
             written = [path]
         del model
     onnx.checker.check_model(str(path))
     return written
+
+
+def _gather_external_data(model: onnx.ModelProto, src_dir: Path, data_path: Path) -> None:
+    """Move every initializer's bytes into `data_path` (external data, 4 KiB-aligned offsets, as
+    onnx's own writer aligns them), one tensor at a time; small tensors stay inline."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    with open(data_path, "wb") as out:
+        for tensor in onnx.external_data_helper._get_all_tensors(model):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                with open(src_dir / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    raw = f.read(info.length) if info.length else f.read()
+                tensor.ClearField("external_data")
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                raw = tensor.raw_data
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            offset = out.tell()
+            pad = -offset % 4096
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(raw)
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del raw
 
 
 def _check_io(model: onnx.ModelProto, inputs: Sequence[TensorIO], outputs: Sequence[TensorIO]) -> None:

@@ -1,4 +1,8 @@
-"""Export a local diffusers SD 1.x pipeline directory (+ T2I-Adapter directories) to a graph set.
+"""Export a local diffusers SD 1.x, SD 2.x or SDXL pipeline directory (+ T2I-Adapter directories) to a graph set.
+
+One code path for every family: what differs (one or two text encoders and which of their outputs the
+UNet sees, SDXL's added conditioning, an extra mid-block residual slot for T2I-Adapter-XL) is derived
+from the checkpoint's configs and written into the manifest, which is all the runtime reads.
 
 Everything is validated before anything heavy runs; the set is built in `OUT/.tmp-*` and moved into
 `OUT` only when every graph exported, with `manifest.json` written last, so a directory with a
@@ -16,36 +20,77 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import manifest as mf
-from .adapter import check_name, condition_kind, export_adapter, match_slots
+from .adapter import check_name, condition_kind, export_adapter, feature_count, match_slots
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
-from .text_encoder import export_text_encoder
+from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
-from .unet import check_sd1_unet, export_unet, residual_slots
-from .vae import export_vae_decoder, vae_downscale
+from .unet import TIME_ID_COUNT, check_unet, export_unet, has_text_time, pooled_dim, residual_slots
+from .vae import VAE_PRECISIONS, export_vae_decoder, vae_downscale
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+XL_COMPONENTS = ("tokenizer_2", "text_encoder_2")
 EXPECTED_CLASSES = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "text_encoder": ("CLIPTextModel",),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
     "unet": ("UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
 }
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
+# SDXL's add_time_ids, in diffusers' order (`_get_add_time_ids`): each a (height, width) or (top, left) pair.
+TIME_IDS = ["original_size", "crops_coords_top_left", "target_size"]
+
+
+@dataclass
+class TextEncoderPart:
+    """One text encoder, its tokenizer and which of its outputs the pipeline uses."""
+
+    name: str  # graph name: text_encoder, text_encoder_2
+    tokenizer: CLIPTokenizer
+    model: CLIPTextModel | CLIPTextModelWithProjection
+    use: EncoderUse
 
 
 @dataclass
 class Components:
-    """An SD 1.x pipeline's parts, in fp32, eval mode."""
+    """A pipeline's parts, in fp32, eval mode."""
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    text_encoders: list[TextEncoderPart]
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler_config: dict  # the checkpoint's scheduler_config.json, verbatim
+    # SDXL pipelines' `force_zeros_for_empty_prompt`: no negative prompt -> zero embeddings.
+    force_zeros_for_empty_prompt: bool = False
+    vae_precision: str = "fp32"
+
+    @classmethod
+    def single_encoder(cls, tokenizer, text_encoder, unet, vae, scheduler_config, **kw) -> "Components":
+        """SD 1.x / 2.x: one encoder, its last hidden state (`StableDiffusionPipeline.encode_prompt`)."""
+        part = TextEncoderPart("text_encoder", tokenizer, text_encoder, EncoderUse("last", False))
+        return cls([part], unet, vae, scheduler_config, **kw)
+
+    @classmethod
+    def dual_encoder(cls, tokenizers, text_encoders, unet, vae, scheduler_config, **kw) -> "Components":
+        """SDXL (`StableDiffusionXLAdapterPipeline.encode_prompt`): both encoders' penultimate hidden
+        states, and the second one's pooled projection."""
+        parts = [
+            TextEncoderPart("text_encoder", tokenizers[0], text_encoders[0], EncoderUse("penultimate", False)),
+            TextEncoderPart("text_encoder_2", tokenizers[1], text_encoders[1], EncoderUse("penultimate", True)),
+        ]
+        return cls(parts, unet, vae, scheduler_config, **kw)
+
+
+def family(comps: Components) -> str:
+    """Informational label for the manifest; the runtime never branches on it."""
+    if has_text_time(comps.unet.config):
+        return "sdxl"
+    # SD 2.x's OpenCLIP ViT-H uses GELU; OpenAI CLIP (SD 1.x) quick_gelu.
+    return "sd2" if comps.text_encoders[0].model.config.hidden_act == "gelu" else "sd1"
 
 
 def _variant(component_dir: Path) -> str | None:
@@ -57,40 +102,63 @@ def _variant(component_dir: Path) -> str | None:
     raise ExportError(f"{component_dir}: no weights file (expected one of {', '.join(WEIGHT_NAMES)})")
 
 
+def _index(model_dir: Path) -> dict:
+    return json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+
+
 def check_model_dir(model_dir: Path) -> None:
     if not model_dir.is_dir():
-        raise ExportError(f"--model {model_dir}: not a directory (expected a diffusers SD 1.x pipeline directory)")
+        raise ExportError(f"--model {model_dir}: not a directory (expected a diffusers SD 1.x/2.x/XL pipeline directory)")
     index_path = model_dir / "model_index.json"
     if not index_path.is_file():
         raise ExportError(f"--model {model_dir}: no model_index.json (expected a diffusers pipeline directory)")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    for comp in COMPONENTS:
+    index = _index(model_dir)
+    xl = index.get("text_encoder_2") not in (None, [None, None])
+    for comp in COMPONENTS + (XL_COMPONENTS if xl else ()):
         if not (model_dir / comp).is_dir():
             raise ExportError(f"--model {model_dir}: missing component directory {comp}/")
         entry = index.get(comp)
         allowed = EXPECTED_CLASSES.get(comp)
         if allowed and (not isinstance(entry, list) or len(entry) != 2 or entry[1] not in allowed):
             raise ExportError(
-                f"--model {model_dir}: model_index.json has {comp}={entry}, expected a class in {list(allowed)} (SD 1.x)"
+                f"--model {model_dir}: model_index.json has {comp}={entry}, expected a class in {list(allowed)} "
+                "(SD 1.x/2.x/XL base; SDXL refiners are not supported)"
             )
     if not (model_dir / "scheduler" / "scheduler_config.json").is_file():
         raise ExportError(f"--model {model_dir}: missing scheduler/scheduler_config.json")
 
 
-def load_checkpoint(model_dir: Path) -> Components:
+def check_vae_dir(vae_dir: Path) -> None:
+    if not (vae_dir / "config.json").is_file():
+        raise ExportError(f"--vae {vae_dir}: no config.json (expected a diffusers AutoencoderKL directory)")
+    config = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ExportError(f"--vae {vae_dir}: config.json is a {config.get('_class_name')!r}, expected 'AutoencoderKL'")
+
+
+def load_checkpoint(model_dir: Path, vae_dir: Path | None = None, vae_precision: str = "fp32") -> Components:
     check_model_dir(model_dir)
-    te_dir, unet_dir, vae_dir = model_dir / "text_encoder", model_dir / "unet", model_dir / "vae"
-    text_encoder = CLIPTextModel.from_pretrained(str(te_dir), dtype=torch.float32, variant=_variant(te_dir))
-    unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32, variant=_variant(unet_dir))
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32, variant=_variant(vae_dir))
+    index = _index(model_dir)
+    unet_dir = model_dir / "unet"
+    vae_dir = vae_dir or model_dir / "vae"
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32, variant=_variant(unet_dir)).eval()
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32, variant=_variant(vae_dir)).eval()
     scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    return Components(
-        tokenizer=load_tokenizer(model_dir / "tokenizer"),
-        text_encoder=text_encoder.eval(),
-        unet=unet.eval(),
-        vae=vae.eval(),
-        scheduler_config=scheduler_config,
-    )
+
+    def encoder(sub: str, cls):
+        d = model_dir / sub
+        return cls.from_pretrained(str(d), dtype=torch.float32, variant=_variant(d)).eval()
+
+    common = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, vae_precision=vae_precision)
+    if index.get("text_encoder_2") not in (None, [None, None]):
+        return Components.dual_encoder(
+            [load_tokenizer(model_dir / "tokenizer"), load_tokenizer(model_dir / "tokenizer_2")],
+            [encoder("text_encoder", CLIPTextModel), encoder("text_encoder_2", CLIPTextModelWithProjection)],
+            # StableDiffusionXL*Pipeline.__init__ defaults it to True.
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            **common,
+        )
+    return Components.single_encoder(load_tokenizer(model_dir / "tokenizer"), encoder("text_encoder", CLIPTextModel), **common)
 
 
 def check_adapter_args(adapters: list[tuple[str, Path]]) -> None:
@@ -120,12 +188,18 @@ def export_pipeline(
     out_dir: Path,
     name: str | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    vae_dir: Path | None = None,
+    vae_precision: str = "fp32",
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
+    if vae_dir is not None:
+        check_vae_dir(vae_dir)
+    if vae_precision not in VAE_PRECISIONS:
+        raise ExportError(f"--vae-precision {vae_precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
     check_adapter_args(adapters)
     check_out_dir(out_dir)
-    comps = load_checkpoint(model_dir)
+    comps = load_checkpoint(model_dir, vae_dir, vae_precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
     return export_components(comps, loaded, out_dir, name, external_data_threshold)
 
@@ -139,17 +213,31 @@ class Geometry:
 
 
 def geometry(comps: Components) -> Geometry:
-    unet, vae, te = comps.unet, comps.vae, comps.text_encoder
-    check_sd1_unet(unet.config)
+    unet, vae = comps.unet, comps.vae
+    check_unet(unet.config)
     if unet.config.in_channels != vae.config.latent_channels or unet.config.out_channels != unet.config.in_channels:
         raise ExportError(
             f"unet in/out channels {unet.config.in_channels}/{unet.config.out_channels} do not match the VAE's "
             f"latent_channels {vae.config.latent_channels}"
         )
-    if unet.config.cross_attention_dim != te.config.hidden_size:
+    hidden = sum(p.model.config.hidden_size for p in comps.text_encoders)
+    if unet.config.cross_attention_dim != hidden:
         raise ExportError(
-            f"unet cross_attention_dim {unet.config.cross_attention_dim} != text encoder hidden_size {te.config.hidden_size}"
+            f"unet cross_attention_dim {unet.config.cross_attention_dim} != the text encoders' hidden sizes "
+            f"{' + '.join(str(p.model.config.hidden_size) for p in comps.text_encoders)}"
         )
+    if has_text_time(unet.config):
+        pooled = [p for p in comps.text_encoders if p.use.pooled]
+        if len(pooled) != 1 or pooled[0].model.config.projection_dim != pooled_dim(unet.config):
+            raise ExportError(
+                f"unet: added conditioning expects text_embeds of {pooled_dim(unet.config)} values, but the text "
+                "encoders give no matching pooled projection (an SDXL UNet needs text_encoder_2)"
+            )
+    elif any(p.use.pooled for p in comps.text_encoders):
+        raise ExportError("unet: takes no added conditioning (text_embeds/time_ids) but the pipeline has two text encoders")
+    lengths = {p.tokenizer.model_max_length for p in comps.text_encoders}
+    if len(lengths) != 1:
+        raise ExportError(f"tokenizers disagree on model_max_length ({sorted(lengths)}); their embeddings cannot be concatenated")
     vd = vae_downscale(vae)
     multiple = vd * 2 ** (len(unet.config.down_block_types) - 1)
     sample = unet.config.sample_size
@@ -181,24 +269,40 @@ def export_components(
         raise ExportError("adapter names must be unique")
     check_out_dir(out_dir)
     geo = geometry(comps)
-    slots = residual_slots(comps.unet.config)
+    features = max((feature_count(a, geo.size_multiple) for _, a in adapters), default=0)
+    slots = residual_slots(comps.unet.config, features)
     fed = {n: match_slots(n, a, slots, geo.vae_downscale, geo.size_multiple) for n, a in adapters}
-    seq_len = comps.tokenizer.model_max_length
+    seq_len = comps.text_encoders[0].tokenizer.model_max_length
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        tok_path = tmp / "tokenizer.json"
-        tok_entry = export_tokenizer(comps.tokenizer, tok_path, comps.text_encoder.config.max_position_embeddings)
-        tokenizer = {"file": "tokenizer.json", "sha256": sha256_file(tok_path), **tok_entry}
-
         latent_multiple = geo.size_multiple // geo.vae_downscale
+        encoders = []
+        for i, part in enumerate(comps.text_encoders):
+            tok_entry = _write_tokenizer(tmp, part, i, encoders)
+            files = export_text_encoder(part.model, seq_len, tmp / f"{part.name}.onnx", external_data_threshold, part.use)
+            encoders.append(
+                {
+                    "name": part.name,
+                    "tokenizer": tok_entry,
+                    "hidden_output": part.use.hidden_output,
+                    "pooled_output": POOLED_OUTPUT if part.use.pooled else None,
+                    "graph": graph_spec(tmp, files),
+                }
+            )
+        added_cond = {}
+        if has_text_time(comps.unet.config):
+            added_cond = {"text_embeds": next(p.name for p in comps.text_encoders if p.use.pooled), "time_ids": TIME_IDS}
         graphs = {
-            "text_encoder": export_text_encoder(comps.text_encoder, seq_len, tmp / "text_encoder.onnx", external_data_threshold),
-            "unet": export_unet(comps.unet, slots, seq_len, tmp / "unet.onnx", latent_multiple, external_data_threshold),
+            "unet": export_unet(comps.unet, slots, seq_len, tmp / _unet_file(comps), latent_multiple, external_data_threshold),
             "vae_decoder": export_vae_decoder(
-                comps.vae, tmp / "vae_decoder.onnx", (latent_multiple, 2 * latent_multiple), external_data_threshold
+                comps.vae,
+                tmp / "vae_decoder.onnx",
+                (latent_multiple, 2 * latent_multiple),
+                external_data_threshold,
+                comps.vae_precision,
             ),
         }
         adapter_entries = []
@@ -216,13 +320,17 @@ def export_components(
                 }
             )
         manifest = mf.build(
+            family=family(comps),
             name=name or out_dir.resolve().name,
-            tokenizer=tokenizer,
+            text_encoders=encoders,
+            force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
+            added_cond=added_cond,
             latent_channels=geo.latent_channels,
             latent_downscale=geo.vae_downscale,
             size_multiple=geo.size_multiple,
             default_size=geo.default_size,
             scaling_factor=comps.vae.config.scaling_factor,
+            vae_precision=comps.vae_precision,
             scheduler=comps.scheduler_config,
             residual_slots=[s.manifest() for s in slots],
             graphs={k: graph_spec(tmp, files) for k, files in graphs.items()},
@@ -232,6 +340,26 @@ def export_components(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _unet_file(comps: Components) -> str:
+    # `t2i-rt run --graph path/to/unet_xl.onnx` names the SDXL set by its UNet; the name is only a
+    # convenience for people, the runtime reads the manifest.
+    return "unet_xl.onnx" if family(comps) == "sdxl" else "unet.onnx"
+
+
+def _write_tokenizer(tmp: Path, part: TextEncoderPart, index: int, previous: list[dict]) -> dict:
+    """`tokenizer.json` (`tokenizer_2.json`, ...); an encoder whose tokenizer file would be identical to
+    an earlier one's (SDXL: same CLIP vocabulary, only the pad token differs) shares that file."""
+    file = "tokenizer.json" if index == 0 else f"tokenizer_{index + 1}.json"
+    entry = export_tokenizer(part.tokenizer, tmp / file, part.model.config.max_position_embeddings)
+    digest = sha256_file(tmp / file)
+    for prev in previous:
+        if prev["tokenizer"]["sha256"] == digest:
+            (tmp / file).unlink()
+            file = prev["tokenizer"]["file"]
+            break
+    return {"file": file, "sha256": digest, **entry}
 
 
 def _install(tmp: Path, out_dir: Path, manifest: dict) -> None:

@@ -68,6 +68,33 @@ SD15_VAE = dict(
     scaling_factor=0.18215,
 )
 
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (~2.6B parameters: 10.3 GB in fp32)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    center_input_sample=False,
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    mid_block_scale_factor=1,
+)
+
 SD15_ADAPTERS = {
     # TencentARC/t2iadapter_*_sd15v2 style full adapters (canny/depth: rgb; sketch: gray)
     "full": dict(in_channels=3, channels=[320, 640, 1280, 1280], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
@@ -90,7 +117,5 @@ def export_random(preset: str, adapter_presets: list[str], out_dir: Path, name: 
     with tempfile.TemporaryDirectory(prefix="t2i-tok-") as tmp:
         write_clip_tokenizer_dir(Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))
-    comps = Components(
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler_config=dict(SD15_SCHEDULER_CONFIG)
-    )
+    comps = Components.single_encoder(tokenizer, text_encoder, unet, vae, dict(SD15_SCHEDULER_CONFIG))
     return export_components(comps, adapters, out_dir, name or f"random-{preset}")

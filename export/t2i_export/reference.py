@@ -1,5 +1,8 @@
 """The parity oracle: diffusers' own pipelines, plus the "loop" reference for `cond_tau` < 1.
 
+SDXL sets are checked against `StableDiffusionXLAdapterPipeline` itself (it has
+`adapter_conditioning_factor`); SD 2.x sets against `StableDiffusionAdapterPipeline` like SD 1.x.
+
 `run_loop` is StableDiffusionAdapterPipeline.__call__ (diffusers
 pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py) written out step by step, with one
 change taken from StableDiffusionXLAdapterPipeline (`adapter_conditioning_factor`): the adapter
@@ -10,6 +13,7 @@ pipeline bit for bit (tests/test_reference.py).
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +24,17 @@ from diffusers import (
     MultiAdapter,
     StableDiffusionAdapterPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLAdapterPipeline,
+    StableDiffusionXLPipeline,
     T2IAdapter,
     UNet2DConditionModel,
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.pipelines.t2i_adapter.pipeline_stable_diffusion_adapter import _preprocess_adapter_image
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .text_encoder import EncoderUse
 
 from .scheduler_traces import CLASSES as SCHEDULERS
 from .scheduler_traces import PRESETS
@@ -42,9 +50,41 @@ class Oracle:
     vae: AutoencoderKL
     scheduler_config: dict
     adapters: dict[str, T2IAdapter] = field(default_factory=dict)
+    # SDXL only
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def encoders(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel, EncoderUse]]:
+        """(graph name, tokenizer, model, outputs used), as the exporter names them."""
+        if not self.xl:
+            return [("text_encoder", self.tokenizer, self.text_encoder, EncoderUse("last", False))]
+        return [
+            ("text_encoder", self.tokenizer, self.text_encoder, EncoderUse("penultimate", False)),
+            ("text_encoder_2", self.tokenizer_2, self.text_encoder_2, EncoderUse("penultimate", True)),
+        ]
 
     @classmethod
     def load(cls, model_dir: Path, adapter_dirs: dict[str, Path]) -> "Oracle":
+        adapters = {n: T2IAdapter.from_pretrained(str(p)).eval() for n, p in adapter_dirs.items()}
+        index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+        if index.get("text_encoder_2"):
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir))
+            return cls(
+                tokenizer=pipe.tokenizer,
+                text_encoder=pipe.text_encoder.eval(),
+                unet=pipe.unet.eval(),
+                vae=pipe.vae.eval(),
+                scheduler_config=dict(pipe.scheduler.config),
+                adapters=adapters,
+                tokenizer_2=pipe.tokenizer_2,
+                text_encoder_2=pipe.text_encoder_2.eval(),
+                force_zeros_for_empty_prompt=bool(pipe.config.force_zeros_for_empty_prompt),
+            )
         pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
         return cls(
             tokenizer=pipe.tokenizer,
@@ -52,7 +92,7 @@ class Oracle:
             unet=pipe.unet.eval(),
             vae=pipe.vae.eval(),
             scheduler_config=dict(pipe.scheduler.config),
-            adapters={n: T2IAdapter.from_pretrained(str(p)).eval() for n, p in adapter_dirs.items()},
+            adapters=adapters,
         )
 
     def scheduler(self, kind: str, options: dict | None = None):
@@ -78,6 +118,8 @@ class Case:
     reference: str  # "pipeline" | "loop"
     scheduler_options: dict = field(default_factory=dict)
     guidance_rescale: float = 0.0
+    # SDXL: original_size, crops_coords_top_left, target_size and their negative_* ((h, w) / (top, left) pairs)
+    size_cond: dict = field(default_factory=dict)
 
 
 def _step_kwargs(scheduler) -> dict:
@@ -194,7 +236,51 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
     return latents, [float(t) for t in scheduler.timesteps]
 
 
+@torch.no_grad()
+def run_pipeline_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    """StableDiffusionXLAdapterPipeline, `adapter_conditioning_factor=cond_tau`."""
+    if not case.adapters:
+        raise ValueError(f"case {case.name}: StableDiffusionXLAdapterPipeline needs an adapter")
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+    if len(case.adapters) == 1:
+        adapter, image, scale = oracle.adapters[case.adapters[0]["name"]], case.adapters[0]["image"], case.adapters[0]["weight"]
+    else:
+        adapter = MultiAdapter([oracle.adapters[a["name"]] for a in case.adapters])
+        image, scale = [a["image"] for a in case.adapters], [a["weight"] for a in case.adapters]
+    pipe = StableDiffusionXLAdapterPipeline(
+        vae=oracle.vae,
+        text_encoder=oracle.text_encoder,
+        text_encoder_2=oracle.text_encoder_2,
+        tokenizer=oracle.tokenizer,
+        tokenizer_2=oracle.tokenizer_2,
+        unet=oracle.unet,
+        adapter=adapter,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=oracle.force_zeros_for_empty_prompt,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        prompt=case.prompt,
+        negative_prompt=case.negative_prompt,
+        image=image,
+        adapter_conditioning_scale=scale,
+        adapter_conditioning_factor=case.cond_tau,
+        guidance_rescale=case.guidance_rescale,
+        num_inference_steps=case.steps,
+        guidance_scale=case.guidance,
+        height=case.height,
+        width=case.width,
+        num_images_per_prompt=case.n_samples,
+        latents=case.latents.clone(),
+        output_type="latent",
+        **{k: tuple(v) for k, v in case.size_cond.items()},
+    ).images
+    return latents, [float(t) for t in scheduler.timesteps]
+
+
 def run(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    if oracle.xl:
+        return run_pipeline_xl(oracle, case)
     return run_pipeline(oracle, case) if case.reference == "pipeline" else run_loop(oracle, case)
 
 

@@ -1,50 +1,85 @@
-"""The `text_encoder` graph: CLIP token ids -> last hidden state (what SD 1.x cross-attends to).
+"""`text_encoders` graphs: CLIP token ids -> the hidden states the UNet cross-attends to (+ pooled).
 
-diffusers' `encode_prompt` (clip_skip=None, no attention mask for SD 1.x's CLIP) uses
-`text_encoder(input_ids)[0]`, i.e. `last_hidden_state` after the final layer norm.
+What each family's diffusers pipeline takes from its encoder(s) (`encode_prompt`, clip_skip=None):
+
+* SD 1.x and SD 2.x (`StableDiffusionPipeline` / `StableDiffusionAdapterPipeline`):
+  `text_encoder(input_ids)[0]`, the `last_hidden_state` after the final layer norm. SD 2.x's
+  OpenCLIP ViT-H was converted with its last layer dropped (23 of 24), so this *is* the penultimate
+  layer OpenCLIP's SD 2 used; nothing else differs.
+* SDXL (`StableDiffusionXLAdapterPipeline`): `hidden_states[-2]` (penultimate layer, no final layer
+  norm) of both `CLIPTextModel` and `CLIPTextModelWithProjection`, concatenated on the last axis,
+  and the second encoder's projected pooled output `text_embeds`.
+
+The graph outputs are named after what they hold (`last_hidden_state`, `penultimate_hidden_state`,
+`text_embeds`); the manifest says which output feeds what.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
 
+HIDDEN_OUTPUTS = {"last": "last_hidden_state", "penultimate": "penultimate_hidden_state"}
+POOLED_OUTPUT = "text_embeds"
+
+
+@dataclass(frozen=True)
+class EncoderUse:
+    """Which of an encoder's outputs a family's pipeline uses."""
+
+    hidden: str  # "last" | "penultimate"
+    pooled: bool  # the projected pooled output (CLIPTextModelWithProjection.text_embeds)
+
+    @property
+    def hidden_output(self) -> str:
+        return HIDDEN_OUTPUTS[self.hidden]
+
 
 class TextEncoderGraph(torch.nn.Module):
-    """`text_encoder` graph: input_ids int64 [batch, seq_len] -> last_hidden_state f32 [batch, seq_len, D]."""
+    """input_ids int64 [batch, seq_len] -> hidden f32 [batch, seq_len, D] (+ text_embeds f32 [batch, P])."""
 
-    def __init__(self, text_encoder: CLIPTextModel):
+    def __init__(self, text_encoder: CLIPTextModel | CLIPTextModelWithProjection, use: EncoderUse = EncoderUse("last", False)):
         super().__init__()
         self.text_encoder = text_encoder
+        self.use = use
 
     def forward(self, input_ids):
-        return self.text_encoder(input_ids, return_dict=False)[0]
+        if self.use.hidden == "last" and not self.use.pooled:
+            # SD 1.x/2.x exactly as diffusers calls it (no hidden states requested).
+            return self.text_encoder(input_ids, return_dict=False)[0]
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2] if self.use.hidden == "penultimate" else out.last_hidden_state
+        if self.use.pooled:
+            return hidden, out.text_embeds
+        return hidden
 
 
-def io_spec(text_encoder: CLIPTextModel, seq_len: int) -> tuple[list[TensorIO], list[TensorIO]]:
+def io_spec(text_encoder, seq_len: int, use: EncoderUse) -> tuple[list[TensorIO], list[TensorIO]]:
     d = text_encoder.config.hidden_size
-    return (
-        [TensorIO("input_ids", ["batch", seq_len])],
-        [TensorIO("last_hidden_state", ["batch", seq_len, d])],
-    )
+    outputs = [TensorIO(use.hidden_output, ["batch", seq_len, d])]
+    if use.pooled:
+        outputs.append(TensorIO(POOLED_OUTPUT, ["batch", text_encoder.config.projection_dim]))
+    return [TensorIO("input_ids", ["batch", seq_len])], outputs
 
 
-def example_inputs(text_encoder: CLIPTextModel, seq_len: int) -> tuple:
+def example_inputs(text_encoder, seq_len: int) -> tuple:
     g = torch.Generator().manual_seed(0)
     return (torch.randint(0, text_encoder.config.vocab_size, (2, seq_len), generator=g, dtype=torch.int64),)
 
 
 def export_text_encoder(
-    text_encoder: CLIPTextModel,
+    text_encoder,
     seq_len: int,
     path: Path,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    use: EncoderUse = EncoderUse("last", False),
 ) -> list[Path]:
-    inputs, outputs = io_spec(text_encoder, seq_len)
+    inputs, outputs = io_spec(text_encoder, seq_len, use)
     return export_graph(
-        TextEncoderGraph(text_encoder), example_inputs(text_encoder, seq_len), path, inputs, outputs, external_data_threshold
+        TextEncoderGraph(text_encoder, use), example_inputs(text_encoder, seq_len), path, inputs, outputs, external_data_threshold
     )

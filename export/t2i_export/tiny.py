@@ -1,4 +1,5 @@
-"""Deterministic tiny random-weight SD 1.x checkpoint + two T2I-Adapters, saved in diffusers format.
+"""The tiny zoo: deterministic tiny random-weight SD 1.x, SD 2.x and SDXL checkpoints + T2I-Adapters,
+saved in diffusers format.
 
 Built with diffusers'/transformers' own classes, so exporting it goes through exactly the code path
 of a real checkpoint. Each component is initialised right after `torch.manual_seed(SEEDS[name])` by
@@ -21,8 +22,17 @@ import zipfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, T2IAdapter, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ExportError
 
@@ -153,13 +163,17 @@ def clip_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[tuple[str
     return dict(zip(vocab, range(len(vocab)))), merges
 
 
-def write_clip_tokenizer_dir(dst: Path) -> None:
-    """An SD 1.x-style tokenizer/ directory (vocab.json + merges.txt, as in the real checkpoints)."""
+def write_clip_tokenizer_dir(dst: Path, pad_token: str = "<|endoftext|>") -> None:
+    """An SD-style tokenizer/ directory (vocab.json + merges.txt, as in the real checkpoints).
+
+    SD 1.x and SDXL's `tokenizer/` pad with <|endoftext|>; SD 2.x's `tokenizer/` and SDXL's
+    `tokenizer_2/` (OpenCLIP) pad with "!" (id 0).
+    """
     vocab, merges = clip_vocab_and_merges(clip_bpe_text())
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
     (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "add_prefix_space": False, **special}
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -171,7 +185,11 @@ def _seeded(name: str):
 
 LIVEN_ATTN2_OUT = 4.0  # cross-attention output projections × 4
 LIVEN_ADAPTER = 4.0  # adapter features × 4
-FIRST_ADAPTER_CONV = {"full_adapter": "adapter.conv_in", "light_adapter": "adapter.body.0.in_conv"}
+FIRST_ADAPTER_CONV = {
+    "full_adapter": "adapter.conv_in",
+    "full_adapter_xl": "adapter.conv_in",
+    "light_adapter": "adapter.body.0.in_conv",
+}
 
 
 @torch.no_grad()
@@ -248,8 +266,177 @@ def write_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Path]]:
     return model_dir, adapter_dirs
 
 
-def build_tiny_zoo(out_root: Path, work_dir: Path | None = None) -> tuple[Path, Path]:
-    """`python -m t2i_export tiny`: OUT/tiny-sd1 (graph set) and OUT/fixtures/tiny-sd1 (fixtures).
+# ---- SD 2.x: OpenCLIP-style text encoder (GELU, pads with "!"), linear-projection attention with
+# upcast, v-prediction DDIM (stabilityai/stable-diffusion-2-1's scheduler_config.json, verbatim).
+SD21_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD2_SEEDS = {"text_encoder": 21, "unet": 22, "vae": 23, "seg": 24}
+SD2_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_act="gelu")
+SD2_UNET_CONFIG = dict(
+    UNET_CONFIG,
+    attention_head_dim=(2, 2, 4, 4),  # SD 2.x: per-block (5, 10, 20, 20)
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+SD2_ADAPTER_CONFIGS = {
+    # TencentARC/t2iadapter_seg_sd21-style full adapter (rgb)
+    "seg": dict(in_channels=3, channels=[16, 16, 32, 32], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
+}
+
+# ---- SDXL: two text encoders (CLIP ViT-L-like, then OpenCLIP bigG-like with projection), text_time
+# added conditioning, 3 down blocks (DownBlock2D first), T2I-Adapter-XL (4 features, the 4th to the
+# mid block). stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, verbatim.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+SDXL_SEEDS = {"text_encoder": 11, "text_encoder_2": 12, "unet": 13, "vae": 14, "canny": 15, "depth": 16}
+SDXL_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=8, intermediate_size=19, num_hidden_layers=3)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    TEXT_ENCODER_CONFIG, hidden_size=8, intermediate_size=23, num_hidden_layers=3, hidden_act="gelu", projection_dim=8
+)
+SDXL_UNET_CONFIG = dict(
+    sample_size=8,  # latent 8x8 -> default_size [64, 64]
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),  # SDXL: (1, 2, 10)
+    attention_head_dim=(2, 2, 4),  # SDXL: (5, 10, 20)
+    cross_attention_dim=16,  # 8 + 8: both encoders' hidden states concatenated
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,  # SDXL: 256
+    projection_class_embeddings_input_dim=6 * 8 + 8,  # 6 time ids × 8 + text_embeds (projection_dim 8)
+    norm_num_groups=8,
+)
+SDXL_VAE_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)
+SDXL_ADAPTER_CONFIGS = {
+    # TencentARC/t2i-adapter-{canny,lineart,sketch}-sdxl-1.0: gray; {depth-midas,openpose}: rgb
+    "canny": dict(in_channels=1, channels=[16, 32, 32, 32], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"),
+    "depth": dict(in_channels=3, channels=[16, 32, 32, 32], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"),
+}
+
+
+def _adapters(configs: dict, seeds: dict) -> dict:
+    adapters = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(seeds[name])
+        adapters[name] = T2IAdapter(**cfg).eval()
+        _liven_adapter(adapters[name])
+    return adapters
+
+
+def _save_adapters(work_dir: Path, adapters: dict) -> dict[str, Path]:
+    dirs = {}
+    for name, adapter in adapters.items():
+        dirs[name] = work_dir / "adapters" / name
+        adapter.save_pretrained(str(dirs[name]))
+    return dirs
+
+
+def _replace_tokenizer_and_scheduler(model_dir: Path, tokenizers: dict[str, str], scheduler_config: dict) -> None:
+    """Write the files real checkpoints have in place of what save_pretrained wrote."""
+    for sub in (*tokenizers, "scheduler"):
+        for f in (model_dir / sub).iterdir():
+            f.unlink()
+    for sub, pad in tokenizers.items():
+        write_clip_tokenizer_dir(model_dir / sub, pad)
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_checkpoint_sd2(work_dir: Path) -> tuple[Path, dict[str, Path]]:
+    torch.manual_seed(SD2_SEEDS["text_encoder"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_ENCODER_CONFIG)).eval()
+    torch.manual_seed(SD2_SEEDS["unet"])
+    unet = UNet2DConditionModel(**SD2_UNET_CONFIG).eval()
+    _liven(unet)
+    torch.manual_seed(SD2_SEEDS["vae"])
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    adapters = _adapters(SD2_ADAPTER_CONFIGS, SD2_SEEDS)
+    tok_dir = work_dir / "tokenizer-src-sd2"
+    write_clip_tokenizer_dir(tok_dir, "!")
+    model_dir = work_dir / "tiny-sd2"
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)),
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(SD21_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(model_dir))
+    _replace_tokenizer_and_scheduler(model_dir, {"tokenizer": "!"}, SD21_SCHEDULER_CONFIG)
+    return model_dir, _save_adapters(work_dir, adapters)
+
+
+def write_checkpoint_sdxl(work_dir: Path) -> tuple[Path, dict[str, Path]]:
+    torch.manual_seed(SDXL_SEEDS["text_encoder"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)).eval()
+    torch.manual_seed(SDXL_SEEDS["text_encoder_2"])
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)).eval()
+    torch.manual_seed(SDXL_SEEDS["unet"])
+    unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).eval()
+    _liven(unet)
+    torch.manual_seed(SDXL_SEEDS["vae"])
+    vae = AutoencoderKL(**SDXL_VAE_CONFIG).eval()
+    adapters = _adapters(SDXL_ADAPTER_CONFIGS, SDXL_SEEDS)
+    tok_dirs = {}
+    for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        tok_dirs[sub] = work_dir / f"tokenizer-src-sdxl-{sub}"
+        write_clip_tokenizer_dir(tok_dirs[sub], pad)
+    model_dir = work_dir / "tiny-sdxl"
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tok_dirs["tokenizer"])),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(tok_dirs["tokenizer_2"])),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(str(model_dir))
+    _replace_tokenizer_and_scheduler(model_dir, {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}, SDXL_SCHEDULER_CONFIG)
+    return model_dir, _save_adapters(work_dir, adapters)
+
+
+ZOO = {"sd1": write_checkpoint, "sd2": write_checkpoint_sd2, "sdxl": write_checkpoint_sdxl}
+
+
+def build_tiny_zoo(out_root: Path, work_dir: Path | None = None, families: list[str] | None = None) -> list[tuple[Path, Path]]:
+    """`python -m t2i_export tiny`: OUT/tiny-FAMILY (graph set) and OUT/fixtures/tiny-FAMILY (fixtures)
+    for each family (default: all), in the order sd1, sd2, sdxl.
 
     One intra-op thread, so that float reductions run in one fixed order (bit-for-bit regeneration).
     """
@@ -261,12 +448,16 @@ def build_tiny_zoo(out_root: Path, work_dir: Path | None = None) -> tuple[Path, 
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    written = []
     try:
         with tempfile.TemporaryDirectory(prefix="t2i-tiny-") as tmp:
-            work = Path(work_dir) if work_dir is not None else Path(tmp)
-            model_dir, adapter_dirs = write_checkpoint(work)
-            set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / "tiny-sd1", name="tiny-sd1")
-            fixtures_dir = write_fixtures(Oracle.load(model_dir, adapter_dirs), out_root / "fixtures" / "tiny-sd1")
+            for fam in [f for f in ZOO if families is None or f in families]:
+                work = (Path(work_dir) if work_dir is not None else Path(tmp)) / fam
+                model_dir, adapter_dirs = ZOO[fam](work)
+                name = f"tiny-{fam}"
+                set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / name, name=name)
+                fixtures_dir = write_fixtures(Oracle.load(model_dir, adapter_dirs), out_root / "fixtures" / name, fam)
+                written.append((set_dir, fixtures_dir))
     finally:
         torch.set_num_threads(threads)
-    return set_dir, fixtures_dir
+    return written

@@ -11,7 +11,14 @@ models/unets/unet_2d_condition.py, "3. down"):
   `sample` is the very tensor object stored last in that block's skip tuple, so the skip connection
   that the up path concatenates also carries the residual. The exported graph is traced from the real
   diffusers forward, so it reproduces this aliasing; `tests/test_parity.py` checks it numerically
-  against a variant without the aliasing.
+  against a variant without the aliasing;
+* T2I-Adapter-XL yields one feature more than SDXL has down blocks: the UNet adds it to the mid
+  block's output when the shapes agree ("To support T2I-Adapter-XL"). That slot exists only when an
+  exported adapter feeds it (`residual_slots(config, features)`).
+
+SDXL UNets (`addition_embed_type="text_time"`) also take `text_embeds` (the pooled projection of the
+second text encoder) and `time_ids` ([orig_h, orig_w, crop_top, crop_left, target_h, target_w]) as
+graph inputs: diffusers' `added_cond_kwargs`.
 
 Zeros in every `adapter_residual_i` are exactly "no adapter".
 """
@@ -28,6 +35,7 @@ from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
 
 SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+TIME_ID_COUNT = 6  # original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w)
 
 
 @dataclass(frozen=True)
@@ -54,14 +62,19 @@ class ResidualSlot:
         return {"input": self.input, "channels": self.channels, "downscale": self.downscale}
 
 
-def check_sd1_unet(config) -> None:
-    """Refuse UNet configs whose forward the graph contract cannot express (SDXL, LCM, ...)."""
+def has_text_time(config) -> bool:
+    """SDXL-style added conditioning: pooled text embeddings + size/crop time ids."""
+    return config.addition_embed_type == "text_time"
+
+
+def check_unet(config) -> None:
+    """Refuse UNet configs whose forward the graph contract cannot express (LCM, class-conditioned, ...)."""
     problems = []
     for t in config.down_block_types:
         if t not in SUPPORTED_DOWN_BLOCKS:
             problems.append(f"down block {t!r} (supported: {', '.join(SUPPORTED_DOWN_BLOCKS)})")
-    if config.addition_embed_type is not None:
-        problems.append(f"addition_embed_type={config.addition_embed_type!r} (SDXL-style added conditioning)")
+    if config.addition_embed_type not in (None, "text_time"):
+        problems.append(f"addition_embed_type={config.addition_embed_type!r} (supported: none, 'text_time')")
     if config.class_embed_type is not None or config.num_class_embeds is not None:
         problems.append("class embeddings")
     if config.time_cond_proj_dim is not None:
@@ -69,14 +82,16 @@ def check_sd1_unet(config) -> None:
     if config.encoder_hid_dim is not None:
         problems.append("encoder_hid_dim")
     if problems:
-        raise ExportError("unet: not an SD 1.x UNet: unsupported " + "; ".join(problems))
+        raise ExportError("unet: not an SD 1.x/2.x/XL UNet: unsupported " + "; ".join(problems))
 
 
-def residual_slots(config) -> list[ResidualSlot]:
-    """One slot per down block, in diffusers' order.
+def residual_slots(config, features: int = 0) -> list[ResidualSlot]:
+    """One slot per down block, in diffusers' order, plus the mid-block slot when `features` (the
+    most features any exported adapter yields) asks for it.
 
     A cross-attention block adds its residual before its downsampler (downscale 2**i); a plain
-    `DownBlock2D` gets it added to its output, i.e. after its downsampler if it has one.
+    `DownBlock2D` gets it added to its output, i.e. after its downsampler if it has one. The mid
+    block's output has the last block's channels at the last block's downscale.
     """
     n = len(config.down_block_types)
     slots = []
@@ -84,23 +99,37 @@ def residual_slots(config) -> list[ResidualSlot]:
         has_downsampler = i < n - 1
         after_downsampler = kind == "DownBlock2D" and has_downsampler
         slots.append(ResidualSlot(i, int(channels), 2 ** (i + 1) if after_downsampler else 2**i))
+    if features > n:
+        slots.append(ResidualSlot(n, int(config.block_out_channels[-1]), 2 ** (n - 1)))
     return slots
 
 
+def pooled_dim(config) -> int:
+    """Length of `text_embeds` a text_time UNet takes (its add_embedding input less the time ids)."""
+    return int(config.projection_class_embeddings_input_dim) - TIME_ID_COUNT * int(config.addition_time_embed_dim)
+
+
 class UNetGraph(torch.nn.Module):
-    """`unet` graph: (sample, timestep, encoder_hidden_states, adapter_residual_0..n-1) -> noise_pred."""
+    """`unet` graph: (sample, timestep, encoder_hidden_states, [text_embeds, time_ids,]
+    adapter_residual_0..n-1) -> noise_pred."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
+        self.text_time = has_text_time(unet.config)
 
-    def forward(self, sample, timestep, encoder_hidden_states, *adapter_residuals):
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        added = None
+        if self.text_time:
+            text_embeds, time_ids, *rest = rest
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
         # diffusers pops from this list: give it a fresh one each call.
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=encoder_hidden_states,
-            down_intrablock_additional_residuals=list(adapter_residuals),
+            added_cond_kwargs=added,
+            down_intrablock_additional_residuals=list(rest),
             return_dict=False,
         )[0]
 
@@ -111,7 +140,10 @@ def io_spec(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int)
         TensorIO("sample", ["batch", c, "latent_height", "latent_width"]),
         TensorIO("timestep", ["batch"]),
         TensorIO("encoder_hidden_states", ["batch", seq_len, unet.config.cross_attention_dim]),
-    ] + [TensorIO(s.input, ["batch", s.channels, s.height, s.width]) for s in slots]
+    ]
+    if has_text_time(unet.config):
+        inputs += [TensorIO("text_embeds", ["batch", pooled_dim(unet.config)]), TensorIO("time_ids", ["batch", TIME_ID_COUNT])]
+    inputs += [TensorIO(s.input, ["batch", s.channels, s.height, s.width]) for s in slots]
     outputs = [TensorIO("noise_pred", ["batch", unet.config.out_channels, "latent_height", "latent_width"])]
     return inputs, outputs
 
@@ -123,8 +155,12 @@ def example_inputs(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_le
     sample = torch.randn(2, unet.config.in_channels, h, w, generator=g)
     timestep = torch.tensor([999.0, 17.25])
     ehs = torch.randn(2, seq_len, unet.config.cross_attention_dim, generator=g)
+    added = ()
+    if has_text_time(unet.config):
+        time_ids = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w], [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0]])
+        added = (torch.randn(2, pooled_dim(unet.config), generator=g), time_ids)
     res = [torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g) for s in slots]
-    return (sample, timestep, ehs, *res)
+    return (sample, timestep, ehs, *added, *res)
 
 
 def export_unet(

@@ -2,6 +2,12 @@
 
 Exactly `AutoencoderKL.decode(latent_sample).sample` (post_quant_conv + decoder); the pipeline's
 `latents / scaling_factor` and `(image / 2 + 0.5).clamp(0, 1)` stay in the runtime.
+
+The decoder's compute precision is a manifest property (`vae.precision`): `fp16` halves its memory
+and time on GPUs, but SDXL's original VAE overflows in fp16 (diffusers upcasts it: `force_upcast`),
+so an fp16 decoder needs an fp16-safe VAE (`--vae DIR`, e.g. madebyollin/sdxl-vae-fp16-fix). The
+graph's inputs and outputs stay float32 either way (casts inside the graph), so the runtime feeds it
+the same tensors.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
+
+VAE_PRECISIONS = ("fp32", "fp16")
 
 
 def vae_downscale(vae: AutoencoderKL) -> int:
@@ -22,11 +31,14 @@ def vae_downscale(vae: AutoencoderKL) -> int:
 class VaeDecoderGraph(torch.nn.Module):
     """`vae_decoder` graph: latent_sample f32 [batch, C, h, w] -> image f32 [batch, 3, h*8, w*8]."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, precision: str = "fp32"):
         super().__init__()
         self.vae = vae
+        self.half = precision == "fp16"
 
     def forward(self, latent_sample):
+        if self.half:
+            return self.vae.decode(latent_sample.half(), return_dict=False)[0].float()
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
@@ -43,8 +55,22 @@ def export_vae_decoder(
     path: Path,
     latent_hw: tuple[int, int],
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    precision: str = "fp32",
 ) -> list[Path]:
+    if precision not in VAE_PRECISIONS:
+        raise ExportError(f"vae precision {precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
+    if precision == "fp16" and getattr(vae.config, "force_upcast", False):
+        raise ExportError(
+            "vae: this VAE's config has force_upcast=true (diffusers decodes it in fp32 because it overflows in fp16, "
+            "like SDXL's original VAE); export it with --vae-precision fp32, or pass an fp16-safe VAE with --vae DIR "
+            "(e.g. madebyollin/sdxl-vae-fp16-fix, whose config has force_upcast=false)"
+        )
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, vae.config.latent_channels, *latent_hw, generator=g),)
     inputs, outputs = io_spec(vae)
-    return export_graph(VaeDecoderGraph(vae), args, path, inputs, outputs, external_data_threshold)
+    module = VaeDecoderGraph(vae.half() if precision == "fp16" else vae, precision)
+    try:
+        return export_graph(module, args, path, inputs, outputs, external_data_threshold)
+    finally:
+        if precision == "fp16":
+            vae.float()

@@ -38,10 +38,17 @@ class Zoo:
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory) -> Zoo:
+def zoo_all(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Every family of the tiny zoo, freshly built: {"sd1": (set_dir, fixtures_dir), ...}."""
     root = tmp_path_factory.mktemp("tiny")
-    work = root / "work"
-    set_dir, fixtures_dir = build_tiny_zoo(root / "graphs", work)
+    built = build_tiny_zoo(root / "graphs", root / "work")
+    return {"sd1": built[0], "sd2": built[1], "sdxl": built[2], "work": (root / "work", None)}
+
+
+@pytest.fixture(scope="session")
+def zoo(zoo_all) -> Zoo:
+    set_dir, fixtures_dir = zoo_all["sd1"]
+    work = zoo_all["work"][0] / "sd1"
     return Zoo(set_dir, fixtures_dir, work / "tiny-sd1", {n: work / "adapters" / n for n in ("sketch", "color")})
 
 
@@ -52,7 +59,8 @@ def oracle(zoo) -> Oracle:
 
 def graph_specs(manifest: dict) -> dict[str, dict]:
     """Graph name (as in the fixtures' graph_<name>/) -> GraphSpec."""
-    specs = dict(manifest["graphs"])
+    specs = {e["name"]: e["graph"] for e in manifest["text_encoders"]}
+    specs.update(manifest["graphs"])
     specs.update({f"adapter_{a['name']}": a["graph"] for a in manifest["adapters"]})
     return specs
 

@@ -32,10 +32,12 @@ class GraphPipeline:
         self.adapters = {a["name"]: a for a in self.m["adapters"]}
         for a in self.m["adapters"]:
             self.sess["adapter_" + a["name"]] = ort.InferenceSession(str(set_dir / a["graph"]["file"]))
-        self.tok = Tokenizer.from_file(str(set_dir / self.m["tokenizer"]["file"]))
+        (self.te,) = self.m["text_encoders"]
+        self.sess["text_encoder"] = ort.InferenceSession(str(set_dir / self.te["graph"]["file"]))
+        self.tok = Tokenizer.from_file(str(set_dir / self.te["tokenizer"]["file"]))
 
     def ids(self, text):
-        t = self.m["tokenizer"]
+        t = self.te["tokenizer"]
         return encode_padded(self.tok, text, t["max_length"], self.tok.token_to_id("<|endoftext|>"), t["pad_token_id"])
 
     def condition(self, path, spec, width, height):

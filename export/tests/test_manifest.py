@@ -17,7 +17,8 @@ from t2i_export.manifest import listed_files, verify
 from t2i_export.pipeline import export_components, load_adapter, load_checkpoint
 
 TOP_KEYS = [
-    "format_version", "family", "name", "exporter", "precision", "tokenizer", "latent", "size_multiple",
+    "format_version", "family", "name", "exporter", "precision", "text_encoders", "force_zeros_for_empty_prompt",
+    "added_cond", "latent", "size_multiple",
     "default_size", "vae", "scheduler", "residual_slots", "graphs", "adapters",
 ]
 
@@ -29,12 +30,15 @@ def _sha(path):
 def test_manifest_contract(zoo):
     m = zoo.manifest()
     assert list(m) == TOP_KEYS
-    assert m["format_version"] == 1 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
+    assert m["format_version"] == 2 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
     assert m["exporter"] == {"t2i_export": "0.1.0", "torch": "2.15.0", "diffusers": "0.42.1", "opset": 17}
-    assert m["tokenizer"]["max_length"] == 77 and m["tokenizer"]["pad_token_id"] == 49407
+    (te,) = m["text_encoders"]
+    assert te["name"] == "text_encoder" and te["hidden_output"] == "last_hidden_state" and te["pooled_output"] is None
+    assert te["tokenizer"]["max_length"] == 77 and te["tokenizer"]["pad_token_id"] == 49407
+    assert m["force_zeros_for_empty_prompt"] is False and m["added_cond"] == {}
     assert m["latent"] == {"channels": 4, "downscale": 8}
     assert m["size_multiple"] == 64 and m["default_size"] == [64, 64]
-    assert m["vae"] == {"scaling_factor": 0.18215}
+    assert m["vae"] == {"scaling_factor": 0.18215, "precision": "fp32"}
     sched = json.loads((zoo.model_dir / "scheduler" / "scheduler_config.json").read_text())
     assert m["scheduler"] == sched and list(m["scheduler"]) == list(sched)  # verbatim, key order too
     assert m["residual_slots"] == [
@@ -43,7 +47,7 @@ def test_manifest_contract(zoo):
         {"input": "adapter_residual_2", "channels": 32, "downscale": 4},
         {"input": "adapter_residual_3", "channels": 32, "downscale": 8},
     ]
-    assert list(m["graphs"]) == ["text_encoder", "unet", "vae_decoder"]
+    assert list(m["graphs"]) == ["unet", "vae_decoder"]
     by_name = {a["name"]: a for a in m["adapters"]}
     assert by_name["sketch"]["adapter_type"] == "full_adapter" and by_name["sketch"]["condition"] == "gray"
     assert by_name["sketch"]["in_channels"] == 1
@@ -60,8 +64,8 @@ def test_manifest_contract(zoo):
         f"adapter_residual_{i}" for i in range(4)
     ]
     assert unet["inputs"][1] == {"name": "timestep", "dtype": "float32", "dims": ["batch"]}
-    assert m["graphs"]["text_encoder"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
-    assert m["graphs"]["text_encoder"]["outputs"][0]["dims"] == ["batch", 77, 16]
+    assert te["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
+    assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 16]
     assert m["graphs"]["vae_decoder"]["outputs"][0]["dims"] == ["batch", 3, "image_height", "image_width"]
 
 

@@ -1,4 +1,5 @@
-"""`python -m t2i_export tiny` regenerates the committed graphs/tiny-sd1 and graphs/fixtures/tiny-sd1.
+"""`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl} and their
+graphs/fixtures/tiny-*.
 
 Graph files, tokenizer, manifest, condition images and cases.json must be byte-identical (weights come
 from seeded CPU RNGs and the export is deterministic). Computed arrays and images are compared
@@ -13,7 +14,11 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from conftest import COMMITTED_FIXTURES, COMMITTED_SET
+import pytest
+
+from conftest import REPO
+
+FAMILIES = ["sd1", "sd2", "sdxl"]
 
 
 def _files(root):
@@ -24,16 +29,20 @@ def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_graph_set_is_bit_for_bit(zoo):
-    assert _files(zoo.set_dir) == _files(COMMITTED_SET)
-    for rel in _files(COMMITTED_SET):
-        assert _sha(zoo.set_dir / rel) == _sha(COMMITTED_SET / rel), rel
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_set_is_bit_for_bit(zoo_all, family):
+    fresh, committed = zoo_all[family][0], REPO / "graphs" / f"tiny-{family}"
+    assert _files(fresh) == _files(committed)
+    for rel in _files(committed):
+        assert _sha(fresh / rel) == _sha(committed / rel), rel
 
 
-def test_fixtures_are_bit_for_bit(zoo):
-    assert _files(zoo.fixtures_dir) == _files(COMMITTED_FIXTURES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixtures_are_bit_for_bit(zoo_all, family):
+    fixtures_dir, COMMITTED_FIXTURES = zoo_all[family][1], REPO / "graphs" / "fixtures" / f"tiny-{family}"
+    assert _files(fixtures_dir) == _files(COMMITTED_FIXTURES)
     for rel in _files(COMMITTED_FIXTURES):
-        fresh, committed = zoo.fixtures_dir / rel, COMMITTED_FIXTURES / rel
+        fresh, committed = fixtures_dir / rel, COMMITTED_FIXTURES / rel
         if _sha(fresh) == _sha(committed):
             continue
         if rel.endswith(".npy"):

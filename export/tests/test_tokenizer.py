@@ -19,7 +19,7 @@ def _rows(fixtures_dir):
 
 def _check(set_dir, rows):
     manifest = json.loads((set_dir / "manifest.json").read_text(encoding="utf-8"))
-    t = manifest["tokenizer"]
+    t = manifest["text_encoders"][0]["tokenizer"]
     raw = json.loads((set_dir / t["file"]).read_text(encoding="utf-8"))
     assert raw["padding"] is None and raw["truncation"] is None
     backend = Tokenizer.from_file(str(set_dir / t["file"]))

@@ -14,7 +14,7 @@ use t2i_rt::backend::BackendKind;
 use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
-use t2i_rt::pipeline::{LoadOptions, Model, Request};
+use t2i_rt::pipeline::{LoadOptions, Model, Request, SizeConditioning};
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Parser)]
@@ -25,7 +25,9 @@ use t2i_rt::scheduler::SchedulerKind;
     long_about = "Run Stable Diffusion with T2I-Adapters from exported ONNX graph sets, without Python.\n\n\
 A graph set is a folder written by `python -m t2i_export pipeline --model CHECKPOINT --adapter NAME=DIR --out DIR`:\n\
 ONNX graphs plus manifest.json, which tells t2i-rt everything about the model.\n\n\
-Example:\n  t2i-rt run --graphs graphs/tiny-sd1 --prompt \"a house\" --adapter sketch=edges.png:0.8 --out house.png"
+Examples:\n  t2i-rt run --graphs graphs/tiny-sd1 --prompt \"a house\" --adapter sketch=edges.png:0.8 --out house.png\n  \
+t2i-rt run --graph sdxl-t2i/unet_xl.onnx --prompt \"a house\" --adapter canny=edges.png:0.8 --cond-tau 0.5 \\\n      \
+--width 1024 --height 1024 --out house.png"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,14 +51,18 @@ enum Command {
     t2i-rt run --graphs sd15-t2i --prompt \"a castle, oil painting\" --adapter sketch=castle.png --out castle.png\n  \
     t2i-rt run --graph sd15-t2i/unet.onnx --prompt \"a castle\" --negative-prompt \"blurry\" \\\n      \
     --adapter sketch=castle.png:1.0 --adapter color=palette.png:1.2 --cond-tau 0.5 \\\n      \
-    --steps 30 --scheduler euler --seed 7 --n-samples 4 --out castles.png\n\n\
-Adapter names are those the graph set was exported with (see `t2i-rt inspect DIR`)."
+    --steps 30 --scheduler euler --seed 7 --n-samples 4 --out castles.png\n  \
+    t2i-rt run --graph sdxl-t2i/unet_xl.onnx --prompt \"a castle\" --adapter canny=castle_edges.png:0.8 \\\n      \
+    --adapter openpose=pose.png:1.0 --cond-tau 0.5 --width 1024 --height 1024 --steps 30 --out castle-xl.png\n\n\
+Adapter names are those the graph set was exported with (see `t2i-rt inspect DIR`). SDXL sets take\n\
+--original-size/--crop-top-left/--target-size (diffusers' defaults: the output size, 0,0); without\n\
+--negative-prompt an SDXL set uses zero embeddings (force_zeros_for_empty_prompt), as diffusers does."
 )]
 struct RunArgs {
     /// Graph-set folder (holds manifest.json).
     #[arg(long, value_name = "DIR")]
     graphs: Option<PathBuf>,
-    /// A graph file of the set (e.g. DIR/unet.onnx); the rest is found beside it.
+    /// A graph file of the set (e.g. DIR/unet.onnx, DIR/unet_xl.onnx); the rest is found beside it.
     #[arg(long, value_name = "FILE")]
     graph: Option<PathBuf>,
     /// What to draw.
@@ -125,6 +131,38 @@ struct RunArgs {
     /// Skip checking graph files against their manifest checksums (faster start-up for large sets).
     #[arg(long)]
     no_verify: bool,
+    /// SDXL: `original_size` conditioning (default: the output size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    original_size: Option<(u32, u32)>,
+    /// SDXL: `crops_coords_top_left` conditioning (default 0,0).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    crop_top_left: Option<(u32, u32)>,
+    /// SDXL: `target_size` conditioning (default: the output size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    target_size: Option<(u32, u32)>,
+    /// SDXL: `negative_original_size` (used with --negative-target-size, as in diffusers).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    negative_original_size: Option<(u32, u32)>,
+    /// SDXL: `negative_crops_coords_top_left` (default 0,0).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    negative_crop_top_left: Option<(u32, u32)>,
+    /// SDXL: `negative_target_size` (used with --negative-original-size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    negative_target_size: Option<(u32, u32)>,
+}
+
+/// `WxH` → diffusers' (height, width).
+fn parse_size(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1024x1024"))?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1024x1024"));
+    Ok((parse(h)?, parse(w)?))
+}
+
+/// `A,B` → (A, B).
+fn parse_pair(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (a, b) = s.split_once(',').ok_or_else(|| format!("{s:?}: expected TOP,LEFT, e.g. 0,0"))?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{s:?}: expected TOP,LEFT, e.g. 0,0"));
+    Ok((parse(a)?, parse(b)?))
 }
 
 #[derive(Args)]
@@ -152,7 +190,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 30, value_name = "N")]
     steps: usize,
     /// Image size (default: the graph set's default size).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    #[arg(long, value_name = "WxH", value_parser = parse_width_height)]
     size: Option<(u32, u32)>,
     /// Attach an adapter, as for `run`. Repeatable.
     #[arg(long = "adapter", value_name = "NAME=IMAGE[:WEIGHT]")]
@@ -279,6 +317,14 @@ fn run(args: RunArgs) -> Result<()> {
     request.n_samples = args.n_samples;
     request.width = args.width;
     request.height = args.height;
+    request.size_cond = SizeConditioning {
+        original_size: args.original_size,
+        crops_coords_top_left: args.crop_top_left.unwrap_or((0, 0)),
+        target_size: args.target_size,
+        negative_original_size: args.negative_original_size,
+        negative_crops_coords_top_left: args.negative_crop_top_left.unwrap_or((0, 0)),
+        negative_target_size: args.negative_target_size,
+    };
     request.seed = args
         .seed
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
@@ -334,8 +380,8 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// `WxH`, e.g. `512x768`.
-fn parse_size(arg: &str) -> std::result::Result<(u32, u32), String> {
+/// `WxH`, e.g. `512x768`, as (width, height).
+fn parse_width_height(arg: &str) -> std::result::Result<(u32, u32), String> {
     let (w, h) = arg.split_once(['x', 'X']).ok_or_else(|| format!("expected WxH (e.g. 512x512), got \"{arg}\""))?;
     let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("expected WxH (e.g. 512x512), got \"{arg}\""));
     Ok((parse(w)?, parse(h)?))
@@ -500,10 +546,24 @@ fn inspect(args: InspectArgs) -> Result<()> {
         "latent      {} channels, 1/{} of the image; VAE scaling {}",
         manifest.latent.channels, manifest.latent.downscale, manifest.vae.scaling_factor
     );
-    println!(
-        "tokenizer   {} (max length {}, pad id {})",
-        manifest.tokenizer.file, manifest.tokenizer.max_length, manifest.tokenizer.pad_token_id
-    );
+    for e in &manifest.text_encoders {
+        println!(
+            "text        {}: {} ({}, max length {}, pad id {}){}",
+            e.name,
+            e.hidden_output,
+            e.tokenizer.file,
+            e.tokenizer.max_length,
+            e.tokenizer.pad_token_id,
+            e.pooled_output.as_ref().map(|p| format!(" + pooled {p}")).unwrap_or_default()
+        );
+    }
+    if manifest.force_zeros_for_empty_prompt {
+        println!("            no negative prompt: zero embeddings (force_zeros_for_empty_prompt)");
+    }
+    if let Some(ids) = &manifest.added_cond.time_ids {
+        println!("added cond  text_embeds from {:?}, time_ids {}", manifest.added_cond.text_embeds, ids.join(" + "));
+    }
+    println!("vae         decoder precision {}", manifest.vae.precision);
     let class = manifest.scheduler.get("_class_name").and_then(|v| v.as_str()).unwrap_or("?");
     println!("scheduler   {class} config; samplers: {}", scheduler_names());
     println!(

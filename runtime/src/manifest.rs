@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// The manifest format this runtime reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside a graph set.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -24,7 +24,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
-    /// Model family: `sd1` (later `sd2`, `sdxl`).
+    /// Model family: `sd1`, `sd2` or `sdxl`. Informational: everything the runtime does follows from
+    /// the fields below, never from this label.
     pub family: String,
     #[serde(default)]
     pub name: String,
@@ -32,7 +33,16 @@ pub struct Manifest {
     pub exporter: BTreeMap<String, serde_json::Value>,
     #[serde(default = "default_precision")]
     pub precision: String,
-    pub tokenizer: TokenizerSpec,
+    /// The text encoders, run in this order on the same prompt; their `hidden_output`s are
+    /// concatenated on the last axis into the UNet's `encoder_hidden_states`.
+    pub text_encoders: Vec<TextEncoderSpec>,
+    /// diffusers' `force_zeros_for_empty_prompt` (SDXL): with guidance and no negative prompt, the
+    /// unconditional embeddings (hidden and pooled) are zeros instead of the encoded empty prompt.
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: bool,
+    /// Extra UNet conditioning (diffusers' `added_cond_kwargs`); empty for SD 1.x/2.x.
+    #[serde(default)]
+    pub added_cond: AddedCond,
     pub latent: LatentSpec,
     /// Image width and height must be multiples of this.
     pub size_multiple: u32,
@@ -65,6 +75,37 @@ pub struct TokenizerSpec {
     pub pad_token_id: u32,
 }
 
+/// One text encoder: its tokenizer, its graph and which of the graph's outputs are used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextEncoderSpec {
+    /// Graph name (`text_encoder`, `text_encoder_2`).
+    pub name: String,
+    pub tokenizer: TokenizerSpec,
+    /// The output concatenated into `encoder_hidden_states` (`last_hidden_state` or
+    /// `penultimate_hidden_state`).
+    pub hidden_output: String,
+    /// The pooled projection output (`text_embeds`), if the UNet takes it.
+    #[serde(default)]
+    pub pooled_output: Option<String>,
+    pub graph: GraphSpec,
+}
+
+/// The UNet's added conditioning inputs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AddedCond {
+    /// Feed UNet input `text_embeds` with this encoder's `pooled_output`.
+    #[serde(default)]
+    pub text_embeds: Option<String>,
+    /// Feed UNet input `time_ids` [batch, 2 × len] with these (a, b) pairs, in this order; the only
+    /// order the runtime knows is [`TIME_IDS`] (diffusers' `_get_add_time_ids`).
+    #[serde(default)]
+    pub time_ids: Option<Vec<String>>,
+}
+
+/// SDXL's size and crop conditioning, in diffusers' `add_time_ids` order: (height, width),
+/// (top, left), (height, width).
+pub const TIME_IDS: [&str; 3] = ["original_size", "crops_coords_top_left", "target_size"];
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LatentSpec {
     pub channels: usize,
@@ -76,6 +117,10 @@ pub struct LatentSpec {
 pub struct VaeSpec {
     /// Latents are divided by this before decoding.
     pub scaling_factor: f64,
+    /// The decoder graph's compute precision (`fp32` or `fp16`); its inputs and outputs are float32
+    /// either way. Informational for the CPU backends; lets GPU deployments pick a set.
+    #[serde(default = "default_precision")]
+    pub precision: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,7 +134,6 @@ pub struct ResidualSlot {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Graphs {
-    pub text_encoder: GraphSpec,
     pub unet: GraphSpec,
     pub vae_decoder: GraphSpec,
 }
@@ -244,7 +288,12 @@ impl Manifest {
 
     /// Every file the manifest names, with its expected checksum.
     pub fn files(&self) -> Vec<FileRef<'_>> {
-        let mut files = vec![FileRef { file: &self.tokenizer.file, sha256: self.tokenizer.sha256.as_deref() }];
+        let mut files: Vec<FileRef<'_>> = Vec::new();
+        for encoder in &self.text_encoders {
+            if !files.iter().any(|f| f.file == encoder.tokenizer.file) {
+                files.push(FileRef { file: &encoder.tokenizer.file, sha256: encoder.tokenizer.sha256.as_deref() });
+            }
+        }
         for graph in self.graph_specs() {
             files.push(FileRef { file: &graph.1.file, sha256: graph.1.sha256.as_deref() });
             for data in &graph.1.external_data {
@@ -254,13 +303,13 @@ impl Manifest {
         files
     }
 
-    /// Every graph with a display name: `text_encoder`, `unet`, `vae_decoder`, `adapter_NAME`.
+    /// Every graph with a display name: the text encoders (`text_encoder`, `text_encoder_2`),
+    /// `unet`, `vae_decoder`, `adapter_NAME`.
     pub fn graph_specs(&self) -> Vec<(String, &GraphSpec)> {
-        let mut graphs = vec![
-            ("text_encoder".to_string(), &self.graphs.text_encoder),
-            ("unet".to_string(), &self.graphs.unet),
-            ("vae_decoder".to_string(), &self.graphs.vae_decoder),
-        ];
+        let mut graphs: Vec<(String, &GraphSpec)> =
+            self.text_encoders.iter().map(|e| (e.name.clone(), &e.graph)).collect();
+        graphs.push(("unet".to_string(), &self.graphs.unet));
+        graphs.push(("vae_decoder".to_string(), &self.graphs.vae_decoder));
         graphs.extend(self.adapters.iter().map(|a| (format!("adapter_{}", a.name), &a.graph)));
         graphs
     }
@@ -290,11 +339,68 @@ impl Manifest {
         Ok(path)
     }
 
+    /// Text encoders and added conditioning: the outputs named exist, the UNet takes exactly the
+    /// added inputs the manifest feeds, and the sequences have one length (they are concatenated).
+    fn check_text_conditioning(&self) -> std::result::Result<(), String> {
+        let first = self.text_encoders.first().ok_or("the manifest lists no text_encoders")?;
+        let length = first.tokenizer.max_length;
+        let mut names = std::collections::HashSet::new();
+        for e in &self.text_encoders {
+            if !names.insert(e.name.as_str()) || ["unet", "vae_decoder"].contains(&e.name.as_str()) {
+                return Err(format!("text encoder name {:?} is used twice", e.name));
+            }
+            if e.tokenizer.max_length == 0 || e.tokenizer.max_length != length {
+                return Err(format!(
+                    "text encoder {} has tokenizer max_length {}, the first has {length}; they must agree and be > 0",
+                    e.name, e.tokenizer.max_length
+                ));
+            }
+            for output in std::iter::once(&e.hidden_output).chain(&e.pooled_output) {
+                if !e.graph.outputs.iter().any(|o| &o.name == output) {
+                    return Err(format!(
+                        "text encoder {} names output {output}, which its graph does not have",
+                        e.name
+                    ));
+                }
+            }
+        }
+        let unet_takes = |name: &str| self.graphs.unet.inputs.iter().any(|t| t.name == name);
+        match &self.added_cond.text_embeds {
+            Some(encoder) => {
+                let pooled =
+                    self.text_encoders.iter().find(|e| &e.name == encoder).and_then(|e| e.pooled_output.as_ref());
+                if pooled.is_none() {
+                    return Err(format!(
+                        "added_cond.text_embeds names {encoder:?}, which is no text encoder with a pooled_output"
+                    ));
+                }
+                if !unet_takes("text_embeds") {
+                    return Err("added_cond.text_embeds is set but the unet graph has no text_embeds input".into());
+                }
+            }
+            None if unet_takes("text_embeds") => {
+                return Err("the unet graph takes text_embeds but added_cond.text_embeds names no encoder".into())
+            }
+            None => {}
+        }
+        match &self.added_cond.time_ids {
+            Some(ids) if ids.iter().map(String::as_str).ne(TIME_IDS) => {
+                return Err(format!("added_cond.time_ids is {ids:?}; this runtime builds only {TIME_IDS:?}"))
+            }
+            Some(_) if !unet_takes("time_ids") => {
+                return Err("added_cond.time_ids is set but the unet graph has no time_ids input".into())
+            }
+            None if unet_takes("time_ids") => {
+                return Err("the unet graph takes time_ids but added_cond.time_ids is not set".into())
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Checks the parts of the manifest that must agree with each other.
     fn check_consistency(&self) -> std::result::Result<(), String> {
-        if self.tokenizer.max_length == 0 {
-            return Err("tokenizer.max_length is 0".into());
-        }
+        self.check_text_conditioning()?;
         if self.size_multiple == 0
             || self.latent.downscale == 0
             || !self.size_multiple.is_multiple_of(self.latent.downscale)
@@ -450,18 +556,30 @@ mod tests {
             name: String::new(),
             exporter: BTreeMap::new(),
             precision: "fp32".into(),
-            tokenizer: TokenizerSpec { file: "tokenizer.json".into(), sha256: None, max_length: 77, pad_token_id: 0 },
+            text_encoders: vec![TextEncoderSpec {
+                name: "text_encoder".into(),
+                tokenizer: TokenizerSpec {
+                    file: "tokenizer.json".into(),
+                    sha256: None,
+                    max_length: 77,
+                    pad_token_id: 0,
+                },
+                hidden_output: "last_hidden_state".into(),
+                pooled_output: None,
+                graph: GraphSpec {
+                    outputs: vec![TensorSpec { name: "last_hidden_state".into(), dtype: DType::Float32, dims: vec![] }],
+                    ..graph("text_encoder.onnx")
+                },
+            }],
+            force_zeros_for_empty_prompt: false,
+            added_cond: AddedCond::default(),
             latent: LatentSpec { channels: 4, downscale: 8 },
             size_multiple: 64,
             default_size: [64, 64],
-            vae: VaeSpec { scaling_factor: 0.18215 },
+            vae: VaeSpec { scaling_factor: 0.18215, precision: "fp32".into() },
             scheduler: serde_json::json!({}),
             residual_slots: vec![],
-            graphs: Graphs {
-                text_encoder: graph("text_encoder.onnx"),
-                unet: graph("unet.onnx"),
-                vae_decoder: graph("vae_decoder.onnx"),
-            },
+            graphs: Graphs { unet: graph("unet.onnx"), vae_decoder: graph("vae_decoder.onnx") },
             adapters: vec![],
             dir: dir.to_path_buf(),
         }
@@ -519,5 +637,18 @@ mod tests {
             },
         });
         assert!(m.check_consistency().unwrap_err().contains("residual slot 0"));
+    }
+
+    #[test]
+    fn added_conditioning_must_match_the_unet() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        assert!(m.check_consistency().is_ok());
+        m.added_cond.time_ids = Some(TIME_IDS.iter().map(|s| s.to_string()).collect());
+        assert!(m.check_consistency().unwrap_err().contains("no time_ids input"));
+        m.added_cond = AddedCond { text_embeds: Some("text_encoder".into()), time_ids: None };
+        assert!(m.check_consistency().unwrap_err().contains("pooled_output"));
+        m.added_cond = AddedCond::default();
+        m.graphs.unet.inputs.push(TensorSpec { name: "time_ids".into(), dtype: DType::Float32, dims: vec![] });
+        assert!(m.check_consistency().unwrap_err().contains("time_ids is not set"));
     }
 }

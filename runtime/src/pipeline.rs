@@ -4,6 +4,11 @@
 //! step for step, plus `cond_tau` with the semantics of `StableDiffusionXLAdapterPipeline`'s
 //! `adapter_conditioning_factor`: with `cond_tau < 1`, residuals only for model calls
 //! `i < int(steps × cond_tau)`; with `cond_tau = 1`, for every call, as the SD 1.x pipeline does.
+//!
+//! SD 1.x, SD 2.x and SDXL run through this one loop: how many text encoders there are, which of
+//! their outputs form `encoder_hidden_states`, whether the UNet takes SDXL's `text_embeds` and
+//! `time_ids` (`StableDiffusionXLAdapterPipeline`), and whether a missing negative prompt means zero
+//! embeddings all come from the manifest.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use serde_json::{Map, Value};
 use crate::adapter::{round_to, AdapterRequest, AdapterSet};
 use crate::backend::{Backend, BackendKind, Graph, GraphSession, TensorView};
 use crate::error::{Error, Result};
-use crate::manifest::{GraphSpec, Manifest};
+use crate::manifest::{GraphSpec, Manifest, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
@@ -80,6 +85,41 @@ pub struct Request {
     /// Initial noise [n_samples, C, H/8, W/8], exactly as diffusers' `latents=` (before it is
     /// scaled by the scheduler's `init_noise_sigma`).
     pub latents: Option<Array4<f32>>,
+    /// SDXL's size/crop conditioning (`time_ids`); ignored by graph sets without it.
+    pub size_cond: SizeConditioning,
+}
+
+/// SDXL's micro-conditioning, with diffusers' names and defaults
+/// (`StableDiffusionXLAdapterPipeline.__call__`). Pairs are (height, width) and (top, left) as in
+/// diffusers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SizeConditioning {
+    /// Default: the output (height, width).
+    pub original_size: Option<(u32, u32)>,
+    /// Default: (0, 0).
+    pub crops_coords_top_left: (u32, u32),
+    /// Default: the output (height, width).
+    pub target_size: Option<(u32, u32)>,
+    /// Used for the unconditional half only when both negative sizes are given (diffusers);
+    /// otherwise the negative time ids equal the positive ones.
+    pub negative_original_size: Option<(u32, u32)>,
+    pub negative_crops_coords_top_left: (u32, u32),
+    pub negative_target_size: Option<(u32, u32)>,
+}
+
+impl SizeConditioning {
+    /// `(positive, negative)` time ids: original_size + crops_coords_top_left + target_size.
+    pub fn time_ids(&self, width: u32, height: u32) -> ([f32; 6], [f32; 6]) {
+        let ids = |o: (u32, u32), c: (u32, u32), t: (u32, u32)| [o.0, o.1, c.0, c.1, t.0, t.1].map(|v| v as f32);
+        let output = (height, width);
+        let positive =
+            ids(self.original_size.unwrap_or(output), self.crops_coords_top_left, self.target_size.unwrap_or(output));
+        let negative = match (self.negative_original_size, self.negative_target_size) {
+            (Some(o), Some(t)) => ids(o, self.negative_crops_coords_top_left, t),
+            _ => positive,
+        };
+        (positive, negative)
+    }
 }
 
 impl Request {
@@ -100,6 +140,7 @@ impl Request {
             width: None,
             height: None,
             latents: None,
+            size_cond: SizeConditioning::default(),
         }
     }
 
@@ -222,8 +263,9 @@ pub struct Model(Arc<ModelInner>);
 struct ModelInner {
     manifest: Manifest,
     backend: Arc<dyn Backend>,
-    tokenizer: PromptTokenizer,
-    text_encoder: Arc<dyn Graph>,
+    /// One tokenizer per text encoder, in manifest order.
+    tokenizers: Vec<PromptTokenizer>,
+    text_encoders: Vec<Arc<dyn Graph>>,
     unet: Arc<dyn Graph>,
     vae_decoder: Arc<dyn Graph>,
     /// The manifest's adapters, in manifest order.
@@ -242,14 +284,19 @@ impl Model {
     /// [`Request::check`], so that a bad request fails before seconds of graph loading).
     pub fn from_manifest(manifest: Manifest, options: &LoadOptions) -> Result<Model> {
         let backend = options.backend.create(options.threads)?;
-        let tokenizer = PromptTokenizer::load(&manifest.resolve(&manifest.tokenizer.file)?, &manifest.tokenizer)?;
+        let tokenizers = manifest
+            .text_encoders
+            .iter()
+            .map(|e| PromptTokenizer::load(&manifest.resolve(&e.tokenizer.file)?, &e.tokenizer))
+            .collect::<Result<Vec<_>>>()?;
         let load = |name: &str, spec: &GraphSpec| -> Result<Arc<dyn Graph>> {
             let graph = backend.load(name, &manifest.resolve(&spec.file)?)?;
             spec.check_io(name, graph.inputs(), graph.outputs())
                 .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
             Ok(graph)
         };
-        let text_encoder = load("text_encoder", &manifest.graphs.text_encoder)?;
+        let text_encoders =
+            manifest.text_encoders.iter().map(|e| load(&e.name, &e.graph)).collect::<Result<Vec<_>>>()?;
         let unet = load("unet", &manifest.graphs.unet)?;
         let vae_decoder = load("vae_decoder", &manifest.graphs.vae_decoder)?;
         let adapters = manifest
@@ -257,7 +304,7 @@ impl Model {
             .iter()
             .map(|a| load(&format!("adapter_{}", a.name), &a.graph))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Model(Arc::new(ModelInner { manifest, backend, tokenizer, text_encoder, unet, vae_decoder, adapters })))
+        Ok(Model(Arc::new(ModelInner { manifest, backend, tokenizers, text_encoders, unet, vae_decoder, adapters })))
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -275,7 +322,7 @@ impl Model {
         let m = &self.0;
         Ok(Pipeline {
             model: self.clone(),
-            text_encoder: m.text_encoder.session()?,
+            text_encoders: m.text_encoders.iter().map(|g| g.session()).collect::<Result<Vec<_>>>()?,
             unet: m.unet.session()?,
             vae_decoder: m.vae_decoder.session()?,
             adapters: m.adapters.iter().map(|g| g.session()).collect::<Result<Vec<_>>>()?,
@@ -287,7 +334,8 @@ impl Model {
 /// worker can move between threads; open one per concurrent request.
 pub struct Pipeline {
     model: Model,
-    text_encoder: Box<dyn GraphSession>,
+    /// Sessions for the manifest's text encoders, in manifest order.
+    text_encoders: Vec<Box<dyn GraphSession>>,
     unet: Box<dyn GraphSession>,
     vae_decoder: Box<dyn GraphSession>,
     /// Sessions for the manifest's adapters, in manifest order.
@@ -315,9 +363,10 @@ impl Pipeline {
         self.model.backend_name()
     }
 
-    /// Token ids for `prompt`, padded and truncated to the manifest's `max_length`.
+    /// Token ids for `prompt` with the first text encoder's tokenizer, padded and truncated to the
+    /// manifest's `max_length`.
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<i64>> {
-        self.model.0.tokenizer.encode(prompt)
+        self.model.0.tokenizers[0].encode(prompt)
     }
 
     /// Runs one request. `progress` is called after every step; returning `false` cancels the run
@@ -334,18 +383,33 @@ impl Pipeline {
         timings.prepare = start.elapsed();
 
         // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
+        // With `force_zeros_for_empty_prompt` and no negative prompt, the negative row is zeros.
         let guided = request.guidance > 1.0;
+        let zero_negative = guided && request.negative_prompt.is_none() && manifest.force_zeros_for_empty_prompt;
         let negative = request.negative_prompt.as_deref().unwrap_or("");
-        let prompts: Vec<&str> = if guided { vec![negative, &request.prompt] } else { vec![&request.prompt] };
+        let prompts: Vec<&str> =
+            if guided && !zero_negative { vec![negative, &request.prompt] } else { vec![&request.prompt] };
         let clock = Instant::now();
         let ids = self.token_ids(&prompts)?;
         timings.tokenize = clock.elapsed();
         let clock = Instant::now();
-        let embeddings = self.encode_ids(ids)?;
+        let mut embeddings = self.encode_ids(&ids)?;
         timings.text_encoder = clock.elapsed();
-        let rows: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n)).collect();
-        let text = embeddings.select(Axis(0), &rows);
+        if zero_negative {
+            embeddings = embeddings.with_zero_row_first()?;
+        }
+        let rows: Vec<usize> = (0..if guided { 2 } else { 1 }).flat_map(|i| std::iter::repeat_n(i, n)).collect();
+        let text = embeddings.hidden.select(Axis(0), &rows);
+        let text_embeds = embeddings.pooled.as_ref().map(|p| p.select(Axis(0), &rows));
         let batch = rows.len();
+        // diffusers: `torch.cat([negative_add_time_ids, add_time_ids]).repeat(batch_size * n, 1)`:
+        // the [negative, positive] pair is tiled, so for n > 1 rows alternate (unlike the embeddings).
+        let time_ids = manifest.added_cond.time_ids.as_ref().map(|_| {
+            let (positive, negative) = request.size_cond.time_ids(width, height);
+            let pair: Vec<[f32; 6]> = if guided { vec![negative, positive] } else { vec![positive] };
+            let values: Vec<f32> = (0..batch).flat_map(|r| pair[r % pair.len()]).collect();
+            ArrayD::from_shape_vec(IxDyn(&[batch, 6]), values).expect("batch × 6 values")
+        });
 
         // Adapters run once; their summed features are repeated over the batch like the text.
         let (lh, lw) = ((height / manifest.latent.downscale) as usize, (width / manifest.latent.downscale) as usize);
@@ -390,6 +454,12 @@ impl Pipeline {
                 ("timestep", TensorView::F32(timestep.view())),
                 ("encoder_hidden_states", TensorView::F32(text.view())),
             ];
+            if let Some(text_embeds) = &text_embeds {
+                inputs.push(("text_embeds", TensorView::F32(text_embeds.view())));
+            }
+            if let Some(time_ids) = &time_ids {
+                inputs.push(("time_ids", TensorView::F32(time_ids.view())));
+            }
             for (slot, residual) in manifest.residual_slots.iter().zip(step_residuals) {
                 inputs.push((slot.input.as_str(), TensorView::F32(residual.view())));
             }
@@ -444,27 +514,85 @@ impl Pipeline {
         decoder_output_to_images(decoded.view())
     }
 
-    /// Text embeddings [prompts, max_length, D] for `prompts`, in one text-encoder call.
-    pub fn encode_text(&mut self, prompts: &[&str]) -> Result<ArrayD<f32>> {
+    /// Text embeddings for `prompts`: one call per text encoder, their hidden outputs concatenated
+    /// on the last axis ([prompts, max_length, ΣD]), and the pooled output the UNet takes, if any.
+    pub fn encode_text(&mut self, prompts: &[&str]) -> Result<TextEmbeddings> {
         let ids = self.token_ids(prompts)?;
-        self.encode_ids(ids)
+        self.encode_ids(&ids)
     }
 
-    /// Token ids [prompts, max_length] for `prompts`.
-    fn token_ids(&self, prompts: &[&str]) -> Result<ArrayD<i64>> {
-        let tokenizer = &self.model.0.tokenizer;
-        let length = tokenizer.max_length();
-        let mut ids = Vec::with_capacity(prompts.len() * length);
-        for prompt in prompts {
-            ids.extend(tokenizer.encode(prompt)?);
+    /// Token ids [prompts, max_length] for `prompts`, one batch per text encoder.
+    fn token_ids(&self, prompts: &[&str]) -> Result<Vec<ArrayD<i64>>> {
+        self.model
+            .0
+            .tokenizers
+            .iter()
+            .map(|tokenizer| {
+                let length = tokenizer.max_length();
+                let mut ids = Vec::with_capacity(prompts.len() * length);
+                for prompt in prompts {
+                    ids.extend(tokenizer.encode(prompt)?);
+                }
+                ArrayD::from_shape_vec(IxDyn(&[prompts.len(), length]), ids)
+                    .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))
+            })
+            .collect()
+    }
+
+    /// Runs every text encoder on its token batch (see [`encode_text`](Self::encode_text)).
+    fn encode_ids(&mut self, ids: &[ArrayD<i64>]) -> Result<TextEmbeddings> {
+        let model = self.model.clone();
+        let manifest = model.manifest();
+        let mut hidden = Vec::with_capacity(manifest.text_encoders.len());
+        let mut pooled = None;
+        for (i, (spec, ids)) in manifest.text_encoders.iter().zip(ids).enumerate() {
+            let outputs = self.text_encoders[i].run(&[("input_ids", TensorView::I64(ids.view()))])?;
+            hidden.push(output(spec, outputs.clone(), &spec.hidden_output)?);
+            if manifest.added_cond.text_embeds.as_ref() == Some(&spec.name) {
+                if let Some(name) = &spec.pooled_output {
+                    pooled = Some(output(spec, outputs, name)?);
+                }
+            }
         }
-        ArrayD::from_shape_vec(IxDyn(&[prompts.len(), length]), ids)
-            .map_err(|e| Error::Tokenizer(format!("token batch: {e}")))
+        let hidden = if hidden.len() == 1 {
+            hidden.pop().expect("one encoder")
+        } else {
+            let views: Vec<_> = hidden.iter().map(|h| h.view()).collect();
+            ndarray::concatenate(Axis(hidden[0].ndim() - 1), &views)
+                .map_err(|e| Error::InvalidRequest(format!("text encoders' hidden states do not concatenate: {e}")))?
+        };
+        Ok(TextEmbeddings { hidden, pooled })
     }
+}
 
-    fn encode_ids(&mut self, ids: ArrayD<i64>) -> Result<ArrayD<f32>> {
-        first(self.text_encoder.run(&[("input_ids", TensorView::I64(ids.view()))])?, "text_encoder")
+/// What the text encoders give for a batch of prompts.
+#[derive(Debug, Clone)]
+pub struct TextEmbeddings {
+    /// `encoder_hidden_states` rows [prompts, max_length, D].
+    pub hidden: ArrayD<f32>,
+    /// `text_embeds` rows [prompts, P] when the UNet takes them (SDXL).
+    pub pooled: Option<ArrayD<f32>>,
+}
+
+impl TextEmbeddings {
+    /// Prepends an all-zero row: diffusers' `force_zeros_for_empty_prompt` negative embeddings.
+    fn with_zero_row_first(self) -> Result<TextEmbeddings> {
+        let prepend = |a: ArrayD<f32>| -> Result<ArrayD<f32>> {
+            let zeros = ArrayD::zeros(a.slice_axis(Axis(0), (0..1).into()).raw_dim());
+            concat(&[zeros.view(), a.view()])
+        };
+        Ok(TextEmbeddings { hidden: prepend(self.hidden)?, pooled: self.pooled.map(prepend).transpose()? })
     }
+}
+
+/// The output called `name` of a text encoder's run (outputs come in the graph's output order).
+fn output(spec: &TextEncoderSpec, outputs: Vec<ArrayD<f32>>, name: &str) -> Result<ArrayD<f32>> {
+    let index = spec.graph.outputs.iter().position(|o| o.name == name);
+    index.and_then(|i| outputs.into_iter().nth(i)).ok_or_else(|| Error::Backend {
+        backend: "pipeline",
+        graph: spec.name.clone(),
+        message: format!("graph returned no output {name}; re-export the graph set"),
+    })
 }
 
 /// A request that passed [`Request::check`]: its image size and its adapters, ready to run.

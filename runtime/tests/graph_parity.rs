@@ -1,5 +1,6 @@
-//! Every graph of the tiny SD 1.x set, run by each backend on the inputs diffusers saw, equals the
-//! torch module's outputs (graphs/fixtures/tiny-sd1/graph_*/, written by `python -m t2i_export tiny`).
+//! Every graph of every tiny set (SD 1.x, SD 2.x, SDXL), run by each backend on the inputs diffusers
+//! saw, equals the torch module's outputs (graphs/fixtures/tiny-*/graph_*/, written by
+//! `python -m t2i_export tiny`).
 //!
 //! Tolerance: relative L2 ≤ 1e-5 and max abs ≤ 1e-4 × max(1, max |expected|). Both sides compute
 //! in float32; the only differences are summation order and kernel choice (im2col, GEMM blocking,
@@ -7,17 +8,23 @@
 
 mod common;
 
-use common::{max_abs, rel_l2, tiny_sd1, tiny_sd1_fixtures};
+use common::{max_abs, rel_l2, tiny_fixtures, tiny_set, TINY_SETS};
 use ndarray::ArrayD;
 use t2i_rt::backend::{BackendKind, TensorView};
 use t2i_rt::manifest::{DType, Manifest};
 
 fn check_backend(kind: BackendKind) {
-    let manifest = Manifest::load(&tiny_sd1(), true).expect("tiny graph set loads");
+    for set in TINY_SETS {
+        check_set(kind, set);
+    }
+}
+
+fn check_set(kind: BackendKind, set: &str) {
+    let manifest = Manifest::load(&tiny_set(set), true).expect("tiny graph set loads");
     let backend = kind.create(None).expect("backend starts");
     let mut checked = 0;
     for (name, spec) in manifest.graph_specs() {
-        let dir = tiny_sd1_fixtures().join(format!("graph_{name}"));
+        let dir = tiny_fixtures(set).join(format!("graph_{name}"));
         assert!(dir.is_dir(), "no fixture for graph {name} at {}", dir.display());
         let graph = backend.load(&name, &manifest.resolve(&spec.file).unwrap()).unwrap();
         spec.check_io(&name, graph.inputs(), graph.outputs()).unwrap();
@@ -39,14 +46,19 @@ fn check_backend(kind: BackendKind) {
             let expected: ArrayD<f32> = ndarray_npy::read_npy(dir.join(format!("out_{}.npy", out_spec.name))).unwrap();
             let scale = expected.iter().fold(1f64, |m, v| m.max(f64::from(v.abs())));
             let (rel, abs) = (rel_l2(output, &expected), max_abs(output, &expected));
-            eprintln!("{kind} {name}.{}: rel L2 {rel:.2e}, max abs {abs:.2e}", out_spec.name);
-            assert!(rel <= 1e-5, "{kind} {name}.{}: rel L2 {rel:.3e} > 1e-5", out_spec.name);
-            assert!(abs <= 1e-4 * scale, "{kind} {name}.{}: max abs {abs:.3e} > {:.3e}", out_spec.name, 1e-4 * scale);
+            eprintln!("{kind} {set} {name}.{}: rel L2 {rel:.2e}, max abs {abs:.2e}", out_spec.name);
+            assert!(rel <= 1e-5, "{kind} {set} {name}.{}: rel L2 {rel:.3e} > 1e-5", out_spec.name);
+            assert!(
+                abs <= 1e-4 * scale,
+                "{kind} {set} {name}.{}: max abs {abs:.3e} > {:.3e}",
+                out_spec.name,
+                1e-4 * scale
+            );
         }
         checked += 1;
     }
-    assert_eq!(checked, 3 + manifest.adapters.len());
-    assert!(manifest.adapters.len() >= 2, "the tiny set has a full and a light adapter");
+    assert_eq!(checked, manifest.text_encoders.len() + 2 + manifest.adapters.len());
+    assert!(!manifest.adapters.is_empty(), "{set} has adapters");
 }
 
 #[test]

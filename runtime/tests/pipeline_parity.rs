@@ -1,7 +1,10 @@
-//! The whole pipeline against diffusers (graphs/fixtures/tiny-sd1/cases.json): the same prompt,
-//! negative prompt, condition images, adapter weights, cond_tau, sampler (with request scheduler
-//! options), guidance_rescale and initial latents must give diffusers' final latents and images.
-//! Every deterministic sampler has a case run through diffusers' own pipeline.
+//! The whole pipeline against diffusers (graphs/fixtures/tiny-*/cases.json): the same prompt,
+//! negative prompt, condition images, adapter weights, cond_tau, sampler and initial latents must
+//! give diffusers' final latents and images. SD 1.x against `StableDiffusionAdapterPipeline` (and
+//! its loop with cond_tau), SD 2.x (v-prediction) against the same pipeline, SDXL against
+//! `StableDiffusionXLAdapterPipeline` (one adapter; two adapters with cond_tau 0.5 and size/crop
+//! conditioning). In SD 1.x every deterministic sampler has a case run through diffusers' own
+//! pipeline, with request scheduler options and guidance_rescale too.
 //!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
 //! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
@@ -16,7 +19,7 @@ use serde::Deserialize;
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::BackendKind;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
-use t2i_rt::pipeline::{LoadOptions, Pipeline, Request};
+use t2i_rt::pipeline::{LoadOptions, Pipeline, Request, SizeConditioning};
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Deserialize)]
@@ -40,6 +43,19 @@ struct Case {
     scheduler_options: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     guidance_rescale: f32,
+    #[serde(default)]
+    size_cond: CaseSizeCond,
+}
+
+/// diffusers' SDXL size conditioning: (height, width) / (top, left) pairs.
+#[derive(Deserialize, Default)]
+struct CaseSizeCond {
+    original_size: Option<(u32, u32)>,
+    crops_coords_top_left: Option<(u32, u32)>,
+    target_size: Option<(u32, u32)>,
+    negative_original_size: Option<(u32, u32)>,
+    negative_crops_coords_top_left: Option<(u32, u32)>,
+    negative_target_size: Option<(u32, u32)>,
 }
 
 #[derive(Deserialize)]
@@ -49,20 +65,22 @@ struct CaseAdapter {
     weight: f32,
 }
 
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(common::tiny_sd1_fixtures().join("cases.json")).unwrap();
+fn cases(set: &str) -> Vec<Case> {
+    let text = std::fs::read_to_string(common::tiny_fixtures(set).join("cases.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
-fn fixture(path: &str) -> PathBuf {
-    common::tiny_sd1_fixtures().join(path)
+fn check_backend(backend: BackendKind, latent_tolerance: f64) {
+    check_set(backend, latent_tolerance, "tiny-sd1");
 }
 
-fn check_backend(backend: BackendKind, latent_tolerance: f64) {
+fn check_set(backend: BackendKind, latent_tolerance: f64, set: &str) {
+    let fixture = |path: &str| -> PathBuf { common::tiny_fixtures(set).join(path) };
     let mut pipeline =
-        Pipeline::load(&common::tiny_sd1(), &LoadOptions { backend, verify_checksums: true, threads: None }).unwrap();
-    let cases = cases();
-    for required in ["ddim", "euler"] {
+        Pipeline::load(&common::tiny_set(set), &LoadOptions { backend, verify_checksums: true, threads: None })
+            .unwrap();
+    let cases = cases(set);
+    for required in ["ddim", "euler"].into_iter().filter(|_| set == "tiny-sd1") {
         assert!(
             cases.iter().any(|c| c.scheduler == required
                 && c.adapters.len() >= 2
@@ -72,14 +90,16 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
         );
     }
     assert!(cases.iter().any(|c| c.reference == "pipeline"), "no case checked against diffusers' pipeline itself");
-    for kind in SchedulerKind::ALL.into_iter().filter(|k| !k.is_stochastic()) {
+    for kind in SchedulerKind::ALL.into_iter().filter(|k| !k.is_stochastic() && set == "tiny-sd1") {
         assert!(
             cases.iter().any(|c| c.scheduler == kind.as_str() && c.reference == "pipeline"),
             "no case runs the {kind} sampler through diffusers' pipeline"
         );
     }
-    assert!(cases.iter().any(|c| c.guidance_rescale > 0.0), "no guidance_rescale case");
-    assert!(cases.iter().any(|c| !c.scheduler_options.is_empty()), "no case with scheduler options");
+    if set == "tiny-sd1" {
+        assert!(cases.iter().any(|c| c.guidance_rescale > 0.0), "no guidance_rescale case");
+        assert!(cases.iter().any(|c| !c.scheduler_options.is_empty()), "no case with scheduler options");
+    }
     for case in &cases {
         let mut request = Request::new(case.prompt.clone());
         request.negative_prompt = case.negative_prompt.clone();
@@ -89,7 +109,7 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
             .map(|a| {
                 // Both condition sources must give diffusers' result: the gray sketch goes in as
                 // decoded pixels (how a service passes an upload), the others as files.
-                let image = if a.name == "sketch" {
+                let image = if a.name == "sketch" || a.name == "canny" {
                     ConditionSource::Pixels(ConditionImage::open(&fixture(&a.image), ConditionKind::Gray).unwrap())
                 } else {
                     ConditionSource::File(fixture(&a.image))
@@ -107,6 +127,15 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
         request.height = Some(case.height);
         request.n_samples = case.n_samples;
         request.latents = Some(ndarray_npy::read_npy::<_, Array4<f32>>(fixture(&case.latents)).unwrap());
+        let sc = &case.size_cond;
+        request.size_cond = SizeConditioning {
+            original_size: sc.original_size,
+            crops_coords_top_left: sc.crops_coords_top_left.unwrap_or((0, 0)),
+            target_size: sc.target_size,
+            negative_original_size: sc.negative_original_size,
+            negative_crops_coords_top_left: sc.negative_crops_coords_top_left.unwrap_or((0, 0)),
+            negative_target_size: sc.negative_target_size,
+        };
         let generation = pipeline.run(&request, &mut |_| true).unwrap();
 
         let expected: ArrayD<f32> = ndarray_npy::read_npy(fixture(&case.expected_latents)).unwrap();
@@ -121,7 +150,7 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
             }
         }
         eprintln!(
-            "{backend} {} ({}): latents rel L2 {rel:.2e}, max pixel diff {worst_pixel}/255",
+            "{backend} {set} {} ({}): latents rel L2 {rel:.2e}, max pixel diff {worst_pixel}/255",
             case.name, case.reference
         );
         assert!(rel <= latent_tolerance, "{backend} {}: latents rel L2 {rel:.3e} > {latent_tolerance:e}", case.name);
@@ -137,4 +166,24 @@ fn ort_cpu_pipeline_equals_diffusers() {
 #[test]
 fn tract_pipeline_equals_diffusers() {
     check_backend(BackendKind::Tract, 1e-3);
+}
+
+#[test]
+fn ort_cpu_sdxl_pipeline_equals_diffusers() {
+    check_set(BackendKind::OrtCpu, 1e-4, "tiny-sdxl");
+}
+
+#[test]
+fn tract_sdxl_pipeline_equals_diffusers() {
+    check_set(BackendKind::Tract, 1e-3, "tiny-sdxl");
+}
+
+#[test]
+fn ort_cpu_sd2_pipeline_equals_diffusers() {
+    check_set(BackendKind::OrtCpu, 1e-4, "tiny-sd2");
+}
+
+#[test]
+fn tract_sd2_pipeline_equals_diffusers() {
+    check_set(BackendKind::Tract, 1e-3, "tiny-sd2");
 }

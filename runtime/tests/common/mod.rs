@@ -20,6 +20,19 @@ pub fn tiny_sd1_fixtures() -> PathBuf {
     graphs_dir().join("fixtures").join("tiny-sd1")
 }
 
+/// The tiny zoo: one graph set per family (`tiny-sd1`, `tiny-sd2`, `tiny-sdxl`).
+pub const TINY_SETS: [&str; 3] = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"];
+
+/// `graphs/NAME`.
+pub fn tiny_set(name: &str) -> PathBuf {
+    graphs_dir().join(name)
+}
+
+/// `graphs/fixtures/NAME`.
+pub fn tiny_fixtures(name: &str) -> PathBuf {
+    graphs_dir().join("fixtures").join(name)
+}
+
 /// ‖actual − expected‖₂ / ‖expected‖₂.
 pub fn rel_l2(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
     assert_eq!(actual.shape(), expected.shape(), "shape mismatch");
