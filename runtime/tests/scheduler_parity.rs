@@ -425,3 +425,40 @@ fn scale_model_input_past_the_end_panics() {
     let scheduler = SchedulerConfig::new(&sd15()).build(SchedulerKind::Euler, 4).unwrap();
     scheduler.scale_model_input(&mut ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2, 2])), 4);
 }
+
+/// DPM-Solver keys the kinds' presets do not force, and what it refuses; `algorithm_type` and
+/// `solver_order` are preset, so those are checked on `DpmSolverConfig` directly.
+#[test]
+fn dpm_solver_refusals_name_key_and_accepted_values() {
+    use t2i_rt::scheduler::dpm_solver::DpmSolverConfig;
+    let cases = [
+        ("variance_type", json!("learned_range"), "accepted: null"),
+        ("use_exponential_sigmas", json!(true), "not supported yet"),
+        ("use_flow_sigmas", json!(true), "not supported yet"),
+        ("prediction_type", json!("flow_prediction"), "epsilon, v_prediction, sample"),
+        ("final_sigmas_type", json!("one"), "zero, sigma_min"),
+        ("solver_type", json!("euler"), "midpoint, heun"),
+        ("lambda_min_clipped", json!(100.0), "lambda_min_clipped"),
+    ];
+    for (key, value, expect) in cases {
+        let mut config = sd15();
+        config[key] = value;
+        let (scheduler, message) = scheduler_error(SchedulerConfig::new(&config).build(SchedulerKind::DpmPp2mSde, 10));
+        assert_eq!(scheduler, "dpmpp-2m-sde");
+        assert!(message.contains(key) && message.contains(expect), "{key}: {message}");
+    }
+    // A DDPM config's variance_type is not a learned one: ignored, as in diffusers.
+    let mut config = sd15();
+    config["variance_type"] = json!("fixed_small");
+    SchedulerConfig::new(&config).build(SchedulerKind::DpmPp2m, 10).unwrap();
+    let direct = [
+        (json!({"solver_order": 4}), "1, 2, 3"),
+        (json!({"algorithm_type": "dpmsolver"}), "accepted: sigma_min"),
+        (json!({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3}), "1, 2"),
+        (json!({"algorithm_type": "unipc"}), "dpmsolver++, sde-dpmsolver++, dpmsolver, sde-dpmsolver"),
+    ];
+    for (config, expect) in direct {
+        let err = DpmSolverConfig::from_config(&SchedulerConfig::new(&config), SchedulerKind::DpmPp2m).unwrap_err();
+        assert!(err.to_string().contains(expect), "{config}: {err}");
+    }
+}

@@ -766,3 +766,21 @@ pub(crate) fn threshold_sample(x0: &mut ArrayD<f32>, ratio: f64, max_value: f64)
         *dst = src;
     }
 }
+
+// DPM-Solver (dpm_solver.rs): its `trailing` spacing starts at a clipped last timestep
+// (`lambda_min_clipped`), so it needs numpy's float `arange` with any start.
+
+/// `np.arange(start, stop, step)` in float64 (numpy's `PyArray_ArangeObj`): `ceil((stop - start) /
+/// step)` elements, the first two `start` and `start + step`, the rest `start + i * delta` with
+/// `delta = (start + step) - start`.
+pub(crate) fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
+}
