@@ -184,7 +184,36 @@ HEUN_CASES: list = []
 LMS_CASES: list = []
 
 
-DPM_SOLVER_CASES: list = []
+DPM_SOLVER_CASES: list = [
+    # DPM-Solver multistep: the three kinds on SD 1.5's config as shipped (linspace, DPM's default).
+    ("dpmpp_2m_sd15_linspace_25", "dpmpp-2m", {}, 25),
+    ("dpmpp_2m_karras_sd15_25", "dpmpp-2m-karras", {}, 25),
+    ("dpmpp_2m_sde_sd15_25", "dpmpp-2m-sde", {}, 25),
+    ("dpmpp_2m_karras_vpred_10", "dpmpp-2m-karras", {"prediction_type": "v_prediction"}, 10),
+    ("dpmpp_2m_leading_20", "dpmpp-2m", {"timestep_spacing": "leading"}, 20),
+    # 62 steps, the last at timestep -1 (np.interp clamps it to sigma[0]).
+    ("dpmpp_2m_trailing_61_extra_step", "dpmpp-2m", {"timestep_spacing": "trailing"}, 61),
+    (
+        "dpmpp_2m_zero_snr_trailing_vpred_10",
+        "dpmpp-2m",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+    # A non-zero final sigma: the last step is second order unless euler_at_final / lower_order_final.
+    ("dpmpp_2m_heun_euler_at_final_sigma_min_20", "dpmpp-2m",
+     {"solver_type": "heun", "euler_at_final": True, "final_sigmas_type": "sigma_min"}, 20),
+    ("dpmpp_2m_no_lower_order_final_sigma_min_10", "dpmpp-2m",
+     {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, 10),
+    ("dpmpp_2m_thresholding_10", "dpmpp-2m", {"thresholding": True, "sample_max_value": 1.5}, 10),
+    ("dpmpp_2m_linspace_1", "dpmpp-2m", {}, 1),
+    # Karras' rounded timesteps repeat near the end (1, 1) at 50 steps.
+    ("dpmpp_2m_karras_50", "dpmpp-2m-karras", {}, 50),
+    ("dpmpp_2m_lu_lambdas_10", "dpmpp-2m", {"use_lu_lambdas": True}, 10),
+    ("dpmpp_2m_cosine_lambda_clip_trailing_10", "dpmpp-2m",
+     {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1, "timestep_spacing": "trailing"}, 10),
+    ("dpmpp_2m_sde_karras_heun_10", "dpmpp-2m-sde", {"use_karras_sigmas": True, "solver_type": "heun"}, 10),
+    ("dpmpp_2m_sde_sigma_min_1", "dpmpp-2m-sde", {"final_sigmas_type": "sigma_min"}, 1),
+]
 
 
 UNIPC_CASES: list = []
