@@ -140,6 +140,19 @@ DDIM_CASES = [
       "prediction_type": "v_prediction"}, 10),
 ]
 
+# A request's scheduler options on top of a kind's preset (`--scheduler-option`): DPM-Solver's other
+# orders and algorithm types. (name, kind, overrides of SD15, steps, options)
+OPTION_CASES = [
+    ("dpmpp_2m_option_order1_10", "dpmpp-2m", {}, 10, {"solver_order": 1}),
+    ("dpmpp_2m_option_order3_20", "dpmpp-2m", {}, 20, {"solver_order": 3}),
+    ("dpmpp_2m_sde_option_order3_15", "dpmpp-2m-sde", {}, 15, {"solver_order": 3}),
+    ("dpmpp_2m_option_dpmsolver_sigma_min_10", "dpmpp-2m", {}, 10,
+     {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    ("dpmpp_2m_sde_option_sde_dpmsolver_heun_10", "dpmpp-2m-sde", {}, 10,
+     {"algorithm_type": "sde-dpmsolver", "solver_type": "heun", "final_sigmas_type": "sigma_min"}),
+    ("unipc_option_order3_karras_15", "unipc", {}, 15, {"solver_order": 3, "use_karras_sigmas": True}),
+]
+
 # DDIM with eta > 0: the cases' `step_kwargs` are passed to every `step` (as the pipelines' `eta=`).
 DDIM_ETA_CASES = [
     ("ddim_eta_1_10", "ddim", {}, 10, {"eta": 1.0}),
@@ -237,7 +250,36 @@ LMS_CASES = [
 ]
 
 
-DPM_SOLVER_CASES: list = []
+DPM_SOLVER_CASES: list = [
+    # DPM-Solver multistep: the three kinds on SD 1.5's config as shipped (linspace, DPM's default).
+    ("dpmpp_2m_sd15_linspace_25", "dpmpp-2m", {}, 25),
+    ("dpmpp_2m_karras_sd15_25", "dpmpp-2m-karras", {}, 25),
+    ("dpmpp_2m_sde_sd15_25", "dpmpp-2m-sde", {}, 25),
+    ("dpmpp_2m_karras_vpred_10", "dpmpp-2m-karras", {"prediction_type": "v_prediction"}, 10),
+    ("dpmpp_2m_leading_20", "dpmpp-2m", {"timestep_spacing": "leading"}, 20),
+    # 62 steps, the last at timestep -1 (np.interp clamps it to sigma[0]).
+    ("dpmpp_2m_trailing_61_extra_step", "dpmpp-2m", {"timestep_spacing": "trailing"}, 61),
+    (
+        "dpmpp_2m_zero_snr_trailing_vpred_10",
+        "dpmpp-2m",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        10,
+    ),
+    # A non-zero final sigma: the last step is second order unless euler_at_final / lower_order_final.
+    ("dpmpp_2m_heun_euler_at_final_sigma_min_20", "dpmpp-2m",
+     {"solver_type": "heun", "euler_at_final": True, "final_sigmas_type": "sigma_min"}, 20),
+    ("dpmpp_2m_no_lower_order_final_sigma_min_10", "dpmpp-2m",
+     {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, 10),
+    ("dpmpp_2m_thresholding_10", "dpmpp-2m", {"thresholding": True, "sample_max_value": 1.5}, 10),
+    ("dpmpp_2m_linspace_1", "dpmpp-2m", {}, 1),
+    # Karras' rounded timesteps repeat near the end (1, 1) at 50 steps.
+    ("dpmpp_2m_karras_50", "dpmpp-2m-karras", {}, 50),
+    ("dpmpp_2m_lu_lambdas_10", "dpmpp-2m", {"use_lu_lambdas": True}, 10),
+    ("dpmpp_2m_cosine_lambda_clip_trailing_10", "dpmpp-2m",
+     {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1, "timestep_spacing": "trailing"}, 10),
+    ("dpmpp_2m_sde_karras_heun_10", "dpmpp-2m-sde", {"use_karras_sigmas": True, "solver_type": "heun"}, 10),
+    ("dpmpp_2m_sde_sigma_min_1", "dpmpp-2m-sde", {"final_sigmas_type": "sigma_min"}, 1),
+]
 
 
 UNIPC_CASES = [
@@ -353,8 +395,9 @@ def make_config(overrides: dict) -> dict:
     return config
 
 
-def build(kind: str, config: dict, steps: int):
-    scheduler = CLASSES[kind].from_config(config, **PRESETS.get(kind, {}))
+def build(kind: str, config: dict, steps: int, options: dict | None = None):
+    # A request's options win over the kind's preset, as `SchedulerConfig::set` in the runtime.
+    scheduler = CLASSES[kind].from_config(config, **{**PRESETS.get(kind, {}), **(options or {})})
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -391,13 +434,15 @@ class RecordNoise:
             module.randn_tensor = original
 
 
-def trace(name: str, kind: str, config: dict, steps: int, step_kwargs: dict | None = None) -> dict:
+def trace(
+    name: str, kind: str, config: dict, steps: int, step_kwargs: dict | None = None, options: dict | None = None
+) -> dict:
     rng = np.random.default_rng(SEED)
     noise = rng.standard_normal(SHAPE).astype(np.float32)
     original = rng.standard_normal(SHAPE).astype(np.float32)
     step_kwargs = step_kwargs or {}
 
-    scheduler = build(kind, config, steps)
+    scheduler = build(kind, config, steps, options)
     init_noise_sigma = scheduler.init_noise_sigma
     sample = torch.from_numpy(noise) * init_noise_sigma
     trajectory = []
@@ -415,7 +460,7 @@ def trace(name: str, kind: str, config: dict, steps: int, step_kwargs: dict | No
     n = len(scheduler.timesteps)
     add_noise = []
     for k in sorted({0, n // 2, n - 1}):
-        fresh = build(kind, config, steps)
+        fresh = build(kind, config, steps, options)
         noisy = fresh.add_noise(torch.from_numpy(original), torch.from_numpy(noise), fresh.timesteps[k : k + 1])
         add_noise.append({"step": k, "result": hex_f32(noisy)})
 
@@ -436,6 +481,8 @@ def trace(name: str, kind: str, config: dict, steps: int, step_kwargs: dict | No
     }
     if step_kwargs:
         out["step_kwargs"] = step_kwargs
+    if options:
+        out["options"] = options
     if recorder.draws:
         out["noise_draws"] = [hex_f32(d) for d in recorder.draws]
     if isinstance(getattr(scheduler, "sigmas", None), torch.Tensor):
@@ -483,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, kind, overrides, steps, *step_kwargs in CASES + DDIM_ETA_CASES:
         data = trace(name, kind, make_config(overrides), steps, *step_kwargs)
+        (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    for name, kind, overrides, steps, options in OPTION_CASES:
+        data = trace(name, kind, make_config(overrides), steps, options=options)
         (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
     # The PNDM-loaded config: its `timestep_spacing` ("leading", PNDM's default) is listed in

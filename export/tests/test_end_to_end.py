@@ -20,7 +20,9 @@ from tokenizers import Tokenizer
 
 from conftest import COMMITTED_FIXTURES, COMMITTED_SET
 
-from t2i_export.reference import SCHEDULERS
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from t2i_export.reference import PRESETS, SCHEDULERS
 from t2i_export.tokenizer import encode_padded
 
 
@@ -73,10 +75,13 @@ class GraphPipeline:
         if state is not None:
             state = [np.concatenate([np.repeat(f, n, axis=0)] * (2 if cfg else 1)) for f in state]
 
-        scheduler = SCHEDULERS[case["scheduler"]].from_config(self.m["scheduler"])
+        kind = case["scheduler"]
+        options = {**PRESETS.get(kind, {}), **case.get("scheduler_options", {})}
+        scheduler = SCHEDULERS[kind].from_config(self.m["scheduler"], **options)
         scheduler.set_timesteps(case["steps"])
         latents = torch.from_numpy(np.load(fixtures_dir / case["latents"])) * scheduler.init_noise_sigma
-        cond_steps = int(case["steps"] * case["cond_tau"])
+        # cond_tau 1: every model call (the SD 1.x pipeline); below: the XL pipeline's int(steps * tau).
+        cond_steps = len(scheduler.timesteps) if case["cond_tau"] >= 1 else int(case["steps"] * case["cond_tau"])
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -91,6 +96,8 @@ class GraphPipeline:
             if cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + case["guidance"] * (text - uncond)
+                if case.get("guidance_rescale", 0.0) > 0.0:
+                    noise = rescale_noise_cfg(noise, text, guidance_rescale=case["guidance_rescale"])
             kwargs = {"eta": 0.0} if case["scheduler"] == "ddim" else {}
             latents = scheduler.step(noise, t, latents, **kwargs).prev_sample
         image = self.sess["vae_decoder"].run(None, {"latent_sample": (latents / self.m["vae"]["scaling_factor"]).numpy()})[0]

@@ -89,11 +89,18 @@ fn kind_of(case: &Value) -> SchedulerKind {
     case["kind"].as_str().expect("kind").parse().expect("known kind")
 }
 
-/// The case's config, with the `step` keyword arguments the trace passed (DDIM's `eta`).
+/// The case's config, with the `step` keyword arguments the trace passed (DDIM's `eta`) and the
+/// request options it set.
 fn config_of(case: &Value) -> SchedulerConfig {
     let mut config = SchedulerConfig::new(&case["config"]);
     if let Some(eta) = case.get("step_kwargs").and_then(|k| k.get("eta")) {
         config.eta = eta.as_f64().expect("eta") as f32;
+    }
+    // A request's scheduler options, applied over the kind's preset.
+    if let Some(Value::Object(options)) = case.get("options") {
+        for (key, value) in options {
+            config.set(key, value.clone());
+        }
     }
     config
 }
@@ -572,4 +579,39 @@ fn unipc_history_restarts_when_steps_do_not_follow() {
     let mid = run(&mut reused, 5);
     assert_eq!(run(&mut config.build(SchedulerKind::UniPc, 12).unwrap(), 5), mid);
     assert_ne!(mid, first);
+}
+
+#[test]
+fn dpm_solver_refusals_name_key_and_accepted_values() {
+    use t2i_rt::scheduler::dpm_solver::DpmSolverConfig;
+    let cases = [
+        ("variance_type", json!("learned_range"), "accepted: null"),
+        ("use_exponential_sigmas", json!(true), "not supported yet"),
+        ("use_flow_sigmas", json!(true), "not supported yet"),
+        ("prediction_type", json!("flow_prediction"), "epsilon, v_prediction, sample"),
+        ("final_sigmas_type", json!("one"), "zero, sigma_min"),
+        ("solver_type", json!("euler"), "midpoint, heun"),
+        ("lambda_min_clipped", json!(100.0), "lambda_min_clipped"),
+    ];
+    for (key, value, expect) in cases {
+        let mut config = sd15();
+        config[key] = value;
+        let (scheduler, message) = scheduler_error(SchedulerConfig::new(&config).build(SchedulerKind::DpmPp2mSde, 10));
+        assert_eq!(scheduler, "dpmpp-2m-sde");
+        assert!(message.contains(key) && message.contains(expect), "{key}: {message}");
+    }
+    // A DDPM config's variance_type is not a learned one: ignored, as in diffusers.
+    let mut config = sd15();
+    config["variance_type"] = json!("fixed_small");
+    SchedulerConfig::new(&config).build(SchedulerKind::DpmPp2m, 10).unwrap();
+    let direct = [
+        (json!({"solver_order": 4}), "1, 2, 3"),
+        (json!({"algorithm_type": "dpmsolver"}), "accepted: sigma_min"),
+        (json!({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3}), "1, 2"),
+        (json!({"algorithm_type": "unipc"}), "dpmsolver++, sde-dpmsolver++, dpmsolver, sde-dpmsolver"),
+    ];
+    for (config, expect) in direct {
+        let err = DpmSolverConfig::from_config(&SchedulerConfig::new(&config), SchedulerKind::DpmPp2m).unwrap_err();
+        assert!(err.to_string().contains(expect), "{config}: {err}");
+    }
 }

@@ -293,7 +293,11 @@ pub trait Scheduler: Send {
 /// JSON is kept and resolved per kind by each `XConfig::from_config`; unknown keys are ignored.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// The checkpoint's keys.
     values: Map<String, Value>,
+    /// A request's keys ([`set`](Self::set), also in `values`): re-applied after the kind's preset
+    /// when building, so they win over it.
+    overrides: Map<String, Value>,
     /// Set when the JSON is not an object; reported by every build.
     not_an_object: Option<String>,
     /// DDIM's `eta` (a `step` argument in diffusers, not a config key): 0 is deterministic DDIM,
@@ -304,7 +308,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     /// A config with no keys: every scheduler takes its diffusers defaults.
     fn default() -> Self {
-        SchedulerConfig { values: Map::new(), not_an_object: None, eta: 0.0 }
+        SchedulerConfig { values: Map::new(), overrides: Map::new(), not_an_object: None, eta: 0.0 }
     }
 }
 
@@ -328,29 +332,34 @@ impl SchedulerConfig {
             .filter(|(k, _)| !k.starts_with('_') && !use_defaults.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        SchedulerConfig { values, not_an_object: None, eta: 0.0 }
+        SchedulerConfig { values, overrides: Map::new(), not_an_object: None, eta: 0.0 }
     }
 
-    /// Sets (overrides) one config key, as a keyword argument of diffusers' `from_config` does.
-    /// Values are checked when a scheduler is built.
+    /// Overrides one config key for this request, as a keyword argument of diffusers'
+    /// `from_config` does; it wins over the checkpoint's value and over the kind's preset (so
+    /// `dpmpp-2m` with `solver_order` 3 is third order). Values are checked when a scheduler is
+    /// built.
     pub fn set(&mut self, key: &str, value: Value) {
-        self.values.insert(key.to_owned(), value);
+        self.values.insert(key.to_owned(), value.clone());
+        self.overrides.insert(key.to_owned(), value);
     }
 
-    /// The effective keys (private `_…` keys and `_use_default_values` entries removed, overrides
-    /// applied).
+    /// The effective keys: the checkpoint's (private `_…` keys and `_use_default_values` entries
+    /// removed) with the overrides applied.
     pub fn values(&self) -> &Map<String, Value> {
         &self.values
     }
 
-    /// Builds the per-request state for `steps` inference steps (diffusers' `set_timesteps`), with
-    /// the kind's [`preset`](SchedulerKind::preset) keys replacing the config's. Errors on `steps == 0`, `steps >
+    /// Builds the per-request state for `steps` inference steps (diffusers' `set_timesteps`): the
+    /// checkpoint's keys, then the kind's [`preset`](SchedulerKind::preset), then the overrides.
+    /// Errors on `steps == 0`, `steps >
     /// num_train_timesteps`, or a config value the scheduler does not support.
     pub fn build(&self, kind: SchedulerKind, steps: usize) -> Result<Box<dyn Scheduler>> {
         let mut config = self.clone();
         for (key, value) in kind.preset() {
-            config.set(key, value);
+            config.values.insert(key.to_owned(), value);
         }
+        config.values.extend(std::mem::take(&mut config.overrides));
         let config = &config;
         Ok(match kind {
             SchedulerKind::Ddim => Box::new(DdimScheduler::new(&DdimConfig::from_config(config)?, steps)?),
@@ -789,4 +798,22 @@ pub(crate) fn index_for_timestep(timesteps: &[f32], step: usize) -> usize {
         // NaN matches nothing (diffusers raises IndexError); keep the requested index.
         (None, None) => step,
     }
+}
+
+// DPM-Solver (dpm_solver.rs): its `trailing` spacing starts at a clipped last timestep
+// (`lambda_min_clipped`), so it needs numpy's float `arange` with any start.
+
+/// `np.arange(start, stop, step)` in float64 (numpy's `PyArray_ArangeObj`): `ceil((stop - start) /
+/// step)` elements, the first two `start` and `start + step`, the rest `start + i * delta` with
+/// `delta = (start + step) - start`.
+pub(crate) fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
 }
