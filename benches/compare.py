@@ -475,7 +475,7 @@ def markdown(rows: list[dict], parity: list[dict], meta: dict) -> str:
         "",
         f"Written by `{meta['command']}` on {m['date']}.",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} logical cores; **threads: {m["threads"]}** per system"
+        f"- Machine: {m['cpu']}, {m['cores']} logical cores; **threads: {m['threads']}** per system"
         f" (torch.set_num_threads, intra_op_num_threads, `--threads`).",
         f"- Model: {meta['source']}, {w}×{h}, DDIM, CFG {GUIDANCE}, {adapter}; same weights and initial latents"
         f" for every system.",
