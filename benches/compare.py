@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -97,7 +98,9 @@ def prepare_small(work: Path, adapter_preset: str, seed: int) -> Source:
     graphs, ckpt = work / "small-graphs", work / "small-diffusers"
     model_dir = ckpt / "random-small"
     stamp = work / "small-preset.json"
-    want = {"adapter_preset": adapter_preset, "seed": seed}
+    # Regenerate when the preset's code changes, not only its arguments.
+    code = hashlib.sha256((REPO / "export" / "t2i_export" / "random_preset.py").read_bytes()).hexdigest()
+    want = {"adapter_preset": adapter_preset, "seed": seed, "random_preset.py": code}
     fresh = stamp.is_file() and json.loads(stamp.read_text()) == want
     if not (fresh and (graphs / "manifest.json").is_file() and (model_dir / "model_index.json").is_file()):
         _open_clip_wheel_env()
