@@ -40,12 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 
     pr = sub.add_parser("random", help="export a random-weight pipeline of a real model's size (benchmarks)")
-    pr.add_argument("--preset", choices=["sd15"], default="sd15")
+    pr.add_argument("--preset", choices=["sd15", "small"], default="sd15",
+                    help="sd15: SD 1.5's exact shapes; small: SD 1.5's architecture scaled down, 256x256 (benches/)")
     pr.add_argument("--adapter-preset", action="append", default=[], choices=["full", "sketch", "light"],
-                    help="add a random SD 1.5 T2I-Adapter of this kind (repeatable)")
+                    help="add a random T2I-Adapter of this kind, sized for the preset's UNet (repeatable)")
     pr.add_argument("--out", type=Path, required=True)
-    pr.add_argument("--name")
+    pr.add_argument("--name", help="manifest name (default: random-PRESET)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--save-diffusers", type=Path, metavar="DIR",
+                    help="also save the same modules in diffusers format: DIR/random-PRESET and DIR/adapters/NAME")
 
     pv = sub.add_parser("verify", help="check a graph set's manifest paths and sha256")
     pv.add_argument("dir", type=Path)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "random":
             from .random_preset import export_random
 
-            out = export_random(args.preset, args.adapter_preset, args.out, args.name, args.seed)
+            out = export_random(args.preset, args.adapter_preset, args.out, args.name, args.seed, args.save_diffusers)
             print(f"wrote {out}")
         elif args.command == "verify":
             from .manifest import verify

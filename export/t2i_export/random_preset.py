@@ -1,9 +1,17 @@
-"""`python -m t2i_export random --preset sd15`: a random-weight pipeline with SD 1.5's exact shapes.
+"""`python -m t2i_export random --preset sd15|small`: random-weight pipelines for benchmarks.
 
-For benchmarks and memory/external-data checks of the runtime without downloading a checkpoint:
-same configs as runwayml/stable-diffusion-v1-5 (UNet ~860M parameters, so `unet.onnx` gets
-external data) and TencentARC's SD 1.5 T2I-Adapters. Weights are the libraries' default init after
-`torch.manual_seed(seed)`; outputs are noise. Peak RSS ~9 GB, ~2 minutes on 2 cores.
+- `sd15`: SD 1.5's exact shapes, for benchmarks and memory/external-data checks of the runtime
+  without downloading a checkpoint: same configs as runwayml/stable-diffusion-v1-5 (UNet ~860M
+  parameters, so `unet.onnx` gets external data) and TencentARC's SD 1.5 T2I-Adapters. Peak RSS
+  ~9 GB, ~2 minutes on 2 cores.
+- `small`: SD 1.5's architecture (same block types, 2 layers per block, cross-attention, a CLIP
+  text tower over the real 49,408-token vocabulary and 77 positions) at about 1/5 of the width,
+  default size 256x256, so that a whole generation takes seconds on 2 cores (`benches/`).
+
+Weights are the libraries' default init after `torch.manual_seed(seed)`, modules built in a fixed
+order (text encoder, UNet, VAE, adapters): the same seed and pinned versions give the same weights.
+Outputs are noise. `save_diffusers` also writes the modules as a diffusers checkpoint (the oracle
+`benches/compare.py` runs diffusers on).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .pipeline import Components, export_components
-from .tiny import SD15_SCHEDULER_CONFIG, write_clip_tokenizer_dir
+from .tiny import SD15_SCHEDULER_CONFIG, save_checkpoint, write_clip_tokenizer_dir
 from .tokenizer import load_tokenizer
 
 SD15_UNET = dict(
@@ -104,16 +112,75 @@ SD15_ADAPTERS = {
 }
 
 
-def export_random(preset: str, adapter_presets: list[str], out_dir: Path, name: str | None, seed: int) -> Path:
-    if preset != "sd15":
-        raise ValueError(preset)
+# "small": SD 1.5 scaled down. Channels /5 (320 -> 64), heads 8 -> 4 (head dims 16/32/64 instead of
+# 40/80/160), text tower 768 wide x 12 layers -> 256 x 4, VAE channels /4; latent 32x32 -> 256x256.
+SMALL_UNET = dict(
+    SD15_UNET,
+    sample_size=32,
+    block_out_channels=(64, 128, 256, 256),
+    cross_attention_dim=256,
+    attention_head_dim=4,  # SD 1.x's legacy name for the number of heads
+)
+
+SMALL_TEXT_ENCODER = dict(
+    SD15_TEXT_ENCODER,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    projection_dim=256,
+)
+
+SMALL_VAE = dict(SD15_VAE, block_out_channels=(32, 64, 128, 128), norm_num_groups=16, sample_size=256)
+
+SMALL_ADAPTERS = {
+    "full": dict(SD15_ADAPTERS["full"], channels=[64, 128, 256, 256]),
+    "sketch": dict(SD15_ADAPTERS["sketch"], channels=[64, 128, 256, 256]),
+    "light": dict(SD15_ADAPTERS["light"], channels=[64, 128, 256]),
+}
+
+PRESETS = {
+    "sd15": (SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE, SD15_ADAPTERS),
+    "small": (SMALL_TEXT_ENCODER, SMALL_UNET, SMALL_VAE, SMALL_ADAPTERS),
+}
+
+
+def build_random(preset: str, adapter_presets: list[str], seed: int) -> dict:
+    """Fresh modules in the order that fixes their weights: {"text_encoder", "unet", "vae", "adapters": {name: T2IAdapter}}.
+
+    Adapters are named after their kind ("sketch"), or kind + position when a kind repeats ("full0", "full2").
+    """
+    te_cfg, unet_cfg, vae_cfg, adapter_cfgs = PRESETS[preset]
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).eval()
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
-    vae = AutoencoderKL(**SD15_VAE).eval()
-    adapters = []
+    comps = {
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**te_cfg)).eval(),
+        "unet": UNet2DConditionModel(**unet_cfg).eval(),
+        "vae": AutoencoderKL(**vae_cfg).eval(),
+        "adapters": {},
+    }
     for i, kind in enumerate(adapter_presets):
-        adapters.append((kind if adapter_presets.count(kind) == 1 else f"{kind}{i}", T2IAdapter(**SD15_ADAPTERS[kind]).eval()))
+        name = kind if adapter_presets.count(kind) == 1 else f"{kind}{i}"
+        comps["adapters"][name] = T2IAdapter(**adapter_cfgs[kind]).eval()
+    return comps
+
+
+def export_random(
+    preset: str,
+    adapter_presets: list[str],
+    out_dir: Path,
+    name: str | None,
+    seed: int,
+    save_diffusers: Path | None = None,
+) -> Path:
+    """Export the preset to `out_dir`; with `save_diffusers`, also save the same modules there in diffusers
+    format: `save_diffusers/random-PRESET` (pipeline) and `save_diffusers/adapters/NAME`."""
+    if preset not in PRESETS:
+        raise ValueError(preset)
+    comps = build_random(preset, adapter_presets, seed)
+    if save_diffusers is not None:
+        save_checkpoint(comps, save_diffusers, f"random-{preset}")
+    text_encoder, unet, vae = comps["text_encoder"], comps["unet"], comps["vae"]
+    adapters = list(comps["adapters"].items())
     with tempfile.TemporaryDirectory(prefix="t2i-tok-") as tmp:
         write_clip_tokenizer_dir(Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))

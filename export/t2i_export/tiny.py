@@ -238,7 +238,14 @@ def build_components() -> dict:
 def write_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Path]]:
     """Save the tiny pipeline (work_dir/tiny-sd1) and adapters (work_dir/adapters/NAME) in diffusers format."""
     comps = build_components()
-    model_dir = work_dir / "tiny-sd1"
+    return save_checkpoint(comps, work_dir, "tiny-sd1")
+
+
+def save_checkpoint(comps: dict, work_dir: Path, model_name: str) -> tuple[Path, dict[str, Path]]:
+    """Save `build_components()`-style modules as an SD 1.5-style diffusers pipeline
+    (work_dir/model_name, real CLIP tokenizer files, SD 1.5's scheduler config) and
+    adapters (work_dir/adapters/NAME)."""
+    model_dir = work_dir / model_name
     tok_dir = work_dir / "tokenizer-src"
     write_clip_tokenizer_dir(tok_dir)
     pipe = StableDiffusionPipeline(
