@@ -1,0 +1,50 @@
+//! Whole requests through `Pipeline::run` (10 DDIM steps with guidance, with and without the
+//! sketch adapter) on each CPU backend: on the committed tiny set, and on the "small" benchmark set
+//! when `T2I_SMALL_SET` names one (`python -m t2i_export random --preset small --out DIR`, see
+//! benches/README.md).
+
+use std::path::{Path, PathBuf};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use t2i_rt::adapter::{AdapterRequest, ConditionSource};
+use t2i_rt::{BackendKind, LoadOptions, Pipeline, Request};
+
+fn sets() -> Vec<(String, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut sets = vec![("tiny-sd1".to_string(), root.join("graphs/tiny-sd1"))];
+    if let Some(dir) = std::env::var_os("T2I_SMALL_SET") {
+        sets.push(("small".to_string(), PathBuf::from(dir)));
+    }
+    sets
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let sketch = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/fixtures/tiny-sd1/conditions/sketch.png");
+    for (label, dir) in sets() {
+        for backend in BackendKind::ALL {
+            let options = LoadOptions { backend, verify_checksums: false, threads: None };
+            let mut pipeline = Pipeline::load(&dir, &options).expect("graph set loads");
+            let mut request = Request::new("a lighthouse on a cliff at sunset");
+            request.steps = 10;
+            let adapter = pipeline.manifest().adapters.first().map(|a| a.name.clone());
+            let mut group = c.benchmark_group(format!("end_to_end_{label}_{backend}"));
+            group.sample_size(10);
+            group.bench_function("10_steps", |b| b.iter(|| pipeline.run(&request, &mut |_| true).unwrap()));
+            if let Some(name) = adapter {
+                let mut with_adapter = request.clone();
+                with_adapter.adapters.push(AdapterRequest {
+                    name,
+                    image: ConditionSource::File(sketch.clone()),
+                    weight: 1.0,
+                });
+                group.bench_function("10_steps_adapter", |b| {
+                    b.iter(|| pipeline.run(&with_adapter, &mut |_| true).unwrap())
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, end_to_end);
+criterion_main!(benches);
