@@ -228,6 +228,8 @@ class PythonOrt:
             return ort.InferenceSession(str(source.graphs / rel), sess_options=opts, providers=["CPUExecutionProvider"])
 
         self.sess = {k: session(g["file"]) for k, g in self.m["graphs"].items()}
+        (text_encoder,) = self.m["text_encoders"]  # SD 1.x: one encoder (manifest format 2)
+        self.sess["text_encoder"] = session(text_encoder["graph"]["file"])
         self.adapters = {a["name"]: a for a in self.m["adapters"]}
         for a in self.m["adapters"]:
             self.sess["adapter_" + a["name"]] = session(a["graph"]["file"])

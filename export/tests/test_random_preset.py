@@ -34,10 +34,11 @@ def test_small_manifest_is_sd15_shaped_at_256(small):
     assert m["default_size"] == [256, 256]
     assert m["size_multiple"] == 64
     assert m["latent"] == {"channels": 4, "downscale": 8}
-    assert m["tokenizer"]["max_length"] == 77
+    (te,) = m["text_encoders"]
+    assert te["tokenizer"]["max_length"] == 77
     assert m["scheduler"]["_class_name"] == "PNDMScheduler"  # SD 1.5's scheduler config
     assert [(s["channels"], s["downscale"]) for s in m["residual_slots"]] == [(64, 1), (128, 2), (256, 4), (256, 8)]
-    te_out = m["graphs"]["text_encoder"]["outputs"][0]
+    te_out = te["graph"]["outputs"][0]
     assert te_out["dims"] == ["batch", 77, 256]
     unet_in = {i["name"]: i["dims"] for i in m["graphs"]["unet"]["inputs"]}
     assert unet_in["encoder_hidden_states"] == ["batch", 77, 256]
