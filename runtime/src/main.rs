@@ -182,11 +182,13 @@ struct BenchArgs {
     /// A graph file of the set (e.g. DIR/unet.onnx); the rest is found beside it.
     #[arg(long, value_name = "FILE")]
     graph: Option<PathBuf>,
+    /// Execution backend: ort-cpu or tract.
     #[arg(long, default_value = "ort-cpu", value_name = "B")]
     backend: BackendKind,
     /// Threads per graph call (default: the backend's).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Denoising steps per run.
     #[arg(long, default_value_t = 30, value_name = "N")]
     steps: usize,
     /// Image size (default: the graph set's default size).
@@ -195,11 +197,13 @@ struct BenchArgs {
     /// Attach an adapter, as for `run`. Repeatable.
     #[arg(long = "adapter", value_name = "NAME=IMAGE[:WEIGHT]")]
     adapters: Vec<AdapterRequest>,
+    /// Sampler, as for `run` (`t2i-rt run --help` lists them).
     #[arg(long, default_value = "ddim", value_name = "NAME")]
     scheduler: SchedulerKind,
     /// Classifier-free guidance scale (> 1: a batch of 2 per UNet call).
     #[arg(long, default_value_t = 7.5, value_name = "F")]
     guidance: f32,
+    /// The prompt (its length does not change the cost: it is padded to 77 tokens).
     #[arg(long, default_value = "a photo of a lighthouse on a cliff at sunset", value_name = "TEXT")]
     prompt: String,
     /// Unmeasured runs first (session warm-up, tract's per-shape planning).
