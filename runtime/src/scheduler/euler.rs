@@ -3,7 +3,9 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
-use super::sigmas::{interp_sigmas, karras_schedule, schedule_train_sigmas, sigma_init_noise, spaced_timesteps};
+use super::sigmas::{
+    interp_sigmas, karras_schedule, scale_by_sigma, schedule_train_sigmas, sigma_init_noise, spaced_timesteps, SigmaX0,
+};
 use super::{
     check_same_shape, check_step_index, check_steps, torch_linspace_f32, NoiseSource, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
@@ -184,9 +186,7 @@ impl Scheduler for EulerScheduler {
     /// `sample / (sigma² + 1) ** 0.5` in float32.
     fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "euler: step index {step} out of range 0..{}", self.num_steps());
-        let sigma = self.sigmas[step];
-        let denom = (sigma * sigma + 1.0).sqrt();
-        sample.mapv_inplace(|x| x / denom);
+        scale_by_sigma(sample, self.sigmas[step]);
     }
 
     /// `EulerDiscreteScheduler.step(model_output, timesteps[step], sample)` with `s_churn = 0`:
@@ -204,16 +204,10 @@ impl Scheduler for EulerScheduler {
         // gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) = 0, so sigma_hat = sigma * 1.0.
         let sigma_hat = sigma;
         let dt = self.sigmas[step + 1] - sigma_hat;
-        let v_in = sigma * sigma + 1.0;
-        let v_out = -sigma / v_in.sqrt();
-        let prediction = self.prediction_type;
+        let x0 = SigmaX0::new(self.prediction_type, sigma_hat);
         Zip::from(sample).and(&model_output).for_each(|x, &m| {
             let s = *x;
-            let x0 = match prediction {
-                PredictionType::Epsilon => s - sigma_hat * m,
-                PredictionType::VPrediction => m * v_out + s / v_in,
-                PredictionType::Sample => m,
-            };
+            let x0 = x0.x0(s, m);
             let derivative = (s - x0) / sigma_hat;
             *x = s + derivative * dt;
         });

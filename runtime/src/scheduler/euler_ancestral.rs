@@ -5,7 +5,9 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
-use super::sigmas::{interp_sigmas, schedule_train_sigmas, sigma_init_noise, spaced_timesteps};
+use super::sigmas::{
+    interp_sigmas, scale_by_sigma, schedule_train_sigmas, sigma_init_noise, spaced_timesteps, SigmaX0,
+};
 use super::{
     check_same_shape, check_step_index, check_steps, index_for_timestep, randn, NoiseSource, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
@@ -97,9 +99,7 @@ impl Scheduler for EulerAncestralScheduler {
     /// `sample / (sigma² + 1) ** 0.5` in float32.
     fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "euler-a: step index {step} out of range 0..{}", self.num_steps());
-        let sigma = self.sigmas[step];
-        let denom = (sigma * sigma + 1.0).sqrt();
-        sample.mapv_inplace(|x| x / denom);
+        scale_by_sigma(sample, self.sigmas[step]);
     }
 
     /// `EulerAncestralDiscreteScheduler.step(model_output, timesteps[step], sample, generator)`,
@@ -118,16 +118,11 @@ impl Scheduler for EulerAncestralScheduler {
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma;
-        let v_in = sigma * sigma + 1.0;
-        let v_out = -sigma / v_in.sqrt();
-        let prediction = self.prediction_type;
+        // (`Sample` is refused when the config is read.)
+        let x0 = SigmaX0::new(self.prediction_type, sigma);
         Zip::from(&mut *sample).and(&model_output).for_each(|x, &m| {
             let s = *x;
-            let x0 = match prediction {
-                PredictionType::VPrediction => m * v_out + s / v_in,
-                // `Sample` is refused when the config is read.
-                PredictionType::Epsilon | PredictionType::Sample => s - sigma * m,
-            };
+            let x0 = x0.x0(s, m);
             let derivative = (s - x0) / sigma;
             *x = s + derivative * dt;
         });

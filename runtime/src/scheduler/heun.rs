@@ -9,7 +9,9 @@
 
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
-use super::sigmas::{interp_sigmas, karras_schedule, schedule_train_sigmas, sigma_init_noise, spaced_timesteps};
+use super::sigmas::{
+    interp_sigmas, karras_schedule, scale_by_sigma, schedule_train_sigmas, sigma_init_noise, spaced_timesteps, SigmaX0,
+};
 use super::{
     check_same_shape, check_step_index, check_steps, index_for_timestep, NoiseSource, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
@@ -163,9 +165,7 @@ impl Scheduler for HeunScheduler {
     /// `sample / (sigma² + 1) ** 0.5` in float32, with the sigma of step index `step`.
     fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "heun: step index {step} out of range 0..{}", self.num_steps());
-        let sigma = self.sigmas[step];
-        let denom = (sigma * sigma + 1.0).sqrt();
-        sample.mapv_inplace(|x| x / denom);
+        scale_by_sigma(sample, self.sigmas[step]);
     }
 
     /// `HeunDiscreteScheduler.step(model_output, timesteps[step], sample)`, each float32 op in
@@ -201,16 +201,10 @@ impl Scheduler for HeunScheduler {
         // First stage: sigma = sigmas[step], sigma_next = sigmas[step + 1], x₀ from sigma_hat =
         // sigma. Second stage: sigma_next = sigmas[step], and x₀ from sigma_next.
         let sigma_input = self.sigmas[step];
-        let v_in = sigma_input * sigma_input + 1.0;
-        let v_out = -sigma_input / v_in.sqrt();
-        let prediction = self.prediction_type;
+        let x0_at_input = SigmaX0::new(self.prediction_type, sigma_input);
         let clip = self.clip_sample_range;
         let predict_x0 = |s: f32, m: f32| {
-            let x0 = match prediction {
-                PredictionType::Epsilon => s - sigma_input * m,
-                PredictionType::VPrediction => m * v_out + s / v_in,
-                PredictionType::Sample => m,
-            };
+            let x0 = x0_at_input.x0(s, m);
             // torch.clamp(x0, -r, r): NaN propagates, and -r > r gives r.
             match clip {
                 Some(r) if !x0.is_nan() => x0.max(-r).min(r),

@@ -8,6 +8,7 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::euler::{EulerConfig, EulerScheduler, FinalSigmasType, InterpolationType, TimestepType};
+use super::sigmas::{scale_by_sigma, SigmaX0};
 use super::{
     check_same_shape, check_step_index, check_steps, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
     SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
@@ -176,9 +177,7 @@ impl Scheduler for LmsScheduler {
     /// `sample / (sigma² + 1) ** 0.5` in float32.
     fn scale_model_input(&self, sample: &mut ArrayD<f32>, step: usize) {
         assert!(step < self.num_steps(), "lms: step index {step} out of range 0..{}", self.num_steps());
-        let sigma = self.sigmas[step];
-        let denom = (sigma * sigma + 1.0).sqrt();
-        sample.mapv_inplace(|x| x / denom);
+        scale_by_sigma(sample, self.sigmas[step]);
     }
 
     /// `LMSDiscreteScheduler.step(model_output, timesteps[step], sample, order)`: the derivative
@@ -198,17 +197,8 @@ impl Scheduler for LmsScheduler {
         check_step_index(NAME, step, self.num_steps())?;
         check_same_shape(NAME, "model_output", model_output.shape(), sample.shape())?;
         let sigma = self.sigmas[step];
-        let v_in = sigma * sigma + 1.0;
-        let v_out = -sigma / v_in.sqrt();
-        let prediction = self.prediction_type;
-        let derivative = Zip::from(&*sample).and(&model_output).map_collect(|&s, &m| {
-            let x0 = match prediction {
-                PredictionType::Epsilon => s - sigma * m,
-                PredictionType::VPrediction => m * v_out + s / v_in,
-                PredictionType::Sample => m,
-            };
-            (s - x0) / sigma
-        });
+        let x0 = SigmaX0::new(self.prediction_type, sigma);
+        let derivative = Zip::from(&*sample).and(&model_output).map_collect(|&s, &m| (s - x0.x0(s, m)) / sigma);
         self.derivatives.push(derivative);
         if self.derivatives.len() > self.order {
             self.derivatives.remove(0);

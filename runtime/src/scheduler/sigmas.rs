@@ -3,7 +3,9 @@
 //! sigmas and the inverse map from a sigma back to a timestep, each with numpy's float64 /
 //! float32 flow as diffusers runs it.
 
-use super::{leading_timesteps, numpy_linspace, trailing_timesteps, TimestepSpacing, TrainSchedule};
+use ndarray::ArrayD;
+
+use super::{leading_timesteps, numpy_linspace, trailing_timesteps, PredictionType, TimestepSpacing, TrainSchedule};
 use crate::error::{Error, Result};
 
 /// The training sigmas `((1 - ᾱ) / ᾱ) ** 0.5` as float32 torch ops, indexed by training timestep.
@@ -148,5 +150,39 @@ pub(crate) fn sigma_init_noise(sigmas: &[f32], spacing: TimestepSpacing) -> f32 
     match spacing {
         TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
         TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    }
+}
+
+// ---- The step arithmetic Euler, Euler Ancestral, Heun and LMS share ----
+
+/// Their `scale_model_input`: `sample / (sigma² + 1) ** 0.5` in float32.
+pub(crate) fn scale_by_sigma(sample: &mut ArrayD<f32>, sigma: f32) {
+    let denom = (sigma * sigma + 1.0).sqrt();
+    sample.mapv_inplace(|x| x / denom);
+}
+
+/// Their `pred_original_sample` at noise level `sigma`: `x₀` from the sample `s` and the model
+/// output `m`, each float32 op in diffusers' order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SigmaX0 {
+    prediction: PredictionType,
+    sigma: f32,
+    /// `sigma² + 1` and `-sigma / (sigma² + 1) ** 0.5`, for v-prediction.
+    v_in: f32,
+    v_out: f32,
+}
+
+impl SigmaX0 {
+    pub(crate) fn new(prediction: PredictionType, sigma: f32) -> Self {
+        let v_in = sigma * sigma + 1.0;
+        SigmaX0 { prediction, sigma, v_in, v_out: -sigma / v_in.sqrt() }
+    }
+
+    pub(crate) fn x0(&self, s: f32, m: f32) -> f32 {
+        match self.prediction {
+            PredictionType::Epsilon => s - self.sigma * m,
+            PredictionType::VPrediction => m * self.v_out + s / self.v_in,
+            PredictionType::Sample => m,
+        }
     }
 }
