@@ -4,9 +4,9 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
-    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn, threshold_sample,
-    trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind,
-    TimestepSpacing, TrainSchedule, SPACINGS,
+    alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn,
+    threshold_sample, torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -130,15 +130,6 @@ impl DdimScheduler {
     }
 }
 
-/// torch's `clamp`: NaN stays NaN; `min(max(x, lo), hi)`.
-fn clamp(x: f32, (lo, hi): (f32, f32)) -> f32 {
-    if x.is_nan() {
-        x
-    } else {
-        x.max(lo).min(hi)
-    }
-}
-
 impl Scheduler for DdimScheduler {
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Ddim
@@ -188,10 +179,14 @@ impl Scheduler for DdimScheduler {
         let sqrt_alpha_prev = alpha_prod_t_prev.sqrt();
 
         let prediction = self.prediction_type;
-        let split = |s: f32, m: f32| match prediction {
-            PredictionType::Epsilon => ((s - sqrt_beta * m) / sqrt_alpha, m),
-            PredictionType::Sample => (m, (s - sqrt_alpha * m) / sqrt_beta),
-            PredictionType::VPrediction => (sqrt_alpha * s - sqrt_beta * m, sqrt_alpha * m + sqrt_beta * s),
+        let split = |s: f32, m: f32| {
+            let x0 = alpha_x0(prediction, sqrt_alpha, sqrt_beta, s, m);
+            let eps = match prediction {
+                PredictionType::Epsilon => m,
+                PredictionType::Sample => (s - sqrt_alpha * m) / sqrt_beta,
+                PredictionType::VPrediction => sqrt_alpha * m + sqrt_beta * s,
+            };
+            (x0, eps)
         };
         if let Some((ratio, max_value)) = self.thresholding {
             // Thresholding looks at all of x₀ at once; ε is the unthresholded one, as in diffusers.
@@ -205,7 +200,7 @@ impl Scheduler for DdimScheduler {
             let clip = self.clip;
             Zip::from(&mut *sample).and(&model_output).for_each(|x, &m| {
                 let (x0, eps) = split(*x, m);
-                let x0 = clip.map_or(x0, |bounds| clamp(x0, bounds));
+                let x0 = clip.map_or(x0, |(lo, hi)| torch_clamp(x0, lo, hi));
                 *x = sqrt_alpha_prev * x0 + direction_coef * eps;
             });
         }

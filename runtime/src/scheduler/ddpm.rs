@@ -5,9 +5,9 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
-    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn, threshold_sample,
-    trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind,
-    TimestepSpacing, TrainSchedule, SPACINGS,
+    alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, limit_x0, numpy_linspace, randn,
+    torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -156,15 +156,6 @@ impl DdpmScheduler {
     }
 }
 
-/// torch's `clamp`: NaN stays NaN; `min(max(x, lo), hi)`.
-fn clamp(x: f32, (lo, hi): (f32, f32)) -> f32 {
-    if x.is_nan() {
-        x
-    } else {
-        x.max(lo).min(hi)
-    }
-}
-
 impl Scheduler for DdpmScheduler {
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Ddpm
@@ -212,16 +203,10 @@ impl Scheduler for DdpmScheduler {
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
 
         let prediction = self.prediction_type;
-        let mut x0 = Zip::from(&*sample).and(&model_output).map_collect(|&s, &m| match prediction {
-            PredictionType::Epsilon => (s - sqrt_beta * m) / sqrt_alpha,
-            PredictionType::Sample => m,
-            PredictionType::VPrediction => sqrt_alpha * s - sqrt_beta * m,
-        });
-        if let Some((ratio, max_value)) = self.thresholding {
-            threshold_sample(&mut x0, ratio, max_value);
-        } else if let Some(bounds) = self.clip {
-            x0.mapv_inplace(|x| clamp(x, bounds));
-        }
+        let mut x0 = Zip::from(&*sample)
+            .and(&model_output)
+            .map_collect(|&s, &m| alpha_x0(prediction, sqrt_alpha, sqrt_beta, s, m));
+        limit_x0(&mut x0, self.thresholding, self.clip);
         let x0_coeff = (alpha_prod_t_prev.sqrt() * current_beta_t) / beta_prod_t;
         let sample_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;
         Zip::from(&mut *sample).and(&x0).for_each(|x, &x0| *x = x0_coeff * x0 + sample_coeff * *x);
@@ -230,7 +215,7 @@ impl Scheduler for DdpmScheduler {
             let z = randn(noise, model_output.shape());
             // `_get_variance(t)`.
             let variance =
-                clamp((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t, (1e-20, f32::INFINITY));
+                torch_clamp((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t, 1e-20, f32::INFINITY);
             let std_dev = match self.variance_type {
                 VarianceType::FixedSmall => variance.sqrt(),
                 VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),

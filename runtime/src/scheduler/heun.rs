@@ -13,8 +13,8 @@ use super::sigmas::{
     interp_sigmas, karras_schedule, scale_by_sigma, schedule_train_sigmas, sigma_init_noise, spaced_timesteps, SigmaX0,
 };
 use super::{
-    check_same_shape, check_step_index, check_steps, index_for_timestep, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    check_same_shape, check_step_index, check_steps, index_for_timestep, torch_clamp, NoiseSource, PredictionType,
+    Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -205,11 +205,7 @@ impl Scheduler for HeunScheduler {
         let clip = self.clip_sample_range;
         let predict_x0 = |s: f32, m: f32| {
             let x0 = x0_at_input.x0(s, m);
-            // torch.clamp(x0, -r, r): NaN propagates, and -r > r gives r.
-            match clip {
-                Some(r) if !x0.is_nan() => x0.max(-r).min(r),
-                _ => x0,
-            }
+            clip.map_or(x0, |r| torch_clamp(x0, -r, r))
         };
         match first {
             None => {

@@ -4,7 +4,7 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
-    check_same_shape, check_step_index, check_steps, randn, threshold_sample, NoiseSource, PredictionType, Scheduler,
+    alpha_x0, check_same_shape, check_step_index, check_steps, limit_x0, randn, NoiseSource, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, TrainSchedule,
 };
 use crate::error::{Error, Result};
@@ -141,15 +141,6 @@ impl LcmScheduler {
     }
 }
 
-/// torch's `clamp`: NaN stays NaN.
-fn clamp(x: f32, lo: f32, hi: f32) -> f32 {
-    if x.is_nan() {
-        x
-    } else {
-        x.max(lo).min(hi)
-    }
-}
-
 impl Scheduler for LcmScheduler {
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Lcm
@@ -201,17 +192,11 @@ impl Scheduler for LcmScheduler {
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
 
         let prediction = self.config.prediction_type;
-        let mut x0 = Zip::from(&*sample).and(&model_output).map_collect(|&s, &m| match prediction {
-            PredictionType::Epsilon => (s - sqrt_beta * m) / sqrt_alpha,
-            PredictionType::Sample => m,
-            PredictionType::VPrediction => sqrt_alpha * s - sqrt_beta * m,
-        });
-        if let Some((ratio, max_value)) = self.config.thresholding {
-            threshold_sample(&mut x0, ratio, max_value);
-        } else if self.config.clip_sample {
-            let range = self.config.clip_sample_range as f32;
-            x0.mapv_inplace(|x| clamp(x, -range, range));
-        }
+        let mut x0 = Zip::from(&*sample)
+            .and(&model_output)
+            .map_collect(|&s, &m| alpha_x0(prediction, sqrt_alpha, sqrt_beta, s, m));
+        let range = self.config.clip_sample_range as f32;
+        limit_x0(&mut x0, self.config.thresholding, self.config.clip_sample.then_some((-range, range)));
         // denoised = c_out * x0 + c_skip * sample
         Zip::from(&mut *sample).and(&x0).for_each(|s, &x0| *s = c_out * x0 + c_skip * *s);
         if !last {

@@ -748,6 +748,36 @@ pub(crate) fn check_same_shape(scheduler: &'static str, what: &str, a: &[usize],
     Ok(())
 }
 
+/// torch's `clamp(x, lo, hi)` on a float32: NaN stays NaN, otherwise `min(max(x, lo), hi)` (so
+/// `lo > hi` gives `hi`).
+pub(crate) fn torch_clamp(x: f32, lo: f32, hi: f32) -> f32 {
+    if x.is_nan() {
+        x
+    } else {
+        x.max(lo).min(hi)
+    }
+}
+
+/// `pred_original_sample` of the ᾱ-parameterised samplers (DDIM, DDPM, LCM) from the sample `s`
+/// and model output `m`, with `sqrt_alpha = ᾱ_t ** 0.5`, `sqrt_beta = (1 - ᾱ_t) ** 0.5`.
+pub(crate) fn alpha_x0(prediction: PredictionType, sqrt_alpha: f32, sqrt_beta: f32, s: f32, m: f32) -> f32 {
+    match prediction {
+        PredictionType::Epsilon => (s - sqrt_beta * m) / sqrt_alpha,
+        PredictionType::Sample => m,
+        PredictionType::VPrediction => sqrt_alpha * s - sqrt_beta * m,
+    }
+}
+
+/// diffusers' treatment of a predicted `x₀` before it is used: dynamic thresholding when
+/// configured, else clamping to `clip = (lo, hi)` when `clip_sample` is on.
+pub(crate) fn limit_x0(x0: &mut ArrayD<f32>, thresholding: Option<(f64, f64)>, clip: Option<(f32, f32)>) {
+    if let Some((ratio, max_value)) = thresholding {
+        threshold_sample(x0, ratio, max_value);
+    } else if let Some((lo, hi)) = clip {
+        x0.mapv_inplace(|x| torch_clamp(x, lo, hi));
+    }
+}
+
 /// Dynamic thresholding of a predicted `x₀` (`_threshold_sample` in diffusers' DDIM, DDPM,
 /// DPM-Solver, UniPC and LCM schedulers; Imagen, arXiv 2205.08891): per batch item, `s` is the
 /// `ratio` quantile of `|x₀|` clamped to `[1, max_value]`, and `x₀` becomes `clamp(x₀, -s, s) / s`.
@@ -772,10 +802,9 @@ pub(crate) fn threshold_sample(x0: &mut ArrayD<f32>, ratio: f64, max_value: f64)
         // ATen's lerp: exact at both ends.
         let q = if weight.abs() < 0.5 { lo + weight * (hi - lo) } else { hi - (hi - lo) * (1.0 - weight) };
         // torch.clamp(s, min=1, max=sample_max_value), NaN propagating.
-        let s = if q.is_nan() { q } else { q.max(1.0).min(max_value as f32) };
+        let s = torch_clamp(q, 1.0, max_value as f32);
         for x in item.iter_mut() {
-            let c = if x.is_nan() { *x } else { x.max(-s).min(s) };
-            *x = c / s;
+            *x = torch_clamp(*x, -s, s) / s;
         }
     }
     for (dst, src) in x0.iter_mut().zip(flat) {
