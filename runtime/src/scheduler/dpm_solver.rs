@@ -9,11 +9,11 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::euler::FinalSigmasType;
-use super::sigmas::{karras_sigmas, numpy_interp_index, sigma_to_t, train_sigmas};
+use super::sigmas::{alpha_sigma_t, karras_sigmas, numpy_interp_index, sigma_to_t, train_sigmas};
 use super::{
-    check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_arange, numpy_linspace, randn,
-    threshold_sample, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind,
-    TimestepSpacing, TrainSchedule, SPACINGS,
+    check_same_shape, check_step_index, check_steps, index_for_timestep, leading_timesteps, numpy_arange,
+    numpy_linspace, randn, threshold_sample, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -203,8 +203,8 @@ impl DpmSolverConfig {
 #[derive(Debug, Clone)]
 pub struct DpmSolverScheduler {
     kind: SchedulerKind,
-    /// Integer training timesteps (`trailing` may end with -1, which samples sigma[0]).
-    train_timesteps: Vec<i64>,
+    /// Training timesteps as the UNet gets them (`trailing` may end with -1, which samples
+    /// sigma[0]).
     timesteps: Vec<f32>,
     /// One per step plus the final one.
     sigmas: Vec<f32>,
@@ -220,12 +220,6 @@ pub struct DpmSolverScheduler {
     model_outputs: Vec<ArrayD<f32>>,
     /// Steps taken so far, capped at `solver_order` (`lower_order_nums`).
     lower_order_nums: usize,
-}
-
-/// `_sigma_to_alpha_sigma_t`: `α = 1 / sqrt(σ² + 1)`, `σ_t = σ·α`, float32 torch scalars.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
 }
 
 /// `λ = log α − log σ_t` (∞ at σ = 0).
@@ -293,7 +287,6 @@ impl DpmSolverScheduler {
         Ok(DpmSolverScheduler {
             kind: config.kind,
             timesteps: train_timesteps.iter().map(|&t| t as f32).collect(),
-            train_timesteps,
             sigmas,
             solver_order: config.solver_order,
             prediction_type: config.prediction_type,
@@ -310,7 +303,7 @@ impl DpmSolverScheduler {
 
     /// `convert_model_output`: x₀ for the `++` solvers, ε for the others, with thresholding.
     fn convert_model_output(&self, model_output: ArrayViewD<f32>, sample: &ArrayD<f32>, step: usize) -> ArrayD<f32> {
-        let (alpha, sigma) = alpha_sigma(self.sigmas[step]);
+        let (alpha, sigma) = alpha_sigma_t(self.sigmas[step]);
         let prediction = self.prediction_type;
         if self.algorithm_type.is_data_prediction() {
             let mut x0 = Zip::from(sample).and(&model_output).map_collect(|&s, &m| match prediction {
@@ -339,10 +332,10 @@ impl DpmSolverScheduler {
 
     /// The update's float32 coefficients from step index `step` with `order` model outputs.
     fn coefficients(&self, step: usize, order: usize) -> Coefficients {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
+        let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[step + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma_t(self.sigmas[step]);
         let lambda_t = lambda((alpha_t, sigma_t));
-        let lambda_at = |i: usize| lambda(alpha_sigma(self.sigmas[i]));
+        let lambda_at = |i: usize| lambda(alpha_sigma_t(self.sigmas[i]));
         let lambda_s0 = lambda((alpha_s0, sigma_s0));
         let h = lambda_t - lambda_s0;
         let (mut c, mut d) = (Coefficients::default(), [0.0f32; 3]);
@@ -556,11 +549,7 @@ impl Scheduler for DpmSolverScheduler {
     fn add_noise(&self, original: ArrayViewD<f32>, noise: ArrayViewD<f32>, step: usize) -> ArrayD<f32> {
         assert!(step < self.num_steps(), "{}: step index {step} out of range 0..{}", self.kind, self.num_steps());
         assert_eq!(noise.shape(), original.shape(), "{} add_noise: noise and original shapes differ", self.kind);
-        let t = self.train_timesteps[step];
-        let mut same = self.train_timesteps.iter().enumerate().filter(|(_, &u)| u == t).map(|(i, _)| i);
-        let first = same.next().unwrap_or(step);
-        let index = same.next().unwrap_or(first);
-        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
+        let (alpha, sigma) = alpha_sigma_t(self.sigmas[index_for_timestep(self.timesteps(), step)]);
         Zip::from(&original).and(&noise).map_collect(|&x, &n| alpha * x + sigma * n)
     }
 }

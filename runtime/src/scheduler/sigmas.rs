@@ -186,3 +186,10 @@ impl SigmaX0 {
         }
     }
 }
+
+/// DPM-Solver's and UniPC's `_sigma_to_alpha_sigma_t`: `α = 1 / sqrt(σ² + 1)`, `σ_t = σ·α`, as
+/// float32 torch scalars.
+pub(crate) fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}

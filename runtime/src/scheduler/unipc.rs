@@ -9,10 +9,11 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::euler::FinalSigmasType;
-use super::sigmas::{karras_sigmas, numpy_interp_index, sigma_to_t, train_sigmas};
+use super::sigmas::{alpha_sigma_t, karras_sigmas, numpy_interp_index, sigma_to_t, train_sigmas};
 use super::{
-    check_same_shape, check_step_index, check_steps, numpy_linspace, threshold_sample, trailing_timesteps, NoiseSource,
-    PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    check_same_shape, check_step_index, check_steps, index_for_timestep, numpy_linspace, threshold_sample,
+    trailing_timesteps, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
+    TrainSchedule, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -248,9 +249,7 @@ impl UniPcScheduler {
 
     /// `_sigma_to_alpha_sigma_t` in float32: `α = 1 / sqrt(σ² + 1)`, `σ_t = σ·α`.
     fn alpha_sigma(&self, step: usize) -> (f32, f32) {
-        let sigma = self.sigmas[step];
-        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-        (alpha, sigma * alpha)
+        alpha_sigma_t(self.sigmas[step])
     }
 
     /// The log-SNR `λ = log α − log σ_t` at a sigma index.
@@ -556,10 +555,7 @@ impl Scheduler for UniPcScheduler {
     fn add_noise(&self, original: ArrayViewD<f32>, noise: ArrayViewD<f32>, step: usize) -> ArrayD<f32> {
         assert!(step < self.num_steps(), "unipc: step index {step} out of range 0..{}", self.num_steps());
         assert_eq!(noise.shape(), original.shape(), "unipc add_noise: noise and original shapes differ");
-        let t = self.timesteps[step];
-        let matches: Vec<usize> = (0..self.num_steps()).filter(|&i| self.timesteps[i] == t).collect();
-        let index = if matches.len() > 1 { matches[1] } else { matches[0] };
-        let (alpha, sigma) = self.alpha_sigma(index);
+        let (alpha, sigma) = self.alpha_sigma(index_for_timestep(&self.timesteps, step));
         Zip::from(&original).and(&noise).map_collect(|&x, &n| alpha * x + sigma * n)
     }
 }
