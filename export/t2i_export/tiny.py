@@ -63,13 +63,13 @@ SD15_SCHEDULER_CONFIG = {
 
 TEXT_ENCODER_CONFIG = dict(
     vocab_size=49408,
-    hidden_size=16,
+    hidden_size=4,  # the 49,408 × hidden token table is most of the file: kept small so the zoo stays small
     intermediate_size=37,
     num_hidden_layers=2,
     num_attention_heads=2,
     max_position_embeddings=77,
     hidden_act="quick_gelu",
-    projection_dim=16,
+    projection_dim=4,
     bos_token_id=49406,
     eos_token_id=49407,
     pad_token_id=1,
@@ -80,12 +80,12 @@ UNET_CONFIG = dict(
     in_channels=4,
     out_channels=4,
     layers_per_block=2,
-    block_out_channels=(16, 16, 32, 32),
+    block_out_channels=(8, 8, 16, 16),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
+    cross_attention_dim=4,
     attention_head_dim=2,  # SD 1.x's legacy name for the number of heads (8 there)
-    norm_num_groups=8,  # 32 in SD; 8 keeps several channels per group at these widths
+    norm_num_groups=4,  # 32 in SD; 4 keeps several channels per group at these widths
 )
 
 VAE_CONFIG = dict(
@@ -93,19 +93,19 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks = 8x downscale, as in SD
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 32, 32, 32),
+    block_out_channels=(8, 16, 16, 16),
     layers_per_block=1,
     latent_channels=4,
-    norm_num_groups=8,
+    norm_num_groups=4,
     sample_size=64,
     scaling_factor=0.18215,
 )
 
 ADAPTER_CONFIGS = {
     # full adapter: one feature per UNet down block, channels = block_out_channels
-    "sketch": dict(in_channels=1, channels=[16, 16, 32, 32], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
-    # light adapter: len(channels) + 1 features (the last channel count repeated) = 16, 16, 32, 32
-    "color": dict(in_channels=3, channels=[16, 16, 32], num_res_blocks=4, downscale_factor=8, adapter_type="light_adapter"),
+    "sketch": dict(in_channels=1, channels=[8, 8, 16, 16], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
+    # light adapter: len(channels) + 1 features (the last channel count repeated) = 8, 8, 16, 16
+    "color": dict(in_channels=3, channels=[8, 8, 16], num_res_blocks=4, downscale_factor=8, adapter_type="light_adapter"),
 }
 
 
@@ -299,7 +299,7 @@ SD2_UNET_CONFIG = dict(
 )
 SD2_ADAPTER_CONFIGS = {
     # TencentARC/t2iadapter_seg_sd21-style full adapter (rgb)
-    "seg": dict(in_channels=3, channels=[16, 16, 32, 32], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
+    "seg": dict(in_channels=3, channels=[8, 8, 16, 16], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter"),
 }
 
 # ---- SDXL: two text encoders (CLIP ViT-L-like, then OpenCLIP bigG-like with projection), text_time
@@ -324,32 +324,32 @@ SDXL_SCHEDULER_CONFIG = {
     "use_karras_sigmas": False,
 }
 SDXL_SEEDS = {"text_encoder": 11, "text_encoder_2": 12, "unet": 13, "vae": 14, "canny": 15, "depth": 16}
-SDXL_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=8, intermediate_size=19, num_hidden_layers=3)
+SDXL_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=4, intermediate_size=19, num_hidden_layers=3)
 SDXL_TEXT_ENCODER_2_CONFIG = dict(
-    TEXT_ENCODER_CONFIG, hidden_size=8, intermediate_size=23, num_hidden_layers=3, hidden_act="gelu", projection_dim=8
+    TEXT_ENCODER_CONFIG, hidden_size=4, intermediate_size=23, num_hidden_layers=3, hidden_act="gelu", projection_dim=4
 )
 SDXL_UNET_CONFIG = dict(
     sample_size=8,  # latent 8x8 -> default_size [64, 64]
     in_channels=4,
     out_channels=4,
     layers_per_block=2,
-    block_out_channels=(16, 32, 32),
+    block_out_channels=(8, 16, 16),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     transformer_layers_per_block=(1, 1, 2),  # SDXL: (1, 2, 10)
     attention_head_dim=(2, 2, 4),  # SDXL: (5, 10, 20)
-    cross_attention_dim=16,  # 8 + 8: both encoders' hidden states concatenated
+    cross_attention_dim=8,  # 4 + 4: both encoders' hidden states concatenated
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,  # SDXL: 256
-    projection_class_embeddings_input_dim=6 * 8 + 8,  # 6 time ids × 8 + text_embeds (projection_dim 8)
-    norm_num_groups=8,
+    projection_class_embeddings_input_dim=6 * 8 + 4,  # 6 time ids × 8 + text_embeds (projection_dim 4)
+    norm_num_groups=4,
 )
 SDXL_VAE_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)
 SDXL_ADAPTER_CONFIGS = {
     # TencentARC/t2i-adapter-{canny,lineart,sketch}-sdxl-1.0: gray; {depth-midas,openpose}: rgb
-    "canny": dict(in_channels=1, channels=[16, 32, 32, 32], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"),
-    "depth": dict(in_channels=3, channels=[16, 32, 32, 32], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"),
+    "canny": dict(in_channels=1, channels=[8, 16, 16, 16], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"),
+    "depth": dict(in_channels=3, channels=[8, 16, 16, 16], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"),
 }
 
 

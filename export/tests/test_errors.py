@@ -58,7 +58,7 @@ def test_missing_adapter_dir(capsys, zoo, tmp_path):
 
 def test_adapter_channels_do_not_match_unet(capsys, zoo, tmp_path):
     torch.manual_seed(0)
-    wrong = T2IAdapter(in_channels=3, channels=[16, 32, 32, 32], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
+    wrong = T2IAdapter(in_channels=3, channels=[8, 16, 16, 16], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
     wrong.save_pretrained(str(tmp_path / "wrong"))
     err = run_cli(capsys, "pipeline", "--model", zoo.model_dir, "--adapter", f"w={tmp_path / 'wrong'}", "--out", tmp_path / "o")
     assert "adapter w: feature 1" in err and "adapter_residual_1" in err
@@ -67,7 +67,7 @@ def test_adapter_channels_do_not_match_unet(capsys, zoo, tmp_path):
 
 def test_adapter_with_too_many_features(capsys, zoo, tmp_path):
     torch.manual_seed(0)
-    wrong = T2IAdapter(in_channels=3, channels=[16, 16, 32, 32, 32], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
+    wrong = T2IAdapter(in_channels=3, channels=[8, 8, 16, 16, 16], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
     wrong.save_pretrained(str(tmp_path / "wrong"))
     err = run_cli(capsys, "pipeline", "--model", zoo.model_dir, "--adapter", f"w={tmp_path / 'wrong'}", "--out", tmp_path / "o")
     # A feature beyond the down blocks is offered the mid-block slot (as T2I-Adapter-XL's 4th is);

@@ -42,10 +42,10 @@ def test_manifest_contract(zoo):
     sched = json.loads((zoo.model_dir / "scheduler" / "scheduler_config.json").read_text())
     assert m["scheduler"] == sched and list(m["scheduler"]) == list(sched)  # verbatim, key order too
     assert m["residual_slots"] == [
-        {"input": "adapter_residual_0", "channels": 16, "downscale": 1},
-        {"input": "adapter_residual_1", "channels": 16, "downscale": 2},
-        {"input": "adapter_residual_2", "channels": 32, "downscale": 4},
-        {"input": "adapter_residual_3", "channels": 32, "downscale": 8},
+        {"input": "adapter_residual_0", "channels": 8, "downscale": 1},
+        {"input": "adapter_residual_1", "channels": 8, "downscale": 2},
+        {"input": "adapter_residual_2", "channels": 16, "downscale": 4},
+        {"input": "adapter_residual_3", "channels": 16, "downscale": 8},
     ]
     assert list(m["graphs"]) == ["unet", "vae_decoder"]
     by_name = {a["name"]: a for a in m["adapters"]}
@@ -65,7 +65,7 @@ def test_manifest_contract(zoo):
     ]
     assert unet["inputs"][1] == {"name": "timestep", "dtype": "float32", "dims": ["batch"]}
     assert te["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
-    assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 16]
+    assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 4]
     assert m["graphs"]["vae_decoder"]["outputs"][0]["dims"] == ["batch", 3, "image_height", "image_width"]
 
 
