@@ -6,7 +6,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 use super::{
     alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn,
     threshold_sample, torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -50,15 +50,7 @@ impl DdimConfig {
             clip_sample_range: r.float("clip_sample_range", 1.0)?,
             set_alpha_to_one: r.bool("set_alpha_to_one", true)?,
             steps_offset: r.int("steps_offset", 0)?,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             timestep_spacing: r.choice("timestep_spacing", TimestepSpacing::Leading, &SPACINGS)?,
             thresholding: r.thresholding()?,
             eta,

@@ -7,7 +7,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 use super::{
     alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, limit_x0, numpy_linspace, randn,
     torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
-    SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -84,15 +84,7 @@ impl DdpmConfig {
             )?,
             clip_sample: r.bool("clip_sample", true)?,
             clip_sample_range: r.float("clip_sample_range", 1.0)?,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             thresholding: r.thresholding()?,
             timestep_spacing: r.choice("timestep_spacing", TimestepSpacing::Leading, &SPACINGS)?,
             steps_offset: r.int("steps_offset", 0)?,

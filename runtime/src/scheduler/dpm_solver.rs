@@ -13,7 +13,7 @@ use super::sigmas::{alpha_sigma_t, karras_sigmas, numpy_interp_index, sigma_to_t
 use super::{
     check_same_shape, check_step_index, check_steps, index_for_timestep, leading_timesteps, numpy_arange,
     numpy_linspace, randn, threshold_sample, BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
-    SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -163,15 +163,7 @@ impl DpmSolverConfig {
             kind,
             train: TrainSchedule::read(&r)?,
             solver_order,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             thresholding: r.thresholding()?,
             algorithm_type,
             solver_type: r.choice(

@@ -14,7 +14,7 @@ use super::sigmas::{
 };
 use super::{
     check_same_shape, check_step_index, check_steps, index_for_timestep, torch_clamp, NoiseSource, PredictionType,
-    Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -62,15 +62,7 @@ impl HeunConfig {
         train.rescale_betas_zero_snr = false;
         Ok(HeunConfig {
             train,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             use_karras_sigmas: r.bool("use_karras_sigmas", false)?,
             sigma_min: r.opt_float("sigma_min")?,
             sigma_max: r.opt_float("sigma_max")?,

@@ -5,7 +5,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
     alpha_x0, check_same_shape, check_step_index, check_steps, limit_x0, randn, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig, SchedulerKind, TrainSchedule,
+    SchedulerConfig, SchedulerKind, TrainSchedule, PREDICTION_TYPES,
 };
 use crate::error::{Error, Result};
 
@@ -67,15 +67,7 @@ impl LcmConfig {
             clip_sample: r.bool("clip_sample", false)?,
             clip_sample_range: r.float("clip_sample_range", 1.0)?,
             set_alpha_to_one: r.bool("set_alpha_to_one", true)?,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             thresholding: r.thresholding()?,
             timestep_scaling: r.float("timestep_scaling", 10.0)?,
         })

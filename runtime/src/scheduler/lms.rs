@@ -11,7 +11,7 @@ use super::euler::{EulerConfig, EulerScheduler, FinalSigmasType, InterpolationTy
 use super::sigmas::{scale_by_sigma, SigmaX0};
 use super::{
     check_same_shape, check_step_index, check_steps, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
-    SchedulerKind, TimestepSpacing, TrainSchedule, SPACINGS,
+    SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -55,15 +55,7 @@ impl LmsConfig {
         train.rescale_betas_zero_snr = false;
         Ok(LmsConfig {
             train,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             use_karras_sigmas: r.bool("use_karras_sigmas", false)?,
             timestep_spacing: r.choice("timestep_spacing", TimestepSpacing::Linspace, &SPACINGS)?,
             steps_offset: r.int("steps_offset", 0)?,

@@ -512,6 +512,13 @@ pub(crate) const BETA_SCHEDULES: [(&str, BetaSchedule); 3] = [
     ("squaredcos_cap_v2", BetaSchedule::SquaredcosCapV2),
 ];
 
+/// `prediction_type` values of most schedulers (Euler also reads `original_sample` as `sample`).
+pub(crate) const PREDICTION_TYPES: [(&str, PredictionType); 3] = [
+    ("epsilon", PredictionType::Epsilon),
+    ("v_prediction", PredictionType::VPrediction),
+    ("sample", PredictionType::Sample),
+];
+
 pub(crate) const SPACINGS: [(&str, TimestepSpacing); 3] = [
     ("leading", TimestepSpacing::Leading),
     ("trailing", TimestepSpacing::Trailing),

@@ -13,7 +13,7 @@ use super::sigmas::{alpha_sigma_t, karras_sigmas, numpy_interp_index, sigma_to_t
 use super::{
     check_same_shape, check_step_index, check_steps, index_for_timestep, numpy_linspace, threshold_sample,
     trailing_timesteps, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
-    TrainSchedule, SPACINGS,
+    TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
 
@@ -93,15 +93,7 @@ impl UniPcConfig {
         let config = UniPcConfig {
             train: TrainSchedule::read(&r)?,
             solver_order,
-            prediction_type: r.choice(
-                "prediction_type",
-                PredictionType::Epsilon,
-                &[
-                    ("epsilon", PredictionType::Epsilon),
-                    ("v_prediction", PredictionType::VPrediction),
-                    ("sample", PredictionType::Sample),
-                ],
-            )?,
+            prediction_type: r.choice("prediction_type", PredictionType::Epsilon, &PREDICTION_TYPES)?,
             thresholding: r.thresholding()?,
             predict_x0: r.bool("predict_x0", true)?,
             solver_type: r.choice(
