@@ -20,7 +20,7 @@ enum Input {
 fn graphs(c: &mut Criterion) {
     let set = root().join("graphs/tiny-sd1");
     let manifest = Manifest::load(&set, false).expect("graphs/tiny-sd1 loads");
-    for backend_kind in BackendKind::ALL {
+    for backend_kind in BackendKind::CPU {
         let backend = backend_kind.create(None).expect("backend starts");
         let mut group = c.benchmark_group(format!("graph_{backend_kind}"));
         for (name, spec) in manifest.graph_specs() {

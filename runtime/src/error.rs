@@ -18,6 +18,11 @@ pub enum Error {
     #[error("ONNX Runtime library not found: {0}")]
     RuntimeLibrary(String),
 
+    /// A GPU execution provider cannot start (library without it, no driver or GPU, missing CUDA or
+    /// TensorRT libraries).
+    #[error("{backend}: {message}")]
+    Provider { backend: &'static str, message: String },
+
     /// A backend failed to load or run a graph.
     #[error("{backend} backend, graph {graph}: {message}")]
     Backend { backend: &'static str, graph: String, message: String },

@@ -24,6 +24,7 @@ mod atomic_file;
 pub mod backend;
 pub mod bench;
 pub mod condition;
+pub mod engine;
 pub mod error;
 pub mod manifest;
 pub mod npy;

@@ -10,11 +10,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use t2i_rt::adapter::AdapterRequest;
-use t2i_rt::backend::BackendKind;
+use t2i_rt::backend::{BackendKind, BackendSettings};
 use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
+use t2i_rt::engine::Profile;
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
-use t2i_rt::pipeline::{LoadOptions, Model, Request, SizeConditioning};
+use t2i_rt::pipeline::{EngineCache, LoadOptions, Model, Request, SizeConditioning};
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Parser)]
@@ -42,6 +43,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Measure latency per stage (median / p90 / min over runs), start-up time and peak memory.
     Bench(Box<BenchArgs>),
+    /// Prepare engines ahead of time: optimized graphs (ort-cpu, ort-cuda), TensorRT engines (ort-trt).
+    BuildEngine(Box<BuildEngineArgs>),
 }
 
 #[derive(Args)]
@@ -113,9 +116,8 @@ struct RunArgs {
     /// Image height in pixels (default: the graph set's default size).
     #[arg(long, value_name = "H")]
     height: Option<u32>,
-    /// Execution backend: ort-cpu (ONNX Runtime) or tract (pure Rust, no library needed).
-    #[arg(long, default_value = "ort-cpu", value_name = "B")]
-    backend: BackendKind,
+    #[command(flatten)]
+    exec: ExecArgs,
     /// Initial noise as .npy [n_samples, 4, H/8, W/8], exactly like diffusers' `latents=`.
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
@@ -125,9 +127,6 @@ struct RunArgs {
     /// Output PNG. With --n-samples > 1 this is a grid, and each sample is written as NAME-i.png.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
-    /// Threads per graph call (default: ONNX Runtime one per physical core; tract every core).
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
     /// Skip checking graph files against their manifest checksums (faster start-up for large sets).
     #[arg(long)]
     no_verify: bool,
@@ -182,12 +181,8 @@ struct BenchArgs {
     /// A graph file of the set (e.g. DIR/unet.onnx); the rest is found beside it.
     #[arg(long, value_name = "FILE")]
     graph: Option<PathBuf>,
-    /// Execution backend: ort-cpu or tract.
-    #[arg(long, default_value = "ort-cpu", value_name = "B")]
-    backend: BackendKind,
-    /// Threads per graph call (default: the backend's).
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
+    #[command(flatten)]
+    exec: ExecArgs,
     /// Denoising steps per run.
     #[arg(long, default_value_t = 30, value_name = "N")]
     steps: usize,
@@ -215,6 +210,91 @@ struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+/// Where graphs run: shared by run, bench and build-engine.
+#[derive(Args)]
+struct ExecArgs {
+    /// Execution backend: ort-cpu (ONNX Runtime), ort-cuda and ort-trt (ONNX Runtime's CUDA and
+    /// TensorRT providers, NVIDIA GPUs: docs/gpu.md), tract (pure Rust, no library needed).
+    #[arg(long, default_value = "ort-cpu", value_name = "B")]
+    backend: BackendKind,
+    /// Threads per graph call (default: ONNX Runtime one per physical core; tract every core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// GPU number for ort-cuda and ort-trt.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    device: u32,
+    /// If the GPU provider cannot start, warn and run on the CPU instead of failing.
+    #[arg(long)]
+    allow_cpu_fallback: bool,
+    /// Engine cache folder (default: DIR/.t2i-engines, where build-engine writes).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_engine_cache")]
+    engine_cache: Option<PathBuf>,
+    /// Neither read nor write prepared engines.
+    #[arg(long)]
+    no_engine_cache: bool,
+}
+
+impl ExecArgs {
+    fn load_options(&self, verify_checksums: bool, trt_fp16: bool) -> Result<LoadOptions> {
+        if !self.backend.is_gpu() && (self.device != 0 || self.allow_cpu_fallback) {
+            bail!(
+                "--device and --allow-cpu-fallback are for the GPU backends (ort-cuda, ort-trt), not {}",
+                self.backend
+            );
+        }
+        let engine_cache = match (&self.engine_cache, self.no_engine_cache) {
+            (_, true) => EngineCache::Off,
+            (Some(dir), false) => EngineCache::Dir(dir.clone()),
+            (None, false) => EngineCache::InGraphSet,
+        };
+        Ok(LoadOptions {
+            backend: self.backend,
+            verify_checksums,
+            settings: BackendSettings {
+                threads: self.threads,
+                device: self.device,
+                allow_cpu_fallback: self.allow_cpu_fallback,
+                trt_fp16,
+            },
+            engine_cache,
+        })
+    }
+}
+
+#[derive(Args)]
+#[command(
+    group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])),
+    after_help = "What is prepared, per backend (into DIR/.t2i-engines unless --engine-cache says otherwise):\n  \
+    ort-cpu, ort-cuda  ONNX Runtime's optimized graphs: start-up skips graph optimization\n  \
+    ort-trt            TensorRT engines and timing cache for the --profile sizes and batch ranges\n\n\
+Each graph's entry is keyed by the graph's checksums, the backend and its options, the ONNX Runtime\n\
+build, and the CPU (ort-cpu) or GPU, driver and TensorRT version; `run` uses an entry only when all of\n\
+them match, and says which changed when one is stale.\n\n\
+Examples:\n  \
+t2i-rt build-engine --graphs sd15-t2i --backend ort-cpu\n  \
+t2i-rt build-engine --graphs sdxl-t2i --backend ort-trt --profile 1024x1024:1-2 --profile 768x1344 --fp16"
+)]
+struct BuildEngineArgs {
+    /// Graph-set folder (holds manifest.json).
+    #[arg(long, value_name = "DIR")]
+    graphs: Option<PathBuf>,
+    /// A graph file of the set; the rest is found beside it.
+    #[arg(long, value_name = "FILE")]
+    graph: Option<PathBuf>,
+    #[command(flatten)]
+    exec: ExecArgs,
+    /// ort-trt: an image size and a range of images per request the engines serve (repeatable;
+    /// the batch range defaults to 1-1; with guidance the UNet sees twice as many rows).
+    #[arg(long = "profile", value_name = "WxH[:MIN-MAX]")]
+    profiles: Vec<Profile>,
+    /// ort-trt: let TensorRT use fp16 kernels (the graphs' own precision is the exporter's).
+    #[arg(long)]
+    fp16: bool,
+    /// Skip checking graph files against their manifest checksums.
+    #[arg(long)]
+    no_verify: bool,
 }
 
 #[derive(Args)]
@@ -261,6 +341,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Inspect(args) => inspect(args),
         Command::Bench(args) => bench(*args),
+        Command::BuildEngine(args) => build_engine(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -346,7 +427,7 @@ fn run(args: RunArgs) -> Result<()> {
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
     request.check(&manifest)?;
-    let options = LoadOptions { backend: args.backend, verify_checksums: !args.no_verify, threads: args.threads };
+    let options = args.exec.load_options(!args.no_verify, false)?;
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
@@ -412,7 +493,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     // Start-up: what a service pays before its first request (checksums excluded).
     let start = Instant::now();
     let manifest = Manifest::load(&dir, false)?;
-    let options = LoadOptions { backend: args.backend, verify_checksums: false, threads: args.threads };
+    let options = args.exec.load_options(false, false)?;
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     let startup = start.elapsed();
 
@@ -439,8 +520,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!(
         "{} on {} ({} thread(s)), {width}x{height}, {} steps of {}, guidance {}, {} measured run(s) after {} warm-up",
         graphs,
-        args.backend,
-        args.threads.map_or("default".to_string(), |n| n.to_string()),
+        args.exec.backend,
+        args.exec.threads.map_or("default".to_string(), |n| n.to_string()),
         args.steps,
         args.scheduler,
         args.guidance,
@@ -476,13 +557,13 @@ fn bench(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let stages = |stats: &std::collections::BTreeMap<&str, Stats>| serde_json::to_value(stats).unwrap_or_default();
         let mut json = serde_json::json!({
-            "backend": args.backend.as_str(),
+            "backend": args.exec.backend.as_str(),
             "graphs": graphs,
             "size": [width, height],
             "steps": args.steps,
             "scheduler": args.scheduler.as_str(),
             "guidance": args.guidance,
-            "threads": args.threads,
+            "threads": args.exec.threads,
             "warmup": args.warmup,
             "iters": args.iters,
             "stages_ms": stages(&results[0].1),
@@ -605,6 +686,27 @@ fn inspect(args: InspectArgs) -> Result<()> {
         print_tensors("in ", &spec.inputs);
         print_tensors("out", &spec.outputs);
     }
+    Ok(())
+}
+
+fn build_engine(args: BuildEngineArgs) -> Result<()> {
+    let dir = graph_set_dir(args.graphs, args.graph)?;
+    if args.exec.backend != BackendKind::OrtTrt && (!args.profiles.is_empty() || args.fp16) {
+        bail!("--profile and --fp16 are TensorRT build options; use them with --backend ort-trt");
+    }
+    let options = args.exec.load_options(!args.no_verify, args.fp16)?;
+    let start = Instant::now();
+    let built = Model::build_engines(&dir, &options, &args.profiles, &mut |graph| {
+        eprintln!("preparing {graph} ...");
+    })?;
+    for b in &built {
+        eprintln!("  {:<20} {:>8.2} s", b.graph, b.seconds);
+    }
+    eprintln!("prepared {} graphs for {} in {:.1} s", built.len(), args.exec.backend, start.elapsed().as_secs_f64());
+    // Load once through the cache: proves the entries are usable and shows the start-up they give.
+    let start = Instant::now();
+    Model::load(&dir, &LoadOptions { verify_checksums: false, ..options })?.pipeline()?;
+    eprintln!("start-up from the prepared engines: {:.2} s", start.elapsed().as_secs_f64());
     Ok(())
 }
 

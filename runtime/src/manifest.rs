@@ -171,6 +171,10 @@ pub struct GraphSpec {
     pub external_data: Vec<FileSpec>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Compute precision (`fp32` or `fp16`); the graph's inputs and outputs are float32 either way
+    /// (casts inside the graph). Absent in sets exported before per-graph precision: fp32.
+    #[serde(default = "default_precision")]
+    pub precision: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -586,7 +590,14 @@ mod tests {
     }
 
     fn graph(file: &str) -> GraphSpec {
-        GraphSpec { file: file.into(), sha256: None, external_data: vec![], inputs: vec![], outputs: vec![] }
+        GraphSpec {
+            file: file.into(),
+            sha256: None,
+            external_data: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            precision: "fp32".into(),
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! `time_ids` (`StableDiffusionXLAdapterPipeline`), and whether a missing negative prompt means zero
 //! embeddings all come from the manifest.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,8 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
 use crate::adapter::{round_to, AdapterRequest, AdapterSet};
-use crate::backend::{Backend, BackendKind, Graph, GraphSession, TensorView};
+use crate::backend::{Backend, BackendKind, BackendSettings, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
+use crate::engine::{BatchRule, Profile, ShapeRanges, DEFAULT_CACHE_DIR};
 use crate::error::{Error, Result};
 use crate::manifest::{GraphSpec, Manifest, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
@@ -35,15 +36,48 @@ pub struct LoadOptions {
     pub backend: BackendKind,
     /// Hash every file and compare with the manifest (catches truncated or swapped files).
     pub verify_checksums: bool,
-    /// Threads one graph call may use; `None` is the backend's default (ONNX Runtime: one per
-    /// physical core; tract: one).
-    pub threads: Option<usize>,
+    /// Threads, GPU, CPU fallback and TensorRT precision (see [`BackendSettings`]).
+    pub settings: BackendSettings,
+    /// Where `t2i-rt build-engine` puts prepared engines and `run` looks for them.
+    pub engine_cache: EngineCache,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { backend: BackendKind::OrtCpu, verify_checksums: true, threads: None }
+        LoadOptions {
+            backend: BackendKind::OrtCpu,
+            verify_checksums: true,
+            settings: BackendSettings::default(),
+            engine_cache: EngineCache::InGraphSet,
+        }
     }
+}
+
+/// The engine cache a load reads (see [`crate::engine`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineCache {
+    /// `.t2i-engines/` inside the graph set.
+    InGraphSet,
+    Dir(PathBuf),
+    /// Neither read nor written.
+    Off,
+}
+
+impl EngineCache {
+    fn root(&self, set_dir: &Path) -> Option<PathBuf> {
+        match self {
+            EngineCache::InGraphSet => Some(set_dir.join(DEFAULT_CACHE_DIR)),
+            EngineCache::Dir(dir) => Some(dir.clone()),
+            EngineCache::Off => None,
+        }
+    }
+}
+
+/// One graph `t2i-rt build-engine` prepared, and how long that took.
+#[derive(Debug, Clone)]
+pub struct BuiltEngine {
+    pub graph: String,
+    pub seconds: f64,
 }
 
 /// Largest image side accepted: 8× what SDXL is trained for; beyond it the latents and
@@ -283,28 +317,80 @@ impl Model {
     /// Loads the graphs of an already loaded manifest (e.g. after checking a request against it with
     /// [`Request::check`], so that a bad request fails before seconds of graph loading).
     pub fn from_manifest(manifest: Manifest, options: &LoadOptions) -> Result<Model> {
-        let backend = options.backend.create(options.threads)?;
+        let backend = options.backend.create_with(&options.settings)?;
         let tokenizers = manifest
             .text_encoders
             .iter()
             .map(|e| PromptTokenizer::load(&manifest.resolve(&e.tokenizer.file)?, &e.tokenizer))
             .collect::<Result<Vec<_>>>()?;
-        let load = |name: &str, spec: &GraphSpec| -> Result<Arc<dyn Graph>> {
-            let graph = backend.load(name, &manifest.resolve(&spec.file)?)?;
-            spec.check_io(name, graph.inputs(), graph.outputs())
-                .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
-            Ok(graph)
-        };
-        let text_encoders =
-            manifest.text_encoders.iter().map(|e| load(&e.name, &e.graph)).collect::<Result<Vec<_>>>()?;
-        let unet = load("unet", &manifest.graphs.unet)?;
-        let vae_decoder = load("vae_decoder", &manifest.graphs.vae_decoder)?;
-        let adapters = manifest
-            .adapters
-            .iter()
-            .map(|a| load(&format!("adapter_{}", a.name), &a.graph))
-            .collect::<Result<Vec<_>>>()?;
+        let root = options.engine_cache.root(&manifest.dir);
+        let mut graphs = set_graphs(&manifest)
+            .into_iter()
+            .map(|(name, spec, _)| {
+                let path = manifest.resolve(&spec.file)?;
+                let cache = root.as_deref().map(|root| CacheUse { root, build: false, shapes: None });
+                let graph = backend.load_graph(&GraphLoad { name: &name, path: &path, spec, cache })?;
+                spec.check_io(&name, graph.inputs(), graph.outputs())
+                    .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
+                Ok(graph)
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
+        // `set_graphs` order: text encoders, unet, vae_decoder, adapters.
+        let text_encoders: Vec<_> = graphs.by_ref().take(manifest.text_encoders.len()).collect();
+        let (unet, vae_decoder) = (graphs.next().expect("unet"), graphs.next().expect("vae_decoder"));
+        let adapters = graphs.collect();
         Ok(Model(Arc::new(ModelInner { manifest, backend, tokenizers, text_encoders, unet, vae_decoder, adapters })))
+    }
+
+    /// `t2i-rt build-engine`: prepares every graph of the set in `dir` for `options.backend` into
+    /// the engine cache (replacing what it held for the same key), for TensorRT with shape
+    /// `profiles` (at least one). `progress` is told each graph's name before it is built.
+    pub fn build_engines(
+        dir: &Path,
+        options: &LoadOptions,
+        profiles: &[Profile],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<BuiltEngine>> {
+        if options.backend == BackendKind::Tract {
+            return Err(Error::InvalidRequest(
+                "tract has no engine cache: it plans each graph for the request's shapes when it first runs".into(),
+            ));
+        }
+        if options.backend == BackendKind::OrtTrt && profiles.is_empty() {
+            return Err(Error::InvalidRequest(
+                "ort-trt needs at least one --profile WxH[:MIN-MAX] (the sizes and batch range the engines serve)"
+                    .into(),
+            ));
+        }
+        let manifest = Manifest::load(dir, options.verify_checksums)?;
+        let root = options.engine_cache.root(&manifest.dir).ok_or_else(|| {
+            Error::InvalidRequest("build-engine needs an engine cache; drop the option that turns it off".into())
+        })?;
+        for p in profiles {
+            if p.width % manifest.size_multiple != 0 || p.height % manifest.size_multiple != 0 {
+                return Err(Error::InvalidRequest(format!(
+                    "profile {p}: width and height must be multiples of {} for this graph set",
+                    manifest.size_multiple
+                )));
+            }
+        }
+        let backend = options.backend.create_with(&options.settings)?;
+        let mut built = Vec::new();
+        for (name, spec, rule) in set_graphs(&manifest) {
+            progress(&name);
+            let start = Instant::now();
+            let shapes = if options.backend == BackendKind::OrtTrt {
+                Some(ShapeRanges::for_graph(&name, spec, rule, manifest.latent.downscale, profiles)?)
+            } else {
+                None
+            };
+            let path = manifest.resolve(&spec.file)?;
+            let cache = Some(CacheUse { root: &root, build: true, shapes });
+            backend.load_graph(&GraphLoad { name: &name, path: &path, spec, cache })?;
+            built.push(BuiltEngine { graph: name, seconds: start.elapsed().as_secs_f64() });
+        }
+        Ok(built)
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -328,6 +414,17 @@ impl Model {
             adapters: m.adapters.iter().map(|g| g.session()).collect::<Result<Vec<_>>>()?,
         })
     }
+}
+
+/// Every graph of a set, with its name and how the pipeline batches it, in load order: text
+/// encoders, unet, vae_decoder, adapters.
+fn set_graphs(manifest: &Manifest) -> Vec<(String, &GraphSpec, BatchRule)> {
+    let mut graphs: Vec<(String, &GraphSpec, BatchRule)> =
+        manifest.text_encoders.iter().map(|e| (e.name.clone(), &e.graph, BatchRule::Prompts)).collect();
+    graphs.push(("unet".into(), &manifest.graphs.unet, BatchRule::GuidedSamples));
+    graphs.push(("vae_decoder".into(), &manifest.graphs.vae_decoder, BatchRule::Samples));
+    graphs.extend(manifest.adapters.iter().map(|a| (format!("adapter_{}", a.name), &a.graph, BatchRule::One)));
+    graphs
 }
 
 /// One worker: a [`Model`] with its own sessions, running one request at a time. `Send`, so a

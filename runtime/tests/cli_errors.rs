@@ -114,6 +114,47 @@ fn request_errors_are_one_line_and_write_nothing() {
     }
 }
 
+/// The GPU backends never quietly run on the CPU: with the CPU build of ONNX Runtime (what the
+/// tests run with) they fail at start-up and say which library to install.
+#[test]
+fn gpu_backends_fail_clearly_without_the_gpu_library() {
+    let set = common::tiny_sd1();
+    fails("cuda-on-cpu-lib", &set, &["--backend", "ort-cuda"], &[], "was built without the CUDA execution provider");
+    fails("trt-on-cpu-lib", &set, &["--backend", "ort-trt"], &[], "onnxruntime-gpu 1.31.1");
+    fails("device-on-cpu", &set, &["--device", "1"], &[], "--device and --allow-cpu-fallback are for the GPU backends");
+}
+
+/// Runs `t2i-rt build-engine` with `args`; returns (success, stderr).
+fn build_engine(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt")).arg("build-engine").args(args).output().unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn build_engine_refuses_what_it_cannot_build() {
+    let set = common::tiny_sd1();
+    let set = set.to_str().unwrap();
+    let cache = temp_dir("engine-refusals");
+    let cache = cache.to_str().unwrap();
+    for (args, expect) in [
+        (vec!["--backend", "tract"], "tract has no engine cache"),
+        (vec!["--backend", "ort-cpu", "--profile", "512x512"], "--profile and --fp16 are TensorRT build options"),
+        (vec!["--backend", "ort-trt", "--profile", "512x512:4-2"], "batch range must satisfy"),
+        (vec!["--backend", "ort-trt", "--profile", "512x512"], "was built without the TensorRT execution provider"),
+        (vec!["--backend", "ort-trt"], "ort-trt needs at least one --profile"),
+    ] {
+        let mut all = vec!["--graphs", set, "--engine-cache", cache];
+        all.extend(args.iter().copied());
+        let (ok, stderr) = build_engine(&all);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr:?} does not mention {expect:?}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(cache).unwrap().collect();
+    assert!(leftovers.is_empty(), "refused builds left {leftovers:?}");
+    std::fs::remove_dir_all(cache).unwrap();
+}
+
 #[test]
 fn broken_graph_sets_are_refused() {
     let escape = copy_set("escape");

@@ -9,17 +9,18 @@ use std::process::Command;
 use ndarray::ArrayD;
 use serde_json::Value;
 
-#[test]
-fn run_reproduces_diffusers_through_the_cli() {
+/// Runs the tiny-sd1 fixture case with two weighted adapters, cond_tau < 1 and a negative prompt
+/// through `t2i-rt run` plus `extra`; checks it against diffusers' latents and image and returns the
+/// final latents and stderr.
+fn run_fixture_case(name: &str, extra: &[&str]) -> (ArrayD<f32>, String) {
     let fixtures = common::tiny_sd1_fixtures();
     let cases: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
-    // Two adapters with weights, cond_tau < 1 and a negative prompt.
     let case = cases
         .iter()
         .find(|c| c["adapters"].as_array().unwrap().len() == 2 && c["cond_tau"].as_f64().unwrap() < 1.0)
         .unwrap();
-    let out_dir = std::env::temp_dir().join(format!("t2i-cli-run-{}", std::process::id()));
+    let out_dir = std::env::temp_dir().join(format!("t2i-cli-run-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let (png, latents_out) = (out_dir.join("out.png"), out_dir.join("latents.npy"));
 
@@ -48,19 +49,74 @@ fn run_reproduces_diffusers_through_the_cli() {
     cmd.args(["--scheduler", case["scheduler"].as_str().unwrap()]);
     cmd.arg("--latents").arg(fixtures.join(case["latents"].as_str().unwrap()));
     cmd.arg("--save-latents").arg(&latents_out).arg("--out").arg(&png);
+    cmd.args(extra);
     let output = cmd.output().unwrap();
-    assert!(output.status.success(), "t2i-rt run failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{name}: t2i-rt run failed: {stderr}");
 
     let expected: ArrayD<f32> =
         ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
     let actual: ArrayD<f32> = ndarray_npy::read_npy(&latents_out).unwrap();
     let rel = common::rel_l2(&actual, &expected);
-    assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");
+    assert!(rel <= 1e-4, "{name}: latents rel L2 {rel:.3e} > 1e-4");
     let want = image::open(fixtures.join(case["expected_images"][0].as_str().unwrap())).unwrap().to_rgb8();
     let got = image::open(&png).unwrap().to_rgb8();
     let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-    assert!(worst <= 2, "a pixel differs by {worst}/255");
+    assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
     std::fs::remove_dir_all(&out_dir).unwrap();
+    (actual, stderr)
+}
+
+#[test]
+fn run_reproduces_diffusers_through_the_cli() {
+    run_fixture_case("plain", &[]);
+}
+
+/// `build-engine --backend ort-cpu` saves ONNX Runtime's optimized graphs; `run` then loads them
+/// (optimizer off) and draws the same image. A cache built for another machine is not used, and
+/// `run` says which key field changed.
+#[test]
+fn prepared_engines_are_used_and_stale_ones_are_not() {
+    let cache = std::env::temp_dir().join(format!("t2i-cli-engines-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let cache_arg = cache.to_str().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+        .args(["build-engine", "--backend", "ort-cpu", "--engine-cache", cache_arg, "--graphs"])
+        .arg(common::tiny_sd1())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "build-engine failed: {stderr}");
+    assert!(stderr.contains("start-up from the prepared engines"), "{stderr}");
+    // One entry per graph, each with its optimized graph and, last, its key.
+    let graphs = ["text_encoder", "unet", "vae_decoder", "adapter_sketch", "adapter_color"];
+    let mut entries = Vec::new();
+    for graph in graphs {
+        let dirs: Vec<_> = std::fs::read_dir(cache.join(graph)).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(dirs.len(), 1, "{graph}: {dirs:?}");
+        assert!(dirs[0].join("optimized.onnx").is_file() && dirs[0].join("key.json").is_file(), "{dirs:?}");
+        entries.push(dirs[0].clone());
+    }
+
+    let (uncached, _) = run_fixture_case("uncached", &["--no-engine-cache"]);
+    let (cached, stderr) = run_fixture_case("cached", &["--engine-cache", cache_arg]);
+    assert!(!stderr.contains("stale"), "{stderr}");
+    let diff = common::rel_l2(&cached, &uncached);
+    assert!(diff <= 1e-6, "prepared graphs changed the result: rel L2 {diff:.2e} against loading the originals");
+
+    // The unet's entry as if built on another CPU: its folder name no longer matches this machine's key.
+    let key_file = entries[1].join("key.json");
+    let mut key: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    key.insert("cpu".into(), Value::String("another CPU".into()));
+    std::fs::write(&key_file, serde_json::to_string(&key).unwrap()).unwrap();
+    std::fs::rename(&entries[1], entries[1].with_file_name("0000000000000000")).unwrap();
+    let (_, stderr) = run_fixture_case("stale", &["--engine-cache", cache_arg]);
+    assert!(
+        stderr.contains("prepared engine for unet") && stderr.contains("is stale (cpu: another CPU -> "),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&cache).unwrap();
 }
 
 /// `t2i-rt bench --json` writes the documented shape, with and without adapters, on both backends.

@@ -77,8 +77,7 @@ fn check_backend(backend: BackendKind, latent_tolerance: f64) {
 fn check_set(backend: BackendKind, latent_tolerance: f64, set: &str) {
     let fixture = |path: &str| -> PathBuf { common::tiny_fixtures(set).join(path) };
     let mut pipeline =
-        Pipeline::load(&common::tiny_set(set), &LoadOptions { backend, verify_checksums: true, threads: None })
-            .unwrap();
+        Pipeline::load(&common::tiny_set(set), &LoadOptions { backend, ..LoadOptions::default() }).unwrap();
     let cases = cases(set);
     for required in ["ddim", "euler"].into_iter().filter(|_| set == "tiny-sd1") {
         assert!(

@@ -2,9 +2,10 @@
 //! State): a [`Backend`] loads a graph into a [`Graph`] (immutable, `Send + Sync`, shareable between
 //! workers), and each worker opens its own [`GraphSession`] (mutable, `Send`) to run it.
 //!
-//! `ort-cpu` (ONNX Runtime) and `tract` (pure Rust) implement it here; GPU execution providers
-//! will be options of the ort backend ([`OrtOptions`]), not new code paths.
+//! ONNX Runtime (`ort-cpu`, and on NVIDIA GPUs `ort-cuda` and `ort-trt`: execution providers of
+//! the same backend, [`OrtOptions`]) and tract (pure Rust) implement it here.
 
+pub mod gpu;
 mod ort;
 mod tract;
 
@@ -13,10 +14,11 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, ArrayViewD};
 
+use crate::engine::ShapeRanges;
 use crate::error::{Error, Result};
-use crate::manifest::RealTensor;
+use crate::manifest::{GraphSpec, RealTensor};
 
-pub use self::ort::{find_onnxruntime_library, OrtBackend, OrtOptions, ORT_LIBRARY_NAME};
+pub use self::ort::{find_onnxruntime_library, OrtBackend, OrtOptions, Provider, ORT_LIBRARY_NAME};
 pub use self::tract::TractBackend;
 
 /// Most threads a graph call may be given.
@@ -28,32 +30,72 @@ pub enum BackendKind {
     /// ONNX Runtime's CPU execution provider.
     #[default]
     OrtCpu,
+    /// ONNX Runtime's CUDA execution provider (NVIDIA GPUs; the `onnxruntime-gpu` library).
+    OrtCuda,
+    /// ONNX Runtime's TensorRT execution provider, with CUDA for what TensorRT does not take.
+    OrtTrt,
     /// tract, the pure-Rust fallback: no shared library needed.
     Tract,
 }
 
+/// How a backend is created: threads, GPU and fallback choices. `Default` is the backend's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendSettings {
+    /// Threads per graph call (CPU work); `None`: the backend's default.
+    pub threads: Option<usize>,
+    /// GPU ordinal for `ort-cuda` and `ort-trt`.
+    pub device: u32,
+    /// Run on ONNX Runtime's CPU provider when the GPU provider cannot start, with a warning,
+    /// instead of failing.
+    pub allow_cpu_fallback: bool,
+    /// `ort-trt`: let TensorRT pick fp16 kernels (`trt_fp16_enable`).
+    pub trt_fp16: bool,
+}
+
 impl BackendKind {
-    pub const ALL: [BackendKind; 2] = [BackendKind::OrtCpu, BackendKind::Tract];
+    pub const ALL: [BackendKind; 4] =
+        [BackendKind::OrtCpu, BackendKind::OrtCuda, BackendKind::OrtTrt, BackendKind::Tract];
+    /// The backends every machine can run (what the parity tests and CPU benches cover).
+    pub const CPU: [BackendKind; 2] = [BackendKind::OrtCpu, BackendKind::Tract];
 
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::OrtCpu => "ort-cpu",
+            BackendKind::OrtCuda => "ort-cuda",
+            BackendKind::OrtTrt => "ort-trt",
             BackendKind::Tract => "tract",
         }
     }
 
-    /// Creates the backend, with `threads` per graph call (`None`: the backend's default). For
-    /// ort this loads the ONNX Runtime library (see [`find_onnxruntime_library`]).
+    /// Whether this backend runs on an NVIDIA GPU.
+    pub fn is_gpu(self) -> bool {
+        matches!(self, BackendKind::OrtCuda | BackendKind::OrtTrt)
+    }
+
+    /// Creates the backend with default settings and `threads` per graph call.
     pub fn create(self, threads: Option<usize>) -> Result<Arc<dyn Backend>> {
-        if let Some(n) = threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
+        self.create_with(&BackendSettings { threads, ..BackendSettings::default() })
+    }
+
+    /// Creates the backend. For ort this loads the ONNX Runtime library (see
+    /// [`find_onnxruntime_library`]) and, for the GPU kinds, checks that the library has the
+    /// provider and that the GPU exists, so a missing piece fails here with what to install.
+    pub fn create_with(self, settings: &BackendSettings) -> Result<Arc<dyn Backend>> {
+        if let Some(n) = settings.threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
             return Err(Error::InvalidRequest(format!("threads {n} must be between 1 and {MAX_THREADS}")));
         }
-        Ok(match self {
-            BackendKind::OrtCpu => {
-                Arc::new(OrtBackend::new(OrtOptions { intra_threads: threads, ..OrtOptions::default() })?)
-            }
-            BackendKind::Tract => Arc::new(TractBackend::new(threads)),
-        })
+        let provider = match self {
+            BackendKind::Tract => return Ok(Arc::new(TractBackend::new(settings.threads))),
+            BackendKind::OrtCpu => Provider::Cpu,
+            BackendKind::OrtCuda => Provider::Cuda { device: settings.device },
+            BackendKind::OrtTrt => Provider::TensorRt { device: settings.device, fp16: settings.trt_fp16 },
+        };
+        Ok(Arc::new(OrtBackend::new(OrtOptions {
+            intra_threads: settings.threads,
+            provider,
+            allow_cpu_fallback: settings.allow_cpu_fallback,
+            ..OrtOptions::default()
+        })?))
     }
 }
 
@@ -89,12 +131,39 @@ impl TensorView<'_> {
     }
 }
 
+/// One graph to load, with what engine caches need to know about it.
+#[derive(Debug, Clone)]
+pub struct GraphLoad<'a> {
+    /// The graph's name in the set (`unet`, `adapter_sketch`, ...), used in errors and cache paths.
+    pub name: &'a str,
+    pub path: &'a Path,
+    pub spec: &'a GraphSpec,
+    /// Where prepared engines live (`None`: no cache is read or written).
+    pub cache: Option<CacheUse<'a>>,
+}
+
+/// How a graph load uses the engine cache.
+#[derive(Debug, Clone)]
+pub struct CacheUse<'a> {
+    /// The cache root (default: `.t2i-engines/` in the graph set).
+    pub root: &'a Path,
+    /// `t2i-rt build-engine`: prepare (and replace) this graph's entry instead of only reading it.
+    pub build: bool,
+    /// TensorRT shape profiles to build for (only with `build`).
+    pub shapes: Option<ShapeRanges>,
+}
+
 /// Loads graphs.
 pub trait Backend: Send + Sync {
     /// The name users pass to `--backend`.
     fn name(&self) -> &'static str;
     /// Loads the ONNX graph at `path` (external data beside it). `graph` names it in errors.
     fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>>;
+    /// Loads a graph of a set, using (or, when building, filling) its engine cache where the
+    /// backend has one. Backends without caches load the file.
+    fn load_graph(&self, request: &GraphLoad<'_>) -> Result<Arc<dyn Graph>> {
+        self.load(request.name, request.path)
+    }
 }
 
 /// A loaded graph: immutable and shareable between workers.

@@ -1,5 +1,14 @@
 //! The ONNX Runtime backend (`ort` with `load-dynamic`): the library is found at run time, never
 //! linked, so one binary serves machines with and without a GPU build of ONNX Runtime.
+//!
+//! The execution provider is an option ([`Provider`]): CPU, CUDA, or TensorRT (with CUDA for the
+//! nodes TensorRT does not take). A GPU provider must really start: if the library lacks it, the
+//! driver or a CUDA/TensorRT library is missing, loading fails with what to install, unless the
+//! user allowed the CPU fallback.
+//!
+//! Engine caches ([`crate::engine`]): for CPU and CUDA the entry is ONNX Runtime's optimized graph
+//! (loaded with optimizations off, so start-up skips them); for TensorRT it is the provider's engine
+//! and timing caches, built for the entry's shape profiles.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -7,72 +16,380 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ndarray::{ArrayD, CowArray, IxDyn};
 use ort::environment::Environment;
-use ort::session::builder::GraphOptimizationLevel;
+#[cfg(feature = "ort-trt")]
+use ort::ep::TensorRT;
+#[cfg(feature = "ort-cuda")]
+use ort::ep::{ExecutionProvider, CUDA};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-use super::{Backend, Graph, GraphSession, TensorView};
+use super::gpu::{self, GpuInfo};
+use super::{Backend, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
+use crate::engine::{self, CacheKey, Lookup};
 use crate::error::{Error, Result};
 use crate::manifest::{DType, RealTensor};
 
-/// The ONNX Runtime library file this runtime is built against (the `onnxruntime` 1.31.1 wheel's).
+/// The ONNX Runtime library file this runtime is built against (the `onnxruntime` 1.31.1 wheel's;
+/// for GPUs the `onnxruntime-gpu` 1.31.1 wheel's, with its provider libraries beside it).
 pub const ORT_LIBRARY_NAME: &str = "libonnxruntime.so.1.31.1";
+/// ONNX Runtime's optimized graph in a cache entry (CPU and CUDA).
+const OPTIMIZED_GRAPH: &str = "optimized.onnx";
+/// Its external data, when the source graph has some (graphs over 2 GB).
+const OPTIMIZED_DATA: &str = "optimized.onnx.data";
+/// The shape profiles a TensorRT entry was built for (TensorRT needs the same ones to reuse it).
+const PROFILES_FILE: &str = "profiles.txt";
 
-const BACKEND: &str = "ort-cpu";
+/// The execution provider graphs run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provider {
+    #[default]
+    Cpu,
+    Cuda {
+        device: u32,
+    },
+    /// TensorRT, with CUDA registered after it for the nodes TensorRT leaves.
+    TensorRt {
+        device: u32,
+        fp16: bool,
+    },
+}
 
-/// Typed options of the ort backend. GPU execution providers will be fields here.
+impl Provider {
+    fn backend_name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "ort-cpu",
+            Provider::Cuda { .. } => "ort-cuda",
+            Provider::TensorRt { .. } => "ort-trt",
+        }
+    }
+}
+
+/// Typed options of the ort backend.
 #[derive(Debug, Clone, Default)]
 pub struct OrtOptions {
     /// Threads for one operator; `None` lets ONNX Runtime use one per physical core.
     pub intra_threads: Option<usize>,
     /// Explicit library path; `None` searches (see [`find_onnxruntime_library`]).
     pub library: Option<PathBuf>,
+    pub provider: Provider,
+    /// When the GPU provider cannot start, warn and run on the CPU provider instead of failing.
+    pub allow_cpu_fallback: bool,
 }
 
-/// Runs graphs through ONNX Runtime's CPU execution provider.
+/// Runs graphs through ONNX Runtime.
+#[derive(Clone)]
 pub struct OrtBackend {
     environment: Environment,
+    /// The loaded library, for messages.
+    library: PathBuf,
     options: OrtOptions,
+    /// The provider sessions really use: `options.provider`, or `Cpu` after an allowed fallback.
+    provider: Provider,
+    /// The GPU, for cache keys and messages.
+    gpu: Option<GpuInfo>,
+    tensorrt: Option<String>,
 }
 
 impl OrtBackend {
-    /// Loads the ONNX Runtime library (once per process) and creates the backend.
+    /// Loads the ONNX Runtime library (once per process) and creates the backend. For a GPU
+    /// provider it checks, in this order, that the library has the provider, that the driver sees
+    /// the GPU, and (TensorRT) that TensorRT 10 is installed.
     pub fn new(options: OrtOptions) -> Result<Self> {
-        let environment = environment(options.library.as_deref())?;
-        Ok(OrtBackend { environment, options })
+        let gpu = options.provider != Provider::Cpu;
+        let (environment, library) = environment(options.library.as_deref(), gpu)?;
+        let mut backend =
+            OrtBackend { environment, library, provider: options.provider, options, gpu: None, tensorrt: None };
+        if let Err(message) = backend.check_provider() {
+            let name = backend.options.provider.backend_name();
+            if !backend.options.allow_cpu_fallback {
+                return Err(Error::Provider { backend: name, message });
+            }
+            eprintln!("warning: {name}: {message}; running on the CPU instead (--allow-cpu-fallback)");
+            backend.provider = Provider::Cpu;
+        }
+        Ok(backend)
     }
 
-    fn build_session(&self, graph: &str, path: &Path) -> Result<Session> {
-        let err = |message: String| Error::Backend { backend: BACKEND, graph: graph.to_string(), message };
+    fn check_provider(&mut self) -> std::result::Result<(), String> {
+        let (device, trt) = match self.options.provider {
+            Provider::Cpu => return Ok(()),
+            Provider::Cuda { device } => (device, false),
+            Provider::TensorRt { device, .. } => (device, true),
+        };
+        let has = |available: ort::Result<bool>, name: &str| -> std::result::Result<(), String> {
+            match available {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!(
+                    "the ONNX Runtime library {} was built without the {name}; use the onnxruntime-gpu 1.31.1 \
+                     library (scripts/setup-ort.sh --gpu; docs/gpu.md)",
+                    self.library.display()
+                )),
+                Err(e) => Err(format!("cannot list ONNX Runtime's providers: {e}")),
+            }
+        };
+        if trt {
+            has(tensorrt_available()?, "TensorRT execution provider")?;
+        }
+        has(cuda_available()?, "CUDA execution provider")?;
+        self.gpu = Some(gpu::probe(device)?);
+        if trt {
+            self.tensorrt = Some(gpu::tensorrt_version()?);
+        }
+        Ok(())
+    }
+
+    /// The provider sessions run on (after any allowed fallback).
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    fn err(&self, graph: &str, message: String) -> Error {
+        Error::Backend { backend: self.options.provider.backend_name(), graph: graph.to_string(), message }
+    }
+
+    /// A session builder with threads, optimization level and the provider registered.
+    fn builder(
+        &self,
+        graph: &str,
+        level: GraphOptimizationLevel,
+        trt_cache: Option<&TrtCache>,
+    ) -> Result<SessionBuilder> {
+        let err = |message: String| self.err(graph, message);
         // ort's builder errors carry the builder and are not Send/Sync: turn them into strings at once.
         let mut builder = Session::builder(&self.environment)
             .map_err(|e| err(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .with_optimization_level(level)
             .map_err(|e| err(e.to_string()))?;
         if let Some(threads) = self.options.intra_threads {
             builder = builder.with_intra_threads(threads).map_err(|e| err(e.to_string()))?;
         }
-        builder.commit_from_file(path).map_err(|e| err(format!("cannot load {}: {e}", path.display())))
+        let provider_error = |e: String, what: &str| {
+            err(format!(
+                "cannot start the {what} on GPU {}: {e}. It needs the provider libraries beside {} and CUDA 13 \
+                 (libcudart, libcublas, libcublasLt, libcurand) and cuDNN 9 on the library path (docs/gpu.md); \
+                 --allow-cpu-fallback runs on the CPU instead",
+                self.device(),
+                self.library.display()
+            ))
+        };
+        match self.provider {
+            Provider::Cpu => {}
+            Provider::Cuda { device } => {
+                register_cuda(&mut builder, device).map_err(|e| provider_error(e, "CUDA execution provider"))?;
+            }
+            Provider::TensorRt { device, fp16 } => {
+                register_tensorrt(&mut builder, device, fp16, trt_cache)
+                    .map_err(|e| provider_error(e, "TensorRT execution provider"))?;
+                register_cuda(&mut builder, device).map_err(|e| provider_error(e, "CUDA execution provider"))?;
+            }
+        }
+        Ok(builder)
     }
-}
 
-impl Backend for OrtBackend {
-    fn name(&self) -> &'static str {
-        BACKEND
+    fn device(&self) -> u32 {
+        match self.options.provider {
+            Provider::Cpu => 0,
+            Provider::Cuda { device } | Provider::TensorRt { device, .. } => device,
+        }
     }
 
-    fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
-        let session = self.build_session(graph, path)?;
+    /// A session on the graph file, optimized at load (no cache).
+    fn load_session(&self, graph: &str, path: &Path) -> Result<Session> {
+        let builder = self.builder(graph, GraphOptimizationLevel::Level3, None)?;
+        self.commit(graph, builder, path)
+    }
+
+    fn commit(&self, graph: &str, mut builder: SessionBuilder, path: &Path) -> Result<Session> {
+        builder.commit_from_file(path).map_err(|e| self.err(graph, format!("cannot load {}: {e}", path.display())))
+    }
+
+    /// What a cache entry of this backend depends on besides the graph.
+    fn cache_key(&self, request: &GraphLoad<'_>) -> CacheKey {
+        let key = CacheKey::new()
+            .with("graph", CacheKey::graph_digest(request.spec))
+            .with("backend", self.provider.backend_name())
+            .with("onnxruntime", ort::info());
+        match self.provider {
+            Provider::Cpu => key.with("cpu", engine::cpu_identity()),
+            Provider::Cuda { .. } => key.with("gpu", self.gpu_label()),
+            Provider::TensorRt { fp16, .. } => key
+                .with("gpu", self.gpu_label())
+                .with("tensorrt", self.tensorrt.clone().unwrap_or_default())
+                .with("trt_fp16", fp16.to_string()),
+        }
+    }
+
+    fn gpu_label(&self) -> String {
+        self.gpu.as_ref().map(GpuInfo::describe).unwrap_or_default()
+    }
+
+    /// Loads through the cache: build an entry (build-engine), or use a fresh one, or say why not.
+    fn load_cached(&self, request: &GraphLoad<'_>, cache: &CacheUse<'_>) -> Result<Session> {
+        let key = self.cache_key(request);
+        let name = request.name;
+        let io = |path: &Path, e: std::io::Error| Error::Io { path: path.to_path_buf(), message: e.to_string() };
+        let trt = matches!(self.provider, Provider::TensorRt { .. });
+        if cache.build {
+            let dir = engine::begin_entry(cache.root, name, &key)?;
+            let session = if trt {
+                let profiles = cache.shapes.as_ref().map(|s| s.trt_option_strings());
+                if let Some((min, opt, max)) = &profiles {
+                    std::fs::write(dir.join(PROFILES_FILE), format!("{min}\n{opt}\n{max}\n"))
+                        .map_err(|e| io(&dir.join(PROFILES_FILE), e))?;
+                }
+                let builder =
+                    self.builder(name, GraphOptimizationLevel::Level3, Some(&TrtCache { dir: dir.clone(), profiles }))?;
+                self.commit(name, builder, request.path)?
+            } else {
+                let mut builder = self
+                    .builder(name, GraphOptimizationLevel::Level3, None)?
+                    .with_optimized_model_path(dir.join(OPTIMIZED_GRAPH))
+                    .map_err(|e| self.err(name, e.to_string()))?;
+                if !request.spec.external_data.is_empty() {
+                    builder = builder
+                        .with_config_entry("session.optimized_model_external_initializers_file_name", OPTIMIZED_DATA)
+                        .map_err(|e| self.err(name, e.to_string()))?;
+                }
+                self.commit(name, builder, request.path)?
+            };
+            engine::finish_entry(&dir, &key)?;
+            return Ok(session);
+        }
+        match engine::lookup(cache.root, name, &key) {
+            Lookup::Fresh(dir) if trt => {
+                let profiles = std::fs::read_to_string(dir.join(PROFILES_FILE)).ok().and_then(|text| {
+                    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+                    (lines.len() == 3).then(|| (lines[0].clone(), lines[1].clone(), lines[2].clone()))
+                });
+                let builder = self.builder(name, GraphOptimizationLevel::Level3, Some(&TrtCache { dir, profiles }))?;
+                self.commit(name, builder, request.path)
+            }
+            Lookup::Fresh(dir) => {
+                // Already optimized for this library and hardware: skip ONNX Runtime's optimizer.
+                let builder = self.builder(name, GraphOptimizationLevel::Disable, None)?;
+                self.commit(name, builder, &dir.join(OPTIMIZED_GRAPH))
+            }
+            lookup => {
+                if let Lookup::Stale { changed } = &lookup {
+                    eprintln!(
+                        "note: the prepared engine for {name} in {} is stale ({}); not using it. Run `t2i-rt \
+                         build-engine` again to prepare one for this machine.",
+                        cache.root.display(),
+                        changed.join("; ")
+                    );
+                }
+                if trt {
+                    eprintln!(
+                        "note: no TensorRT engine prepared for {name}: TensorRT builds one now (minutes for a UNet). \
+                         Prepare it once with `t2i-rt build-engine --backend ort-trt`."
+                    );
+                }
+                let builder = self.builder(name, GraphOptimizationLevel::Level3, None)?;
+                self.commit(name, builder, request.path)
+            }
+        }
+    }
+
+    fn graph(&self, name: &str, path: &Path, session: Session) -> Arc<dyn Graph> {
         let inputs = session.inputs().iter().map(|o| real_tensor(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| real_tensor(o.name(), o.dtype())).collect();
-        Ok(Arc::new(OrtGraph {
-            name: graph.to_string(),
+        Arc::new(OrtGraph {
+            name: name.to_string(),
             path: path.to_path_buf(),
-            backend: OrtBackend { environment: self.environment.clone(), options: self.options.clone() },
+            backend: self.clone(),
             inputs,
             outputs,
             first_session: Mutex::new(Some(session)),
-        }))
+        })
+    }
+}
+
+/// A TensorRT entry: its directory and, when known, its profiles (min, opt, max option strings).
+#[cfg_attr(not(feature = "ort-trt"), allow(dead_code))]
+struct TrtCache {
+    dir: PathBuf,
+    profiles: Option<(String, String, String)>,
+}
+
+// The providers, compiled in with the `ort-cuda` / `ort-trt` features (default on).
+
+#[cfg(feature = "ort-cuda")]
+fn cuda_available() -> std::result::Result<ort::Result<bool>, String> {
+    Ok(CUDA::is_available())
+}
+
+#[cfg(feature = "ort-cuda")]
+fn register_cuda(builder: &mut SessionBuilder, device: u32) -> std::result::Result<(), String> {
+    CUDA::default().with_device_id(device as i32).register(builder).map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "ort-trt")]
+fn tensorrt_available() -> std::result::Result<ort::Result<bool>, String> {
+    Ok(TensorRT::is_available())
+}
+
+#[cfg(feature = "ort-trt")]
+fn register_tensorrt(
+    builder: &mut SessionBuilder,
+    device: u32,
+    fp16: bool,
+    cache: Option<&TrtCache>,
+) -> std::result::Result<(), String> {
+    let mut trt = TensorRT::default().with_device_id(device as i32).with_fp16(fp16);
+    if let Some(cache) = cache {
+        let dir = cache.dir.to_string_lossy();
+        trt = trt
+            .with_engine_cache(true)
+            .with_engine_cache_path(&dir)
+            .with_timing_cache(true)
+            .with_timing_cache_path(&dir);
+        if let Some((min, opt, max)) = &cache.profiles {
+            trt = trt.with_profile_min_shapes(min).with_profile_opt_shapes(opt).with_profile_max_shapes(max);
+        }
+    }
+    trt.register(builder).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "ort-cuda"))]
+fn cuda_available() -> std::result::Result<ort::Result<bool>, String> {
+    Err(MISSING_FEATURE.replace("FEATURE", "ort-cuda"))
+}
+
+#[cfg(not(feature = "ort-cuda"))]
+fn register_cuda(_: &mut SessionBuilder, _: u32) -> std::result::Result<(), String> {
+    Err(MISSING_FEATURE.replace("FEATURE", "ort-cuda"))
+}
+
+#[cfg(not(feature = "ort-trt"))]
+fn tensorrt_available() -> std::result::Result<ort::Result<bool>, String> {
+    Err(MISSING_FEATURE.replace("FEATURE", "ort-trt"))
+}
+
+#[cfg(not(feature = "ort-trt"))]
+fn register_tensorrt(_: &mut SessionBuilder, _: u32, _: bool, _: Option<&TrtCache>) -> std::result::Result<(), String> {
+    Err(MISSING_FEATURE.replace("FEATURE", "ort-trt"))
+}
+
+#[cfg(not(all(feature = "ort-cuda", feature = "ort-trt")))]
+const MISSING_FEATURE: &str =
+    "this t2i-rt was built without the FEATURE feature; rebuild with `cargo build --release --features FEATURE`";
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        self.provider.backend_name()
+    }
+
+    fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
+        let session = self.load_session(graph, path)?;
+        Ok(self.graph(graph, path, session))
+    }
+
+    fn load_graph(&self, request: &GraphLoad<'_>) -> Result<Arc<dyn Graph>> {
+        let Some(cache) = &request.cache else { return self.load(request.name, request.path) };
+        let session = self.load_cached(request, cache)?;
+        // Later sessions of this graph (more workers) are built from the original file.
+        Ok(self.graph(request.name, request.path, session))
     }
 }
 
@@ -100,22 +417,24 @@ impl Graph for OrtGraph {
         let reused = self.first_session.lock().ok().and_then(|mut s| s.take());
         let session = match reused {
             Some(session) => session,
-            None => self.backend.build_session(&self.name, &self.path)?,
+            None => self.backend.load_session(&self.name, &self.path)?,
         };
         let output_names = self.outputs.iter().map(|o| o.name.clone()).collect();
-        Ok(Box::new(OrtSession { name: self.name.clone(), session, output_names }))
+        Ok(Box::new(OrtSession { name: self.name.clone(), backend: self.backend.name(), session, output_names }))
     }
 }
 
 struct OrtSession {
     name: String,
+    backend: &'static str,
     session: Session,
     output_names: Vec<String>,
 }
 
 impl GraphSession for OrtSession {
     fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
-        let err = |message: String| Error::Backend { backend: BACKEND, graph: self.name.clone(), message };
+        let backend = self.backend;
+        let err = |message: String| Error::Backend { backend, graph: self.name.clone(), message };
         // ONNX Runtime reads dense row-major buffers: borrow inputs that are (all of ours, in
         // practice), copy only views that are not.
         let dense: Vec<(&str, DenseInput<'_>)> = inputs
@@ -172,17 +491,21 @@ fn real_tensor(name: &str, dtype: &ValueType) -> RealTensor {
 
 /// The process-wide ONNX Runtime environment. The library can be loaded only once per process, so
 /// the first successful load wins; a failed load is reported again to every caller.
-fn environment(explicit: Option<&Path>) -> Result<Environment> {
-    static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+/// With `gpu`, an `.ort-gpu/` library (scripts/setup-ort.sh --gpu) is preferred to `.ort/`.
+/// Returns the environment and the library's path.
+fn environment(explicit: Option<&Path>, gpu: bool) -> Result<(Environment, PathBuf)> {
+    static ENVIRONMENT: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
     ENVIRONMENT
         .get_or_init(|| {
             let library = match explicit {
                 Some(path) => path.to_path_buf(),
-                None => find_onnxruntime_library()?,
+                None => search_library(gpu)?,
             };
             let builder = ort::init_from(&library)
                 .map_err(|e| format!("cannot load {} ({e}); {}", library.display(), install_hint()))?;
-            builder.with_name("t2i-rt").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))
+            let environment =
+                builder.with_name("t2i-rt").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
+            Ok((environment, library))
         })
         .clone()
         .map_err(Error::RuntimeLibrary)
@@ -199,8 +522,13 @@ fn install_hint() -> String {
 /// 1. `ORT_DYLIB_PATH` (the `ort` crate's convention): a file;
 /// 2. next to the running executable, or in `lib/` beside it (how a deployment ships it);
 /// 3. `.ort/` in the executable's directory or one of its ancestors (where `scripts/setup.sh`
-///    puts it in a checkout, so `cargo run` and `cargo test` need no setting).
+///    puts it in a checkout, so `cargo run` and `cargo test` need no setting); then `.ort-gpu/`
+///    (the GPU build, `scripts/setup-ort.sh --gpu`), which GPU backends look in first.
 pub fn find_onnxruntime_library() -> std::result::Result<PathBuf, String> {
+    search_library(false)
+}
+
+fn search_library(gpu: bool) -> std::result::Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
         let path = PathBuf::from(path);
         return if path.is_file() {
@@ -213,6 +541,9 @@ pub fn find_onnxruntime_library() -> std::result::Result<PathBuf, String> {
         .map_err(|e| format!("cannot locate the running executable ({e}); {}", install_hint()))?;
     let exe_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut candidates = vec![exe_dir.join(ORT_LIBRARY_NAME), exe_dir.join("lib").join(ORT_LIBRARY_NAME)];
-    candidates.extend(exe_dir.ancestors().map(|dir| dir.join(".ort").join(ORT_LIBRARY_NAME)));
+    let folders = if gpu { [".ort-gpu", ".ort"] } else { [".ort", ".ort-gpu"] };
+    for folder in folders {
+        candidates.extend(exe_dir.ancestors().map(|dir| dir.join(folder).join(ORT_LIBRARY_NAME)));
+    }
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(install_hint)
 }
