@@ -29,7 +29,7 @@ from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
 from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
 from .unet import TIME_ID_COUNT, check_unet, export_unet, has_text_time, pooled_dim, residual_slots
-from .vae import VAE_PRECISIONS, export_vae_decoder, vae_downscale
+from .vae import VAE_PRECISIONS, check_vae_precision, export_vae_decoder, vae_downscale
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 XL_COMPONENTS = ("tokenizer_2", "text_encoder_2")
@@ -268,6 +268,7 @@ def export_components(
     if len({n for n, _ in adapters}) != len(adapters):
         raise ExportError("adapter names must be unique")
     check_out_dir(out_dir)
+    check_vae_precision(comps.vae, comps.vae_precision, has_text_time(comps.unet.config))
     geo = geometry(comps)
     features = max((feature_count(a, geo.size_multiple) for _, a in adapters), default=0)
     slots = residual_slots(comps.unet.config, features)
