@@ -19,8 +19,7 @@ from diffusers import AutoencoderKL
 
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
-
-VAE_PRECISIONS = ("fp32", "fp16")
+from .precision import check_precision
 
 
 def needs_fp32(vae: AutoencoderKL, sdxl: bool) -> bool:
@@ -43,14 +42,11 @@ def vae_downscale(vae: AutoencoderKL) -> int:
 class VaeDecoderGraph(torch.nn.Module):
     """`vae_decoder` graph: latent_sample f32 [batch, C, h, w] -> image f32 [batch, 3, h*8, w*8]."""
 
-    def __init__(self, vae: AutoencoderKL, precision: str = "fp32"):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
-        self.half = precision == "fp16"
 
     def forward(self, latent_sample):
-        if self.half:
-            return self.vae.decode(latent_sample.half(), return_dict=False)[0].float()
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
@@ -73,17 +69,11 @@ def export_vae_decoder(
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, vae.config.latent_channels, *latent_hw, generator=g),)
     inputs, outputs = io_spec(vae)
-    module = VaeDecoderGraph(vae.half() if precision == "fp16" else vae, precision)
-    try:
-        return export_graph(module, args, path, inputs, outputs, external_data_threshold)
-    finally:
-        if precision == "fp16":
-            vae.float()
+    return export_graph(VaeDecoderGraph(vae), args, path, inputs, outputs, external_data_threshold, precision)
 
 
 def check_vae_precision(vae: AutoencoderKL, precision: str, sdxl: bool) -> None:
-    if precision not in VAE_PRECISIONS:
-        raise ExportError(f"vae precision {precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
+    check_precision(precision, "vae precision")
     if precision == "fp16" and needs_fp32(vae, sdxl):
         raise ExportError(
             "vae: this VAE's config has force_upcast=true (diffusers' SDXL pipelines decode it in fp32 because it "

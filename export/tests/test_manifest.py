@@ -67,6 +67,9 @@ def test_manifest_contract(zoo):
     assert te["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
     assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 4]
     assert m["graphs"]["vae_decoder"]["outputs"][0]["dims"] == ["batch", 3, "image_height", "image_width"]
+    for name, spec in graph_specs(m).items():
+        assert list(spec) == ["file", "sha256", "external_data", "precision", "inputs", "outputs"], name
+        assert spec["precision"] == "fp32", name
 
 
 @pytest.mark.parametrize("which", ["fresh", "committed"])
