@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                     "fp16 is refused for VAEs with force_upcast (SDXL's original VAE overflows)")
 
     pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
-    pt.add_argument("--out", type=Path, required=True, help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY")
+    pt.add_argument("--out", type=Path, required=True,
+                    help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16)")
     pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl"],
                     help="only these members of the tiny zoo (repeatable; default: all)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             from .tiny import build_tiny_zoo
 
             for set_dir, fixtures_dir in build_tiny_zoo(args.out, args.work, args.family):
-                print(f"wrote {set_dir} and {fixtures_dir}")
+                print(f"wrote {set_dir}" + (f" and {fixtures_dir}" if fixtures_dir else ""))
         elif args.command == "random":
             from .random_preset import export_random
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import COMMITTED_SET, graph_specs, load_graph_fixture
+from conftest import COMMITTED_FP16_SET, COMMITTED_SET, graph_specs, load_graph_fixture
 
 from t2i_export.errors import ExportError
 from t2i_export.manifest import listed_files, verify
@@ -72,9 +72,9 @@ def test_manifest_contract(zoo):
         assert spec["precision"] == "fp32", name
 
 
-@pytest.mark.parametrize("which", ["fresh", "committed"])
+@pytest.mark.parametrize("which", ["fresh", "committed", "committed-fp16"])
 def test_paths_and_sha256(zoo, which):
-    set_dir = zoo.set_dir if which == "fresh" else COMMITTED_SET
+    set_dir = {"fresh": zoo.set_dir, "committed": COMMITTED_SET, "committed-fp16": COMMITTED_FP16_SET}[which]
     m = verify(set_dir)
     files = listed_files(m)
     for rel, digest in files:
