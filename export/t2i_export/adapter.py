@@ -96,9 +96,10 @@ def export_adapter(
     path: Path,
     size_multiple: int,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    precision: str = "fp32",
 ) -> list[Path]:
     side = math.lcm(size_multiple, adapter.total_downscale_factor)
     g = torch.Generator().manual_seed(0)
     args = (torch.rand(2, adapter.config.in_channels, side, 2 * side, generator=g),)
     inputs, outputs = io_spec(adapter, slots, fed)
-    return export_graph(AdapterGraph(adapter), args, path, inputs, outputs, external_data_threshold)
+    return export_graph(AdapterGraph(adapter), args, path, inputs, outputs, external_data_threshold, precision)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import ExportError
+from .precision import PRECISIONS
 
 
 def _adapter_arg(text: str) -> tuple[str, Path]:
@@ -29,12 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--name", help="manifest name (default: the --out directory's name)")
     pp.add_argument("--vae", type=Path, metavar="DIR",
                     help="a diffusers AutoencoderKL dir to use instead of the model's vae/ (e.g. an fp16-safe SDXL VAE)")
-    pp.add_argument("--vae-precision", choices=["fp32", "fp16"], default="fp32",
-                    help="compute precision of the VAE decoder graph (its inputs/outputs stay float32); "
+    pp.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="compute precision of the graphs (their inputs/outputs stay float32); fp16 as diffusers' "
+                    "pipe.to(torch.float16), except a VAE with force_upcast, whose decoder stays fp32 (default: fp32)")
+    pp.add_argument("--vae-precision", choices=PRECISIONS,
+                    help="compute precision of the VAE decoder graph (default: --precision's, see there); "
                     "fp16 is refused for VAEs with force_upcast (SDXL's original VAE overflows)")
 
     pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
-    pt.add_argument("--out", type=Path, required=True, help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY")
+    pt.add_argument("--out", type=Path, required=True,
+                    help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16)")
     pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl"],
                     help="only these members of the tiny zoo (repeatable; default: all)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
@@ -45,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--adapter-preset", action="append", default=[], choices=["full", "sketch", "light"],
                     help="add a random T2I-Adapter of this kind, sized for the preset's UNet (repeatable)")
     pr.add_argument("--out", type=Path, required=True)
-    pr.add_argument("--name", help="manifest name (default: random-PRESET)")
+    pr.add_argument("--name", help="manifest name (default: random-PRESET, random-PRESET-fp16)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="compute precision of the graphs (their inputs/outputs stay float32; default: fp32)")
     pr.add_argument("--save-diffusers", type=Path, metavar="DIR",
                     help="also save the same modules in diffusers format: DIR/random-PRESET and DIR/adapters/NAME")
 
@@ -76,18 +83,26 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import export_pipeline
 
             out = export_pipeline(
-                args.model, args.adapter, args.out, args.name, vae_dir=args.vae, vae_precision=args.vae_precision
+                args.model,
+                args.adapter,
+                args.out,
+                args.name,
+                vae_dir=args.vae,
+                vae_precision=args.vae_precision,
+                precision=args.precision,
             )
             print(f"wrote {out}")
         elif args.command == "tiny":
             from .tiny import build_tiny_zoo
 
             for set_dir, fixtures_dir in build_tiny_zoo(args.out, args.work, args.family):
-                print(f"wrote {set_dir} and {fixtures_dir}")
+                print(f"wrote {set_dir}" + (f" and {fixtures_dir}" if fixtures_dir else ""))
         elif args.command == "random":
             from .random_preset import export_random
 
-            out = export_random(args.preset, args.adapter_preset, args.out, args.name, args.seed, args.save_diffusers)
+            out = export_random(
+                args.preset, args.adapter_preset, args.out, args.name, args.seed, args.save_diffusers, args.precision
+            )
             print(f"wrote {out}")
         elif args.command == "verify":
             from .manifest import verify

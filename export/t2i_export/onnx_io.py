@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,7 @@ import onnx
 import torch
 
 from . import OPSET
+from .precision import HalfGraph, check_precision, half_weights
 
 # Protobuf refuses messages >= 2 GiB; keep a margin for the graph structure itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
@@ -58,13 +60,33 @@ def export_graph(
     inputs: Sequence[TensorIO],
     outputs: Sequence[TensorIO],
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    precision: str = "fp32",
+    keep_float32: Sequence[str] = (),
 ) -> list[Path]:
     """Export `module(*args)` to `path`; returns the files written (the graph, then its external data).
 
     Symbolic dims of `inputs`/`outputs` become ONNX `dynamic_axes` with those exact names. When the
     module's weights exceed `external_data_threshold` bytes they go to one `<file>.data` beside it.
+    `precision` "fp16" traces the module with fp16 weights (`precision.HalfGraph`); the inputs named
+    in `keep_float32` reach it in float32, as in diffusers' fp16 pipelines.
     """
+    check_precision(precision, f"{path.name}: precision")
     module = module.eval()
+    half = precision == "fp16"
+    with half_weights(module) if half else nullcontext():
+        if half:
+            module = HalfGraph(module, [i for i, io in enumerate(inputs) if io.name in keep_float32])
+        return _export(module, args, path, inputs, outputs, external_data_threshold)
+
+
+def _export(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[TensorIO],
+    outputs: Sequence[TensorIO],
+    external_data_threshold: int,
+) -> list[Path]:
     dynamic_axes = {
         io.name: {axis: dim for axis, dim in enumerate(io.dims) if isinstance(dim, str)}
         for io in list(inputs) + list(outputs)
@@ -193,14 +215,15 @@ def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def graph_spec(set_dir: Path, files: list[Path]) -> dict:
-    """A manifest GraphSpec for a graph written by `export_graph` into `set_dir`."""
+def graph_spec(set_dir: Path, files: list[Path], precision: str) -> dict:
+    """A manifest GraphSpec for a graph written by `export_graph` into `set_dir` with `precision`."""
     graph, data = files[0], files[1:]
     inputs, outputs = graph_io(graph)
     return {
         "file": graph.relative_to(set_dir).as_posix(),
         "sha256": sha256_file(graph),
         "external_data": [{"file": d.relative_to(set_dir).as_posix(), "sha256": sha256_file(d)} for d in data],
+        "precision": precision,  # compute precision; the IO is float32 (int64 ids) either way
         "inputs": inputs,
         "outputs": outputs,
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,11 @@ from . import manifest as mf
 from .adapter import check_name, condition_kind, export_adapter, feature_count, match_slots
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
+from .precision import check_precision
 from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
 from .unet import TIME_ID_COUNT, check_unet, export_unet, has_text_time, pooled_dim, residual_slots
-from .vae import VAE_PRECISIONS, export_vae_decoder, vae_downscale
+from .vae import check_vae_precision, export_vae_decoder, needs_fp32, vae_downscale
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 XL_COMPONENTS = ("tokenizer_2", "text_encoder_2")
@@ -58,7 +60,7 @@ class TextEncoderPart:
 
 @dataclass
 class Components:
-    """A pipeline's parts, in fp32, eval mode."""
+    """A pipeline's parts, in fp32, eval mode, and the precision to export them in."""
 
     text_encoders: list[TextEncoderPart]
     unet: UNet2DConditionModel
@@ -66,7 +68,8 @@ class Components:
     scheduler_config: dict  # the checkpoint's scheduler_config.json, verbatim
     # SDXL pipelines' `force_zeros_for_empty_prompt`: no negative prompt -> zero embeddings.
     force_zeros_for_empty_prompt: bool = False
-    vae_precision: str = "fp32"
+    precision: str = "fp32"  # the set's requested compute precision: fp32 | fp16
+    vae_precision: str | None = None  # the VAE decoder's, when given explicitly (else see `vae_decoder_precision`)
 
     @classmethod
     def single_encoder(cls, tokenizer, text_encoder, unet, vae, scheduler_config, **kw) -> "Components":
@@ -136,7 +139,9 @@ def check_vae_dir(vae_dir: Path) -> None:
         raise ExportError(f"--vae {vae_dir}: config.json is a {config.get('_class_name')!r}, expected 'AutoencoderKL'")
 
 
-def load_checkpoint(model_dir: Path, vae_dir: Path | None = None, vae_precision: str = "fp32") -> Components:
+def load_checkpoint(
+    model_dir: Path, vae_dir: Path | None = None, vae_precision: str | None = None, precision: str = "fp32"
+) -> Components:
     check_model_dir(model_dir)
     index = _index(model_dir)
     unet_dir = model_dir / "unet"
@@ -149,7 +154,7 @@ def load_checkpoint(model_dir: Path, vae_dir: Path | None = None, vae_precision:
         d = model_dir / sub
         return cls.from_pretrained(str(d), dtype=torch.float32, variant=_variant(d)).eval()
 
-    common = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, vae_precision=vae_precision)
+    common = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, precision=precision, vae_precision=vae_precision)
     if index.get("text_encoder_2") not in (None, [None, None]):
         return Components.dual_encoder(
             [load_tokenizer(model_dir / "tokenizer"), load_tokenizer(model_dir / "tokenizer_2")],
@@ -189,17 +194,19 @@ def export_pipeline(
     name: str | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     vae_dir: Path | None = None,
-    vae_precision: str = "fp32",
+    vae_precision: str | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
     if vae_dir is not None:
         check_vae_dir(vae_dir)
-    if vae_precision not in VAE_PRECISIONS:
-        raise ExportError(f"--vae-precision {vae_precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
+    check_precision(precision, "--precision")
+    if vae_precision is not None:
+        check_precision(vae_precision, "--vae-precision")
     check_adapter_args(adapters)
     check_out_dir(out_dir)
-    comps = load_checkpoint(model_dir, vae_dir, vae_precision)
+    comps = load_checkpoint(model_dir, vae_dir, vae_precision, precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
     return export_components(comps, loaded, out_dir, name, external_data_threshold)
 
@@ -246,6 +253,23 @@ def geometry(comps: Components) -> Geometry:
     return Geometry(vae.config.latent_channels, vd, multiple, default)
 
 
+def vae_decoder_precision(comps: Components) -> tuple[str, str | None]:
+    """The VAE decoder graph's precision, and a one-line notice when it stays fp32 in an fp16 set.
+
+    It follows the set's precision unless given explicitly (`--vae-precision`), except that a VAE
+    diffusers upcasts (`force_upcast` in an SDXL pipeline: SDXL's original VAE overflows in fp16)
+    stays fp32.
+    """
+    if comps.vae_precision is not None:
+        return comps.vae_precision, None
+    if comps.precision == "fp16" and needs_fp32(comps.vae, has_text_time(comps.unet.config)):
+        return "fp32", (
+            "note: vae_decoder stays fp32: this VAE's config has force_upcast=true (it overflows in fp16, like SDXL's "
+            "original VAE); for an fp16 decoder pass an fp16-safe VAE with --vae DIR (e.g. madebyollin/sdxl-vae-fp16-fix)"
+        )
+    return comps.precision, None
+
+
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir}: exists and is not a directory")
@@ -268,12 +292,17 @@ def export_components(
     if len({n for n, _ in adapters}) != len(adapters):
         raise ExportError("adapter names must be unique")
     check_out_dir(out_dir)
+    check_precision(comps.precision, "precision")
+    vae_precision, notice = vae_decoder_precision(comps)
+    check_vae_precision(comps.vae, vae_precision, has_text_time(comps.unet.config))
     geo = geometry(comps)
     features = max((feature_count(a, geo.size_multiple) for _, a in adapters), default=0)
     slots = residual_slots(comps.unet.config, features)
     fed = {n: match_slots(n, a, slots, geo.vae_downscale, geo.size_multiple) for n, a in adapters}
     seq_len = comps.text_encoders[0].tokenizer.model_max_length
 
+    if notice:
+        print(notice, file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
@@ -282,32 +311,41 @@ def export_components(
         encoders = []
         for i, part in enumerate(comps.text_encoders):
             tok_entry = _write_tokenizer(tmp, part, i, encoders)
-            files = export_text_encoder(part.model, seq_len, tmp / f"{part.name}.onnx", external_data_threshold, part.use)
+            files = export_text_encoder(
+                part.model, seq_len, tmp / f"{part.name}.onnx", external_data_threshold, part.use, comps.precision
+            )
             encoders.append(
                 {
                     "name": part.name,
                     "tokenizer": tok_entry,
                     "hidden_output": part.use.hidden_output,
                     "pooled_output": POOLED_OUTPUT if part.use.pooled else None,
-                    "graph": graph_spec(tmp, files),
+                    "graph": graph_spec(tmp, files, comps.precision),
                 }
             )
         added_cond = {}
         if has_text_time(comps.unet.config):
             added_cond = {"text_embeds": next(p.name for p in comps.text_encoders if p.use.pooled), "time_ids": TIME_IDS}
+        unet_file = tmp / _unet_file(comps)
         graphs = {
-            "unet": export_unet(comps.unet, slots, seq_len, tmp / _unet_file(comps), latent_multiple, external_data_threshold),
-            "vae_decoder": export_vae_decoder(
-                comps.vae,
-                tmp / "vae_decoder.onnx",
-                (latent_multiple, 2 * latent_multiple),
-                external_data_threshold,
-                comps.vae_precision,
+            "unet": graph_spec(
+                tmp,
+                export_unet(comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision),
+                comps.precision,
+            ),
+            "vae_decoder": graph_spec(
+                tmp,
+                export_vae_decoder(
+                    comps.vae, tmp / "vae_decoder.onnx", (latent_multiple, 2 * latent_multiple), external_data_threshold, vae_precision
+                ),
+                vae_precision,
             ),
         }
         adapter_entries = []
         for n, a in adapters:
-            files = export_adapter(a, slots, fed[n], tmp / f"adapter_{n}.onnx", geo.size_multiple, external_data_threshold)
+            files = export_adapter(
+                a, slots, fed[n], tmp / f"adapter_{n}.onnx", geo.size_multiple, external_data_threshold, comps.precision
+            )
             adapter_entries.append(
                 {
                     "name": n,
@@ -316,7 +354,7 @@ def export_components(
                     "in_channels": a.config.in_channels,
                     "downscale_factor": a.total_downscale_factor,
                     "residual_slots": fed[n],
-                    "graph": graph_spec(tmp, files),
+                    "graph": graph_spec(tmp, files, comps.precision),
                 }
             )
         manifest = mf.build(
@@ -330,10 +368,11 @@ def export_components(
             size_multiple=geo.size_multiple,
             default_size=geo.default_size,
             scaling_factor=comps.vae.config.scaling_factor,
-            vae_precision=comps.vae_precision,
+            precision=comps.precision,
+            vae_precision=vae_precision,
             scheduler=comps.scheduler_config,
             residual_slots=[s.manifest() for s in slots],
-            graphs={k: graph_spec(tmp, files) for k, files in graphs.items()},
+            graphs=graphs,
             adapters=adapter_entries,
         )
         _install(tmp, out_dir, manifest)

@@ -171,9 +171,10 @@ def export_random(
     name: str | None,
     seed: int,
     save_diffusers: Path | None = None,
+    precision: str = "fp32",
 ) -> Path:
-    """Export the preset to `out_dir`; with `save_diffusers`, also save the same modules there in diffusers
-    format: `save_diffusers/random-PRESET` (pipeline) and `save_diffusers/adapters/NAME`."""
+    """Export the preset to `out_dir` in `precision`; with `save_diffusers`, also save the same (fp32)
+    modules there in diffusers format: `save_diffusers/random-PRESET` (pipeline) and `save_diffusers/adapters/NAME`."""
     if preset not in PRESETS:
         raise ValueError(preset)
     comps = build_random(preset, adapter_presets, seed)
@@ -184,5 +185,6 @@ def export_random(
     with tempfile.TemporaryDirectory(prefix="t2i-tok-") as tmp:
         write_clip_tokenizer_dir(Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))
-    comps = Components.single_encoder(tokenizer, text_encoder, unet, vae, dict(SD15_SCHEDULER_CONFIG))
-    return export_components(comps, adapters, out_dir, name or f"random-{preset}")
+    comps = Components.single_encoder(tokenizer, text_encoder, unet, vae, dict(SD15_SCHEDULER_CONFIG), precision=precision)
+    default_name = f"random-{preset}" if precision == "fp32" else f"random-{preset}-{precision}"
+    return export_components(comps, adapters, out_dir, name or default_name)

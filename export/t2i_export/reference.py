@@ -138,7 +138,9 @@ def adapter_state(oracle: Oracle, case: Case) -> list[torch.Tensor] | None:
     """Weighted adapter features, as the adapter pipeline computes them before the loop."""
     if not case.adapters:
         return None
-    xs = [_preprocess_adapter_image(a["image"], case.height, case.width) for a in case.adapters]
+    # `.to(dtype=adapter.dtype)` as the pipeline does: a no-op in fp32, needed when the oracle runs in fp16.
+    dtype = oracle.adapters[case.adapters[0]["name"]].dtype
+    xs = [_preprocess_adapter_image(a["image"], case.height, case.width).to(dtype=dtype) for a in case.adapters]
     if len(case.adapters) == 1:
         feats = oracle.adapters[case.adapters[0]["name"]](xs[0])
         return [f * case.adapters[0]["weight"] for f in feats]

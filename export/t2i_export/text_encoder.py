@@ -16,8 +16,10 @@ The graph outputs are named after what they hold (`last_hidden_state`, `penultim
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -78,8 +80,29 @@ def export_text_encoder(
     path: Path,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     use: EncoderUse = EncoderUse("last", False),
+    precision: str = "fp32",
 ) -> list[Path]:
     inputs, outputs = io_spec(text_encoder, seq_len, use)
-    return export_graph(
-        TextEncoderGraph(text_encoder, use), example_inputs(text_encoder, seq_len), path, inputs, outputs, external_data_threshold
-    )
+    args = example_inputs(text_encoder, seq_len)
+    with _attention(text_encoder, "eager" if precision == "fp16" else None):
+        return export_graph(TextEncoderGraph(text_encoder, use), args, path, inputs, outputs, external_data_threshold, precision)
+
+
+@contextmanager
+def _attention(text_encoder, implementation: str | None) -> Iterator[None]:
+    """Trace with transformers' `implementation` attention (None: the model's own, SDPA).
+
+    fp16 needs "eager": the SDPA path traces to torch's ONNX `scaled_dot_product_attention` with
+    `is_causal`, whose causal mask is float32 -inf constants; added to fp16 scores, the legacy exporter
+    then mixes float32 and fp16 tensors in one layer, a graph onnxruntime refuses to load. Eager
+    attention (`eager_attention_forward`) adds a causal mask of the model's dtype (finfo(fp16).min).
+    """
+    previous = text_encoder.config._attn_implementation
+    if implementation is None or implementation == previous:
+        yield
+        return
+    text_encoder.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        text_encoder.set_attn_implementation(previous)

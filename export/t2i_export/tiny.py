@@ -439,11 +439,17 @@ def write_checkpoint_sdxl(work_dir: Path) -> tuple[Path, dict[str, Path]]:
 
 
 ZOO = {"sd1": write_checkpoint, "sd2": write_checkpoint_sd2, "sdxl": write_checkpoint_sdxl}
+# Families also exported with `--precision fp16` to OUT/tiny-FAMILY-fp16: the same weights, so the
+# runtime checks the fp16 set against tiny-FAMILY's fixtures (within an fp16 tolerance).
+FP16_SETS = ("sd1",)
 
 
-def build_tiny_zoo(out_root: Path, work_dir: Path | None = None, families: list[str] | None = None) -> list[tuple[Path, Path]]:
+def build_tiny_zoo(
+    out_root: Path, work_dir: Path | None = None, families: list[str] | None = None
+) -> list[tuple[Path, Path | None]]:
     """`python -m t2i_export tiny`: OUT/tiny-FAMILY (graph set) and OUT/fixtures/tiny-FAMILY (fixtures)
-    for each family (default: all), in the order sd1, sd2, sdxl.
+    for each family (default: all), in the order sd1, sd2, sdxl, each followed by its fp16 set
+    (`FP16_SETS`; no fixtures of its own).
 
     One intra-op thread, so that float reductions run in one fixed order (bit-for-bit regeneration).
     """
@@ -465,6 +471,10 @@ def build_tiny_zoo(out_root: Path, work_dir: Path | None = None, families: list[
                 set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / name, name=name)
                 fixtures_dir = write_fixtures(Oracle.load(model_dir, adapter_dirs), out_root / "fixtures" / name, fam)
                 written.append((set_dir, fixtures_dir))
+                if fam in FP16_SETS:
+                    fp16 = f"{name}-fp16"
+                    fp16_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / fp16, name=fp16, precision="fp16")
+                    written.append((fp16_dir, None))
     finally:
         torch.set_num_threads(threads)
     return written

@@ -25,11 +25,14 @@ Zeros in every `adapter_residual_i` are exactly "no adapter".
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
@@ -170,8 +173,34 @@ def export_unet(
     path: Path,
     size_multiple_latent: int,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    precision: str = "fp32",
 ) -> list[Path]:
     inputs, outputs = io_spec(unet, slots, seq_len)
     # A latent of (1, 2) × the latent size multiple: valid, and height != width.
     args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent))
-    return export_graph(UNetGraph(unet), args, path, inputs, outputs, external_data_threshold)
+    # fp16: the timestep stays float32, as diffusers' fp16 pipelines pass it (the scheduler's
+    # timesteps; fractional ones would round in fp16); the UNet computes its sinusoidal embedding in
+    # float32 and casts that to the weights' dtype (`UNet2DConditionModel.get_time_embed`).
+    with _upcast_attention(unet, precision == "fp16"):
+        return export_graph(
+            UNetGraph(unet), args, path, inputs, outputs, external_data_threshold, precision, keep_float32=["timestep"]
+        )
+
+
+@contextmanager
+def _upcast_attention(unet: UNet2DConditionModel, half: bool) -> Iterator[None]:
+    """In fp16, attention layers with `upcast_attention` (SD 2.1's UNet: its attention scores overflow
+    fp16) get diffusers' `AttnProcessor`, which computes scores and softmax in float32 as the flag asks.
+
+    The default SDPA processor ignores the flag: on GPUs the fused SDPA kernels keep the scores in
+    float32 internally, but the exported graph materialises them, in fp16.
+    """
+    layers = [m for m in unet.modules() if isinstance(m, Attention) and m.upcast_attention] if half else []
+    saved = [m.processor for m in layers]
+    try:
+        for m in layers:
+            m.set_processor(AttnProcessor())
+        yield
+    finally:
+        for m, p in zip(layers, saved):
+            m.set_processor(p)

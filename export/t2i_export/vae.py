@@ -4,10 +4,10 @@ Exactly `AutoencoderKL.decode(latent_sample).sample` (post_quant_conv + decoder)
 `latents / scaling_factor` and `(image / 2 + 0.5).clamp(0, 1)` stay in the runtime.
 
 The decoder's compute precision is a manifest property (`vae.precision`): `fp16` halves its memory
-and time on GPUs, but SDXL's original VAE overflows in fp16 (diffusers upcasts it: `force_upcast`),
-so an fp16 decoder needs an fp16-safe VAE (`--vae DIR`, e.g. madebyollin/sdxl-vae-fp16-fix). The
-graph's inputs and outputs stay float32 either way (casts inside the graph), so the runtime feeds it
-the same tensors.
+and time on GPUs, but SDXL's original VAE overflows in fp16 (diffusers' SDXL pipelines upcast it:
+`force_upcast`), so an fp16 SDXL decoder needs an fp16-safe VAE (`--vae DIR`, e.g.
+madebyollin/sdxl-vae-fp16-fix). The graph's inputs and outputs stay float32 either way (casts inside
+the graph), so the runtime feeds it the same tensors.
 """
 
 from __future__ import annotations
@@ -19,8 +19,19 @@ from diffusers import AutoencoderKL
 
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
+from .precision import check_precision
 
-VAE_PRECISIONS = ("fp32", "fp16")
+
+def needs_fp32(vae: AutoencoderKL, sdxl: bool) -> bool:
+    """Whether diffusers decodes with this VAE in float32 even in an fp16 pipeline.
+
+    The SDXL pipelines do when its config has `force_upcast` (SDXL's original VAE overflows in fp16):
+    `needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast`
+    (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py). The SD 1.x/2.x pipelines never
+    do: `force_upcast` defaults to true, so SD 1.5's VAE, whose config predates the key, has it too,
+    and is decoded in fp16 there.
+    """
+    return sdxl and bool(getattr(vae.config, "force_upcast", True))
 
 
 def vae_downscale(vae: AutoencoderKL) -> int:
@@ -31,14 +42,11 @@ def vae_downscale(vae: AutoencoderKL) -> int:
 class VaeDecoderGraph(torch.nn.Module):
     """`vae_decoder` graph: latent_sample f32 [batch, C, h, w] -> image f32 [batch, 3, h*8, w*8]."""
 
-    def __init__(self, vae: AutoencoderKL, precision: str = "fp32"):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
-        self.half = precision == "fp16"
 
     def forward(self, latent_sample):
-        if self.half:
-            return self.vae.decode(latent_sample.half(), return_dict=False)[0].float()
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
@@ -57,20 +65,18 @@ def export_vae_decoder(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     precision: str = "fp32",
 ) -> list[Path]:
-    if precision not in VAE_PRECISIONS:
-        raise ExportError(f"vae precision {precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
-    if precision == "fp16" and getattr(vae.config, "force_upcast", False):
-        raise ExportError(
-            "vae: this VAE's config has force_upcast=true (diffusers decodes it in fp32 because it overflows in fp16, "
-            "like SDXL's original VAE); export it with --vae-precision fp32, or pass an fp16-safe VAE with --vae DIR "
-            "(e.g. madebyollin/sdxl-vae-fp16-fix, whose config has force_upcast=false)"
-        )
+    """Export the decoder in `precision` (checked beforehand with `check_vae_precision`)."""
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, vae.config.latent_channels, *latent_hw, generator=g),)
     inputs, outputs = io_spec(vae)
-    module = VaeDecoderGraph(vae.half() if precision == "fp16" else vae, precision)
-    try:
-        return export_graph(module, args, path, inputs, outputs, external_data_threshold)
-    finally:
-        if precision == "fp16":
-            vae.float()
+    return export_graph(VaeDecoderGraph(vae), args, path, inputs, outputs, external_data_threshold, precision)
+
+
+def check_vae_precision(vae: AutoencoderKL, precision: str, sdxl: bool) -> None:
+    check_precision(precision, "vae precision")
+    if precision == "fp16" and needs_fp32(vae, sdxl):
+        raise ExportError(
+            "vae: this VAE's config has force_upcast=true (diffusers' SDXL pipelines decode it in fp32 because it "
+            "overflows in fp16, like SDXL's original VAE); export it with --vae-precision fp32, or pass an fp16-safe "
+            "VAE with --vae DIR (e.g. madebyollin/sdxl-vae-fp16-fix, whose config has force_upcast=false)"
+        )

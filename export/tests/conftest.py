@@ -15,6 +15,7 @@ import torch
 EXPORT_DIR = Path(__file__).resolve().parents[1]
 REPO = EXPORT_DIR.parent
 COMMITTED_SET = REPO / "graphs" / "tiny-sd1"
+COMMITTED_FP16_SET = REPO / "graphs" / "tiny-sd1-fp16"  # same weights as tiny-sd1, --precision fp16
 COMMITTED_FIXTURES = REPO / "graphs" / "fixtures" / "tiny-sd1"
 sys.path.insert(0, str(EXPORT_DIR))
 
@@ -38,11 +39,14 @@ class Zoo:
 
 
 @pytest.fixture(scope="session")
-def zoo_all(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Every family of the tiny zoo, freshly built: {"sd1": (set_dir, fixtures_dir), ...}."""
+def zoo_all(tmp_path_factory) -> dict[str, tuple[Path, Path | None]]:
+    """Every set of the tiny zoo, freshly built: {"sd1": (set_dir, fixtures_dir), "sd1-fp16": (set_dir,
+    None), ...}, and "work": (the diffusers checkpoints' directory, None)."""
     root = tmp_path_factory.mktemp("tiny")
     built = build_tiny_zoo(root / "graphs", root / "work")
-    return {"sd1": built[0], "sd2": built[1], "sdxl": built[2], "work": (root / "work", None)}
+    zoo = {set_dir.name.removeprefix("tiny-"): (set_dir, fixtures) for set_dir, fixtures in built}
+    assert list(zoo) == ["sd1", "sd1-fp16", "sd2", "sdxl"], list(zoo)
+    return {**zoo, "work": (root / "work", None)}
 
 
 @pytest.fixture(scope="session")

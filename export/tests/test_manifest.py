@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import COMMITTED_SET, graph_specs, load_graph_fixture
+from conftest import COMMITTED_FP16_SET, COMMITTED_SET, graph_specs, load_graph_fixture
 
 from t2i_export.errors import ExportError
 from t2i_export.manifest import listed_files, verify
@@ -67,11 +67,14 @@ def test_manifest_contract(zoo):
     assert te["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
     assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 4]
     assert m["graphs"]["vae_decoder"]["outputs"][0]["dims"] == ["batch", 3, "image_height", "image_width"]
+    for name, spec in graph_specs(m).items():
+        assert list(spec) == ["file", "sha256", "external_data", "precision", "inputs", "outputs"], name
+        assert spec["precision"] == "fp32", name
 
 
-@pytest.mark.parametrize("which", ["fresh", "committed"])
+@pytest.mark.parametrize("which", ["fresh", "committed", "committed-fp16"])
 def test_paths_and_sha256(zoo, which):
-    set_dir = zoo.set_dir if which == "fresh" else COMMITTED_SET
+    set_dir = {"fresh": zoo.set_dir, "committed": COMMITTED_SET, "committed-fp16": COMMITTED_FP16_SET}[which]
     m = verify(set_dir)
     files = listed_files(m)
     for rel, digest in files:

@@ -1,5 +1,5 @@
-"""`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl} and their
-graphs/fixtures/tiny-*.
+"""`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl}, their
+graphs/fixtures/tiny-*, and graphs/tiny-sd1-fp16.
 
 Graph files, tokenizer, manifest, condition images and cases.json must be byte-identical (weights come
 from seeded CPU RNGs and the export is deterministic). Computed arrays and images are compared
@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
+SETS = FAMILIES + ["sd1-fp16"]
 
 
 def _files(root):
@@ -29,7 +30,7 @@ def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SETS)
 def test_graph_set_is_bit_for_bit(zoo_all, family):
     fresh, committed = zoo_all[family][0], REPO / "graphs" / f"tiny-{family}"
     assert _files(fresh) == _files(committed)
