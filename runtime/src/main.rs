@@ -679,9 +679,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
             Err(e) => format!("MISMATCH: {e}"),
         };
         println!(
-            "  {name}  ({}{})  {status}",
+            "  {name}  ({}{}, {})  {status}",
             spec.file,
-            if spec.external_data.is_empty() { "" } else { " + external data" }
+            if spec.external_data.is_empty() { "" } else { " + external data" },
+            spec.precision
         );
         print_tensors("in ", &spec.inputs);
         print_tensors("out", &spec.outputs);

@@ -317,6 +317,17 @@ impl Model {
     /// Loads the graphs of an already loaded manifest (e.g. after checking a request against it with
     /// [`Request::check`], so that a bad request fails before seconds of graph loading).
     pub fn from_manifest(manifest: Manifest, options: &LoadOptions) -> Result<Model> {
+        if options.backend == BackendKind::Tract {
+            if let Some((name, _, _)) = set_graphs(&manifest).into_iter().find(|(_, spec, _)| spec.precision == "fp16")
+            {
+                // tract 0.23 mistypes fp16 Gemm (the UNet's time embedding) while planning.
+                return Err(Error::InvalidRequest(format!(
+                    "tract cannot run fp16 graphs ({name} in {} is fp16); use the fp32 graph set with tract, or \
+                     --backend ort-cpu",
+                    manifest.dir.display()
+                )));
+            }
+        }
         let backend = options.backend.create_with(&options.settings)?;
         let tokenizers = manifest
             .text_encoders
