@@ -234,15 +234,22 @@ struct ExecArgs {
     /// Neither read nor write prepared engines.
     #[arg(long)]
     no_engine_cache: bool,
+    /// ort-trt: let TensorRT use fp16 kernels (give the same choice to build-engine and run: it is
+    /// part of the engine-cache key).
+    #[arg(long)]
+    trt_fp16: bool,
 }
 
 impl ExecArgs {
-    fn load_options(&self, verify_checksums: bool, trt_fp16: bool) -> Result<LoadOptions> {
+    fn load_options(&self, verify_checksums: bool) -> Result<LoadOptions> {
         if !self.backend.is_gpu() && (self.device != 0 || self.allow_cpu_fallback) {
             bail!(
                 "--device and --allow-cpu-fallback are for the GPU backends (ort-cuda, ort-trt), not {}",
                 self.backend
             );
+        }
+        if self.trt_fp16 && self.backend != BackendKind::OrtTrt {
+            bail!("--trt-fp16 is a TensorRT option; use it with --backend ort-trt");
         }
         let engine_cache = match (&self.engine_cache, self.no_engine_cache) {
             (_, true) => EngineCache::Off,
@@ -256,7 +263,7 @@ impl ExecArgs {
                 threads: self.threads,
                 device: self.device,
                 allow_cpu_fallback: self.allow_cpu_fallback,
-                trt_fp16,
+                trt_fp16: self.trt_fp16,
             },
             engine_cache,
         })
@@ -274,7 +281,7 @@ build, and the CPU (ort-cpu) or GPU, driver and TensorRT version; `run` uses an 
 them match, and says which changed when one is stale.\n\n\
 Examples:\n  \
 t2i-rt build-engine --graphs sd15-t2i --backend ort-cpu\n  \
-t2i-rt build-engine --graphs sdxl-t2i --backend ort-trt --profile 1024x1024:1-2 --profile 768x1344 --fp16"
+t2i-rt build-engine --graphs sdxl-t2i --backend ort-trt --profile 1024x1024:1-2 --profile 768x1344 --trt-fp16"
 )]
 struct BuildEngineArgs {
     /// Graph-set folder (holds manifest.json).
@@ -289,9 +296,6 @@ struct BuildEngineArgs {
     /// the batch range defaults to 1-1; with guidance the UNet sees twice as many rows).
     #[arg(long = "profile", value_name = "WxH[:MIN-MAX]")]
     profiles: Vec<Profile>,
-    /// ort-trt: let TensorRT use fp16 kernels (the graphs' own precision is the exporter's).
-    #[arg(long)]
-    fp16: bool,
     /// Skip checking graph files against their manifest checksums.
     #[arg(long)]
     no_verify: bool,
@@ -427,7 +431,7 @@ fn run(args: RunArgs) -> Result<()> {
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
     request.check(&manifest)?;
-    let options = args.exec.load_options(!args.no_verify, false)?;
+    let options = args.exec.load_options(!args.no_verify)?;
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
@@ -493,7 +497,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     // Start-up: what a service pays before its first request (checksums excluded).
     let start = Instant::now();
     let manifest = Manifest::load(&dir, false)?;
-    let options = args.exec.load_options(false, false)?;
+    let options = args.exec.load_options(false)?;
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     let startup = start.elapsed();
 
@@ -692,10 +696,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
 
 fn build_engine(args: BuildEngineArgs) -> Result<()> {
     let dir = graph_set_dir(args.graphs, args.graph)?;
-    if args.exec.backend != BackendKind::OrtTrt && (!args.profiles.is_empty() || args.fp16) {
-        bail!("--profile and --fp16 are TensorRT build options; use them with --backend ort-trt");
+    if args.exec.backend != BackendKind::OrtTrt && !args.profiles.is_empty() {
+        bail!("--profile is a TensorRT build option; use it with --backend ort-trt");
     }
-    let options = args.exec.load_options(!args.no_verify, args.fp16)?;
+    let options = args.exec.load_options(!args.no_verify)?;
     let start = Instant::now();
     let built = Model::build_engines(&dir, &options, &args.profiles, &mut |graph| {
         eprintln!("preparing {graph} ...");

@@ -114,19 +114,39 @@ fn request_errors_are_one_line_and_write_nothing() {
     }
 }
 
-/// The GPU backends never quietly run on the CPU: with the CPU build of ONNX Runtime (what the
-/// tests run with) they fail at start-up and say which library to install.
+/// The CPU build of ONNX Runtime that scripts/setup-ort.sh puts in `.ort/` (a checkout may also
+/// have the GPU build in `.ort-gpu/`, which the GPU backends would prefer).
+fn cpu_library() -> String {
+    let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ort/libonnxruntime.so.1.31.1");
+    lib.to_string_lossy().into_owned()
+}
+
+/// The GPU backends never quietly run on the CPU: with the CPU build of ONNX Runtime they fail at
+/// start-up and say which library to install.
 #[test]
 fn gpu_backends_fail_clearly_without_the_gpu_library() {
     let set = common::tiny_sd1();
-    fails("cuda-on-cpu-lib", &set, &["--backend", "ort-cuda"], &[], "was built without the CUDA execution provider");
-    fails("trt-on-cpu-lib", &set, &["--backend", "ort-trt"], &[], "onnxruntime-gpu 1.31.1");
-    fails("device-on-cpu", &set, &["--device", "1"], &[], "--device and --allow-cpu-fallback are for the GPU backends");
+    let env = [("ORT_DYLIB_PATH", cpu_library())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    fails("cuda-on-cpu-lib", &set, &["--backend", "ort-cuda"], &env, "was built without the CUDA execution provider");
+    fails("trt-on-cpu-lib", &set, &["--backend", "ort-trt"], &env, "onnxruntime-gpu 1.31.1");
+    fails(
+        "device-on-cpu",
+        &set,
+        &["--device", "1"],
+        &env,
+        "--device and --allow-cpu-fallback are for the GPU backends",
+    );
 }
 
-/// Runs `t2i-rt build-engine` with `args`; returns (success, stderr).
+/// Runs `t2i-rt build-engine` with `args` on the CPU build of ONNX Runtime; returns (success, stderr).
 fn build_engine(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt")).arg("build-engine").args(args).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+        .arg("build-engine")
+        .args(args)
+        .env("ORT_DYLIB_PATH", cpu_library())
+        .output()
+        .unwrap();
     (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
@@ -138,7 +158,7 @@ fn build_engine_refuses_what_it_cannot_build() {
     let cache = cache.to_str().unwrap();
     for (args, expect) in [
         (vec!["--backend", "tract"], "tract has no engine cache"),
-        (vec!["--backend", "ort-cpu", "--profile", "512x512"], "--profile and --fp16 are TensorRT build options"),
+        (vec!["--backend", "ort-cpu", "--profile", "512x512"], "--profile is a TensorRT build option"),
         (vec!["--backend", "ort-trt", "--profile", "512x512:4-2"], "batch range must satisfy"),
         (vec!["--backend", "ort-trt", "--profile", "512x512"], "was built without the TensorRT execution provider"),
         (vec!["--backend", "ort-trt"], "ort-trt needs at least one --profile"),
