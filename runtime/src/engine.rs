@@ -276,6 +276,9 @@ pub fn lookup(root: &Path, graph: &str, key: &CacheKey) -> Lookup {
         }
     }
     changed.extend(old.keys().filter(|f| !key.fields.contains_key(*f)).map(|f| format!("{f}: removed")));
+    if changed.is_empty() {
+        changed.push(format!("{} does not match its folder name", key_file.display()));
+    }
     Lookup::Stale { changed }
 }
 

@@ -145,7 +145,7 @@ impl OrtBackend {
     }
 
     fn err(&self, graph: &str, message: String) -> Error {
-        Error::Backend { backend: self.options.provider.backend_name(), graph: graph.to_string(), message }
+        Error::Backend { backend: self.provider.backend_name(), graph: graph.to_string(), message }
     }
 
     /// A session builder with threads, optimization level and the provider registered.
@@ -232,27 +232,36 @@ impl OrtBackend {
         let trt = matches!(self.provider, Provider::TensorRt { .. });
         if cache.build {
             let dir = engine::begin_entry(cache.root, name, &key)?;
-            let session = if trt {
+            let built = if trt {
                 let profiles = cache.shapes.as_ref().map(|s| s.trt_option_strings());
                 if let Some((min, opt, max)) = &profiles {
                     std::fs::write(dir.join(PROFILES_FILE), format!("{min}\n{opt}\n{max}\n"))
                         .map_err(|e| io(&dir.join(PROFILES_FILE), e))?;
                 }
-                let builder =
-                    self.builder(name, GraphOptimizationLevel::Level3, Some(&TrtCache { dir: dir.clone(), profiles }))?;
-                self.commit(name, builder, request.path)?
+                self.builder(name, GraphOptimizationLevel::Level3, Some(&TrtCache { dir: dir.clone(), profiles }))
+                    .and_then(|builder| self.commit(name, builder, request.path))
             } else {
-                let mut builder = self
-                    .builder(name, GraphOptimizationLevel::Level3, None)?
-                    .with_optimized_model_path(dir.join(OPTIMIZED_GRAPH))
-                    .map_err(|e| self.err(name, e.to_string()))?;
-                if !request.spec.external_data.is_empty() {
-                    builder = builder
-                        .with_config_entry("session.optimized_model_external_initializers_file_name", OPTIMIZED_DATA)
-                        .map_err(|e| self.err(name, e.to_string()))?;
-                }
-                self.commit(name, builder, request.path)?
+                self.builder(name, GraphOptimizationLevel::Level3, None)
+                    .and_then(|builder| {
+                        let mut builder = builder
+                            .with_optimized_model_path(dir.join(OPTIMIZED_GRAPH))
+                            .map_err(|e| self.err(name, e.to_string()))?;
+                        if !request.spec.external_data.is_empty() {
+                            builder = builder
+                                .with_config_entry(
+                                    "session.optimized_model_external_initializers_file_name",
+                                    OPTIMIZED_DATA,
+                                )
+                                .map_err(|e| self.err(name, e.to_string()))?;
+                        }
+                        Ok(builder)
+                    })
+                    .and_then(|builder| self.commit(name, builder, request.path))
             };
+            // A failed build leaves nothing behind (an entry without its key is never used anyway).
+            let session = built.inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
             engine::finish_entry(&dir, &key)?;
             return Ok(session);
         }
