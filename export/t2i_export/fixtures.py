@@ -6,7 +6,7 @@ Layout (all paths in cases.json are relative to the fixtures directory):
     graph_<graph>/in_<input>.npy   per graph: its inputs ...
     graph_<graph>/out_<output>.npy ... and the torch module's outputs (float32 / int64, C order)
     conditions/*.png               adapter condition images (sketch: mode "L"; color: RGB, not the output size)
-    cases.json                     end-to-end cases (see `CASES`)
+    cases.json                     end-to-end cases (see `CASES`); width/height null: the default size
     cases/<name>/latents.npy       initial noise, exactly diffusers' `latents=` argument (before init_noise_sigma)
     cases/<name>/expected_latents.npy   final latents (output_type="latent")
     cases/<name>/image_<k>.png     decoded images (reference.decode_images)
@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .adapter import AdapterGraph, feature_count
-from .reference import Case, Oracle, decode_images, load_condition, run
+from .reference import Case, Oracle, decode_images, load_condition, pipeline_size, run
 from .text_encoder import POOLED_OUTPUT, TextEncoderGraph
 from .unet import UNetGraph, has_text_time, residual_slots
 from .vae import VaeDecoderGraph
@@ -171,6 +171,10 @@ SAMPLER_CASES = [
 ]
 
 # SD 2.x: v-prediction (the tiny set's scheduler config, like SD 2.1's), with the seg adapter.
+# Case (c) is SD 2.1 768-v's default size: no width/height (null in cases.json), so the runtime takes
+# the manifest's default_size (the tiny UNet's sample_size 96 × 8 = 768) and diffusers' adapter
+# pipeline its condition image's size, a 768x768 flat-colour map (`_make_case` checks they agree).
+# 2 steps keep its fixtures small and its run short.
 SD2_CASES = [
     dict(
         name="a_sd2_ddim_vpred_seg_pipeline",
@@ -200,6 +204,21 @@ SD2_CASES = [
         height=64,
         n_samples=1,
         seed=302,
+        reference="pipeline",
+    ),
+    dict(
+        name="c_sd2_ddim_vpred_seg_default_768",
+        prompt="a lighthouse by the sea",
+        negative_prompt="blurry",
+        adapters=[("seg", 1.0, "seg_768")],  # (adapter, weight, condition if not the adapter's own)
+        cond_tau=1.0,
+        steps=2,
+        guidance=7.5,
+        scheduler="ddim",
+        width=None,
+        height=None,
+        n_samples=1,
+        seed=303,
         reference="pipeline",
     ),
 ]
@@ -248,17 +267,22 @@ SDXL_CASES = [
 CASES_BY_FAMILY = {"sd1": CASES, "sd2": SD2_CASES, "sdxl": SDXL_CASES}
 
 CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"}
-# Which synthetic image (see `condition_images`) each family's adapters take, and where it is saved.
+# Which synthetic image (see `condition_images`) each family's conditions are (keyed by adapter name, or
+# by the name a case gives), and where each is saved.
 CONDITIONS_BY_FAMILY = {
     "sd1": {"sketch": ("sketch", CONDITIONS["sketch"]), "color": ("color", CONDITIONS["color"])},
-    "sd2": {"seg": ("color", "conditions/seg.png")},  # a colour-coded region map, like a segmentation
+    "sd2": {  # colour-coded region maps, like a segmentation
+        "seg": ("color", "conditions/seg.png"),
+        "seg_768": ("seg_768", "conditions/seg_768.png"),
+    },
     "sdxl": {"canny": ("sketch", "conditions/canny.png"), "depth": ("color", "conditions/depth.png")},
 }
 
 
 def condition_images() -> dict[str, Image.Image]:
     """Deterministic synthetic conditions: a white-on-black line drawing ("L", 64x64, the output size of
-    most cases) and a coarse colour grid (RGB, 80x96: never the output size, so Lanczos resizing runs)."""
+    most cases), a coarse colour grid (RGB, 80x96: never the output size, so Lanczos resizing runs) and
+    a 768x768 segmentation-like map of flat colours (a few KB as PNG)."""
     sketch = Image.new("L", (64, 64), 0)
     d = ImageDraw.Draw(sketch)
     d.ellipse((12, 10, 52, 50), outline=255, width=3)
@@ -267,7 +291,13 @@ def condition_images() -> dict[str, Image.Image]:
     g = torch.Generator().manual_seed(7)
     cells = torch.randint(0, 256, (6, 5, 3), generator=g, dtype=torch.int64).numpy().astype(np.uint8)
     color = Image.fromarray(np.kron(cells, np.ones((16, 16, 1), dtype=np.uint8)), "RGB")  # 96 high, 80 wide
-    return {"sketch": sketch, "color": color}
+    seg = Image.new("RGB", (768, 768), (6, 230, 230))  # sky
+    d = ImageDraw.Draw(seg)
+    d.polygon([(0, 500), (260, 470), (520, 510), (768, 480), (768, 768), (0, 768)], fill=(9, 7, 230))  # sea
+    d.polygon([(300, 560), (360, 430), (520, 420), (600, 540), (560, 600), (330, 610)], fill=(255, 41, 10))  # rock
+    d.polygon([(410, 440), (430, 180), (490, 180), (510, 440)], fill=(255, 255, 255))  # lighthouse
+    d.rectangle((420, 130, 500, 180), fill=(255, 204, 0))  # lamp
+    return {"sketch": sketch, "color": color, "seg_768": seg}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -340,14 +370,27 @@ def graph_fixtures(oracle: Oracle, root: Path) -> None:
         _save_graph(root / f"graph_adapter_{name}", {"condition": cond}, {f"feature_{i}": f for i, f in enumerate(feats)})
 
 
+def _adapter_specs(spec: dict) -> list[tuple[str, float, str]]:
+    """(adapter, weight, condition image key) per adapter of a case; the key defaults to the adapter's name."""
+    return [(a[0], a[1], a[2] if len(a) > 2 else a[0]) for a in spec["adapters"]]
+
+
 def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Case:
-    shape = (spec["n_samples"], oracle.unet.config.in_channels, spec["height"] // 8, spec["width"] // 8)
+    adapters = [{"name": n, "image": images[c], "weight": w} for n, w, c in _adapter_specs(spec)]
+    width, height = pipeline_size(oracle, adapters, spec["width"], spec["height"])
+    for given, got, default in zip((spec["width"], spec["height"]), (width, height), oracle.default_size):
+        if given is None and got != default:
+            raise ValueError(
+                f"case {spec['name']}: diffusers would pick {width}x{height} (from its condition image) where the "
+                f"runtime takes the manifest's default_size {list(oracle.default_size)}: give the size"
+            )
+    shape = (spec["n_samples"], oracle.unet.config.in_channels, height // 8, width // 8)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
     return Case(
         name=spec["name"],
         prompt=spec["prompt"],
         negative_prompt=spec["negative_prompt"],
-        adapters=[{"name": n, "image": images[n], "weight": w} for n, w in spec["adapters"]],
+        adapters=adapters,
         cond_tau=spec["cond_tau"],
         steps=spec["steps"],
         guidance=spec["guidance"],
@@ -396,7 +439,7 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
                 "name": case.name,
                 "prompt": case.prompt,
                 "negative_prompt": case.negative_prompt,
-                "adapters": [{"name": n, "image": conditions[n][1], "weight": w} for n, w in spec["adapters"]],
+                "adapters": [{"name": n, "image": conditions[c][1], "weight": w} for n, w, c in _adapter_specs(spec)],
                 "cond_tau": case.cond_tau,
                 "steps": case.steps,
                 "guidance": case.guidance,

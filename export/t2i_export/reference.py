@@ -95,6 +95,13 @@ class Oracle:
             adapters=adapters,
         )
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) StableDiffusionPipeline uses when given none: `unet.config.sample_size *
+        vae_scale_factor` (pipeline_stable_diffusion.py); the manifest's `default_size` is the same."""
+        side = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return side, side
+
     def scheduler(self, kind: str, options: dict | None = None):
         """The runtime's sampler `kind` as diffusers builds it: `Class.from_config(pipe.scheduler.config,
         **preset, **options)` (`options` are a request's scheduler config overrides)."""
@@ -111,8 +118,8 @@ class Case:
     steps: int
     guidance: float
     scheduler: str
-    width: int
-    height: int
+    width: int | None  # None: left to diffusers' pipeline to pick (`pipeline_size`)
+    height: int | None
     n_samples: int
     latents: torch.Tensor  # initial noise, before init_noise_sigma scaling
     reference: str  # "pipeline" | "loop"
@@ -120,6 +127,23 @@ class Case:
     guidance_rescale: float = 0.0
     # SDXL: original_size, crops_coords_top_left, target_size and their negative_* ((h, w) / (top, left) pairs)
     size_cond: dict = field(default_factory=dict)
+
+    def size(self, oracle: Oracle) -> tuple[int, int]:
+        """(width, height) the case runs at."""
+        return pipeline_size(oracle, self.adapters, self.width, self.height)
+
+
+def pipeline_size(oracle: Oracle, adapters: list[dict], width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height) diffusers' pipeline runs at when a side is None. The adapter pipelines take it
+    from the first condition image, floored to its adapter's `downscale_factor`
+    (StableDiffusionAdapterPipeline._default_height_width, copied into the XL one), not from the UNet;
+    StableDiffusionPipeline takes `Oracle.default_size`."""
+    if adapters:
+        image, f = adapters[0]["image"], oracle.adapters[adapters[0]["name"]].downscale_factor
+        default = (image.width // f * f, image.height // f * f)
+    else:
+        default = oracle.default_size
+    return width or default[0], height or default[1]
 
 
 def _step_kwargs(scheduler) -> dict:
@@ -140,7 +164,8 @@ def adapter_state(oracle: Oracle, case: Case) -> list[torch.Tensor] | None:
         return None
     # `.to(dtype=adapter.dtype)` as the pipeline does: a no-op in fp32, needed when the oracle runs in fp16.
     dtype = oracle.adapters[case.adapters[0]["name"]].dtype
-    xs = [_preprocess_adapter_image(a["image"], case.height, case.width).to(dtype=dtype) for a in case.adapters]
+    width, height = case.size(oracle)
+    xs = [_preprocess_adapter_image(a["image"], height, width).to(dtype=dtype) for a in case.adapters]
     if len(case.adapters) == 1:
         feats = oracle.adapters[case.adapters[0]["name"]](xs[0])
         return [f * case.adapters[0]["weight"] for f in feats]
@@ -216,7 +241,7 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
         negative_prompt=case.negative_prompt,
         num_inference_steps=case.steps,
         guidance_scale=case.guidance,
-        height=case.height,
+        height=case.height,  # None: the pipeline picks its default size itself
         width=case.width,
         num_images_per_prompt=case.n_samples,
         latents=case.latents.clone(),

@@ -293,6 +293,7 @@ SD2_SEEDS = {"text_encoder": 21, "unet": 22, "vae": 23, "seg": 24}
 SD2_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_act="gelu")
 SD2_UNET_CONFIG = dict(
     UNET_CONFIG,
+    sample_size=96,  # SD 2.1 (768-v): latent 96x96 -> default_size [768, 768]; config only, not the weights
     attention_head_dim=(2, 2, 4, 4),  # SD 2.x: per-block (5, 10, 20, 20)
     use_linear_projection=True,
     upcast_attention=True,

@@ -45,6 +45,16 @@ def test_loop_equals_pipeline_for_the_loop_cases_at_cond_tau_1(oracle, images):
         assert torch.equal(run_loop(oracle, c)[0], run_pipeline(oracle, c)[0]), name
 
 
+def test_a_case_without_size_must_run_at_the_manifest_default_size(oracle, images):
+    """diffusers' adapter pipeline takes a missing size from the condition image, the runtime from the
+    manifest's default_size: a size-less case is only written where the two agree."""
+    spec = dict(next(c for c in CASES if c["name"] == "f_euler_sketch_no_cfg"), width=None, height=None)
+    c = _make_case(spec, images, oracle)  # the sketch is 64x64, the default size
+    assert c.size(oracle) == oracle.default_size == (64, 64) and c.latents.shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="default_size"):
+        _make_case(dict(spec, adapters=[("color", 1.0)]), images, oracle)  # 80x96
+
+
 def _rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean() / b.abs().mean())
 

@@ -3,8 +3,10 @@
 //! give diffusers' final latents and images. SD 1.x against `StableDiffusionAdapterPipeline` (and
 //! its loop with cond_tau), SD 2.x (v-prediction) against the same pipeline, SDXL against
 //! `StableDiffusionXLAdapterPipeline` (one adapter; two adapters with cond_tau 0.5 and size/crop
-//! conditioning). In SD 1.x every deterministic sampler has a case run through diffusers' own
-//! pipeline, with request scheduler options and guidance_rescale too.
+//! conditioning). One SD 2.x case gives no size: the runtime takes the manifest's `default_size`
+//! (768x768, SD 2.1 768-v's) and must land on diffusers' 768x768 result. In SD 1.x every
+//! deterministic sampler has a case run through diffusers' own pipeline, with request scheduler
+//! options and guidance_rescale too.
 //!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
 //! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
@@ -37,8 +39,9 @@ struct Case {
     steps: usize,
     guidance: f32,
     scheduler: String,
-    width: u32,
-    height: u32,
+    /// `null`: the request gives no size, so the runtime takes the manifest's `default_size`.
+    width: Option<u32>,
+    height: Option<u32>,
     n_samples: usize,
     latents: String,
     expected_latents: String,
@@ -106,6 +109,10 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
             "no case runs the {kind} sampler through diffusers' pipeline"
         );
     }
+    if set == "tiny-sd2" {
+        // SD 2.1 768-v's size, reached through the manifest's default_size (the image size check below)
+        assert!(cases.iter().any(|c| c.width.is_none() && c.height.is_none()), "no case at the default size");
+    }
     if set == "tiny-sd1" {
         assert!(cases.iter().any(|c| c.guidance_rescale > 0.0), "no guidance_rescale case");
         assert!(cases.iter().any(|c| !c.scheduler_options.is_empty()), "no case with scheduler options");
@@ -133,8 +140,8 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
         request.scheduler = case.scheduler.parse().unwrap();
         request.scheduler_options = case.scheduler_options.clone();
         request.guidance_rescale = case.guidance_rescale;
-        request.width = Some(case.width);
-        request.height = Some(case.height);
+        request.width = case.width;
+        request.height = case.height;
         request.n_samples = case.n_samples;
         request.latents = Some(ndarray_npy::read_npy::<_, Array4<f32>>(fixture(&case.latents)).unwrap());
         let sc = &case.size_cond;
