@@ -110,10 +110,12 @@ struct RunArgs {
     /// Images to draw for the prompt.
     #[arg(long, default_value_t = 1, value_name = "N")]
     n_samples: usize,
-    /// Image width in pixels (default: the graph set's default size).
+    /// Image width in pixels (default, as diffusers: the first condition image's, else the graph
+    /// set's default size).
     #[arg(long, value_name = "W")]
     width: Option<u32>,
-    /// Image height in pixels (default: the graph set's default size).
+    /// Image height in pixels (default, as diffusers: the first condition image's, else the graph
+    /// set's default size).
     #[arg(long, value_name = "H")]
     height: Option<u32>,
     #[command(flatten)]
@@ -491,8 +493,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let manifest = Manifest::load(&dir, true)?;
     request.check(&manifest)?;
     let graphs = dir.display().to_string();
-    let (width, height) =
-        (request.width.unwrap_or(manifest.default_size[0]), request.height.unwrap_or(manifest.default_size[1]));
+    let (width, height) = request.size(&manifest)?;
 
     // Start-up: what a service pays before its first request (checksums excluded).
     let start = Instant::now();

@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
-use crate::adapter::{round_to, AdapterRequest, AdapterSet};
+use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
 use crate::backend::{Backend, BackendKind, BackendSettings, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
 use crate::engine::{BatchRule, Profile, ShapeRanges, DEFAULT_CACHE_DIR};
 use crate::error::{Error, Result};
@@ -113,7 +113,8 @@ pub struct Request {
     pub seed: u64,
     /// Images per prompt (diffusers' `num_images_per_prompt`).
     pub n_samples: usize,
-    /// Image size; `None` takes the manifest's `default_size`.
+    /// Image size; `None` as diffusers: the first condition image's, else the manifest's
+    /// `default_size` (see [`Request::size`]).
     pub width: Option<u32>,
     pub height: Option<u32>,
     /// Initial noise [n_samples, C, H/8, W/8], exactly as diffusers' `latents=` (before it is
@@ -178,12 +179,45 @@ impl Request {
         }
     }
 
+    /// The output size, as diffusers picks it: a missing width or height comes from the first
+    /// adapter's condition image when there are adapters (`StableDiffusion(XL)AdapterPipeline.
+    /// _default_height_width`), else from the graph set's `default_size` (the UNet's sample size).
+    /// diffusers rounds an image side down to the adapter's pixel-unshuffle factor, which divides
+    /// the set's size multiple; a side that is not already such a multiple would give a size this
+    /// set cannot draw (or one other than diffusers'), so it is an error naming the fix.
+    pub fn size(&self, m: &Manifest) -> Result<(u32, u32)> {
+        if let (Some(w), Some(h)) = (self.width, self.height) {
+            return Ok((w, h));
+        }
+        let Some(first) = self.adapters.first() else {
+            return Ok((self.width.unwrap_or(m.default_size[0]), self.height.unwrap_or(m.default_size[1])));
+        };
+        let (iw, ih) = match &first.image {
+            ConditionSource::File(path) => image::image_dimensions(path)
+                .map_err(|e| Error::Image { path: path.clone(), message: e.to_string() })?,
+            ConditionSource::Pixels(image) => (image.width(), image.height()),
+        };
+        let pick = |given: Option<u32>, side: u32, flag: &str| -> Result<u32> {
+            match given {
+                Some(v) => Ok(v),
+                None if side > 0 && side.is_multiple_of(m.size_multiple) => Ok(side),
+                None => Err(Error::InvalidRequest(format!(
+                    "no {flag} given, so it comes from the first condition image ({iw}x{ih}, as diffusers' adapter \
+                     pipelines do), which is not a multiple of {}; pass --width and --height (e.g. {}x{})",
+                    m.size_multiple,
+                    round_to(iw.max(1), m.size_multiple),
+                    round_to(ih.max(1), m.size_multiple)
+                ))),
+            }
+        };
+        Ok((pick(self.width, iw, "--width")?, pick(self.height, ih, "--height")?))
+    }
+
     /// Checks this request against a graph set's manifest without running anything: size, steps,
     /// guidance, cond_tau, latents shape, sampler configuration, adapter names and condition images.
     pub fn check(&self, m: &Manifest) -> Result<Checked> {
         let request = self;
-        let width = request.width.unwrap_or(m.default_size[0]);
-        let height = request.height.unwrap_or(m.default_size[1]);
+        let (width, height) = request.size(m)?;
         let multiple = m.size_multiple;
         if width == 0 || height == 0 || !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
             return Err(Error::InvalidRequest(format!(

@@ -4,8 +4,9 @@
 
 mod common;
 
+use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::scheduler::SchedulerKind;
-use t2i_rt::{BackendKind, Error, LoadOptions, Model, Pipeline, Request};
+use t2i_rt::{AdapterRequest, BackendKind, ConditionSource, Error, LoadOptions, Model, Pipeline, Request};
 
 fn request(seed: u64) -> Request {
     let mut request = Request::new("a lighthouse at dusk");
@@ -111,4 +112,26 @@ fn stochastic_samplers_follow_the_seed() {
         let diff = common::rel_l2(&c.into_dyn(), &a.into_dyn());
         assert!(diff > 1e-3, "{name}: seeds 5 and 6 gave the same latents (rel L2 {diff:.2e}): no step noise drawn");
     }
+}
+
+/// A request without a size is drawn at the size diffusers' adapter pipelines pick: the first
+/// condition image's (`_default_height_width`), else the graph set's default size.
+#[test]
+fn missing_size_comes_from_the_first_condition_image_as_in_diffusers() {
+    let manifest = t2i_rt::Manifest::load(&common::tiny_sd1(), false).unwrap();
+    let gray = |w: u32, h: u32| {
+        let image = ConditionImage::from_pixels(w, h, ConditionKind::Gray, vec![128; (w * h) as usize]).unwrap();
+        AdapterRequest { name: "sketch".into(), image: ConditionSource::Pixels(image), weight: 1.0 }
+    };
+    let mut r = request(0);
+    assert_eq!(r.size(&manifest).unwrap(), (manifest.default_size[0], manifest.default_size[1]));
+    r.adapters = vec![gray(128, 192)];
+    assert_eq!(r.size(&manifest).unwrap(), (128, 192));
+    assert_eq!(r.check(&manifest).unwrap().width, 128);
+    r.width = Some(64);
+    assert_eq!(r.size(&manifest).unwrap(), (64, 192), "a given side wins, the other comes from the image");
+    r.width = None;
+    r.adapters = vec![gray(100, 90)];
+    let err = r.size(&manifest).unwrap_err().to_string();
+    assert!(err.contains("first condition image (100x90") && err.contains("pass --width and --height"), "{err}");
 }
