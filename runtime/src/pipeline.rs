@@ -25,7 +25,7 @@ use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
 use crate::backend::{Backend, BackendKind, BackendSettings, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
 use crate::engine::{BatchRule, Profile, ShapeRanges, DEFAULT_CACHE_DIR};
 use crate::error::{Error, Result};
-use crate::manifest::{GraphSpec, Manifest, TextEncoderSpec};
+use crate::manifest::{GraphSpec, Manifest, ResidualSlot, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
@@ -581,55 +581,66 @@ impl Pipeline {
         };
         latents *= scheduler.init_noise_sigma();
 
-        let total = scheduler.timesteps().len();
-        for step in 0..total {
-            let step_start = Instant::now();
-            let t = scheduler.timesteps()[step];
-            let mut model_input = if guided { concat(&[latents.view(), latents.view()])? } else { latents.clone() };
-            let clock = Instant::now();
-            scheduler.scale_model_input(&mut model_input, step);
-            let mut scheduler_time = clock.elapsed();
-            let timestep = ArrayD::from_elem(IxDyn(&[batch]), t);
-            let step_residuals = if step < adapter_steps { &residuals } else { &zero_residuals };
-            let mut inputs = vec![
-                ("sample", TensorView::F32(model_input.view())),
-                ("timestep", TensorView::F32(timestep.view())),
-                ("encoder_hidden_states", TensorView::F32(text.view())),
-            ];
-            if let Some(text_embeds) = &text_embeds {
-                inputs.push(("text_embeds", TensorView::F32(text_embeds.view())));
-            }
-            if let Some(time_ids) = &time_ids {
-                inputs.push(("time_ids", TensorView::F32(time_ids.view())));
-            }
-            for (slot, residual) in manifest.residual_slots.iter().zip(step_residuals) {
-                inputs.push((slot.input.as_str(), TensorView::F32(residual.view())));
-            }
-            let clock = Instant::now();
-            let noise = first(self.unet.run(&inputs)?, "unet")?;
-            let unet_time = clock.elapsed();
-            let noise = if guided {
-                let uncond = noise.slice_axis(Axis(0), (0..n).into());
-                let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
-                // diffusers: noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-                let mut guided_noise = &uncond + &((&cond - &uncond) * request.guidance);
-                if request.guidance_rescale > 0.0 {
-                    rescale_noise_cfg(&mut guided_noise, cond.view(), request.guidance_rescale);
-                }
-                guided_noise
-            } else {
-                noise
-            };
-            let clock = Instant::now();
-            scheduler.step(noise.view(), step, &mut latents, &mut rng)?;
-            scheduler_time += clock.elapsed();
-            if !progress(Progress { step: step + 1, total }) {
-                return Err(Error::Cancelled);
-            }
-            timings.unet.push(unet_time);
-            timings.scheduler.push(scheduler_time);
-            timings.loop_other.push(step_start.elapsed().saturating_sub(unet_time + scheduler_time));
+        // What stays the same for many steps is bound to the UNet once (on a GPU: copied to the
+        // device once): the text conditioning, and the residuals until the adapters' last step.
+        let mut constant = vec![("encoder_hidden_states", TensorView::F32(text.view()))];
+        if let Some(text_embeds) = &text_embeds {
+            constant.push(("text_embeds", TensorView::F32(text_embeds.view())));
         }
+        if let Some(time_ids) = &time_ids {
+            constant.push(("time_ids", TensorView::F32(time_ids.view())));
+        }
+        constant.extend(residual_inputs(
+            &manifest.residual_slots,
+            if adapter_steps > 0 { &residuals } else { &zero_residuals },
+        ));
+        self.unet.bind(&constant)?;
+        let total = scheduler.timesteps().len();
+        let unet = &mut self.unet;
+        let mut denoise = || -> Result<()> {
+            for step in 0..total {
+                if step == adapter_steps && adapter_steps > 0 {
+                    unet.bind(&residual_inputs(&manifest.residual_slots, &zero_residuals))?;
+                }
+                let step_start = Instant::now();
+                let t = scheduler.timesteps()[step];
+                let mut model_input = if guided { concat(&[latents.view(), latents.view()])? } else { latents.clone() };
+                let clock = Instant::now();
+                scheduler.scale_model_input(&mut model_input, step);
+                let mut scheduler_time = clock.elapsed();
+                let timestep = ArrayD::from_elem(IxDyn(&[batch]), t);
+                let inputs =
+                    [("sample", TensorView::F32(model_input.view())), ("timestep", TensorView::F32(timestep.view()))];
+                let clock = Instant::now();
+                let noise = first(unet.run(&inputs)?, "unet")?;
+                let unet_time = clock.elapsed();
+                let noise = if guided {
+                    let uncond = noise.slice_axis(Axis(0), (0..n).into());
+                    let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
+                    // diffusers: noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    let mut guided_noise = &uncond + &((&cond - &uncond) * request.guidance);
+                    if request.guidance_rescale > 0.0 {
+                        rescale_noise_cfg(&mut guided_noise, cond.view(), request.guidance_rescale);
+                    }
+                    guided_noise
+                } else {
+                    noise
+                };
+                let clock = Instant::now();
+                scheduler.step(noise.view(), step, &mut latents, &mut rng)?;
+                scheduler_time += clock.elapsed();
+                if !progress(Progress { step: step + 1, total }) {
+                    return Err(Error::Cancelled);
+                }
+                timings.unet.push(unet_time);
+                timings.scheduler.push(scheduler_time);
+                timings.loop_other.push(step_start.elapsed().saturating_sub(unet_time + scheduler_time));
+            }
+            Ok(())
+        };
+        let denoised = denoise();
+        self.unet.unbind();
+        denoised?;
 
         let latents: Array4<f32> = latents
             .into_dimensionality()
@@ -742,6 +753,11 @@ pub struct Checked {
     pub width: u32,
     pub height: u32,
     pub adapters: AdapterSet,
+}
+
+/// The UNet's adapter-residual inputs for `residuals` (in slot order).
+fn residual_inputs<'a>(slots: &'a [ResidualSlot], residuals: &'a [ArrayD<f32>]) -> Vec<(&'a str, TensorView<'a>)> {
+    slots.iter().zip(residuals).map(|(s, r)| (s.input.as_str(), TensorView::F32(r.view()))).collect()
 }
 
 fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {

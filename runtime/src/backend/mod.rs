@@ -123,6 +123,14 @@ pub enum TensorView<'a> {
 }
 
 impl TensorView<'_> {
+    /// The same tensor, borrowed for a shorter time.
+    pub fn reborrow(&self) -> TensorView<'_> {
+        match self {
+            TensorView::F32(a) => TensorView::F32(a.view()),
+            TensorView::I64(a) => TensorView::I64(a.view()),
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
         match self {
             TensorView::F32(a) => a.shape(),
@@ -178,7 +186,40 @@ pub trait Graph: Send + Sync {
 
 /// One worker's handle on a graph.
 pub trait GraphSession: Send {
-    /// Runs the graph. `inputs` are matched by name and must cover every graph input; the outputs
-    /// come back in the graph's output order, as f32 (the dtype of every output our graphs have).
+    /// Runs the graph. `inputs` are matched by name and, with the bound inputs, must cover every
+    /// graph input; the outputs come back in the graph's output order, as f32 (the dtype of every
+    /// output our graphs have).
     fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>>;
+
+    /// Binds `inputs` for every following [`GraphSession::run`] until [`GraphSession::unbind`]:
+    /// the backend takes them once (ONNX Runtime on a GPU copies them to the device once) rather
+    /// than on every call, and `run` is then given only the inputs that change. Binding a name
+    /// again replaces it. The pipeline binds a request's text embeddings and adapter residuals.
+    fn bind(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<()>;
+
+    /// Drops every bound input (and the memory it holds).
+    fn unbind(&mut self);
+}
+
+/// An input owned by a session (a bound one).
+#[derive(Debug, Clone)]
+pub(crate) enum OwnedTensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl OwnedTensor {
+    pub(crate) fn from_view(view: &TensorView<'_>) -> Self {
+        match view {
+            TensorView::F32(a) => OwnedTensor::F32(a.to_owned()),
+            TensorView::I64(a) => OwnedTensor::I64(a.to_owned()),
+        }
+    }
+
+    pub(crate) fn view(&self) -> TensorView<'_> {
+        match self {
+            OwnedTensor::F32(a) => TensorView::F32(a.view()),
+            OwnedTensor::I64(a) => TensorView::I64(a.view()),
+        }
+    }
 }

@@ -20,12 +20,13 @@ use ort::environment::Environment;
 use ort::ep::TensorRT;
 #[cfg(feature = "ort-cuda")]
 use ort::ep::{ExecutionProvider, CUDA};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{Session, SessionInputValue};
-use ort::value::{TensorElementType, TensorRef, ValueType};
+use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::gpu::{self, GpuInfo};
-use super::{Backend, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
+use super::{Backend, CacheUse, Graph, GraphLoad, GraphSession, OwnedTensor, TensorView};
 use crate::engine::{self, CacheKey, Lookup};
 use crate::error::{Error, Result};
 use crate::manifest::{DType, RealTensor};
@@ -429,7 +430,13 @@ impl Graph for OrtGraph {
             None => self.backend.load_session(&self.name, &self.path)?,
         };
         let output_names = self.outputs.iter().map(|o| o.name.clone()).collect();
-        Ok(Box::new(OrtSession { name: self.name.clone(), backend: self.backend.name(), session, output_names }))
+        Ok(Box::new(OrtSession {
+            name: self.name.clone(),
+            backend: self.backend.name(),
+            session,
+            output_names,
+            binding: None,
+        }))
     }
 }
 
@@ -438,10 +445,52 @@ struct OrtSession {
     backend: &'static str,
     session: Session,
     output_names: Vec<String>,
+    /// Set while inputs are bound: ONNX Runtime's I/O binding, which holds them (on the GPU, in
+    /// device memory: copied once when bound) with outputs bound to host memory.
+    binding: Option<IoBinding>,
+}
+
+impl OrtSession {
+    fn err(&self, message: String) -> Error {
+        Error::Backend { backend: self.backend, graph: self.name.clone(), message }
+    }
+
+    /// `view` as a tensor ONNX Runtime owns (binding copies borrowed data anyway).
+    fn owned_value(&self, view: &TensorView<'_>) -> Result<DynValue> {
+        let value = match OwnedTensor::from_view(view) {
+            OwnedTensor::F32(a) => Tensor::from_array(a).map(DynValue::from),
+            OwnedTensor::I64(a) => Tensor::from_array(a).map(DynValue::from),
+        };
+        value.map_err(|e| self.err(e.to_string()))
+    }
+
+    /// Runs through the binding: `inputs` are bound for this call (replacing earlier ones of the
+    /// same name), outputs come back in host memory.
+    fn run_bound(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
+        let values =
+            inputs.iter().map(|(name, view)| Ok((*name, self.owned_value(view)?))).collect::<Result<Vec<_>>>()?;
+        let err = |message: String| Error::Backend { backend: self.backend, graph: self.name.clone(), message };
+        let binding = self.binding.as_mut().expect("run_bound with a binding");
+        for (name, value) in &values {
+            binding.bind_input(*name, value).map_err(|e| err(format!("input {name}: {e}")))?;
+        }
+        let outputs = self.session.run_binding(binding).map_err(|e| err(e.to_string()))?;
+        self.output_names
+            .iter()
+            .map(|name| {
+                let value = outputs.get(name).ok_or_else(|| err(format!("output {name} missing")))?;
+                let array = value.try_extract_array::<f32>().map_err(|e| err(format!("output {name}: {e}")))?;
+                Ok(array.to_owned())
+            })
+            .collect()
+    }
 }
 
 impl GraphSession for OrtSession {
     fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
+        if self.binding.is_some() {
+            return self.run_bound(inputs);
+        }
         let backend = self.backend;
         let err = |message: String| Error::Backend { backend, graph: self.name.clone(), message };
         // ONNX Runtime reads dense row-major buffers: borrow inputs that are (all of ours, in
@@ -473,6 +522,31 @@ impl GraphSession for OrtSession {
                 Ok(array.to_owned())
             })
             .collect()
+    }
+
+    fn bind(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<()> {
+        if self.binding.is_none() {
+            let mut binding = self.session.create_binding().map_err(|e| self.err(e.to_string()))?;
+            // Outputs to host memory: the sampler runs on the host.
+            let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+                .map_err(|e| self.err(e.to_string()))?;
+            for name in &self.output_names {
+                binding
+                    .bind_output_to_device(name.as_str(), &host)
+                    .map_err(|e| self.err(format!("output {name}: {e}")))?;
+            }
+            self.binding = Some(binding);
+        }
+        for (name, view) in inputs {
+            let value = self.owned_value(view)?;
+            let bound = self.binding.as_mut().expect("created above").bind_input(*name, &value);
+            bound.map_err(|e| self.err(format!("input {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self) {
+        self.binding = None;
     }
 }
 

@@ -17,7 +17,7 @@ use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::{Backend, Graph, GraphSession, TensorView};
+use super::{Backend, Graph, GraphSession, OwnedTensor, TensorView};
 use crate::error::{Error, Result};
 use crate::manifest::{DType, RealTensor};
 
@@ -114,11 +114,15 @@ impl Graph for TractGraph {
     }
 
     fn session(&self) -> Result<Box<dyn GraphSession>> {
-        Ok(Box::new(TractSession(self.0.clone())))
+        Ok(Box::new(TractSession { graph: self.0.clone(), bound: Vec::new() }))
     }
 }
 
-struct TractSession(Arc<Inner>);
+struct TractSession {
+    graph: Arc<Inner>,
+    /// Bound inputs: tract runs on the host, so binding only saves the caller passing them.
+    bound: Vec<(String, OwnedTensor)>,
+}
 
 impl Inner {
     fn error(&self, message: String) -> Error {
@@ -149,19 +153,22 @@ impl Inner {
 
 impl GraphSession for TractSession {
     fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
-        let graph = &self.0;
+        let graph = &self.graph;
+        let bound: Vec<(&str, TensorView<'_>)> = self.bound.iter().map(|(n, t)| (n.as_str(), t.view())).collect();
         let ordered = graph
             .inputs
             .iter()
             .map(|spec| {
                 inputs
                     .iter()
+                    .map(|(name, view)| (*name, view.reborrow()))
+                    .chain(bound.iter().map(|(name, view)| (*name, view.reborrow())))
                     .find(|(name, _)| *name == spec.name)
                     .map(|(_, view)| view)
                     .ok_or_else(|| graph.error(format!("input {} was not given", spec.name)))
             })
             .collect::<Result<Vec<_>>>()?;
-        let plan = graph.plan(&ordered)?;
+        let plan = graph.plan(&ordered.iter().collect::<Vec<_>>())?;
         let values: TVec<TValue> = ordered
             .iter()
             .map(|view| match view {
@@ -180,6 +187,18 @@ impl GraphSession for TractSession {
                     .map_err(|e| graph.error(format!("output is not f32: {e:#}")))
             })
             .collect()
+    }
+
+    fn bind(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<()> {
+        for (name, view) in inputs {
+            self.bound.retain(|(n, _)| n != name);
+            self.bound.push((name.to_string(), OwnedTensor::from_view(view)));
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self) {
+        self.bound.clear();
     }
 }
 
