@@ -103,11 +103,20 @@ impl BatchRule {
     }
 }
 
+/// One input's shapes in one profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRange {
+    pub input: String,
+    pub min: Vec<i64>,
+    pub opt: Vec<i64>,
+    pub max: Vec<i64>,
+}
+
 /// Concrete min/opt/max shapes of every input of one graph, one entry per profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapeRanges {
-    /// Per profile: `(input, min, opt, max)` for each input.
-    pub profiles: Vec<Vec<(String, Vec<i64>, Vec<i64>, Vec<i64>)>>,
+    /// Per profile, every input's range.
+    pub profiles: Vec<Vec<InputRange>>,
 }
 
 impl ShapeRanges {
@@ -133,7 +142,12 @@ impl ShapeRanges {
                         .collect::<std::result::Result<_, String>>()
                         .map_err(|why| Error::InvalidRequest(format!("graph {graph}, input {}: {why}", input.name)))
                 };
-                inputs.push((input.name.clone(), shape(bmin)?, shape(bopt)?, shape(bmax)?));
+                inputs.push(InputRange {
+                    input: input.name.clone(),
+                    min: shape(bmin)?,
+                    opt: shape(bopt)?,
+                    max: shape(bmax)?,
+                });
             }
             out.push(inputs);
         }
@@ -143,17 +157,17 @@ impl ShapeRanges {
     /// ONNX Runtime's TensorRT option strings (`trt_profile_min_shapes`, `..._opt_...`,
     /// `..._max_...`): `input:1x4x64x64,other:...`, profiles one after another.
     pub fn trt_option_strings(&self) -> (String, String, String) {
-        let join = |pick: fn(&(String, Vec<i64>, Vec<i64>, Vec<i64>)) -> &Vec<i64>| -> String {
+        let join = |pick: fn(&InputRange) -> &Vec<i64>| -> String {
             let mut parts = Vec::new();
             for profile in &self.profiles {
                 for entry in profile {
                     let dims: Vec<String> = pick(entry).iter().map(|d| d.to_string()).collect();
-                    parts.push(format!("{}:{}", entry.0, dims.join("x")));
+                    parts.push(format!("{}:{}", entry.input, dims.join("x")));
                 }
             }
             parts.join(",")
         };
-        (join(|e| &e.1), join(|e| &e.2), join(|e| &e.3))
+        (join(|e| &e.min), join(|e| &e.opt), join(|e| &e.max))
     }
 }
 
