@@ -48,9 +48,7 @@ enum Command {
 }
 
 #[derive(Args)]
-#[command(
-    group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])),
-    after_help = "Examples:\n  \
+#[command(after_help = "Examples:\n  \
     t2i-rt run --graphs sd15-t2i --prompt \"a castle, oil painting\" --adapter sketch=castle.png --out castle.png\n  \
     t2i-rt run --graph sd15-t2i/unet.onnx --prompt \"a castle\" --negative-prompt \"blurry\" \\\n      \
     --adapter sketch=castle.png:1.0 --adapter color=palette.png:1.2 --cond-tau 0.5 \\\n      \
@@ -59,15 +57,10 @@ enum Command {
     --adapter openpose=pose.png:1.0 --cond-tau 0.5 --width 1024 --height 1024 --steps 30 --out castle-xl.png\n\n\
 Adapter names are those the graph set was exported with (see `t2i-rt inspect DIR`). SDXL sets take\n\
 --original-size/--crop-top-left/--target-size (diffusers' defaults: the output size, 0,0); without\n\
---negative-prompt an SDXL set uses zero embeddings (force_zeros_for_empty_prompt), as diffusers does."
-)]
+--negative-prompt an SDXL set uses zero embeddings (force_zeros_for_empty_prompt), as diffusers does.")]
 struct RunArgs {
-    /// Graph-set folder (holds manifest.json).
-    #[arg(long, value_name = "DIR")]
-    graphs: Option<PathBuf>,
-    /// A graph file of the set (e.g. DIR/unet.onnx, DIR/unet_xl.onnx); the rest is found beside it.
-    #[arg(long, value_name = "FILE")]
-    graph: Option<PathBuf>,
+    #[command(flatten)]
+    source: SetSource,
     /// What to draw.
     #[arg(long)]
     prompt: String,
@@ -168,7 +161,6 @@ fn parse_pair(s: &str) -> std::result::Result<(u32, u32), String> {
 
 #[derive(Args)]
 #[command(
-    group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])),
     after_help = "Stages: prepare (request checks, condition images), tokenize, text_encoder, adapters (once per \
 request), unet_step, scheduler_step and loop_other_step (per model call), orchestration_per_step (all time \
 outside graph execution, per model call), vae_decode, total.\n\n\
@@ -177,12 +169,8 @@ overhead is printed as a ratio of the median totals.\n\n\
 Example:\n  t2i-rt bench --graphs graphs/tiny-sd1 --steps 30 --adapter sketch=edges.png --iters 10 --json bench.json"
 )]
 struct BenchArgs {
-    /// Graph-set folder (holds manifest.json).
-    #[arg(long, value_name = "DIR")]
-    graphs: Option<PathBuf>,
-    /// A graph file of the set (e.g. DIR/unet.onnx); the rest is found beside it.
-    #[arg(long, value_name = "FILE")]
-    graph: Option<PathBuf>,
+    #[command(flatten)]
+    source: SetSource,
     #[command(flatten)]
     exec: ExecArgs,
     /// Denoising steps per run.
@@ -212,6 +200,18 @@ struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+/// Which graph set: shared by run, bench and build-engine.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct SetSource {
+    /// Graph-set folder (holds manifest.json).
+    #[arg(long, value_name = "DIR")]
+    graphs: Option<PathBuf>,
+    /// A graph file of the set (e.g. DIR/unet.onnx, DIR/unet_xl.onnx); the rest is found beside it.
+    #[arg(long, value_name = "FILE")]
+    graph: Option<PathBuf>,
 }
 
 /// Where graphs run: shared by run, bench and build-engine.
@@ -274,7 +274,6 @@ impl ExecArgs {
 
 #[derive(Args)]
 #[command(
-    group(clap::ArgGroup::new("source").required(true).args(["graphs", "graph"])),
     after_help = "What is prepared, per backend (into DIR/.t2i-engines unless --engine-cache says otherwise):\n  \
     ort-cpu, ort-cuda  ONNX Runtime's optimized graphs: start-up skips graph optimization\n  \
     ort-trt            TensorRT engines and timing cache for the --profile sizes and batch ranges\n\n\
@@ -286,12 +285,8 @@ t2i-rt build-engine --graphs sd15-t2i --backend ort-cpu\n  \
 t2i-rt build-engine --graphs sdxl-t2i --backend ort-trt --profile 1024x1024:1-2 --profile 768x1344 --trt-fp16"
 )]
 struct BuildEngineArgs {
-    /// Graph-set folder (holds manifest.json).
-    #[arg(long, value_name = "DIR")]
-    graphs: Option<PathBuf>,
-    /// A graph file of the set; the rest is found beside it.
-    #[arg(long, value_name = "FILE")]
-    graph: Option<PathBuf>,
+    #[command(flatten)]
+    source: SetSource,
     #[command(flatten)]
     exec: ExecArgs,
     /// ort-trt: an image size and a range of images per request the engines serve (repeatable;
@@ -378,7 +373,7 @@ fn graph_set_dir(graphs: Option<PathBuf>, graph: Option<PathBuf>) -> Result<Path
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let dir = graph_set_dir(args.graphs, args.graph)?;
+    let dir = graph_set_dir(args.source.graphs, args.source.graph)?;
     let mut request = Request::new(args.prompt);
     request.negative_prompt = args.negative_prompt;
     request.adapters = args.adapters;
@@ -482,7 +477,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let dir = graph_set_dir(args.graphs, args.graph)?;
+    let dir = graph_set_dir(args.source.graphs, args.source.graph)?;
     let mut request = Request::new(args.prompt);
     request.steps = args.steps;
     request.guidance = args.guidance;
@@ -696,7 +691,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
 }
 
 fn build_engine(args: BuildEngineArgs) -> Result<()> {
-    let dir = graph_set_dir(args.graphs, args.graph)?;
+    let dir = graph_set_dir(args.source.graphs, args.source.graph)?;
     if args.exec.backend != BackendKind::OrtTrt && !args.profiles.is_empty() {
         bail!("--profile is a TensorRT build option; use it with --backend ort-trt");
     }

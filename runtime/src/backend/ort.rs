@@ -22,7 +22,7 @@ use ort::ep::TensorRT;
 use ort::ep::{ExecutionProvider, CUDA};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::gpu::{self, GpuInfo};
@@ -475,14 +475,7 @@ impl OrtSession {
             binding.bind_input(*name, value).map_err(|e| err(format!("input {name}: {e}")))?;
         }
         let outputs = self.session.run_binding(binding).map_err(|e| err(e.to_string()))?;
-        self.output_names
-            .iter()
-            .map(|name| {
-                let value = outputs.get(name).ok_or_else(|| err(format!("output {name} missing")))?;
-                let array = value.try_extract_array::<f32>().map_err(|e| err(format!("output {name}: {e}")))?;
-                Ok(array.to_owned())
-            })
-            .collect()
+        host_outputs(&outputs, &self.output_names, err)
     }
 }
 
@@ -514,14 +507,7 @@ impl GraphSession for OrtSession {
             values.push((Cow::Borrowed(*name), value));
         }
         let outputs = self.session.run(values).map_err(|e| err(e.to_string()))?;
-        self.output_names
-            .iter()
-            .map(|name| {
-                let value = outputs.get(name).ok_or_else(|| err(format!("output {name} missing")))?;
-                let array = value.try_extract_array::<f32>().map_err(|e| err(format!("output {name}: {e}")))?;
-                Ok(array.to_owned())
-            })
-            .collect()
+        host_outputs(&outputs, &self.output_names, err)
     }
 
     fn bind(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<()> {
@@ -548,6 +534,22 @@ impl GraphSession for OrtSession {
     fn unbind(&mut self) {
         self.binding = None;
     }
+}
+
+/// The outputs named `names`, in that order, as host arrays.
+fn host_outputs(
+    outputs: &SessionOutputs<'_>,
+    names: &[String],
+    err: impl Fn(String) -> Error,
+) -> Result<Vec<ArrayD<f32>>> {
+    names
+        .iter()
+        .map(|name| {
+            let value = outputs.get(name).ok_or_else(|| err(format!("output {name} missing")))?;
+            let array = value.try_extract_array::<f32>().map_err(|e| err(format!("output {name}: {e}")))?;
+            Ok(array.to_owned())
+        })
+        .collect()
 }
 
 enum DenseInput<'a> {
