@@ -461,15 +461,23 @@ impl Model {
     }
 }
 
-/// Every graph of a set, with its name and how the pipeline batches it, in load order: text
-/// encoders, unet, vae_decoder, adapters.
+/// Every graph of a set ([`Manifest::graph_specs`]: text encoders, unet, vae_decoder, adapters),
+/// with how the pipeline batches it.
 fn set_graphs(manifest: &Manifest) -> Vec<(String, &GraphSpec, BatchRule)> {
-    let mut graphs: Vec<(String, &GraphSpec, BatchRule)> =
-        manifest.text_encoders.iter().map(|e| (e.name.clone(), &e.graph, BatchRule::Prompts)).collect();
-    graphs.push(("unet".into(), &manifest.graphs.unet, BatchRule::GuidedSamples));
-    graphs.push(("vae_decoder".into(), &manifest.graphs.vae_decoder, BatchRule::Samples));
-    graphs.extend(manifest.adapters.iter().map(|a| (format!("adapter_{}", a.name), &a.graph, BatchRule::One)));
-    graphs
+    let rule = |name: &str| match name {
+        "unet" => BatchRule::GuidedSamples,
+        "vae_decoder" => BatchRule::Samples,
+        _ if name.starts_with("adapter_") => BatchRule::One,
+        _ => BatchRule::Prompts,
+    };
+    manifest
+        .graph_specs()
+        .into_iter()
+        .map(|(name, spec)| {
+            let batch = rule(&name);
+            (name, spec, batch)
+        })
+        .collect()
 }
 
 /// One worker: a [`Model`] with its own sessions, running one request at a time. `Send`, so a
