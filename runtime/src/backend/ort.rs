@@ -25,8 +25,8 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
-use super::gpu::{self, GpuInfo};
-use super::{Backend, CacheUse, Graph, GraphLoad, GraphSession, OwnedTensor, TensorView};
+use super::gpu;
+use super::{Backend, BackendKind, CacheUse, Graph, GraphLoad, GraphSession, OwnedTensor, TensorView};
 use crate::engine::{self, CacheKey, Lookup};
 use crate::error::{Error, Result};
 use crate::manifest::{DType, RealTensor};
@@ -58,11 +58,12 @@ pub enum Provider {
 
 impl Provider {
     fn backend_name(self) -> &'static str {
-        match self {
-            Provider::Cpu => "ort-cpu",
-            Provider::Cuda { .. } => "ort-cuda",
-            Provider::TensorRt { .. } => "ort-trt",
-        }
+        let kind = match self {
+            Provider::Cpu => BackendKind::OrtCpu,
+            Provider::Cuda { .. } => BackendKind::OrtCuda,
+            Provider::TensorRt { .. } => BackendKind::OrtTrt,
+        };
+        kind.as_str()
     }
 }
 
@@ -87,9 +88,9 @@ pub struct OrtBackend {
     options: OrtOptions,
     /// The provider sessions really use: `options.provider`, or `Cpu` after an allowed fallback.
     provider: Provider,
-    /// The GPU, for cache keys and messages.
-    gpu: Option<GpuInfo>,
-    tensorrt: Option<String>,
+    /// What prepared engines depend on besides the graph: the CPU, or the GPU and driver (and
+    /// TensorRT's version); cache-key fields, found once at start-up.
+    hardware: Vec<(&'static str, String)>,
 }
 
 impl OrtBackend {
@@ -100,21 +101,26 @@ impl OrtBackend {
         let gpu = options.provider != Provider::Cpu;
         let (environment, library) = environment(options.library.as_deref(), gpu)?;
         let mut backend =
-            OrtBackend { environment, library, provider: options.provider, options, gpu: None, tensorrt: None };
-        if let Err(message) = backend.check_provider() {
-            let name = backend.options.provider.backend_name();
-            if !backend.options.allow_cpu_fallback {
-                return Err(Error::Provider { backend: name, message });
+            OrtBackend { environment, library, provider: options.provider, options, hardware: Vec::new() };
+        match backend.check_provider() {
+            Ok(hardware) => backend.hardware = hardware,
+            Err(message) => {
+                let name = backend.options.provider.backend_name();
+                if !backend.options.allow_cpu_fallback {
+                    return Err(Error::Provider { backend: name, message });
+                }
+                eprintln!("warning: {name}: {message}; running on the CPU instead (--allow-cpu-fallback)");
+                backend.provider = Provider::Cpu;
+                backend.hardware = vec![("cpu", engine::cpu_identity())];
             }
-            eprintln!("warning: {name}: {message}; running on the CPU instead (--allow-cpu-fallback)");
-            backend.provider = Provider::Cpu;
         }
         Ok(backend)
     }
 
-    fn check_provider(&mut self) -> std::result::Result<(), String> {
+    /// Checks that the provider can start; returns the hardware fields of cache keys.
+    fn check_provider(&self) -> std::result::Result<Vec<(&'static str, String)>, String> {
         let (device, trt) = match self.options.provider {
-            Provider::Cpu => return Ok(()),
+            Provider::Cpu => return Ok(vec![("cpu", engine::cpu_identity())]),
             Provider::Cuda { device } => (device, false),
             Provider::TensorRt { device, .. } => (device, true),
         };
@@ -133,11 +139,11 @@ impl OrtBackend {
             has(tensorrt_available()?, "TensorRT execution provider")?;
         }
         has(cuda_available()?, "CUDA execution provider")?;
-        self.gpu = Some(gpu::probe(device)?);
+        let mut hardware = vec![("gpu", gpu::probe(device)?.describe())];
         if trt {
-            self.tensorrt = Some(gpu::tensorrt_version()?);
+            hardware.push(("tensorrt", gpu::tensorrt_version()?));
         }
-        Ok(())
+        Ok(hardware)
     }
 
     /// The provider sessions run on (after any allowed fallback).
@@ -207,22 +213,17 @@ impl OrtBackend {
 
     /// What a cache entry of this backend depends on besides the graph.
     fn cache_key(&self, request: &GraphLoad<'_>) -> CacheKey {
-        let key = CacheKey::new()
+        let mut key = CacheKey::new()
             .with("graph", CacheKey::graph_digest(request.spec))
             .with("backend", self.provider.backend_name())
             .with("onnxruntime", ort::info());
-        match self.provider {
-            Provider::Cpu => key.with("cpu", engine::cpu_identity()),
-            Provider::Cuda { .. } => key.with("gpu", self.gpu_label()),
-            Provider::TensorRt { fp16, .. } => key
-                .with("gpu", self.gpu_label())
-                .with("tensorrt", self.tensorrt.clone().unwrap_or_default())
-                .with("trt_fp16", fp16.to_string()),
+        for (field, value) in &self.hardware {
+            key = key.with(field, value.clone());
         }
-    }
-
-    fn gpu_label(&self) -> String {
-        self.gpu.as_ref().map(GpuInfo::describe).unwrap_or_default()
+        if let Provider::TensorRt { fp16, .. } = self.provider {
+            key = key.with("trt_fp16", fp16.to_string());
+        }
+        key
     }
 
     /// Loads through the cache: build an entry (build-engine), or use a fresh one, or say why not.

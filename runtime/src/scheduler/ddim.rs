@@ -4,7 +4,7 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
-    alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn,
+    alpha_at, alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, numpy_linspace, randn,
     threshold_sample, torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
@@ -115,11 +115,6 @@ impl DdimScheduler {
             eta: config.eta,
         })
     }
-
-    /// ᾱ at a training timestep, Python-indexed (validated in `new`).
-    fn alpha_cumprod(&self, t: i64) -> f32 {
-        wrap_index(t, self.alphas_cumprod.len()).map_or(f32::NAN, |i| self.alphas_cumprod[i])
-    }
 }
 
 impl Scheduler for DdimScheduler {
@@ -158,8 +153,9 @@ impl Scheduler for DdimScheduler {
         check_same_shape(NAME, "model_output", model_output.shape(), sample.shape())?;
         let t = self.train_timesteps[step];
         let prev_t = t - self.step_ratio;
-        let alpha_prod_t = self.alpha_cumprod(t);
-        let alpha_prod_t_prev = if prev_t >= 0 { self.alpha_cumprod(prev_t) } else { self.final_alpha_cumprod };
+        let alpha_prod_t = alpha_at(&self.alphas_cumprod, t);
+        let alpha_prod_t_prev =
+            if prev_t >= 0 { alpha_at(&self.alphas_cumprod, prev_t) } else { self.final_alpha_cumprod };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
 
@@ -206,7 +202,7 @@ impl Scheduler for DdimScheduler {
     /// `DDIMScheduler.add_noise`: `sqrt(ᾱ_t)·original + sqrt(1 − ᾱ_t)·noise` at `t = timesteps[step]`.
     fn add_noise(&self, original: ArrayViewD<f32>, noise: ArrayViewD<f32>, step: usize) -> ArrayD<f32> {
         assert_eq!(noise.shape(), original.shape(), "ddim add_noise: noise and original shapes differ");
-        let alpha = self.alpha_cumprod(self.train_timesteps[step]);
+        let alpha = alpha_at(&self.alphas_cumprod, self.train_timesteps[step]);
         let (a, b) = (alpha.sqrt(), (1.0 - alpha).sqrt());
         Zip::from(&original).and(&noise).map_collect(|&x, &n| a * x + b * n)
     }

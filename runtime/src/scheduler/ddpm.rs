@@ -5,8 +5,8 @@
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::{
-    alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, limit_x0, numpy_linspace, randn,
-    torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    alpha_at, alpha_x0, check_same_shape, check_step_index, check_steps, leading_timesteps, limit_x0, numpy_linspace,
+    randn, torch_clamp, trailing_timesteps, wrap_index, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
     SchedulerKind, TimestepSpacing, TrainSchedule, PREDICTION_TYPES, SPACINGS,
 };
 use crate::error::{Error, Result};
@@ -141,11 +141,6 @@ impl DdpmScheduler {
             thresholding: config.thresholding,
         })
     }
-
-    /// ᾱ at a training timestep, Python-indexed (validated in `new`).
-    fn alpha_cumprod(&self, t: i64) -> f32 {
-        wrap_index(t, self.alphas_cumprod.len()).map_or(f32::NAN, |i| self.alphas_cumprod[i])
-    }
 }
 
 impl Scheduler for DdpmScheduler {
@@ -186,8 +181,8 @@ impl Scheduler for DdpmScheduler {
         let t = self.train_timesteps[step];
         // `previous_timestep`: the schedule's next entry (timesteps are distinct), -1 after the end.
         let prev_t = self.train_timesteps.get(step + 1).copied().unwrap_or(-1);
-        let alpha_prod_t = self.alpha_cumprod(t);
-        let alpha_prod_t_prev = if prev_t >= 0 { self.alpha_cumprod(prev_t) } else { 1.0 };
+        let alpha_prod_t = alpha_at(&self.alphas_cumprod, t);
+        let alpha_prod_t_prev = if prev_t >= 0 { alpha_at(&self.alphas_cumprod, prev_t) } else { 1.0 };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let current_alpha_t = alpha_prod_t / alpha_prod_t_prev;
@@ -221,7 +216,7 @@ impl Scheduler for DdpmScheduler {
     /// `DDPMScheduler.add_noise`: `sqrt(ᾱ_t)·original + sqrt(1 − ᾱ_t)·noise` at `t = timesteps[step]`.
     fn add_noise(&self, original: ArrayViewD<f32>, noise: ArrayViewD<f32>, step: usize) -> ArrayD<f32> {
         assert_eq!(noise.shape(), original.shape(), "ddpm add_noise: noise and original shapes differ");
-        let alpha = self.alpha_cumprod(self.train_timesteps[step]);
+        let alpha = alpha_at(&self.alphas_cumprod, self.train_timesteps[step]);
         let (a, b) = (alpha.sqrt(), (1.0 - alpha).sqrt());
         Zip::from(&original).and(&noise).map_collect(|&x, &n| a * x + b * n)
     }

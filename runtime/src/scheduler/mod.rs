@@ -717,6 +717,12 @@ pub(crate) fn trailing_timesteps(n: usize, num_train: usize) -> Vec<i64> {
 /// Python-style index into a schedule of training timesteps: diffusers indexes torch tensors
 /// with the timestep, so -1 is the last entry. Out-of-range timesteps are rejected when a
 /// scheduler is built.
+/// ᾱ at training timestep `t`, Python-indexed; NaN past the schedule (the samplers that use it
+/// validate their timesteps when built).
+pub(crate) fn alpha_at(alphas_cumprod: &[f32], t: i64) -> f32 {
+    wrap_index(t, alphas_cumprod.len()).map_or(f32::NAN, |i| alphas_cumprod[i])
+}
+
 pub(crate) fn wrap_index(t: i64, len: usize) -> Option<usize> {
     let len = len as i64;
     let i = if t < 0 { t + len } else { t };
