@@ -36,9 +36,13 @@ far enough above the measured drift never to fail on a CPU:
   runtime's 1e-4; 8.8x (rel L2) and 5.5x (max abs) above the worst measured drift. (The max-abs
   bound, which the runtime's test does not have, catches a change confined to a few elements.)
 * graph tensors: max abs <= 1e-5 x max(1, max|ref|) (a tenth of the runtime's bound, 5.4x / 2.7x
-  above the measured drift) and rel L2 <= 2e-6 (3.8x / 2x above it). A tenth of the runtime's 1e-5
-  would sit only 1.9x above the Intel/AMD drift and right at the AVX2 run's, so this one is a fifth:
-  the Rust graph tolerance is itself only 10-20x the CPUs' own disagreement.
+  above the measured drift) and rel L2 <= 5e-6 (9.6x / 5x above it). A tenth of the runtime's 1e-5
+  would sit only 1.9x above the Intel/AMD drift and right at the AVX2 run's, so this one is a half:
+  the Rust graph tolerance is itself only 10-20x the CPUs' own disagreement. A half is still enough:
+  the Rust tests compare the runtime with the committed files, never with regenerated ones, so this
+  bound only has to catch a changed generator (a changed weight, op or version moves graph outputs
+  by far more than 1e-5), and the max-abs bound at a tenth catches a change confined to a few
+  elements.
 * images: every value within 1 level and at most 0.1 % of the values differing. A float drift of
   ~1e-6 flips a value sitting at a rounding boundary (k + 0.5) by one level: about 5e-5 of the
   values in the large image. A tenth of the runtime's 2 levels does not exist in integers; a real
@@ -86,7 +90,7 @@ class PixelTolerance:
 
 
 LATENTS = ArrayTolerance(rel_l2=1e-5, max_abs=1e-5)
-GRAPH_TENSORS = ArrayTolerance(rel_l2=2e-6, max_abs=1e-5)
+GRAPH_TENSORS = ArrayTolerance(rel_l2=5e-6, max_abs=1e-5)
 PIXELS = PixelTolerance(levels=1, fraction=1e-3)
 
 # Fixture files a torch kernel computes (path relative to fixtures/tiny-*/); every other file must be
@@ -296,7 +300,7 @@ def test_accepts_drift_of_the_measured_size(tmp_path):
         ("sd2", "cases/c_sd2_ddim_vpred_seg_default_768/expected_latents.npy", lambda a: a[..., :-1], "vs committed"),
         ("sdxl", LAT.replace("a_ddim_two_adapters_tau05", "a_sdxl_euler_canny_pipeline"),
          lambda a: _one(a, np.nan), "non-finite"),
-        ("sdxl", NOISE_PRED, lambda a: a * (1 + 5e-6), "rel L2"),
+        ("sdxl", NOISE_PRED, lambda a: a * (1 + 8e-6), "rel L2"),
         ("sd1", NOISE_PRED, lambda a: _one(a, 2e-5 * max(1.0, np.abs(a).max())), "max abs"),
         ("sd2", "graph_unet/in_encoder_hidden_states.npy", lambda a: a * (1 + 1e-5), "rel L2"),
         # exact files: one ulp is a failure
