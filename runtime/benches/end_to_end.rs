@@ -26,6 +26,9 @@ fn end_to_end(c: &mut Criterion) {
             let mut pipeline = Pipeline::load(&dir, &options).expect("graph set loads");
             let mut request = Request::new("a lighthouse on a cliff at sunset");
             request.steps = 10;
+            // DDIM, as every recorded run of this bench used (a request without a sampler now runs
+            // the graph set's own, PNDM for SD 1.x).
+            request.scheduler = Some(t2i_rt::SchedulerKind::Ddim);
             let adapter = pipeline.manifest().adapters.first().map(|a| a.name.clone());
             let mut group = c.benchmark_group(format!("end_to_end_{label}_{backend}"));
             group.sample_size(10);

@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use ndarray::{Array4, ArrayD};
 
 use crate::backend::{GraphSession, TensorView};
-use crate::condition::{load_condition, ConditionImage, ConditionKind};
-use crate::error::{Error, Result};
+use crate::condition::{load_condition_within, ConditionImage, ConditionKind};
+use crate::error::{Error, Result, Stage};
+use crate::limits::Limits;
 use crate::manifest::{ConditionChannels, Manifest};
 
 /// Where a condition image comes from.
@@ -73,6 +74,17 @@ impl AdapterSet {
     /// Checks `requests` against `manifest` for an image of `width` × `height` and loads the
     /// condition images.
     pub fn build(manifest: &Manifest, requests: &[AdapterRequest], width: u32, height: u32) -> Result<AdapterSet> {
+        Self::build_within(manifest, requests, width, height, &Limits::default())
+    }
+
+    /// [`build`](Self::build), with condition image files held to `limits`.
+    pub fn build_within(
+        manifest: &Manifest,
+        requests: &[AdapterRequest],
+        width: u32,
+        height: u32,
+        limits: &Limits,
+    ) -> Result<AdapterSet> {
         let mut entries = Vec::with_capacity(requests.len());
         for request in requests {
             let index = manifest.adapters.iter().position(|a| a.name == request.name).ok_or_else(|| {
@@ -101,7 +113,7 @@ impl AdapterSet {
                 ConditionChannels::Gray => ConditionKind::Gray,
             };
             let condition = match &request.image {
-                ConditionSource::File(path) => load_condition(path, kind, width, height)?,
+                ConditionSource::File(path) => load_condition_within(path, kind, width, height, limits)?,
                 ConditionSource::Pixels(image) if image.kind() == kind => image.resized(width, height).to_tensor(),
                 ConditionSource::Pixels(image) => {
                     return Err(Error::InvalidRequest(format!(
@@ -135,6 +147,9 @@ impl AdapterSet {
             let spec = &manifest.adapters[entry.index];
             let features =
                 sessions[entry.index].run(&[("condition", TensorView::F32(entry.condition.view().into_dyn()))])?;
+            if features.iter().any(|f| f.iter().any(|v| !v.is_finite())) {
+                return Err(Error::NumericalFault { stage: Stage::Adapter(spec.name.clone()) });
+            }
             for (feature, &slot) in features.into_iter().zip(&spec.residual_slots) {
                 let expected = &manifest.residual_slots[slot];
                 if feature.ndim() != 4 || feature.shape()[1] != expected.channels {
@@ -169,7 +184,8 @@ impl AdapterSet {
 
 /// The multiple of `factor` nearest to `value` (at least `factor`), to suggest a valid size.
 pub(crate) fn round_to(value: u32, factor: u32) -> u32 {
-    (((value + factor / 2) / factor).max(1)) * factor
+    let factor = factor.max(1);
+    (value.saturating_add(factor / 2) / factor).max(1).saturating_mul(factor)
 }
 
 #[cfg(test)]

@@ -7,13 +7,14 @@
 //! laid out NCHW. Decoding uses the `image` crate; the mode conversions below reproduce what Pillow
 //! does with each PNG colour type and bit depth (see [`ConditionImage::open`]).
 
-use std::io::ErrorKind;
+use std::io::{Cursor, ErrorKind};
 use std::path::Path;
 
 use image::{DynamicImage, ImageFormat};
 use ndarray::Array4;
 
 use crate::error::{Error, Result};
+use crate::limits::{exceeds, read_bounded, Limits, ReadError};
 use crate::resample::resize_lanczos;
 
 /// Which channels an adapter expects its condition image in.
@@ -60,13 +61,24 @@ pub struct ConditionImage {
 /// Errors: [`Error::Io`] if the file cannot be read, [`Error::Image`] if it is not a PNG or JPEG or
 /// cannot be decoded, [`Error::InvalidRequest`] if `width` or `height` is zero.
 pub fn load_condition(path: &Path, kind: ConditionKind, width: u32, height: u32) -> Result<Array4<f32>> {
+    load_condition_within(path, kind, width, height, &Limits::default())
+}
+
+/// [`load_condition`] with the image file held to `limits` ([`ConditionImage::open_within`]).
+pub fn load_condition_within(
+    path: &Path,
+    kind: ConditionKind,
+    width: u32,
+    height: u32,
+    limits: &Limits,
+) -> Result<Array4<f32>> {
     if width == 0 || height == 0 {
         return Err(Error::InvalidRequest(format!(
             "condition image {}: target size {width}x{height} must be at least 1x1",
             path.display()
         )));
     }
-    Ok(ConditionImage::open(path, kind)?.resized(width, height).to_tensor())
+    Ok(ConditionImage::open_within(path, kind, limits)?.resized(width, height).to_tensor())
 }
 
 impl ConditionImage {
@@ -97,16 +109,50 @@ impl ConditionImage {
     /// levels in the parity fixtures). Use PNG condition images where exact parity matters. EXIF
     /// orientation is ignored, as `Image.open` ignores it.
     pub fn open(path: &Path, kind: ConditionKind) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        Self::open_within(path, kind, &Limits::default())
+    }
+
+    /// [`open`](Self::open) with the file size and decoded pixel count held to `limits`
+    /// (`max_image_file_bytes`, `max_image_pixels`), checked before the pixels are decoded.
+    pub fn open_within(path: &Path, kind: ConditionKind, limits: &Limits) -> Result<Self> {
+        let io_error = |e: std::io::Error| Error::Io {
             path: path.to_path_buf(),
             message: match e.kind() {
                 ErrorKind::NotFound => "condition image not found; check the path".to_string(),
                 _ => format!("cannot read condition image: {e}"),
             },
+        };
+        let bytes = read_bounded(
+            path,
+            limits.max_image_file_bytes,
+            &format!("condition image {}", path.display()),
+            "max_image_file_bytes",
+            "use a smaller file",
+        )
+        .map_err(|e| match e {
+            ReadError::Io(e) => io_error(e),
+            ReadError::Limit(e) => e,
         })?;
-        let image_error = |message: String| Error::Image { path: path.to_path_buf(), message };
+        Self::decode_at(&bytes, kind, limits, path)
+    }
 
-        let format = image::guess_format(&bytes).map_err(|_| {
+    /// Decodes a PNG or JPEG held in memory (a service's upload) like [`open`](Self::open), within
+    /// `limits`. Errors name the image "(in memory)".
+    pub fn decode(bytes: &[u8], kind: ConditionKind, limits: &Limits) -> Result<Self> {
+        Self::decode_at(bytes, kind, limits, Path::new("(in memory)"))
+    }
+
+    fn decode_at(bytes: &[u8], kind: ConditionKind, limits: &Limits, path: &Path) -> Result<Self> {
+        let image_error = |message: String| Error::Image { path: path.to_path_buf(), message };
+        exceeds(
+            &format!("the size in bytes of condition image {}", path.display()),
+            bytes.len() as u64,
+            limits.max_image_file_bytes,
+            "max_image_file_bytes",
+            "use a smaller file",
+        )?;
+
+        let format = image::guess_format(bytes).map_err(|_| {
             image_error(
                 "not a PNG or JPEG image (unrecognized file signature); \
                  condition images must be PNG or JPEG"
@@ -124,8 +170,26 @@ impl ConditionImage {
                 )));
             }
         };
-        let decoded = image::load_from_memory_with_format(&bytes, format)
-            .map_err(|e| image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)")))?;
+        let corrupt = |e: image::ImageError| image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)"));
+        // The header's size first: a decompression bomb is refused before its pixels are allocated.
+        let (declared_width, declared_height) =
+            image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;
+        limits.check_image_pixels(&path.display().to_string(), declared_width, declared_height)?;
+        // 16-bit RGBA is the widest pixel the decoders make; the slack covers their working buffers.
+        let budget = u64::from(declared_width) * u64::from(declared_height) * 8 + (64 << 20);
+        let mut decoder_limits = image::Limits::default();
+        decoder_limits.max_image_width = Some(declared_width);
+        decoder_limits.max_image_height = Some(declared_height);
+        decoder_limits.max_alloc = Some(budget);
+        let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+        reader.limits(decoder_limits);
+        let decoded = reader.decode().map_err(|e| match e {
+            image::ImageError::Limits(limit) => image_error(format!(
+                "cannot decode {name}: it needs more memory than its {declared_width}x{declared_height} size \
+                 allows ({limit}); re-save the image"
+            )),
+            other => corrupt(other),
+        })?;
 
         let (width, height) = (decoded.width(), decoded.height());
         // PNG colour type from IHDR (after signature 8, length 4, "IHDR" 4, width 4, height 4,

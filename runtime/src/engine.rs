@@ -18,13 +18,14 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::manifest::{Dim, GraphSpec};
+use crate::size::Size;
 
 /// The cache directory inside a graph set when none is given.
 pub const DEFAULT_CACHE_DIR: &str = ".t2i-engines";
 /// The file in each cache entry that records its key.
 pub const KEY_FILE: &str = "key.json";
-/// Largest image side a profile may name (as `run` accepts: [`crate::pipeline::MAX_SIDE`]).
-const MAX_SIDE: u32 = crate::pipeline::MAX_SIDE;
+/// Largest image side a profile may name (the default [`Limits::max_side`](crate::Limits::max_side)).
+const MAX_SIDE: u32 = 8192;
 /// Largest batch a profile may name.
 const MAX_BATCH: usize = 64;
 
@@ -49,14 +50,12 @@ impl FromStr for Profile {
             Some((size, batch)) => (size, Some(batch)),
             None => (s, None),
         };
-        let (w, h) = size.split_once(['x', 'X']).ok_or_else(|| bad("no size"))?;
-        let side = |v: &str| -> Result<u32> {
-            let n: u32 = v.trim().parse().map_err(|_| bad("size is not a number"))?;
+        let size: Size = size.parse().map_err(|_| bad("no size"))?;
+        for n in [size.width, size.height] {
             if n == 0 || n > MAX_SIDE {
                 return Err(bad(&format!("sides must be between 1 and {MAX_SIDE}")));
             }
-            Ok(n)
-        };
+        }
         let (batch_min, batch_max) = match batch {
             None => (1, 1),
             Some(range) => {
@@ -68,7 +67,7 @@ impl FromStr for Profile {
         if batch_min == 0 || batch_min > batch_max || batch_max > MAX_BATCH {
             return Err(bad(&format!("batch range must satisfy 1 <= MIN <= MAX <= {MAX_BATCH}")));
         }
-        Ok(Profile { width: side(w)?, height: side(h)?, batch_min, batch_max })
+        Ok(Profile { width: size.width, height: size.height, batch_min, batch_max })
     }
 }
 

@@ -50,6 +50,70 @@ pub enum Error {
     /// The caller's progress callback asked to stop.
     #[error("cancelled by the caller")]
     Cancelled,
+
+    /// A request (or a file it names) is larger than one of the [`Limits`](crate::Limits) the model
+    /// was loaded with; nothing was allocated for it. `limit` is the field of `Limits` to raise.
+    #[error("{what} is {value}, over the limit of {max} (limits.{limit}); {fix}")]
+    LimitExceeded { what: String, value: u64, max: u64, limit: &'static str, fix: &'static str },
+
+    /// A graph or the sampler produced NaN or infinity during a run. The run stops there: no image
+    /// is made from it.
+    #[error("{stage} produced NaN or infinity: {}", stage.fix())]
+    NumericalFault { stage: Stage },
+}
+
+/// Where in a run a value went non-finite ([`Error::NumericalFault`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    /// The named text encoder graph.
+    TextEncoder(String),
+    /// The named adapter graph.
+    Adapter(String),
+    /// The UNet's noise prediction at model call `step` (1-based) of `total`.
+    Unet { step: usize, total: usize },
+    /// Classifier-free guidance (`uncond + scale × (cond − uncond)`) at model call `step` of `total`.
+    Guidance { step: usize, total: usize },
+    /// The sampler's update at step `step` (1-based) of `total`.
+    Sampler { step: usize, total: usize },
+    /// The VAE decoder graph.
+    VaeDecoder,
+}
+
+impl Stage {
+    /// What usually causes a non-finite value at this stage, and what to do about it.
+    pub fn fix(&self) -> &'static str {
+        match self {
+            Stage::TextEncoder(_) => {
+                "the text encoder graph is broken or overflows in fp16; export the text encoder in fp32"
+            }
+            Stage::Adapter(_) => {
+                "the adapter graph is broken or overflows in fp16; export the adapter in fp32, or lower its weight"
+            }
+            Stage::Unet { .. } => {
+                "the UNet overflowed (fp16 graphs, or very large latents or guidance); use the fp32 graph set, \
+                 lower the guidance, or check the initial latents"
+            }
+            Stage::Guidance { .. } => "the guidance scale is too large; lower it (7.5 is typical)",
+            Stage::Sampler { .. } => {
+                "the denoising diverged; lower the guidance, and check the scheduler options (e.g. \
+                 prediction_type, timestep_spacing) against the checkpoint"
+            }
+            Stage::VaeDecoder => "keep the decoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::TextEncoder(name) => write!(f, "the text encoder {name}"),
+            Stage::Adapter(name) => write!(f, "adapter {name}"),
+            Stage::Unet { step, total } => write!(f, "the UNet (model call {step} of {total})"),
+            Stage::Guidance { step, total } => write!(f, "classifier-free guidance (model call {step} of {total})"),
+            Stage::Sampler { step, total } => write!(f, "the sampler (step {step} of {total})"),
+            Stage::VaeDecoder => f.write_str("the VAE decoder"),
+        }
+    }
 }
 
 /// Shorthand for results of this library.

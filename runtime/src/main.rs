@@ -17,6 +17,7 @@ use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
 use t2i_rt::pipeline::{EngineCache, LoadOptions, Model, Request, SizeConditioning};
 use t2i_rt::scheduler::SchedulerKind;
+use t2i_rt::size::{Offset, Size};
 
 #[derive(Parser)]
 #[command(
@@ -83,8 +84,8 @@ struct RunArgs {
     /// diffusers' guidance_rescale in [0, 1] (0.7 for zero-terminal-SNR models; 0 is off).
     #[arg(long, default_value_t = 0.0, value_name = "F")]
     guidance_rescale: f32,
-    #[arg(long, default_value = "ddim", value_name = "NAME", help = "Sampler (see below)", long_help = scheduler_long_help())]
-    scheduler: SchedulerKind,
+    #[arg(long, value_name = "NAME", help = "Sampler (default: the graph set's own; see below)", long_help = scheduler_long_help())]
+    scheduler: Option<SchedulerKind>,
     /// Karras sigmas (use_karras_sigmas) for the samplers that have them: euler, heun, lms,
     /// dpmpp-2m, dpmpp-2m-sde, unipc.
     #[arg(long)]
@@ -95,7 +96,7 @@ struct RunArgs {
     /// Override a key of the graph set's scheduler config (diffusers' names), VALUE as JSON or a
     /// bare string, e.g. timestep_spacing=trailing, steps_offset=0, prediction_type=v_prediction.
     /// Repeatable.
-    #[arg(long = "scheduler-option", value_name = "KEY=VALUE", value_parser = parse_scheduler_option)]
+    #[arg(long = "scheduler-option", value_name = "KEY=VALUE", value_parser = t2i_rt::scheduler::parse_option)]
     scheduler_options: Vec<(String, serde_json::Value)>,
     /// Seed for the initial noise (default: drawn at random and printed, so a run can be repeated).
     #[arg(long, value_name = "N")]
@@ -126,37 +127,23 @@ struct RunArgs {
     #[arg(long)]
     no_verify: bool,
     /// SDXL: `original_size` conditioning (default: the output size).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    original_size: Option<(u32, u32)>,
+    #[arg(long, value_name = "WxH")]
+    original_size: Option<Size>,
     /// SDXL: `crops_coords_top_left` conditioning (default 0,0).
-    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
-    crop_top_left: Option<(u32, u32)>,
+    #[arg(long, value_name = "TOP,LEFT")]
+    crop_top_left: Option<Offset>,
     /// SDXL: `target_size` conditioning (default: the output size).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    target_size: Option<(u32, u32)>,
+    #[arg(long, value_name = "WxH")]
+    target_size: Option<Size>,
     /// SDXL: `negative_original_size` (used with --negative-target-size, as in diffusers).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    negative_original_size: Option<(u32, u32)>,
+    #[arg(long, value_name = "WxH")]
+    negative_original_size: Option<Size>,
     /// SDXL: `negative_crops_coords_top_left` (default 0,0).
-    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
-    negative_crop_top_left: Option<(u32, u32)>,
+    #[arg(long, value_name = "TOP,LEFT")]
+    negative_crop_top_left: Option<Offset>,
     /// SDXL: `negative_target_size` (used with --negative-original-size).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    negative_target_size: Option<(u32, u32)>,
-}
-
-/// `WxH` → diffusers' (height, width).
-fn parse_size(s: &str) -> std::result::Result<(u32, u32), String> {
-    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1024x1024"))?;
-    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1024x1024"));
-    Ok((parse(h)?, parse(w)?))
-}
-
-/// `A,B` → (A, B).
-fn parse_pair(s: &str) -> std::result::Result<(u32, u32), String> {
-    let (a, b) = s.split_once(',').ok_or_else(|| format!("{s:?}: expected TOP,LEFT, e.g. 0,0"))?;
-    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{s:?}: expected TOP,LEFT, e.g. 0,0"));
-    Ok((parse(a)?, parse(b)?))
+    #[arg(long, value_name = "WxH")]
+    negative_target_size: Option<Size>,
 }
 
 #[derive(Args)]
@@ -177,14 +164,14 @@ struct BenchArgs {
     #[arg(long, default_value_t = 30, value_name = "N")]
     steps: usize,
     /// Image size (default: the graph set's default size).
-    #[arg(long, value_name = "WxH", value_parser = parse_width_height)]
-    size: Option<(u32, u32)>,
+    #[arg(long, value_name = "WxH")]
+    size: Option<Size>,
     /// Attach an adapter, as for `run`. Repeatable.
     #[arg(long = "adapter", value_name = "NAME=IMAGE[:WEIGHT]")]
     adapters: Vec<AdapterRequest>,
-    /// Sampler, as for `run` (`t2i-rt run --help` lists them).
-    #[arg(long, default_value = "ddim", value_name = "NAME")]
-    scheduler: SchedulerKind,
+    /// Sampler, as for `run` (default: the graph set's own; `t2i-rt run --help` lists them).
+    #[arg(long, value_name = "NAME")]
+    scheduler: Option<SchedulerKind>,
     /// Classifier-free guidance scale (> 1: a batch of 2 per UNet call).
     #[arg(long, default_value_t = 7.5, value_name = "F")]
     guidance: f32,
@@ -268,6 +255,7 @@ impl ExecArgs {
                 trt_fp16: self.trt_fp16,
             },
             engine_cache,
+            limits: t2i_rt::Limits::default(),
         })
     }
 }
@@ -314,8 +302,10 @@ fn scheduler_names() -> String {
 
 fn scheduler_long_help() -> String {
     let mut help = String::from(
-        "Sampler, by the name UIs use; each reproduces a diffusers scheduler built from the graph set's \
-         scheduler config (plus --karras / --scheduler-option):\n",
+        "Sampler, by the name UIs use. Without it, the graph set's own runs, as in diffusers: its scheduler \
+         config's class exactly as configured (`t2i-rt inspect` shows which; SD 1.5's is pndm, SDXL's euler). \
+         Each name reproduces the diffusers scheduler below, built from the graph set's scheduler config with \
+         the keys in parentheses forced (then --karras / --scheduler-option):\n",
     );
     for kind in SchedulerKind::ALL {
         let preset: Vec<String> = kind.preset().iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -323,17 +313,8 @@ fn scheduler_long_help() -> String {
         let noise = if kind.is_stochastic() { ", stochastic (seeded)" } else { "" };
         help.push_str(&format!("  {:<16} {}{preset}{noise}\n", kind.as_str(), kind.diffusers_class()));
     }
+    help.push_str("pndm is PLMS (SD 1.5's sampler, \"PLMS\" in UIs); pndm-prk adds the Runge-Kutta warm-up (3 steps of 4 model calls).\n");
     help
-}
-
-/// `KEY=VALUE` for `--scheduler-option`: VALUE is JSON (`true`, `0`, `"trailing"`) or a bare string.
-fn parse_scheduler_option(arg: &str) -> std::result::Result<(String, serde_json::Value), String> {
-    let (key, value) = arg.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got \"{arg}\""))?;
-    if key.is_empty() {
-        return Err(format!("expected KEY=VALUE, got \"{arg}\""));
-    }
-    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
-    Ok((key.to_owned(), value))
 }
 
 fn main() -> ExitCode {
@@ -383,20 +364,7 @@ fn run(args: RunArgs) -> Result<()> {
     request.guidance_rescale = args.guidance_rescale;
     request.scheduler = args.scheduler;
     request.eta = args.eta;
-    if args.eta != 0.0 && args.scheduler != SchedulerKind::Ddim {
-        bail!(
-            "--eta only applies to the ddim sampler (diffusers ignores it elsewhere); drop it or use --scheduler ddim"
-        );
-    }
     if args.karras {
-        if !args.scheduler.takes_karras_sigmas() {
-            bail!(
-                "--karras: the {} sampler ({}) has no Karras sigmas; use it with euler, heun, lms, dpmpp-2m, \
-                 dpmpp-2m-sde or unipc",
-                args.scheduler,
-                args.scheduler.diffusers_class()
-            );
-        }
         request.scheduler_options.insert("use_karras_sigmas".into(), true.into());
     }
     request.scheduler_options.extend(args.scheduler_options);
@@ -404,18 +372,19 @@ fn run(args: RunArgs) -> Result<()> {
     request.width = args.width;
     request.height = args.height;
     request.size_cond = SizeConditioning {
-        original_size: args.original_size,
-        crops_coords_top_left: args.crop_top_left.unwrap_or((0, 0)),
-        target_size: args.target_size,
-        negative_original_size: args.negative_original_size,
-        negative_crops_coords_top_left: args.negative_crop_top_left.unwrap_or((0, 0)),
-        negative_target_size: args.negative_target_size,
+        original_size: args.original_size.map(Size::hw),
+        crops_coords_top_left: args.crop_top_left.unwrap_or_default().top_left(),
+        target_size: args.target_size.map(Size::hw),
+        negative_original_size: args.negative_original_size.map(Size::hw),
+        negative_crops_coords_top_left: args.negative_crop_top_left.unwrap_or_default().top_left(),
+        negative_target_size: args.negative_target_size.map(Size::hw),
     };
     request.seed = args
         .seed
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
+    let options = args.exec.load_options(!args.no_verify)?;
     if let Some(path) = &args.latents {
-        request.latents = Some(t2i_rt::npy::read_latents(path)?);
+        request.latents = Some(t2i_rt::npy::read_latents(path, &options.limits)?);
     } else {
         eprintln!("seed {}", request.seed);
     }
@@ -427,8 +396,7 @@ fn run(args: RunArgs) -> Result<()> {
     // Check the request against the manifest first: a typo should not wait for the graphs to load.
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
-    request.check(&manifest)?;
-    let options = args.exec.load_options(!args.no_verify)?;
+    request.check(&manifest, &options.limits)?;
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
@@ -445,7 +413,13 @@ fn run(args: RunArgs) -> Result<()> {
         true
     })?;
     bar.finish_and_clear();
-    eprintln!("{} step(s) in {:.2}s", request.steps, start.elapsed().as_secs_f64());
+    eprintln!(
+        "{} step(s) of {}{} in {:.2}s",
+        request.steps,
+        generation.scheduler,
+        if request.scheduler.is_none() { " (the graph set's own sampler)" } else { "" },
+        start.elapsed().as_secs_f64()
+    );
 
     if let Some(path) = &args.save_latents {
         t2i_rt::npy::write_f32(path, &generation.latents.clone().into_dyn())?;
@@ -466,13 +440,6 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// `WxH`, e.g. `512x768`, as (width, height).
-fn parse_width_height(arg: &str) -> std::result::Result<(u32, u32), String> {
-    let (w, h) = arg.split_once(['x', 'X']).ok_or_else(|| format!("expected WxH (e.g. 512x512), got \"{arg}\""))?;
-    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("expected WxH (e.g. 512x512), got \"{arg}\""));
-    Ok((parse(w)?, parse(h)?))
-}
-
 fn bench(args: BenchArgs) -> Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
@@ -483,17 +450,17 @@ fn bench(args: BenchArgs) -> Result<()> {
     request.guidance = args.guidance;
     request.scheduler = args.scheduler;
     request.adapters = args.adapters;
-    request.width = args.size.map(|s| s.0);
-    request.height = args.size.map(|s| s.1);
+    request.width = args.size.map(|s| s.width);
+    request.height = args.size.map(|s| s.height);
     let manifest = Manifest::load(&dir, true)?;
-    request.check(&manifest)?;
+    let options = args.exec.load_options(false)?;
+    let scheduler = request.check(&manifest, &options.limits)?.scheduler.kind();
     let graphs = dir.display().to_string();
     let (width, height) = request.size(&manifest)?;
 
     // Start-up: what a service pays before its first request (checksums excluded).
     let start = Instant::now();
     let manifest = Manifest::load(&dir, false)?;
-    let options = args.exec.load_options(false)?;
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     let startup = start.elapsed();
 
@@ -523,7 +490,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         args.exec.backend,
         args.exec.threads.map_or("default".to_string(), |n| n.to_string()),
         args.steps,
-        args.scheduler,
+        scheduler,
         args.guidance,
         args.iters,
         args.warmup
@@ -561,7 +528,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             "graphs": graphs,
             "size": [width, height],
             "steps": args.steps,
-            "scheduler": args.scheduler.as_str(),
+            "scheduler": scheduler.as_str(),
             "guidance": args.guidance,
             "threads": args.exec.threads,
             "warmup": args.warmup,
@@ -650,7 +617,11 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     println!("vae         decoder precision {}", manifest.vae.precision);
     let class = manifest.scheduler.get("_class_name").and_then(|v| v.as_str()).unwrap_or("?");
-    println!("scheduler   {class} config; samplers: {}", scheduler_names());
+    let default = match t2i_rt::SchedulerConfig::new(&manifest.scheduler).checkpoint_kind() {
+        Ok(kind) => format!("default sampler {kind}"),
+        Err(e) => format!("no default sampler ({e})"),
+    };
+    println!("scheduler   {class} config, {default}; samplers: {}", scheduler_names());
     println!(
         "residuals   {}",
         manifest

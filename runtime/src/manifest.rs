@@ -254,19 +254,16 @@ impl Manifest {
             ));
         }
         let path = dir.join(MANIFEST_FILE);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if size > MAX_MANIFEST_BYTES {
+            return Err(err(format!(
+                "{MANIFEST_FILE} is {size} bytes; a manifest is a few kilobytes (at most {MAX_MANIFEST_BYTES}), re-export the graph set"
+            )));
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| {
             err(format!("cannot read {MANIFEST_FILE} ({e}); is this a graph set written by `python -m t2i_export`?"))
         })?;
-        let mut manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| err(format!("{MANIFEST_FILE} is malformed: {e}; re-export the graph set")))?;
-        manifest.dir = dir.to_path_buf();
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(err(format!(
-                "manifest format_version {} but this runtime reads version {FORMAT_VERSION}; re-export with a matching t2i_export",
-                manifest.format_version
-            )));
-        }
-        manifest.check_consistency().map_err(err)?;
+        let manifest = Manifest::parse(&text, dir)?;
         for file in manifest.files() {
             let path = manifest.resolve(file.file)?;
             if !path.is_file() {
@@ -287,6 +284,24 @@ impl Manifest {
                 }
             }
         }
+        Ok(manifest)
+    }
+
+    /// Parses and checks the text of a `manifest.json` for a graph set in `dir`, without touching
+    /// the files it names: format version, consistency between its parts, and the bounds on its
+    /// sizes ([`MANIFEST_BOUNDS`]). [`load`](Self::load) adds the file checks.
+    pub fn parse(text: &str, dir: &Path) -> Result<Manifest> {
+        let err = |message: String| Error::GraphSet { dir: dir.to_path_buf(), message };
+        let mut manifest: Manifest = serde_json::from_str(text)
+            .map_err(|e| err(format!("{MANIFEST_FILE} is malformed: {e}; re-export the graph set")))?;
+        manifest.dir = dir.to_path_buf();
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(err(format!(
+                "manifest format_version {} but this runtime reads version {FORMAT_VERSION}; re-export with a matching t2i_export",
+                manifest.format_version
+            )));
+        }
+        manifest.check_consistency().map_err(err)?;
         Ok(manifest)
     }
 
@@ -404,6 +419,7 @@ impl Manifest {
 
     /// Checks the parts of the manifest that must agree with each other.
     fn check_consistency(&self) -> std::result::Result<(), String> {
+        self.check_bounds()?;
         self.check_text_conditioning()?;
         if self.size_multiple == 0
             || self.latent.downscale == 0
@@ -463,6 +479,59 @@ impl Manifest {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// Bounds on a manifest's sizes, far above any real model's (SDXL: 4 latent channels, residual
+/// channels up to 1280, 77 tokens) and low enough that nothing sized from a manifest can exhaust
+/// memory: `(field, maximum)`.
+pub const MANIFEST_BOUNDS: [(&str, u64); 7] = [
+    ("latent.channels", 64),
+    ("latent.downscale", 64),
+    ("size_multiple", 1024),
+    ("residual_slots[].channels", 16384),
+    ("residual_slots[].downscale", 64),
+    ("tokenizer.max_length", 4096),
+    ("graphs (text encoders + adapters)", 256),
+];
+
+/// Largest `manifest.json` accepted, in bytes (real ones are under 100 KB).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+impl Manifest {
+    /// Every size in the manifest within [`MANIFEST_BOUNDS`] (and at least 1 where 0 is meaningless).
+    fn check_bounds(&self) -> std::result::Result<(), String> {
+        let within = |field: &str, value: u64| -> std::result::Result<(), String> {
+            let max = MANIFEST_BOUNDS.iter().find(|(f, _)| *f == field).map_or(u64::MAX, |(_, m)| *m);
+            if value == 0 || value > max {
+                return Err(format!("{field} is {value}; it must be between 1 and {max}"));
+            }
+            Ok(())
+        };
+        within("latent.channels", self.latent.channels as u64)?;
+        within("latent.downscale", self.latent.downscale.into())?;
+        within("size_multiple", self.size_multiple.into())?;
+        for slot in &self.residual_slots {
+            within("residual_slots[].channels", slot.channels as u64)?;
+            within("residual_slots[].downscale", slot.downscale.into())?;
+        }
+        for encoder in &self.text_encoders {
+            within("tokenizer.max_length", encoder.tokenizer.max_length as u64)?;
+        }
+        within("graphs (text encoders + adapters)", (self.text_encoders.len() + self.adapters.len()).max(1) as u64)?;
+        for adapter in &self.adapters {
+            if !(1..=1024).contains(&adapter.downscale_factor) {
+                return Err(format!(
+                    "adapter {} has downscale_factor {}; it must be between 1 and 1024",
+                    adapter.name, adapter.downscale_factor
+                ));
+            }
+        }
+        let [w, h] = self.default_size;
+        if w == 0 || h == 0 || w > 16384 || h > 16384 {
+            return Err(format!("default_size {w}x{h} must be between 1 and 16384 on each side"));
         }
         Ok(())
     }

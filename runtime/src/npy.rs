@@ -2,19 +2,51 @@
 
 use std::path::Path;
 
-use ndarray::{Array4, ArrayD};
+use ndarray::{Array4, ArrayD, ArrayViewD};
+use ndarray_npy::ViewNpyExt;
 
 use crate::error::{Error, Result};
+use crate::limits::{read_bounded, Limits, ReadError};
 
-/// Reads a float32 array of rank 4 (NCHW latents).
-pub fn read_latents(path: &Path) -> Result<Array4<f32>> {
-    let err = |message: String| Error::Npy { path: path.to_path_buf(), message };
-    let array: ArrayD<f32> =
-        ndarray_npy::read_npy(path).map_err(|e| err(format!("{e}; expected a float32 array saved with numpy.save")))?;
-    let shape = array.shape().to_vec();
+/// Reads a float32 array of rank 4 (NCHW latents), refusing files over `limits.max_npy_bytes`.
+pub fn read_latents(path: &Path, limits: &Limits) -> Result<Array4<f32>> {
+    let bytes = read_bounded(
+        path,
+        limits.max_npy_bytes,
+        &format!("latents file {}", path.display()),
+        "max_npy_bytes",
+        "latents are [n_samples, channels, height/8, width/8] float32",
+    )
+    .map_err(|e| match e {
+        ReadError::Io(e) => Error::Io { path: path.to_path_buf(), message: format!("cannot read latents: {e}") },
+        ReadError::Limit(e) => e,
+    })?;
+    parse_latents(&bytes).map_err(|message| Error::Npy { path: path.to_path_buf(), message })
+}
+
+/// Parses the bytes of a `.npy` file holding a float32 array of rank 4. The header's shape is
+/// checked against the data that is really there before anything is allocated for it, so a
+/// short file claiming a huge shape costs nothing.
+pub fn parse_latents(bytes: &[u8]) -> std::result::Result<Array4<f32>, String> {
+    // `view_npy` borrows the data in place and needs it aligned for f32; a copy into u32 storage is.
+    let mut aligned = vec![0u32; bytes.len().div_ceil(4)];
+    let storage: &mut [u8] = bytemuck_bytes(&mut aligned);
+    storage[..bytes.len()].copy_from_slice(bytes);
+    let view = ArrayViewD::<f32>::view_npy(&storage[..bytes.len()])
+        .map_err(|e| format!("{e}; expected a little-endian float32 array saved with numpy.save"))?;
+    let shape = view.shape().to_vec();
+    let array: ArrayD<f32> = view.to_owned();
     array
         .into_dimensionality()
-        .map_err(|_| err(format!("has shape {shape:?}; latents have 4 dimensions (batch, channels, height, width)")))
+        .map_err(|_| format!("has shape {shape:?}; latents have 4 dimensions (batch, channels, height, width)"))
+}
+
+/// The bytes of a `u32` buffer.
+fn bytemuck_bytes(words: &mut [u32]) -> &mut [u8] {
+    let len = std::mem::size_of_val(words);
+    // SAFETY: u8 has alignment 1 and every bit pattern is valid for both types; the slice covers
+    // exactly the words' memory and borrows it mutably for its lifetime.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
 }
 
 /// Writes `array` as float32 `.npy`, atomically: a temporary file in the same directory, renamed
@@ -23,4 +55,35 @@ pub fn write_f32(path: &Path, array: &ArrayD<f32>) -> Result<()> {
     crate::atomic_file::write_atomically(path, |file| {
         ndarray_npy::WriteNpyExt::write_npy(array, file).map_err(|e| e.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(shape: &[usize], values: &[f32]) -> Vec<u8> {
+        let array = ArrayD::from_shape_vec(shape, values.to_vec()).unwrap();
+        let mut bytes = Vec::new();
+        ndarray_npy::WriteNpyExt::write_npy(&array, &mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn reads_what_numpy_writes_and_refuses_lies() {
+        let values: Vec<f32> = (0..8).map(|v| v as f32 * 0.5).collect();
+        let bytes = npy(&[1, 2, 2, 2], &values);
+        let latents = parse_latents(&bytes).unwrap();
+        assert_eq!(latents.shape(), &[1, 2, 2, 2]);
+        assert_eq!(latents.iter().copied().collect::<Vec<_>>(), values);
+        // Unaligned input is copied, not refused.
+        let mut shifted = vec![0u8];
+        shifted.extend(&bytes);
+        assert!(parse_latents(&shifted[1..]).is_ok());
+        // A header claiming far more data than the file holds is refused without allocating it.
+        let text = String::from_utf8_lossy(&bytes).replace("(1, 2, 2, 2)", "(99999999999, 2, 2, 2)");
+        let message = parse_latents(text.as_bytes()).unwrap_err();
+        assert!(message.contains("missing") || message.contains("header"), "{message}");
+        assert!(parse_latents(&npy(&[8], &values)).unwrap_err().contains("4 dimensions"));
+        assert!(parse_latents(b"not npy").is_err());
+    }
 }

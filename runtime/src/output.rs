@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 /// in `pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py`): `(x / 2 + 0.5).clamp(0, 1)`
 /// in f32, then `(x * 255).round().astype("uint8")`, where numpy rounds half to even. Bit-exact
 /// for f32 decoder output (diffusers with an fp16 VAE does the first step in fp16, which this does
-/// not model). NaN maps to 0 (what numpy's cast of NaN gives on x86).
+/// not model). NaN maps to 0 (what numpy's cast of NaN gives on x86), as in diffusers; the
+/// pipeline never gets here with one ([`Pipeline::decode`](crate::Pipeline::decode) refuses
+/// non-finite decoder output first, so a black image is never a success).
 ///
 /// Errors with [`Error::InvalidRequest`] if the tensor is not `[N, 3, H, W]` or `H`/`W` exceed
 /// `u32`.

@@ -27,7 +27,9 @@ use crate::engine::{BatchRule, Profile, ShapeRanges, DEFAULT_CACHE_DIR};
 use crate::error::{Error, Result};
 use crate::manifest::{GraphSpec, Manifest, ResidualSlot, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
-use crate::scheduler::{SchedulerConfig, SchedulerKind};
+use crate::error::Stage;
+use crate::limits::Limits;
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 
 /// How to load a graph set.
@@ -40,6 +42,8 @@ pub struct LoadOptions {
     pub settings: BackendSettings,
     /// Where `t2i-rt build-engine` puts prepared engines and `run` looks for them.
     pub engine_cache: EngineCache,
+    /// How large a request may be; every request on the model is checked against them.
+    pub limits: Limits,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +53,7 @@ impl Default for LoadOptions {
             verify_checksums: true,
             settings: BackendSettings::default(),
             engine_cache: EngineCache::InGraphSet,
+            limits: Limits::default(),
         }
     }
 }
@@ -80,10 +85,6 @@ pub struct BuiltEngine {
     pub seconds: f64,
 }
 
-/// Largest image side accepted: 8× what SDXL is trained for; beyond it the latents and
-/// activations alone exhaust a server's memory, and the allocation would abort instead of erroring.
-pub const MAX_SIDE: u32 = 8192;
-
 /// One generation request. [`Request::new`] gives diffusers' defaults.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -102,7 +103,9 @@ pub struct Request {
     /// diffusers' `guidance_rescale` (arXiv 2305.08891 §3.4), in [0, 1]: 0 is plain guidance; 0.7
     /// is the paper's value for zero-terminal-SNR models. Only applies with guidance on.
     pub guidance_rescale: f32,
-    pub scheduler: SchedulerKind,
+    /// The sampler; `None` runs the graph set's own (its scheduler config's class, exactly as
+    /// configured), as a diffusers pipeline does ([`SchedulerConfig::checkpoint_kind`]).
+    pub scheduler: Option<SchedulerKind>,
     /// diffusers scheduler config keys that override the graph set's scheduler config for this
     /// request, like `XScheduler.from_config(config, **options)`: e.g. `"use_karras_sigmas": true`,
     /// `"timestep_spacing": "trailing"`. Values are checked when the scheduler is built.
@@ -167,7 +170,7 @@ impl Request {
             steps: 50,
             guidance: 7.5,
             guidance_rescale: 0.0,
-            scheduler: SchedulerKind::Ddim,
+            scheduler: None,
             scheduler_options: Map::new(),
             eta: 0.0,
             seed: 0,
@@ -213,22 +216,26 @@ impl Request {
         Ok((pick(self.width, iw, "--width")?, pick(self.height, ih, "--height")?))
     }
 
-    /// Checks this request against a graph set's manifest without running anything: size, steps,
-    /// guidance, cond_tau, latents shape, sampler configuration, adapter names and condition images.
-    pub fn check(&self, m: &Manifest) -> Result<Checked> {
+    /// Checks this request against a graph set's manifest and `limits` without running anything:
+    /// sizes, counts and lengths against the limits first (nothing is allocated for a request that
+    /// exceeds one), then steps, guidance, cond_tau, latents shape and values, sampler configuration,
+    /// adapter names, weights and condition images. The result carries what the run needs.
+    pub fn check(&self, m: &Manifest, limits: &Limits) -> Result<Checked> {
         let request = self;
+        limits.check_steps(request.steps)?;
+        limits.check_adapters(request.adapters.len())?;
+        limits.check_prompt("prompt", &request.prompt)?;
+        if let Some(negative) = &request.negative_prompt {
+            limits.check_prompt("negative prompt", negative)?;
+        }
         let (width, height) = request.size(m)?;
+        limits.check_images(width, height, request.n_samples)?;
         let multiple = m.size_multiple;
         if width == 0 || height == 0 || !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
             return Err(Error::InvalidRequest(format!(
                 "size {width}x{height} is not a multiple of {multiple}, which this graph set needs; try {}x{}",
                 round_to(width, multiple),
                 round_to(height, multiple)
-            )));
-        }
-        if width > MAX_SIDE || height > MAX_SIDE {
-            return Err(Error::InvalidRequest(format!(
-                "size {width}x{height} is larger than {MAX_SIDE} pixels on a side, which t2i-rt refuses rather than run out of memory"
             )));
         }
         if request.steps == 0 {
@@ -249,6 +256,9 @@ impl Request {
                 request.guidance_rescale
             )));
         }
+        if !(request.eta.is_finite() && request.eta >= 0.0) {
+            return Err(Error::InvalidRequest(format!("eta {} must be a number ≥ 0", request.eta)));
+        }
         if let Some(latents) = &request.latents {
             let ds = m.latent.downscale;
             let expected = [request.n_samples, m.latent.channels, (height / ds) as usize, (width / ds) as usize];
@@ -263,9 +273,33 @@ impl Request {
                 return Err(Error::InvalidRequest("latents contain NaN or infinity".into()));
             }
         }
-        request.scheduler_config(m).build(request.scheduler, request.steps)?;
-        let adapters = AdapterSet::build(m, &request.adapters, width, height)?;
-        Ok(Checked { width, height, adapters })
+        let (kind, scheduler) = request.sampler(m)?;
+        if request.eta != 0.0 && kind != SchedulerKind::Ddim {
+            return Err(Error::InvalidRequest(format!(
+                "eta only applies to the ddim sampler (diffusers ignores it elsewhere), and this request runs {kind}; \
+                 drop eta or choose ddim"
+            )));
+        }
+        let karras = request.scheduler_options.get("use_karras_sigmas").and_then(Value::as_bool) == Some(true);
+        if karras && !kind.takes_karras_sigmas() {
+            return Err(Error::InvalidRequest(format!(
+                "the {kind} sampler ({}) has no Karras sigmas; use them with euler, heun, lms, dpmpp-2m, dpmpp-2m-sde \
+                 or unipc",
+                kind.diffusers_class()
+            )));
+        }
+        let adapters = AdapterSet::build_within(m, &request.adapters, width, height, limits)?;
+        Ok(Checked { width, height, adapters, scheduler })
+    }
+
+    /// The sampler this request runs on graph set `m`, built for its steps: the named one, or the
+    /// set's own ([`Request::scheduler`]).
+    pub fn sampler(&self, m: &Manifest) -> Result<(SchedulerKind, Box<dyn Scheduler>)> {
+        let config = self.scheduler_config(m);
+        match self.scheduler {
+            Some(kind) => Ok((kind, config.build(kind, self.steps)?)),
+            None => config.build_checkpoint(self.steps),
+        }
     }
 }
 
@@ -288,6 +322,8 @@ pub struct Generation {
     pub latents: Array4<f32>,
     /// Decoded images, one per sample.
     pub images: Vec<RgbImage>,
+    /// The sampler that ran (the request's, or the graph set's own).
+    pub scheduler: SchedulerKind,
     /// Where the time went.
     pub timings: Timings,
 }
@@ -330,6 +366,7 @@ pub struct Model(Arc<ModelInner>);
 
 struct ModelInner {
     manifest: Manifest,
+    limits: Limits,
     backend: Arc<dyn Backend>,
     /// One tokenizer per text encoder, in manifest order.
     tokenizers: Vec<PromptTokenizer>,
@@ -385,7 +422,17 @@ impl Model {
         let text_encoders: Vec<_> = graphs.by_ref().take(manifest.text_encoders.len()).collect();
         let (unet, vae_decoder) = (graphs.next().expect("unet"), graphs.next().expect("vae_decoder"));
         let adapters = graphs.collect();
-        Ok(Model(Arc::new(ModelInner { manifest, backend, tokenizers, text_encoders, unet, vae_decoder, adapters })))
+        let limits = options.limits;
+        Ok(Model(Arc::new(ModelInner {
+            manifest,
+            limits,
+            backend,
+            tokenizers,
+            text_encoders,
+            unet,
+            vae_decoder,
+            adapters,
+        })))
     }
 
     /// `t2i-rt build-engine`: prepares every graph of the set in `dir` for `options.backend` into
@@ -440,6 +487,11 @@ impl Model {
 
     pub fn manifest(&self) -> &Manifest {
         &self.0.manifest
+    }
+
+    /// The bounds every request on this model is checked against ([`LoadOptions::limits`]).
+    pub fn limits(&self) -> &Limits {
+        &self.0.limits
     }
 
     /// The backend's name (`ort-cpu`, `tract`).
@@ -526,9 +578,9 @@ impl Pipeline {
         let mut timings = Timings::default();
         let model = self.model.clone();
         let manifest = model.manifest();
-        let Checked { width, height, adapters } = request.check(manifest)?;
+        let Checked { width, height, adapters, mut scheduler } = request.check(manifest, &model.0.limits)?;
+        let kind = scheduler.kind();
         let n = request.n_samples;
-        let mut scheduler = request.scheduler_config(manifest).build(request.scheduler, request.steps)?;
         let mut rng = StdRng::seed_from_u64(request.seed);
         timings.prepare = start.elapsed();
 
@@ -622,6 +674,7 @@ impl Pipeline {
                 let clock = Instant::now();
                 let noise = first(unet.run(&inputs)?, "unet")?;
                 let unet_time = clock.elapsed();
+                finite(std::slice::from_ref(&noise), || Stage::Unet { step: step + 1, total })?;
                 let noise = if guided {
                     let uncond = noise.slice_axis(Axis(0), (0..n).into());
                     let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
@@ -630,6 +683,7 @@ impl Pipeline {
                     if request.guidance_rescale > 0.0 {
                         rescale_noise_cfg(&mut guided_noise, cond.view(), request.guidance_rescale);
                     }
+                    finite(std::slice::from_ref(&guided_noise), || Stage::Guidance { step: step + 1, total })?;
                     guided_noise
                 } else {
                     noise
@@ -637,6 +691,7 @@ impl Pipeline {
                 let clock = Instant::now();
                 scheduler.step(noise.view(), step, &mut latents, &mut rng)?;
                 scheduler_time += clock.elapsed();
+                finite(std::slice::from_ref(&latents), || Stage::Sampler { step: step + 1, total })?;
                 if !progress(Progress { step: step + 1, total }) {
                     return Err(Error::Cancelled);
                 }
@@ -654,21 +709,37 @@ impl Pipeline {
             .into_dimensionality()
             .map_err(|e| Error::InvalidRequest(format!("latents lost their shape: {e}")))?;
         let clock = Instant::now();
-        let images = self.decode(&latents)?;
+        // Finite latents so large that scaling overflows them: the denoising diverged.
+        let images = self.decode_or(&latents, || Error::NumericalFault { stage: Stage::Sampler { step: total, total } })?;
         timings.vae_decode = clock.elapsed();
         timings.total = start.elapsed();
-        Ok(Generation { latents, images, timings })
+        Ok(Generation { latents, images, scheduler: kind, timings })
     }
 
     /// Decodes final latents into images (diffusers' `decode_latents` + `numpy_to_pil`).
+    /// Latents that are not finite once scaled are [`Error::InvalidRequest`]; a decoder that
+    /// produces NaN or infinity is [`Error::NumericalFault`] at [`Stage::VaeDecoder`].
     pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Vec<RgbImage>> {
+        self.decode_or(latents, || {
+            Error::InvalidRequest(
+                "latents to decode contain NaN or infinity (after scaling by 1 / vae.scaling_factor)".into(),
+            )
+        })
+    }
+
+    /// [`decode`](Self::decode), with `overflow` the error for latents that overflow when scaled.
+    fn decode_or(&mut self, latents: &Array4<f32>, overflow: impl FnOnce() -> Error) -> Result<Vec<RgbImage>> {
         let manifest = self.model.manifest();
         // diffusers: `1 / self.vae.config.scaling_factor * latents`, the reciprocal taken in double.
         let scaled = latents * ((1.0 / manifest.vae.scaling_factor) as f32);
+        if scaled.iter().any(|v| !v.is_finite()) {
+            return Err(overflow());
+        }
         let decoded = first(
             self.vae_decoder.run(&[("latent_sample", TensorView::F32(scaled.view().into_dyn()))])?,
             "vae_decoder",
         )?;
+        finite(std::slice::from_ref(&decoded), || Stage::VaeDecoder)?;
         let decoded: Array4<f32> = decoded.into_dimensionality().map_err(|_| {
             Error::InvalidRequest("vae_decoder output is not 4-dimensional; re-export the graph set".into())
         })?;
@@ -708,6 +779,7 @@ impl Pipeline {
         let mut pooled = None;
         for (i, (spec, ids)) in manifest.text_encoders.iter().zip(ids).enumerate() {
             let outputs = self.text_encoders[i].run(&[("input_ids", TensorView::I64(ids.view()))])?;
+            finite(&outputs, || Stage::TextEncoder(spec.name.clone()))?;
             hidden.push(output(spec, outputs.clone(), &spec.hidden_output)?);
             if manifest.added_cond.text_embeds.as_ref() == Some(&spec.name) {
                 if let Some(name) = &spec.pooled_output {
@@ -756,16 +828,27 @@ fn output(spec: &TextEncoderSpec, outputs: Vec<ArrayD<f32>>, name: &str) -> Resu
     })
 }
 
-/// A request that passed [`Request::check`]: its image size and its adapters, ready to run.
+/// A request that passed [`Request::check`]: its image size, adapters and sampler, ready to run.
 pub struct Checked {
     pub width: u32,
     pub height: u32,
     pub adapters: AdapterSet,
+    /// Built for the request's steps; its [`kind`](crate::scheduler::Scheduler::kind) is what runs.
+    pub scheduler: Box<dyn Scheduler>,
 }
 
 /// The UNet's adapter-residual inputs for `residuals` (in slot order).
 fn residual_inputs<'a>(slots: &'a [ResidualSlot], residuals: &'a [ArrayD<f32>]) -> Vec<(&'a str, TensorView<'a>)> {
     slots.iter().zip(residuals).map(|(s, r)| (s.input.as_str(), TensorView::F32(r.view()))).collect()
+}
+
+/// `Err(NumericalFault)` at `stage` when any value of `outputs` is NaN or infinite. A scan costs
+/// far less than the graph call that made the values (one pass over its output).
+fn finite(outputs: &[ArrayD<f32>], stage: impl FnOnce() -> Stage) -> Result<()> {
+    if outputs.iter().any(|o| o.iter().any(|v| !v.is_finite())) {
+        return Err(Error::NumericalFault { stage: stage() });
+    }
+    Ok(())
 }
 
 fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {

@@ -38,7 +38,10 @@ fn fails(name: &str, graphs: &Path, extra: &[&str], env: &[(&str, &str)], expect
         None => temp_dir(&format!("{name}-out")).join("out.png"),
     };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i-rt"));
-    cmd.args(["run", "--graphs"]).arg(graphs).args(["--prompt", "a cat", "--steps", "2", "--seed", "1"]);
+    cmd.args(["run", "--graphs"]).arg(graphs).args(["--prompt", "a cat", "--seed", "1"]);
+    if !extra.contains(&"--steps") {
+        cmd.args(["--steps", "2"]);
+    }
     if !extra.contains(&"--out") {
         cmd.arg("--out").arg(&out);
     }
@@ -59,6 +62,34 @@ fn fails(name: &str, graphs: &Path, extra: &[&str], env: &[(&str, &str)], expect
         assert!(leftovers.is_empty(), "{name}: left files behind: {leftovers:?}");
         let _ = std::fs::remove_dir_all(out.parent().unwrap());
     }
+}
+
+/// A valid PNG header declaring `width` × `height` gray pixels, with a few bytes of data.
+fn png_bomb(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0]);
+    chunk(b"IEND", &[]);
+    png
 }
 
 fn fixture(path: &str) -> String {
@@ -83,10 +114,30 @@ fn request_errors_are_one_line_and_write_nothing() {
     fails("not-an-image", &set, &["--adapter", &format!("sketch={}", not_image.display())], &[], "x.png");
     fails("bad-size", &set, &["--width", "100", "--height", "64"], &[], "not a multiple of 64");
     fails("bad-size-adapter", &set, &["--width", "96", "--height", "64", "--adapter", &sketch], &[], "not a multiple");
-    fails("huge-size", &set, &["--width", "65536", "--height", "64"], &[], "larger than 8192");
-    fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim, pndm, euler, euler-a, heun");
+    fails("huge-size", &set, &["--width", "65536", "--height", "64"], &[], "over the limit of 8192 (limits.max_side)");
+    fails("too-many-pixels", &set, &["--width", "4096", "--height", "4096"], &[], "(limits.max_pixels)");
+    fails("too-many-steps", &set, &["--steps", "100000"], &[], "(limits.max_steps)");
+    fails("too-many-samples", &set, &["--n-samples", "1000"], &[], "(limits.max_samples)");
+    let bomb = temp_dir("bomb").join("bomb.png");
+    std::fs::write(&bomb, png_bomb(100_000, 100_000)).unwrap();
+    fails(
+        "decompression-bomb",
+        &set,
+        &["--width", "64", "--height", "64", "--adapter", &format!("sketch={}", bomb.display())],
+        &[],
+        "pixel count of condition image",
+    );
+    fails(
+        "pndm-contradiction",
+        &set,
+        &["--scheduler", "pndm", "--scheduler-option", "skip_prk_steps=false"],
+        &[],
+        "use the pndm-prk sampler instead",
+    );
+    fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim, pndm, pndm-prk, euler, euler-a, heun");
     fails("karras-on-ddim", &set, &["--scheduler", "ddim", "--karras"], &[], "has no Karras sigmas");
-    fails("eta-on-euler", &set, &["--scheduler", "euler", "--eta", "0.5"], &[], "--eta only applies to the ddim");
+    fails("eta-on-euler", &set, &["--scheduler", "euler", "--eta", "0.5"], &[], "eta only applies to the ddim");
+    fails("eta-on-default", &set, &["--eta", "0.5"], &[], "this request runs pndm");
     fails("bad-scheduler-option", &set, &["--scheduler-option", "spacing"], &[], "expected KEY=VALUE");
     fails(
         "bad-scheduler-value",
@@ -101,6 +152,21 @@ fn request_errors_are_one_line_and_write_nothing() {
     let latents = temp_dir("bad-latents").join("latents.npy");
     ndarray_npy::write_npy(&latents, &ndarray::Array4::<f32>::zeros((1, 4, 4, 4))).unwrap();
     fails("bad-latents", &set, &["--latents", latents.to_str().unwrap()], &[], "latents have shape [1, 4, 4, 4]");
+    let mut nan = ndarray::Array4::<f32>::zeros((1, 4, 8, 8));
+    nan[[0, 1, 2, 3]] = f32::NAN;
+    let nan_latents = temp_dir("nan-latents").join("latents.npy");
+    ndarray_npy::write_npy(&nan_latents, &nan).unwrap();
+    fails("nan-latents", &set, &["--latents", nan_latents.to_str().unwrap()], &[], "NaN or infinity");
+    // The classic fp16 overflow: no PNG, one line that names the stage and the fix.
+    let huge = temp_dir("huge-latents").join("latents.npy");
+    ndarray_npy::write_npy(&huge, &ndarray::Array4::<f32>::from_elem((1, 4, 8, 8), 1e5)).unwrap();
+    fails(
+        "fp16-overflow",
+        &common::tiny_set("tiny-sd1-fp16"),
+        &["--latents", huge.to_str().unwrap()],
+        &[],
+        "produced NaN or infinity: ",
+    );
     fails("missing-out-dir", &set, &["--out", "/nonexistent/dir/x.png"], &[], "does not exist");
     fails(
         "no-ort",
@@ -109,7 +175,7 @@ fn request_errors_are_one_line_and_write_nothing() {
         &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
         "ONNX Runtime library not found",
     );
-    for dir in [not_image.parent(), latents.parent()].into_iter().flatten() {
+    for dir in [not_image.parent(), latents.parent(), bomb.parent(), nan_latents.parent(), huge.parent()].into_iter().flatten() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -11,6 +11,7 @@ use t2i_rt::{AdapterRequest, BackendKind, ConditionSource, Error, LoadOptions, M
 fn request(seed: u64) -> Request {
     let mut request = Request::new("a lighthouse at dusk");
     request.steps = 3;
+    request.scheduler = Some(SchedulerKind::Ddim);
     request.seed = seed;
     request
 }
@@ -91,7 +92,7 @@ fn stochastic_samplers_follow_the_seed() {
         .filter(|k| k.is_stochastic())
         .map(|kind| {
             let mut r = request(0);
-            r.scheduler = kind;
+            r.scheduler = Some(kind);
             (kind.to_string(), r)
         })
         .collect();
@@ -127,7 +128,7 @@ fn missing_size_comes_from_the_first_condition_image_as_in_diffusers() {
     assert_eq!(r.size(&manifest).unwrap(), (manifest.default_size[0], manifest.default_size[1]));
     r.adapters = vec![gray(128, 192)];
     assert_eq!(r.size(&manifest).unwrap(), (128, 192));
-    assert_eq!(r.check(&manifest).unwrap().width, 128);
+    assert_eq!(r.check(&manifest, &t2i_rt::Limits::default()).unwrap().width, 128);
     r.width = Some(64);
     assert_eq!(r.size(&manifest).unwrap(), (64, 192), "a given side wins, the other comes from the image");
     r.width = None;

@@ -137,7 +137,7 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
         request.cond_tau = case.cond_tau;
         request.steps = case.steps;
         request.guidance = case.guidance;
-        request.scheduler = case.scheduler.parse().unwrap();
+        request.scheduler = Some(case.scheduler.parse().unwrap());
         request.scheduler_options = case.scheduler_options.clone();
         request.guidance_rescale = case.guidance_rescale;
         request.width = case.width;

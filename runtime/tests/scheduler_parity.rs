@@ -85,8 +85,15 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// t2i-rt's name for the sampler the trace ran. Traces name diffusers' class by its usual sampler
+/// name; a PNDM trace whose config has no `skip_prk_steps` ran the Runge-Kutta warm-up, which
+/// t2i-rt calls `pndm-prk` (`pndm` is always PLMS).
 fn kind_of(case: &Value) -> SchedulerKind {
-    case["kind"].as_str().expect("kind").parse().expect("known kind")
+    let kind: SchedulerKind = case["kind"].as_str().expect("kind").parse().expect("known kind");
+    if kind == SchedulerKind::Pndm && case["config"]["skip_prk_steps"] != json!(true) {
+        return SchedulerKind::PndmPrk;
+    }
+    kind
 }
 
 /// The case's config, with the `step` keyword arguments the trace passed (DDIM's `eta`) and the
@@ -315,7 +322,7 @@ fn kind_names_round_trip_and_unknown_name_lists_valid_ones() {
         assert_eq!(kind.to_string(), kind.as_str());
     }
     let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
-    assert!(err.contains("dpm++") && err.contains("ddim, pndm, euler, euler-a,"), "{err}");
+    assert!(err.contains("dpm++") && err.contains("ddim, pndm, pndm-prk, euler, euler-a,"), "{err}");
 }
 
 #[test]
@@ -486,7 +493,7 @@ fn heun_second_stage_needs_its_first_and_add_noise_takes_the_repeated_sigma() {
 fn pndm_lms_ddpm_refuse_what_they_do_not_support() {
     let cases = [
         (SchedulerKind::Pndm, "prediction_type", json!("sample"), 10, "epsilon, v_prediction"),
-        (SchedulerKind::Pndm, "skip_prk_steps", json!(false), 3, "at least 4"),
+        (SchedulerKind::PndmPrk, "skip_prk_steps", json!(false), 3, "at least 4"),
         (SchedulerKind::Lms, "use_exponential_sigmas", json!(true), 10, "not supported yet"),
         (SchedulerKind::Lms, "use_beta_sigmas", json!(true), 10, "not supported yet"),
         (SchedulerKind::Lms, "prediction_type", json!("original_sample"), 10, "epsilon, v_prediction, sample"),
@@ -504,7 +511,7 @@ fn pndm_lms_ddpm_refuse_what_they_do_not_support() {
     }
     // Leading spacing with steps_offset 1 reaches timestep 1000 with 1000 steps, as for DDIM.
     let config = SchedulerConfig::new(&sd15());
-    for kind in [SchedulerKind::Pndm, SchedulerKind::Ddpm] {
+    for kind in [SchedulerKind::Pndm, SchedulerKind::PndmPrk, SchedulerKind::Ddpm] {
         let (_, message) = scheduler_error(config.build(kind, 1000));
         assert!(message.contains("timestep 1000"), "{kind}: {message}");
     }
@@ -517,9 +524,58 @@ fn pndm_evaluates_the_model_once_more_than_the_steps() {
         assert_eq!(config.build(SchedulerKind::Pndm, steps).unwrap().num_steps(), evaluations);
     }
     // The Runge-Kutta warm-up: 4 evaluations for each of the first 3 steps.
-    let mut prk = sd15();
-    prk["skip_prk_steps"] = json!(false);
-    assert_eq!(SchedulerConfig::new(&prk).build(SchedulerKind::Pndm, 20).unwrap().num_steps(), 29);
+    assert_eq!(config.build(SchedulerKind::PndmPrk, 20).unwrap().num_steps(), 29);
+}
+
+/// `pndm` is PLMS and `pndm-prk` adds the Runge-Kutta warm-up, whatever the checkpoint's config
+/// says; a request option that contradicts the name is refused with the name that means it.
+#[test]
+fn pndm_names_mean_one_thing() {
+    for skip in [json!(true), json!(false), Value::Null] {
+        let mut config = sd15();
+        config["skip_prk_steps"] = skip.clone();
+        let config = SchedulerConfig::new(&config);
+        let plms = config.build(SchedulerKind::Pndm, 20).unwrap();
+        assert_eq!((plms.kind(), plms.num_steps()), (SchedulerKind::Pndm, 21), "config skip_prk_steps {skip}");
+        let prk = config.build(SchedulerKind::PndmPrk, 20).unwrap();
+        assert_eq!((prk.kind(), prk.num_steps()), (SchedulerKind::PndmPrk, 29), "config skip_prk_steps {skip}");
+    }
+    let mut config = SchedulerConfig::new(&sd15());
+    config.set("skip_prk_steps", json!(false));
+    let (scheduler, message) = scheduler_error(config.build(SchedulerKind::Pndm, 20));
+    assert_eq!(scheduler, "pndm");
+    assert!(message.contains("use the pndm-prk sampler instead"), "{message}");
+}
+
+/// Without a sampler, a request runs the checkpoint's own, as diffusers does: the config's class,
+/// exactly as configured.
+#[test]
+fn the_default_sampler_is_the_checkpoints_own() {
+    let cases = [
+        (json!({"_class_name": "PNDMScheduler", "skip_prk_steps": true}), SchedulerKind::Pndm),
+        (json!({"_class_name": "PNDMScheduler"}), SchedulerKind::PndmPrk),
+        (json!({"_class_name": "EulerDiscreteScheduler"}), SchedulerKind::Euler),
+        (json!({"_class_name": "DDIMScheduler"}), SchedulerKind::Ddim),
+        (json!({"_class_name": "EulerAncestralDiscreteScheduler"}), SchedulerKind::EulerAncestral),
+        (json!({"_class_name": "DPMSolverMultistepScheduler"}), SchedulerKind::DpmPp2m),
+        (json!({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}), SchedulerKind::DpmPp2mSde),
+        (json!({"_class_name": "UniPCMultistepScheduler"}), SchedulerKind::UniPc),
+        (json!({"_class_name": "LCMScheduler"}), SchedulerKind::Lcm),
+    ];
+    for (config, kind) in cases {
+        let config = SchedulerConfig::new(&config);
+        assert_eq!(config.checkpoint_kind().unwrap(), kind);
+        let (built_kind, scheduler) = config.build_checkpoint(10).unwrap();
+        assert_eq!((built_kind, scheduler.kind()), (kind, kind));
+    }
+    // Built exactly as configured: a DPM-Solver config of order 3 stays order 3 (the dpmpp-2m
+    // name would force order 2).
+    let mut third = SchedulerConfig::new(&json!({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}));
+    third.set("lower_order_final", json!(false));
+    assert_eq!(third.values()["solver_order"], json!(3));
+    let unknown = SchedulerConfig::new(&json!({"_class_name": "FlowMatchEulerDiscreteScheduler"}));
+    let message = unknown.checkpoint_kind().unwrap_err().to_string();
+    assert!(message.contains("FlowMatchEulerDiscreteScheduler") && message.contains("ddim, pndm"), "{message}");
 }
 
 #[test]

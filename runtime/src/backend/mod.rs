@@ -167,6 +167,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Loads the ONNX graph at `path` (external data beside it). `graph` names it in errors.
     fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>>;
+    /// Loads an ONNX graph held in memory (no external data). Malformed bytes are an error, never
+    /// a crash.
+    fn load_bytes(&self, graph: &str, bytes: &[u8]) -> Result<Arc<dyn Graph>>;
     /// Loads a graph of a set, using (or, when building, filling) its engine cache where the
     /// backend has one. Backends without caches load the file.
     fn load_graph(&self, request: &GraphLoad<'_>) -> Result<Arc<dyn Graph>> {

@@ -211,6 +211,20 @@ impl OrtBackend {
         builder.commit_from_file(path).map_err(|e| self.err(graph, format!("cannot load {}: {e}", path.display())))
     }
 
+    /// A session on a graph held in memory, optimized at load.
+    fn session_from_bytes(&self, graph: &str, bytes: &[u8]) -> Result<Session> {
+        let mut builder = self.builder(graph, GraphOptimizationLevel::Level3, None)?;
+        builder.commit_from_memory(bytes).map_err(|e| self.err(graph, format!("cannot load the graph: {e}")))
+    }
+
+    /// A session on `source`, optimized at load.
+    fn open(&self, graph: &str, source: &Source) -> Result<Session> {
+        match source {
+            Source::File(path) => self.load_session(graph, path),
+            Source::Bytes(bytes) => self.session_from_bytes(graph, bytes),
+        }
+    }
+
     /// What a cache entry of this backend depends on besides the graph.
     fn cache_key(&self, request: &GraphLoad<'_>) -> CacheKey {
         let mut key = CacheKey::new()
@@ -302,12 +316,12 @@ impl OrtBackend {
         }
     }
 
-    fn graph(&self, name: &str, path: &Path, session: Session) -> Arc<dyn Graph> {
+    fn graph(&self, name: &str, source: Source, session: Session) -> Arc<dyn Graph> {
         let inputs = session.inputs().iter().map(|o| real_tensor(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| real_tensor(o.name(), o.dtype())).collect();
         Arc::new(OrtGraph {
             name: name.to_string(),
-            path: path.to_path_buf(),
+            source,
             backend: self.clone(),
             inputs,
             outputs,
@@ -393,20 +407,31 @@ impl Backend for OrtBackend {
 
     fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
         let session = self.load_session(graph, path)?;
-        Ok(self.graph(graph, path, session))
+        Ok(self.graph(graph, Source::File(path.to_path_buf()), session))
+    }
+
+    fn load_bytes(&self, graph: &str, bytes: &[u8]) -> Result<Arc<dyn Graph>> {
+        let session = self.session_from_bytes(graph, bytes)?;
+        Ok(self.graph(graph, Source::Bytes(bytes.into()), session))
     }
 
     fn load_graph(&self, request: &GraphLoad<'_>) -> Result<Arc<dyn Graph>> {
         let Some(cache) = &request.cache else { return self.load(request.name, request.path) };
         let session = self.load_cached(request, cache)?;
         // Later sessions of this graph (more workers) are built from the original file.
-        Ok(self.graph(request.name, request.path, session))
+        Ok(self.graph(request.name, Source::File(request.path.to_path_buf()), session))
     }
+}
+
+/// Where a graph's later sessions are built from.
+enum Source {
+    File(PathBuf),
+    Bytes(Arc<[u8]>),
 }
 
 struct OrtGraph {
     name: String,
-    path: PathBuf,
+    source: Source,
     backend: OrtBackend,
     inputs: Vec<RealTensor>,
     outputs: Vec<RealTensor>,
@@ -428,7 +453,7 @@ impl Graph for OrtGraph {
         let reused = self.first_session.lock().ok().and_then(|mut s| s.take());
         let session = match reused {
             Some(session) => session,
-            None => self.backend.load_session(&self.name, &self.path)?,
+            None => self.backend.open(&self.name, &self.source)?,
         };
         let output_names = self.outputs.iter().map(|o| o.name.clone()).collect();
         Ok(Box::new(OrtSession {
@@ -600,14 +625,14 @@ fn environment(explicit: Option<&Path>, gpu: bool) -> Result<(Environment, PathB
 fn install_hint() -> String {
     format!(
         "set ORT_DYLIB_PATH to {ORT_LIBRARY_NAME} (inside the onnxruntime 1.31.1 wheel: onnxruntime/capi/), \
-         put it next to the t2i-rt binary, run scripts/setup.sh in a checkout, or use --backend tract"
+         put it next to the t2i-rt binary, run `bash scripts/setup-ort.sh` in a checkout, or use --backend tract"
     )
 }
 
 /// Finds the ONNX Runtime shared library, in this order:
 /// 1. `ORT_DYLIB_PATH` (the `ort` crate's convention): a file;
 /// 2. next to the running executable, or in `lib/` beside it (how a deployment ships it);
-/// 3. `.ort/` in the executable's directory or one of its ancestors (where `scripts/setup.sh`
+/// 3. `.ort/` in the executable's directory or one of its ancestors (where `scripts/setup-ort.sh`
 ///    puts it in a checkout, so `cargo run` and `cargo test` need no setting); then `.ort-gpu/`
 ///    (the GPU build, `scripts/setup-ort.sh --gpu`), which GPU backends look in first.
 pub fn find_onnxruntime_library() -> std::result::Result<PathBuf, String> {

@@ -50,22 +50,31 @@ impl Backend for TractBackend {
     }
 
     fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
-        let err = |e: TractError| Error::Backend {
-            backend: BACKEND,
-            graph: graph.to_string(),
-            message: format!("cannot load {}: {e:#}", path.display()),
-        };
+        let model = tract_onnx::onnx().model_for_path(path).map_err(|e| load_error(graph, &path.display(), e))?;
+        self.graph(graph, model).map_err(|e| load_error(graph, &path.display(), e))
+    }
+
+    fn load_bytes(&self, graph: &str, bytes: &[u8]) -> Result<Arc<dyn Graph>> {
+        let model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| load_error(graph, &"the graph", e))?;
+        self.graph(graph, model).map_err(|e| load_error(graph, &"the graph", e))
+    }
+}
+
+fn load_error(graph: &str, what: &dyn std::fmt::Display, e: TractError) -> Error {
+    Error::Backend { backend: BACKEND, graph: graph.to_string(), message: format!("cannot load {what}: {e:#}") }
+}
+
+impl TractBackend {
+    fn graph(&self, graph: &str, model: InferenceModel) -> TractResult<Arc<dyn Graph>> {
         // Output types are only known after tract's type inference, which does not always succeed on
         // symbolic shapes (the residual inputs' dims are separate symbols); tract plans per concrete
         // shape anyway, so outputs are reported with an unknown type and checked when they arrive.
-        let model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
         let inputs = (0..model.inputs.len())
             .map(|i| {
                 let name = model.node(model.inputs[i].node).name.clone();
                 Ok(real_tensor(name, model.input_fact(i)?))
             })
-            .collect::<TractResult<Vec<_>>>()
-            .map_err(err)?;
+            .collect::<TractResult<Vec<_>>>()?;
         let outputs = model
             .outputs
             .iter()
@@ -76,8 +85,7 @@ impl Backend for TractBackend {
                     .unwrap_or_else(|| model.node(outlet.node).name.clone());
                 Ok(real_tensor(name, model.outlet_fact(outlet)?))
             })
-            .collect::<TractResult<Vec<_>>>()
-            .map_err(err)?;
+            .collect::<TractResult<Vec<_>>>()?;
         Ok(Arc::new(TractGraph(Arc::new(Inner {
             name: graph.to_string(),
             model,

@@ -61,8 +61,12 @@ pub use euler::{EulerConfig, EulerScheduler};
 pub enum SchedulerKind {
     /// `DDIMScheduler`; `eta` > 0 ([`SchedulerConfig::eta`]) makes it stochastic.
     Ddim,
-    /// `PNDMScheduler` with `skip_prk_steps` (PLMS): SD 1.5's default.
+    /// PLMS: `PNDMScheduler` with `skip_prk_steps = true`, whatever the checkpoint's config says
+    /// (SD 1.5's default sampler).
     Pndm,
+    /// `PNDMScheduler` with `skip_prk_steps = false`: three Runge-Kutta warm-up steps (4 model
+    /// calls each), then PLMS. What diffusers runs for a PNDM config without `skip_prk_steps`.
+    PndmPrk,
     /// `EulerDiscreteScheduler` (`s_churn = 0`): SDXL's default.
     Euler,
     /// `EulerAncestralDiscreteScheduler` ("Euler a"), stochastic.
@@ -87,9 +91,10 @@ pub enum SchedulerKind {
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 12] = [
+    pub const ALL: [SchedulerKind; 13] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
+        SchedulerKind::PndmPrk,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::Heun,
@@ -107,6 +112,7 @@ impl SchedulerKind {
         match self {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Pndm => "pndm",
+            SchedulerKind::PndmPrk => "pndm-prk",
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::Heun => "heun",
@@ -124,7 +130,7 @@ impl SchedulerKind {
     pub fn diffusers_class(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "DDIMScheduler",
-            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Pndm | SchedulerKind::PndmPrk => "PNDMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::Heun => "HeunDiscreteScheduler",
@@ -142,6 +148,8 @@ impl SchedulerKind {
     /// `XScheduler.from_config(config, **preset)`); request overrides still apply after them.
     pub fn preset(self) -> Vec<(&'static str, Value)> {
         match self {
+            SchedulerKind::Pndm => vec![("skip_prk_steps", true.into())],
+            SchedulerKind::PndmPrk => vec![("skip_prk_steps", false.into())],
             SchedulerKind::DpmPp2m => {
                 vec![("algorithm_type", "dpmsolver++".into()), ("solver_order", 2.into())]
             }
@@ -163,6 +171,7 @@ impl SchedulerKind {
             self,
             SchedulerKind::Ddim
                 | SchedulerKind::Pndm
+                | SchedulerKind::PndmPrk
                 | SchedulerKind::EulerAncestral
                 | SchedulerKind::Lcm
                 | SchedulerKind::Ddpm
@@ -194,6 +203,18 @@ impl FromStr for SchedulerKind {
             Error::InvalidRequest(format!("unknown scheduler \"{name}\"; valid names: {}", valid.join(", ")))
         })
     }
+}
+
+/// Parses a scheduler config override `KEY=VALUE` (what `--scheduler-option` takes): VALUE is
+/// JSON (`true`, `0`, `"trailing"`) or else a bare string (`trailing`).
+pub fn parse_option(arg: &str) -> Result<(String, Value)> {
+    let bad = || Error::InvalidRequest(format!("scheduler option {arg:?}: expected KEY=VALUE, e.g. timestep_spacing=trailing"));
+    let (key, value) = arg.split_once('=').ok_or_else(bad)?;
+    if key.is_empty() {
+        return Err(bad());
+    }
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((key.to_owned(), value))
 }
 
 /// Where stochastic samplers take their noise from. Any [`rand::RngCore`] is one (standard
@@ -300,6 +321,8 @@ pub struct SchedulerConfig {
     overrides: Map<String, Value>,
     /// Set when the JSON is not an object; reported by every build.
     not_an_object: Option<String>,
+    /// The checkpoint's `_class_name` (`PNDMScheduler`, ...): the sampler diffusers runs for it.
+    class_name: Option<String>,
     /// DDIM's `eta` (a `step` argument in diffusers, not a config key): 0 is deterministic DDIM,
     /// > 0 adds seeded noise (1 is DDPM-like). Defaults to 0.
     pub eta: f32,
@@ -308,7 +331,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     /// A config with no keys: every scheduler takes its diffusers defaults.
     fn default() -> Self {
-        SchedulerConfig { values: Map::new(), overrides: Map::new(), not_an_object: None, eta: 0.0 }
+        SchedulerConfig { values: Map::new(), overrides: Map::new(), not_an_object: None, class_name: None, eta: 0.0 }
     }
 }
 
@@ -332,7 +355,8 @@ impl SchedulerConfig {
             .filter(|(k, _)| !k.starts_with('_') && !use_defaults.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        SchedulerConfig { values, overrides: Map::new(), not_an_object: None, eta: 0.0 }
+        let class_name = map.get("_class_name").and_then(Value::as_str).map(str::to_owned);
+        SchedulerConfig { values, overrides: Map::new(), not_an_object: None, class_name, eta: 0.0 }
     }
 
     /// Overrides one config key for this request, as a keyword argument of diffusers'
@@ -359,11 +383,77 @@ impl SchedulerConfig {
         for (key, value) in kind.preset() {
             config.values.insert(key.to_owned(), value);
         }
+        // `pndm` is PLMS and `pndm-prk` is not: an override that contradicts the name is refused.
+        // (Other presets are starting points a request may override: `dpmpp-2m` with
+        // `solver_order` 3 is third order, as documented.)
+        let fixed = if matches!(kind, SchedulerKind::Pndm | SchedulerKind::PndmPrk) { kind.preset() } else { Vec::new() };
+        for (key, value) in fixed {
+            if let Some(given) = config.overrides.get(key).filter(|given| **given != value) {
+                let other = SchedulerKind::ALL
+                    .into_iter()
+                    .find(|k| k.diffusers_class() == kind.diffusers_class() && k.preset().contains(&(key, given.clone())));
+                return Err(Error::Scheduler {
+                    scheduler: kind.as_str(),
+                    message: format!(
+                        "`{key}` = {given} contradicts this sampler, which is `{key}` = {value}{}",
+                        other.map(|k| format!("; use the {k} sampler instead")).unwrap_or_default()
+                    ),
+                });
+            }
+        }
         config.values.extend(std::mem::take(&mut config.overrides));
-        let config = &config;
+        config.build_exact(kind, steps)
+    }
+
+    /// The sampler diffusers runs for this checkpoint by default: the config's `_class_name`, with
+    /// the config's own keys and the request's overrides (no preset): `PNDMScheduler` is
+    /// [`Pndm`](SchedulerKind::Pndm) or [`PndmPrk`](SchedulerKind::PndmPrk) by its `skip_prk_steps`,
+    /// `DPMSolverMultistepScheduler` is `dpmpp-2m-sde` for `sde-dpmsolver++` and `dpmpp-2m` otherwise.
+    pub fn checkpoint_kind(&self) -> Result<SchedulerKind> {
+        let class = self.class_name.as_deref().unwrap_or("");
+        let flag = |key: &str| self.values.get(key).and_then(Value::as_bool).unwrap_or(false);
+        let kind = match class {
+            "PNDMScheduler" if flag("skip_prk_steps") => SchedulerKind::Pndm,
+            "PNDMScheduler" => SchedulerKind::PndmPrk,
+            "DPMSolverMultistepScheduler"
+                if self.values.get("algorithm_type").and_then(Value::as_str) == Some("sde-dpmsolver++") =>
+            {
+                SchedulerKind::DpmPp2mSde
+            }
+            "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
+            _ => match SchedulerKind::ALL.into_iter().find(|k| k.diffusers_class() == class) {
+                Some(kind) => kind,
+                None => {
+                    let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
+                    return Err(Error::Scheduler {
+                        scheduler: "default",
+                        message: format!(
+                            "the graph set's scheduler config names class {class:?}, which t2i-rt does not implement; \
+                             choose a sampler by name ({})",
+                            names.join(", ")
+                        ),
+                    });
+                }
+            },
+        };
+        Ok(kind)
+    }
+
+    /// Builds the checkpoint's own sampler ([`checkpoint_kind`](Self::checkpoint_kind)) exactly as
+    /// configured, as diffusers' pipeline runs it when no scheduler is swapped in.
+    pub fn build_checkpoint(&self, steps: usize) -> Result<(SchedulerKind, Box<dyn Scheduler>)> {
+        let kind = self.checkpoint_kind()?;
+        let mut config = self.clone();
+        config.values.extend(std::mem::take(&mut config.overrides));
+        Ok((kind, config.build_exact(kind, steps)?))
+    }
+
+    /// `kind`'s implementation on exactly these values (preset and overrides already applied).
+    fn build_exact(&self, kind: SchedulerKind, steps: usize) -> Result<Box<dyn Scheduler>> {
+        let config = self;
         Ok(match kind {
             SchedulerKind::Ddim => Box::new(DdimScheduler::new(&DdimConfig::from_config(config)?, steps)?),
-            SchedulerKind::Pndm => pndm::build(config, steps)?,
+            SchedulerKind::Pndm | SchedulerKind::PndmPrk => pndm::build(config, steps)?,
             SchedulerKind::Euler => Box::new(EulerScheduler::new(&EulerConfig::from_config(config)?, steps)?),
             SchedulerKind::EulerAncestral => euler_ancestral::build(config, steps)?,
             SchedulerKind::Heun => heun::build(config, steps)?,
@@ -525,6 +615,10 @@ pub(crate) const SPACINGS: [(&str, TimestepSpacing); 3] = [
     ("linspace", TimestepSpacing::Linspace),
 ];
 
+/// Largest `num_train_timesteps` accepted (models train with 1000); the schedules are tables of
+/// that length.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The training noise schedule keys every scheduler shares, with diffusers' common defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSchedule {
@@ -544,8 +638,10 @@ impl TrainSchedule {
         let n = r.int("num_train_timesteps", 1000)?;
         let num_train_timesteps = usize::try_from(n)
             .ok()
-            .filter(|&n| n >= 1)
-            .ok_or_else(|| r.error(format!("`num_train_timesteps` must be at least 1, got {n}")))?;
+            .filter(|&n| (1..=MAX_TRAIN_TIMESTEPS).contains(&n))
+            .ok_or_else(|| {
+                r.error(format!("`num_train_timesteps` must be between 1 and {MAX_TRAIN_TIMESTEPS}, got {n}"))
+            })?;
         let trained_betas = r.float_list("trained_betas")?;
         // diffusers only looks at beta_schedule when trained_betas is absent.
         let beta_schedule = match &trained_betas {

@@ -18,6 +18,7 @@ use super::{
 use crate::error::{Error, Result};
 
 const NAME: &str = "pndm";
+const NAME_PRK: &str = "pndm-prk";
 
 pub(crate) fn build(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
     Ok(Box::new(PndmScheduler::new(&PndmConfig::from_config(config)?, steps)?))
@@ -43,13 +44,15 @@ pub struct PndmConfig {
 impl PndmConfig {
     /// Resolves `config` the way `PNDMScheduler.from_config(config)` does. Errors name the key.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let r = config.reader(NAME)?;
+        // Named as the user knows it: `pndm-prk` when the Runge-Kutta warm-up runs.
+        let skip_prk_steps = config.reader(NAME)?.bool("skip_prk_steps", false)?;
+        let r = config.reader(if skip_prk_steps { NAME } else { NAME_PRK })?;
         let mut train = TrainSchedule::read(&r)?;
         // Not an `__init__` key of PNDMScheduler: from_config drops it.
         train.rescale_betas_zero_snr = false;
         Ok(PndmConfig {
             train,
-            skip_prk_steps: r.bool("skip_prk_steps", false)?,
+            skip_prk_steps,
             set_alpha_to_one: r.bool("set_alpha_to_one", false)?,
             prediction_type: r.choice(
                 "prediction_type",
@@ -91,9 +94,10 @@ pub struct PndmScheduler {
 impl PndmScheduler {
     /// `PNDMScheduler(**config)` followed by `set_timesteps(steps)`.
     pub fn new(config: &PndmConfig, steps: usize) -> Result<Self> {
-        let err = |message: String| Error::Scheduler { scheduler: NAME, message };
+        let name = if config.skip_prk_steps { NAME } else { NAME_PRK };
+        let err = |message: String| Error::Scheduler { scheduler: name, message };
         let num_train = config.train.num_train_timesteps;
-        check_steps(NAME, steps, num_train)?;
+        check_steps(name, steps, num_train)?;
         let alphas_cumprod = config.train.alphas_cumprod();
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
 
@@ -276,7 +280,11 @@ impl PndmScheduler {
 
 impl Scheduler for PndmScheduler {
     fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Pndm
+        if self.num_prk == 0 {
+            SchedulerKind::Pndm
+        } else {
+            SchedulerKind::PndmPrk
+        }
     }
 
     /// Training timesteps; PLMS repeats the second one (`[t₀, t₁, t₁, t₂, …]`).
