@@ -144,8 +144,8 @@ CASES = [
     ),
 ]
 
-# (g)-(o): every deterministic sampler through diffusers' own pipeline, plus Heun (two model calls
-# per step) with cond_tau, request scheduler options and guidance_rescale.
+# (g)-(q): every deterministic sampler through diffusers' own pipeline, plus Heun (two model calls
+# per step) with cond_tau, request scheduler options, guidance_rescale and PNDM's Runge-Kutta warm-up.
 SAMPLER_CASES = [
     dict(name=f"{tag}_{kind.replace('-', '_')}_sketch_pipeline", prompt="a lighthouse by the sea",
          negative_prompt="blurry", adapters=[("sketch", 1.0)], cond_tau=1.0, steps=6, guidance=7.5,
@@ -168,6 +168,10 @@ SAMPLER_CASES = [
          height=64, n_samples=2, seed=116, reference="pipeline", guidance_rescale=0.7,
          scheduler_options={"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                             "prediction_type": "v_prediction"}),
+    # (g) with the Runge-Kutta warm-up: 3 steps of 4 model calls, then PLMS (6 steps: 15 calls).
+    dict(name="q_pndm_prk_sketch_pipeline", prompt="a lighthouse by the sea", negative_prompt="blurry",
+         adapters=[("sketch", 1.0)], cond_tau=1.0, steps=6, guidance=7.5, scheduler="pndm-prk", width=64,
+         height=64, n_samples=1, seed=117, reference="pipeline"),
 ]
 
 # SD 2.x: v-prediction (the tiny set's scheduler config, like SD 2.1's), with the seg adapter.
