@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh checkout and runs every test: the Rust runtime's (parity against the committed
-# diffusers fixtures, on ort-cpu and tract) and the exporter's (pytest).
+# diffusers fixtures, on ort-cpu and tract; error handling, limits, numerical faults, a short soak,
+# and the committed fuzz inputs replayed), the exporter's (pytest), and a short coverage-guided fuzz
+# pass over every parser of outside input (scripts/fuzz.sh, 15 s per target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
@@ -8,3 +10,4 @@ bash scripts/setup-python.sh
 cargo test --workspace --locked
 export T2I_OPEN_CLIP_WHEEL=$(ls "$PWD"/.cache/wheels/open_clip_torch-3.3.0-*.whl | head -n1)
 (cd export && ../.venv/bin/python -m pytest -q tests)
+bash scripts/fuzz.sh --seconds 15

@@ -28,6 +28,7 @@ pub fn read_latents(path: &Path, limits: &Limits) -> Result<Array4<f32>> {
 /// checked against the data that is really there before anything is allocated for it, so a
 /// short file claiming a huge shape costs nothing.
 pub fn parse_latents(bytes: &[u8]) -> std::result::Result<Array4<f32>, String> {
+    check_header_length(bytes)?;
     // `view_npy` borrows the data in place and needs it aligned for f32; a copy into u32 storage is.
     let mut aligned = vec![0u32; bytes.len().div_ceil(4)];
     let storage: &mut [u8] = bytemuck_bytes(&mut aligned);
@@ -39,6 +40,29 @@ pub fn parse_latents(bytes: &[u8]) -> std::result::Result<Array4<f32>, String> {
     array
         .into_dimensionality()
         .map_err(|_| format!("has shape {shape:?}; latents have 4 dimensions (batch, channels, height, width)"))
+}
+
+/// The `.npy` header's declared length must fit in the file: ndarray-npy allocates that length
+/// (up to 4 GiB in format 2) before reading it. Layout: magic `\x93NUMPY`, major and minor version,
+/// then the header length, 2 bytes little-endian in format 1, 4 bytes in formats 2 and 3.
+fn check_header_length(bytes: &[u8]) -> std::result::Result<(), String> {
+    let malformed =
+        || "not a .npy file (bad magic or header); expected a float32 array saved with numpy.save".to_string();
+    if bytes.len() < 10 || !bytes.starts_with(b"\x93NUMPY") {
+        return Err(malformed());
+    }
+    let (start, declared) = match bytes[6] {
+        1 => (10, usize::from(u16::from_le_bytes([bytes[8], bytes[9]]))),
+        2 | 3 if bytes.len() >= 12 => (12, u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize),
+        _ => return Err(malformed()),
+    };
+    if declared > bytes.len() - start {
+        return Err(format!(
+            "the header claims {declared} bytes but the file has {} after it; the file is truncated or not a .npy file",
+            bytes.len() - start
+        ));
+    }
+    Ok(())
 }
 
 /// The bytes of a `u32` buffer.
@@ -84,6 +108,10 @@ mod tests {
         let message = parse_latents(text.as_bytes()).unwrap_err();
         assert!(message.contains("missing") || message.contains("header"), "{message}");
         assert!(parse_latents(&npy(&[8], &values)).unwrap_err().contains("4 dimensions"));
+        // Format 2 declares its header length in 4 bytes: a 4 GiB claim in a 16-byte file (found by
+        // fuzzing: ndarray-npy allocated the claimed length before reading it).
+        let lie = b"\x93NUMPY\x02\x00\xf0\xff\xff\xffabcd";
+        assert!(parse_latents(lie).unwrap_err().contains("the header claims 4294967280 bytes"));
         assert!(parse_latents(b"not npy").is_err());
     }
 }

@@ -50,18 +50,37 @@ impl Backend for TractBackend {
     }
 
     fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
-        let model = tract_onnx::onnx().model_for_path(path).map_err(|e| load_error(graph, &path.display(), e))?;
-        self.graph(graph, model).map_err(|e| load_error(graph, &path.display(), e))
+        let what = path.display();
+        let model = guarded(|| tract_onnx::onnx().model_for_path(path)).map_err(|e| load_error(graph, &what, e))?;
+        guarded(|| self.graph(graph, model)).map_err(|e| load_error(graph, &what, e))
     }
 
     fn load_bytes(&self, graph: &str, bytes: &[u8]) -> Result<Arc<dyn Graph>> {
-        let model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| load_error(graph, &"the graph", e))?;
-        self.graph(graph, model).map_err(|e| load_error(graph, &"the graph", e))
+        let model = guarded(|| tract_onnx::onnx().model_for_read(&mut &bytes[..]))
+            .map_err(|e| load_error(graph, &"the graph", e))?;
+        guarded(|| self.graph(graph, model)).map_err(|e| load_error(graph, &"the graph", e))
     }
 }
 
 fn load_error(graph: &str, what: &dyn std::fmt::Display, e: TractError) -> Error {
     Error::Backend { backend: BACKEND, graph: graph.to_string(), message: format!("cannot load {what}: {e:#}") }
+}
+
+/// Runs `f`, turning a panic into an error. tract 0.23 panics on some malformed graphs instead of
+/// returning an error (found by fuzzing: a node input naming no known value indexes a map), and a
+/// bad graph must never take a service down. Sound to use after a panic: `f` owns or only reads
+/// what it touches, and the plan cache is updated only with a finished plan.
+fn guarded<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(anyhow::anyhow!(
+            "tract failed on this graph ({message}); the graph is malformed or uses what tract does not support"
+        ))
+    })
 }
 
 impl TractBackend {
@@ -153,7 +172,7 @@ impl Inner {
             }
             model.into_optimized()?.into_runnable()
         };
-        let plan = build().map_err(|e| self.error(format!("cannot prepare for input shapes {key:?}: {e:#}")))?;
+        let plan = guarded(build).map_err(|e| self.error(format!("cannot prepare for input shapes {key:?}: {e:#}")))?;
         self.plans.lock().map_err(|_| self.error("plan cache poisoned".into()))?.insert(key, plan.clone());
         Ok(plan)
     }
@@ -184,7 +203,7 @@ impl GraphSession for TractSession {
                 TensorView::I64(a) => Tensor::from(a.to_owned()).into(),
             })
             .collect();
-        let outputs = multithread_tract_scope(graph.executor.clone(), || plan.run(values))
+        let outputs = guarded(|| multithread_tract_scope(graph.executor.clone(), || plan.run(values)))
             .map_err(|e| graph.error(format!("{e:#}")))?;
         outputs
             .iter()
