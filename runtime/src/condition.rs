@@ -170,7 +170,9 @@ impl ConditionImage {
                 )));
             }
         };
-        let corrupt = |e: image::ImageError| image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)"));
+        let corrupt = |e: image::ImageError| {
+            image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)"))
+        };
         // The header's size first: a decompression bomb is refused before its pixels are allocated.
         let (declared_width, declared_height) =
             image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;

@@ -82,13 +82,7 @@ impl Limits {
             "max_pixels",
             "request a smaller size",
         )?;
-        exceeds(
-            "the number of samples",
-            samples as u64,
-            self.max_samples as u64,
-            "max_samples",
-            "split the request",
-        )?;
+        exceeds("the number of samples", samples as u64, self.max_samples as u64, "max_samples", "split the request")?;
         exceeds(
             &format!("the pixel count of {samples} sample(s) of {width}x{height}"),
             pixels.saturating_mul(samples as u64),

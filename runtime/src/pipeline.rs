@@ -24,11 +24,10 @@ use serde_json::{Map, Value};
 use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
 use crate::backend::{Backend, BackendKind, BackendSettings, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
 use crate::engine::{BatchRule, Profile, ShapeRanges, DEFAULT_CACHE_DIR};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Stage};
+use crate::limits::Limits;
 use crate::manifest::{GraphSpec, Manifest, ResidualSlot, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
-use crate::error::Stage;
-use crate::limits::Limits;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 
@@ -710,7 +709,8 @@ impl Pipeline {
             .map_err(|e| Error::InvalidRequest(format!("latents lost their shape: {e}")))?;
         let clock = Instant::now();
         // Finite latents so large that scaling overflows them: the denoising diverged.
-        let images = self.decode_or(&latents, || Error::NumericalFault { stage: Stage::Sampler { step: total, total } })?;
+        let images =
+            self.decode_or(&latents, || Error::NumericalFault { stage: Stage::Sampler { step: total, total } })?;
         timings.vae_decode = clock.elapsed();
         timings.total = start.elapsed();
         Ok(Generation { latents, images, scheduler: kind, timings })

@@ -558,7 +558,10 @@ fn the_default_sampler_is_the_checkpoints_own() {
         (json!({"_class_name": "DDIMScheduler"}), SchedulerKind::Ddim),
         (json!({"_class_name": "EulerAncestralDiscreteScheduler"}), SchedulerKind::EulerAncestral),
         (json!({"_class_name": "DPMSolverMultistepScheduler"}), SchedulerKind::DpmPp2m),
-        (json!({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}), SchedulerKind::DpmPp2mSde),
+        (
+            json!({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}),
+            SchedulerKind::DpmPp2mSde,
+        ),
         (json!({"_class_name": "UniPCMultistepScheduler"}), SchedulerKind::UniPc),
         (json!({"_class_name": "LCMScheduler"}), SchedulerKind::Lcm),
     ];

@@ -208,7 +208,9 @@ impl FromStr for SchedulerKind {
 /// Parses a scheduler config override `KEY=VALUE` (what `--scheduler-option` takes): VALUE is
 /// JSON (`true`, `0`, `"trailing"`) or else a bare string (`trailing`).
 pub fn parse_option(arg: &str) -> Result<(String, Value)> {
-    let bad = || Error::InvalidRequest(format!("scheduler option {arg:?}: expected KEY=VALUE, e.g. timestep_spacing=trailing"));
+    let bad = || {
+        Error::InvalidRequest(format!("scheduler option {arg:?}: expected KEY=VALUE, e.g. timestep_spacing=trailing"))
+    };
     let (key, value) = arg.split_once('=').ok_or_else(bad)?;
     if key.is_empty() {
         return Err(bad());
@@ -386,12 +388,13 @@ impl SchedulerConfig {
         // `pndm` is PLMS and `pndm-prk` is not: an override that contradicts the name is refused.
         // (Other presets are starting points a request may override: `dpmpp-2m` with
         // `solver_order` 3 is third order, as documented.)
-        let fixed = if matches!(kind, SchedulerKind::Pndm | SchedulerKind::PndmPrk) { kind.preset() } else { Vec::new() };
+        let fixed =
+            if matches!(kind, SchedulerKind::Pndm | SchedulerKind::PndmPrk) { kind.preset() } else { Vec::new() };
         for (key, value) in fixed {
             if let Some(given) = config.overrides.get(key).filter(|given| **given != value) {
-                let other = SchedulerKind::ALL
-                    .into_iter()
-                    .find(|k| k.diffusers_class() == kind.diffusers_class() && k.preset().contains(&(key, given.clone())));
+                let other = SchedulerKind::ALL.into_iter().find(|k| {
+                    k.diffusers_class() == kind.diffusers_class() && k.preset().contains(&(key, given.clone()))
+                });
                 return Err(Error::Scheduler {
                     scheduler: kind.as_str(),
                     message: format!(
@@ -636,10 +639,8 @@ pub struct TrainSchedule {
 impl TrainSchedule {
     pub(crate) fn read(r: &ConfigReader<'_>) -> Result<Self> {
         let n = r.int("num_train_timesteps", 1000)?;
-        let num_train_timesteps = usize::try_from(n)
-            .ok()
-            .filter(|&n| (1..=MAX_TRAIN_TIMESTEPS).contains(&n))
-            .ok_or_else(|| {
+        let num_train_timesteps =
+            usize::try_from(n).ok().filter(|&n| (1..=MAX_TRAIN_TIMESTEPS).contains(&n)).ok_or_else(|| {
                 r.error(format!("`num_train_timesteps` must be between 1 and {MAX_TRAIN_TIMESTEPS}, got {n}"))
             })?;
         let trained_betas = r.float_list("trained_betas")?;
