@@ -64,34 +64,6 @@ fn fails(name: &str, graphs: &Path, extra: &[&str], env: &[(&str, &str)], expect
     }
 }
 
-/// A valid PNG header declaring `width` × `height` gray pixels, with a few bytes of data.
-fn png_bomb(width: u32, height: u32) -> Vec<u8> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-            }
-        }
-        !crc
-    }
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
-        png.extend((data.len() as u32).to_be_bytes());
-        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
-        png.extend(&body);
-        png.extend(crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = width.to_be_bytes().to_vec();
-    ihdr.extend(height.to_be_bytes());
-    ihdr.extend([8, 0, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0]);
-    chunk(b"IEND", &[]);
-    png
-}
-
 fn fixture(path: &str) -> String {
     common::tiny_sd1_fixtures().join(path).to_string_lossy().into_owned()
 }
@@ -119,7 +91,7 @@ fn request_errors_are_one_line_and_write_nothing() {
     fails("too-many-steps", &set, &["--steps", "100000"], &[], "(limits.max_steps)");
     fails("too-many-samples", &set, &["--n-samples", "1000"], &[], "(limits.max_samples)");
     let bomb = temp_dir("bomb").join("bomb.png");
-    std::fs::write(&bomb, png_bomb(100_000, 100_000)).unwrap();
+    std::fs::write(&bomb, common::png_bomb(100_000, 100_000)).unwrap();
     fails(
         "decompression-bomb",
         &set,
@@ -175,7 +147,9 @@ fn request_errors_are_one_line_and_write_nothing() {
         &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
         "ONNX Runtime library not found",
     );
-    for dir in [not_image.parent(), latents.parent(), bomb.parent(), nan_latents.parent(), huge.parent()].into_iter().flatten() {
+    for dir in
+        [not_image.parent(), latents.parent(), bomb.parent(), nan_latents.parent(), huge.parent()].into_iter().flatten()
+    {
         let _ = std::fs::remove_dir_all(dir);
     }
 }

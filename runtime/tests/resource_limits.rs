@@ -18,41 +18,6 @@ fn limit_of(result: t2i_rt::Result<impl Sized>) -> &'static str {
     }
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend((data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend(kind);
-    out.extend(data);
-    let crc = crc32(&out[start..]);
-    out.extend(crc.to_be_bytes());
-}
-
-/// A valid PNG header declaring `width` × `height` 8-bit gray pixels, followed by a few bytes of
-/// compressed data: a decompression bomb of a few dozen bytes.
-pub fn png_bomb(width: u32, height: u32) -> Vec<u8> {
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend(width.to_be_bytes());
-    ihdr.extend(height.to_be_bytes());
-    ihdr.extend([8, 0, 0, 0, 0]);
-    png_chunk(&mut png, b"IHDR", &ihdr);
-    // zlib stream of a few zero rows (stored block), far short of the declared size.
-    png_chunk(&mut png, b"IDAT", &[0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0]);
-    png_chunk(&mut png, b"IEND", &[]);
-    png
-}
-
 /// A baseline JPEG header declaring 65535 × 65535 pixels, with no scan data.
 fn jpeg_bomb() -> Vec<u8> {
     let mut jpeg = vec![0xff, 0xd8];
@@ -77,7 +42,7 @@ fn jpeg_bomb() -> Vec<u8> {
 fn decompression_bombs_are_refused_from_their_header() {
     let limits = Limits::default();
     for kind in [ConditionKind::Gray, ConditionKind::Rgb] {
-        let bomb = png_bomb(100_000, 100_000);
+        let bomb = common::png_bomb(100_000, 100_000);
         assert!(bomb.len() < 100);
         let result = ConditionImage::decode(&bomb, kind, &limits);
         let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
@@ -86,7 +51,7 @@ fn decompression_bombs_are_refused_from_their_header() {
         assert_eq!(limit_of(ConditionImage::decode(&jpeg_bomb(), kind, &limits)), "max_image_pixels");
     }
     // Under the limit, the same lie is a truncated file, not an allocation of the declared size.
-    let small_lie = png_bomb(4000, 4000);
+    let small_lie = common::png_bomb(4000, 4000);
     match ConditionImage::decode(&small_lie, ConditionKind::Gray, &limits) {
         Err(Error::Image { message, .. }) => assert!(message.contains("cannot decode PNG"), "{message}"),
         other => panic!("{other:?}"),
@@ -158,7 +123,11 @@ fn manifest_sizes_are_bounded() {
     let dir = common::tiny_sd1();
     assert!(Manifest::parse(&text, &dir).is_ok());
     for (from, to, expect) in [
-        ("\"channels\": 4,\n    \"downscale\": 8", "\"channels\": 4000000000,\n    \"downscale\": 8", "latent.channels"),
+        (
+            "\"channels\": 4,\n    \"downscale\": 8",
+            "\"channels\": 4000000000,\n    \"downscale\": 8",
+            "latent.channels",
+        ),
         ("\"max_length\": 77", "\"max_length\": 100000000", "tokenizer.max_length"),
         ("\"size_multiple\": 64", "\"size_multiple\": 0", "size_multiple"),
     ] {

@@ -50,3 +50,33 @@ pub fn max_abs(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
     assert_eq!(actual.shape(), expected.shape(), "shape mismatch");
     actual.iter().zip(expected).map(|(a, e)| (f64::from(*a) - f64::from(*e)).abs()).fold(0.0, f64::max)
 }
+
+/// A valid PNG header declaring `width` × `height` 8-bit gray pixels, followed by a few bytes of
+/// compressed data: a decompression bomb of a few dozen bytes.
+pub fn png_bomb(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    // A zlib stream holding one stored block of a few zero bytes, far short of the declared size.
+    chunk(b"IDAT", &[0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0]);
+    chunk(b"IEND", &[]);
+    png
+}
