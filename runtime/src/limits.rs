@@ -147,8 +147,10 @@ pub(crate) fn read_bounded(
     let file = std::fs::File::open(path).map_err(ReadError::Io)?;
     let mut bytes = Vec::new();
     file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(ReadError::Io)?;
-    let size = bytes.len() as u64;
-    if size > max {
+    let read = bytes.len() as u64;
+    if read > max {
+        // The real size where the file has one (reading stopped one byte past the limit).
+        let size = std::fs::metadata(path).map(|m| m.len()).ok().filter(|&len| len > max).unwrap_or(read);
         return Err(ReadError::Limit(Error::LimitExceeded {
             what: format!("the size in bytes of {what}"),
             value: size,
