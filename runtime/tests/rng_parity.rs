@@ -10,7 +10,9 @@
 //! nothing for a tolerance to absorb; a 1-ulp difference means a rounding step differs from
 //! torch's, which is what this test is for. torch's own draws do not depend on the CPU within a
 //! kernel: the AVX2 records are what torch draws with capability AVX2 and with AVX512 (which runs
-//! the AVX2 kernel). The generic kernel's ≥ 16-element draws call libm's logf/cosf/sinf, as
+//! the AVX2 kernel), on this AMD machine and, through the pipeline cases' latents (drawn by
+//! export/t2i_export/fixtures.py with `torch.Generator().manual_seed(seed)`), on the Intel Xeon
+//! those were computed on. The generic kernel's ≥ 16-element draws call libm's logf/cosf/sinf, as
 //! torch's do: they are checked against the same glibc here, and may differ by an ulp on a platform
 //! whose libm rounds otherwise.
 
@@ -96,3 +98,25 @@ fn the_kernels_differ_only_in_the_box_muller_rounding() {
     assert!((0.3..0.5).contains(&fraction) && worst < 5e-6, "{fraction:.3} differ, worst {worst:e}");
 }
 
+#[test]
+fn the_pipeline_cases_latents_are_torch_cpu_draws() {
+    // Every committed latents.npy of the tiny sets' cases is torch.randn(shape,
+    // generator=torch.Generator().manual_seed(seed)), drawn on the Intel Xeon the fixtures were
+    // computed on (export/t2i_export/fixtures.py): another CPU, the same bits.
+    let mut checked = 0;
+    for set in common::TINY_SETS {
+        let dir = common::tiny_fixtures(set);
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+        for case in cases {
+            let (Some(latents), Some(seed)) = (case["latents"].as_str(), case["seed"].as_u64()) else { continue };
+            let want: ArrayD<f32> = ndarray_npy::read_npy(dir.join(latents)).unwrap();
+            let mut ours = vec![0.0f32; want.len()];
+            RngKind::TorchCpu.generator(seed).fill_standard_normal(&mut ours);
+            let same = ours.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{set} {}: seed {seed} does not draw its latents.npy", case["name"]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 22, "only {checked} cases with latents and a seed");
+}
