@@ -1,4 +1,4 @@
-"""`python -m t2i_export {pipeline,tiny,random,verify}`: argument parsing only; the work is elsewhere."""
+"""`python -m t2i_export {pipeline,tiny,random,rng,verify}`: argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--save-diffusers", type=Path, metavar="DIR",
                     help="also save the same modules in diffusers format: DIR/random-PRESET and DIR/adapters/NAME")
 
+    pg = sub.add_parser("rng", help="regenerate graphs/fixtures/rng: torch.randn draws of torch.Generator(\"cpu\")")
+    pg.add_argument("--out", type=Path, required=True, help="fixture directory to write (draws.json, avx2.npy, default.npy)")
+
     pv = sub.add_parser("verify", help="check a graph set's manifest paths and sha256")
     pv.add_argument("dir", type=Path)
     return p
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.preset, args.adapter_preset, args.out, args.name, args.seed, args.save_diffusers, args.precision
             )
             print(f"wrote {out}")
+        elif args.command == "rng":
+            from .rng_fixtures import write_rng_fixtures
+
+            print(f"wrote {write_rng_fixtures(args.out)}")
         elif args.command == "verify":
             from .manifest import verify
 

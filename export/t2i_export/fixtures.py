@@ -7,7 +7,11 @@ Layout (all paths in cases.json are relative to the fixtures directory):
     graph_<graph>/out_<output>.npy ... and the torch module's outputs (float32 / int64, C order)
     conditions/*.png               adapter condition images (sketch: mode "L"; color: RGB, not the output size)
     cases.json                     end-to-end cases (see `CASES`); width/height null: the default size
-    cases/<name>/latents.npy       initial noise, exactly diffusers' `latents=` argument (before init_noise_sigma)
+    cases/<name>/latents.npy       initial noise, exactly diffusers' `latents=` argument (before init_noise_sigma),
+                                   drawn as torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                                   with the case's "seed"; "latents": null (with "rng": "torch-cpu") for the
+                                   `GENERATOR_CASES`, which pass the pipeline generator=torch.Generator("cpu")
+                                   .manual_seed(seed) instead, as a user does: latents and step noise from it
     cases/<name>/expected_latents.npy   final latents (output_type="latent")
     cases/<name>/image_<k>.png     decoded images (reference.decode_images)
 
@@ -27,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .adapter import AdapterGraph, feature_count
+from .errors import ExportError
 from .reference import Case, Oracle, decode_images, load_condition, pipeline_size, run
 from .text_encoder import POOLED_OUTPUT, TextEncoderGraph
 from .unet import UNetGraph, has_text_time, residual_slots
@@ -268,6 +273,26 @@ SDXL_CASES = [
     ),
 ]
 
+# (r)-(v): no latents: diffusers' pipeline draws them, then every stochastic sampler's step noise,
+# from generator=torch.Generator("cpu").manual_seed(seed), so the runtime must reproduce torch's CPU
+# generator (`--rng torch-cpu`), not only the samplers' arithmetic. One case per stochastic sampler;
+# two samples in one draw for DPM++ 2M SDE; DDIM with eta > 0.
+GENERATOR_CASES = [
+    dict(name=f"{tag}_{kind.replace('-', '_')}_generator_pipeline", prompt="a lighthouse by the sea",
+         negative_prompt="blurry", adapters=adapters, cond_tau=1.0, steps=steps, guidance=7.5, scheduler=kind,
+         width=64, height=64, n_samples=n, seed=seed, reference="pipeline", generator=True, eta=eta)
+    for tag, kind, adapters, steps, n, seed, eta in [
+        ("r", "euler-a", [("sketch", 1.0)], 6, 1, 118, 0.0),
+        ("s", "dpmpp-2m-sde", [("sketch", 1.0)], 6, 2, 119, 0.0),
+        ("t", "lcm", [("sketch", 0.8)], 4, 1, 120, 0.0),
+        ("u", "ddpm", [("color", 1.0)], 6, 1, 121, 0.0),
+        ("v", "ddim", [("sketch", 1.0), ("color", 0.8)], 6, 1, 122, 0.7),
+    ]
+]
+
+# The generator cases need torch's AVX2 normal_ kernel (what the runtime's torch-cpu reproduces).
+TORCH_CPU_CAPABILITIES = ("AVX2", "AVX512")
+
 CASES_BY_FAMILY = {"sd1": CASES, "sd2": SD2_CASES, "sdxl": SDXL_CASES}
 
 CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"}
@@ -389,7 +414,16 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
                 f"runtime takes the manifest's default_size {list(oracle.default_size)}: give the size"
             )
     shape = (spec["n_samples"], oracle.unet.config.in_channels, height // 8, width // 8)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
+    if spec.get("generator"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability not in TORCH_CPU_CAPABILITIES:
+            raise ExportError(
+                f"case {spec['name']}: torch runs CPU capability {capability}, whose normal_ kernel rounds otherwise "
+                f"than the {'/'.join(TORCH_CPU_CAPABILITIES)} one --rng torch-cpu matches; write fixtures on a CPU with AVX2"
+            )
+        latents = None
+    else:
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
     return Case(
         name=spec["name"],
         prompt=spec["prompt"],
@@ -407,6 +441,8 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
         scheduler_options=spec.get("scheduler_options", {}),
         guidance_rescale=spec.get("guidance_rescale", 0.0),
         size_cond=dict(spec.get("size_cond", {})),
+        seed=spec["seed"],
+        eta=spec.get("eta", 0.0),
     )
 
 
@@ -420,12 +456,13 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
     # Cases read the PNGs back, as the runtime will.
     images = {n: load_condition(root / rel) for n, (_, rel) in conditions.items()}
     entries = []
-    for spec in CASES_BY_FAMILY[family] + (SAMPLER_CASES if family == "sd1" else []):
+    for spec in CASES_BY_FAMILY[family] + (SAMPLER_CASES + GENERATOR_CASES if family == "sd1" else []):
         case = _make_case(spec, images, oracle)
         latents, timesteps = run(oracle, case)
         pixels = decode_images(oracle, latents)
         cdir = Path("cases") / case.name
-        _save_npy(root / cdir / "latents.npy", case.latents.numpy())
+        if case.latents is not None:
+            _save_npy(root / cdir / "latents.npy", case.latents.numpy())
         _save_npy(root / cdir / "expected_latents.npy", latents.numpy())
         pngs = []
         for k, px in enumerate(pixels):
@@ -438,6 +475,8 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
             extra["scheduler_options"] = case.scheduler_options
         if case.guidance_rescale:
             extra["guidance_rescale"] = case.guidance_rescale
+        if case.eta:
+            extra["eta"] = case.eta
         entries.append(
             {
                 "name": case.name,
@@ -451,7 +490,9 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
                 "width": case.width,
                 "height": case.height,
                 "n_samples": case.n_samples,
-                "latents": (cdir / "latents.npy").as_posix(),
+                "latents": None if case.latents is None else (cdir / "latents.npy").as_posix(),
+                "seed": case.seed,
+                **({"rng": "torch-cpu"} if case.latents is None else {}),
                 "expected_latents": (cdir / "expected_latents.npy").as_posix(),
                 "expected_images": pngs,
                 "reference": case.reference,

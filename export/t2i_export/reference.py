@@ -121,10 +121,14 @@ class Case:
     width: int | None  # None: left to diffusers' pipeline to pick (`pipeline_size`)
     height: int | None
     n_samples: int
-    latents: torch.Tensor  # initial noise, before init_noise_sigma scaling
+    # Initial noise, before init_noise_sigma scaling; None: the pipeline draws it (and any step noise)
+    # from torch.Generator("cpu").manual_seed(seed), passed as `generator=` (reference "pipeline" only).
+    latents: torch.Tensor | None
     reference: str  # "pipeline" | "loop"
     scheduler_options: dict = field(default_factory=dict)
     guidance_rescale: float = 0.0
+    seed: int | None = None
+    eta: float = 0.0  # DDIM's, passed to the pipeline as `eta=`
     # SDXL: original_size, crops_coords_top_left, target_size and their negative_* ((h, w) / (top, left) pairs)
     size_cond: dict = field(default_factory=dict)
 
@@ -176,6 +180,8 @@ def adapter_state(oracle: Oracle, case: Case) -> list[torch.Tensor] | None:
 @torch.no_grad()
 def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
     """Final latents (what output_type="latent" returns) and the timesteps used."""
+    if case.latents is None or case.eta != 0.0:
+        raise ValueError(f"case {case.name}: the loop reference takes explicit latents and no step noise")
     tok, n = oracle.tokenizer, case.n_samples
     do_cfg = case.guidance > 1.0
 
@@ -244,9 +250,12 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
         height=case.height,  # None: the pipeline picks its default size itself
         width=case.width,
         num_images_per_prompt=case.n_samples,
-        latents=case.latents.clone(),
         output_type="latent",
     )
+    if case.latents is None:
+        call.update(generator=torch.Generator("cpu").manual_seed(case.seed), eta=case.eta)
+    else:
+        call.update(latents=case.latents.clone(), eta=case.eta)
     if not case.adapters:
         pipe = StableDiffusionPipeline(**common)
         call.update(guidance_rescale=case.guidance_rescale)
@@ -266,6 +275,8 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
 @torch.no_grad()
 def run_pipeline_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
     """StableDiffusionXLAdapterPipeline, `adapter_conditioning_factor=cond_tau`."""
+    if case.latents is None:
+        raise ValueError(f"case {case.name}: SDXL cases pass explicit latents")
     if not case.adapters:
         raise ValueError(f"case {case.name}: StableDiffusionXLAdapterPipeline needs an adapter")
     scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)

@@ -9,6 +9,7 @@ graphs differ from torch by ~1e-6 per call; through 6 CFG steps that grows to th
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -79,7 +80,14 @@ class GraphPipeline:
         options = {**PRESETS.get(kind, {}), **case.get("scheduler_options", {})}
         scheduler = SCHEDULERS[kind].from_config(self.m["scheduler"], **options)
         scheduler.set_timesteps(case["steps"])
-        latents = torch.from_numpy(np.load(fixtures_dir / case["latents"])) * scheduler.init_noise_sigma
+        # A case without latents passed diffusers generator=torch.Generator("cpu").manual_seed(seed): the
+        # latents first, then each stochastic step's noise (diffusers' randn_tensor), from that generator.
+        generator = torch.Generator("cpu").manual_seed(case["seed"])
+        if case["latents"] is None:
+            initial = torch.randn((n, self.m["latent"]["channels"], h, w), generator=generator)
+        else:
+            initial = torch.from_numpy(np.load(fixtures_dir / case["latents"]))
+        latents = initial * scheduler.init_noise_sigma
         # cond_tau 1: every model call (the SD 1.x pipeline); below: the XL pipeline's int(steps * tau).
         cond_steps = len(scheduler.timesteps) if case["cond_tau"] >= 1 else int(case["steps"] * case["cond_tau"])
         for i, t in enumerate(scheduler.timesteps):
@@ -98,7 +106,10 @@ class GraphPipeline:
                 noise = uncond + case["guidance"] * (text - uncond)
                 if case.get("guidance_rescale", 0.0) > 0.0:
                     noise = rescale_noise_cfg(noise, text, guidance_rescale=case["guidance_rescale"])
-            kwargs = {"eta": 0.0} if case["scheduler"] == "ddim" else {}
+            params = set(inspect.signature(scheduler.step).parameters)
+            kwargs = {"eta": case.get("eta", 0.0)} if "eta" in params else {}
+            if "generator" in params:
+                kwargs["generator"] = generator
             latents = scheduler.step(noise, t, latents, **kwargs).prev_sample
         image = self.sess["vae_decoder"].run(None, {"latent_sample": (latents / self.m["vae"]["scaling_factor"]).numpy()})[0]
         pixels = (np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)

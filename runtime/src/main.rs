@@ -16,6 +16,7 @@ use t2i_rt::engine::Profile;
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
 use t2i_rt::pipeline::{EngineCache, LoadOptions, Model, Request, SizeConditioning};
+use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
 use t2i_rt::size::{Offset, Size};
 
@@ -98,9 +99,12 @@ struct RunArgs {
     /// Repeatable.
     #[arg(long = "scheduler-option", value_name = "KEY=VALUE", value_parser = t2i_rt::scheduler::parse_option)]
     scheduler_options: Vec<(String, serde_json::Value)>,
-    /// Seed for the initial noise (default: drawn at random and printed, so a run can be repeated).
+    /// Seed for the initial noise and stochastic samplers (default: drawn at random and printed, so a
+    /// run can be repeated).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+    #[arg(long, default_value = "fast", value_name = "NAME", help = "Generator the seed drives (torch-cpu: diffusers' draws; see below)", long_help = rng_long_help())]
+    rng: RngKind,
     /// Images to draw for the prompt.
     #[arg(long, default_value_t = 1, value_name = "N")]
     n_samples: usize,
@@ -172,6 +176,9 @@ struct BenchArgs {
     /// Sampler, as for `run` (default: the graph set's own; `t2i-rt run --help` lists them).
     #[arg(long, value_name = "NAME")]
     scheduler: Option<SchedulerKind>,
+    /// Generator for the noise, as for `run` (fast, torch-cpu, torch-cpu-default).
+    #[arg(long, default_value = "fast", value_name = "NAME")]
+    rng: RngKind,
     /// Classifier-free guidance scale (> 1: a batch of 2 per UNet call).
     #[arg(long, default_value_t = 7.5, value_name = "F")]
     guidance: f32,
@@ -317,6 +324,22 @@ fn scheduler_long_help() -> String {
     help
 }
 
+fn rng_long_help() -> String {
+    let mut help = String::from(
+        "Generator the seed drives, for the initial noise and then every stochastic sampler step, in \
+         diffusers' order:\n",
+    );
+    for kind in RngKind::ALL {
+        let default = if kind == RngKind::default() { " (default)" } else { "" };
+        help.push_str(&format!("  {:<18} {}{default}\n", kind.as_str(), kind.describe()));
+    }
+    help.push_str(
+        "With torch-cpu, --seed S gives what diffusers gives for generator=torch.Generator(\"cpu\").manual_seed(S) \
+         and no latents= (fp32 pipeline). torch-cuda (torch.Generator(\"cuda\")) is not implemented yet.",
+    );
+    help
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -379,6 +402,7 @@ fn run(args: RunArgs) -> Result<()> {
         negative_crops_coords_top_left: args.negative_crop_top_left.unwrap_or_default().top_left(),
         negative_target_size: args.negative_target_size.map(Size::hw),
     };
+    request.rng = args.rng;
     request.seed = args
         .seed
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
@@ -386,7 +410,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(path) = &args.latents {
         request.latents = Some(t2i_rt::npy::read_latents(path, &options.limits)?);
     } else {
-        eprintln!("seed {}", request.seed);
+        eprintln!("seed {} ({} generator)", request.seed, request.rng);
     }
     let out_paths = output_paths(&args.out, args.n_samples)?;
     for path in out_paths.iter().chain(args.save_latents.as_ref()) {
@@ -449,6 +473,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     request.steps = args.steps;
     request.guidance = args.guidance;
     request.scheduler = args.scheduler;
+    request.rng = args.rng;
     request.adapters = args.adapters;
     request.width = args.size.map(|s| s.width);
     request.height = args.size.map(|s| s.height);

@@ -15,10 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use ndarray::{Array, Array4, ArrayD, Axis, IxDyn};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
+use ndarray::{Array4, ArrayD, Axis, IxDyn};
 use serde_json::{Map, Value};
 
 use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
@@ -28,7 +25,8 @@ use crate::error::{Error, Result, Stage};
 use crate::limits::Limits;
 use crate::manifest::{GraphSpec, Manifest, ResidualSlot, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::rng::RngKind;
+use crate::scheduler::{randn, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 
 /// How to load a graph set.
@@ -111,8 +109,14 @@ pub struct Request {
     pub scheduler_options: Map<String, Value>,
     /// DDIM's `eta` (≥ 0; 0 is deterministic). Ignored by the other samplers, as in diffusers.
     pub eta: f32,
-    /// Seeds the initial noise (when `latents` is `None`) and any stochastic sampler.
+    /// Seeds the initial noise (when `latents` is `None`) and any stochastic sampler, through
+    /// the generator `rng` names.
     pub seed: u64,
+    /// Which generator `seed` drives: the runtime's own (default), or torch's CPU generator, so
+    /// that a seed gives what diffusers gives with `generator=torch.Generator("cpu").manual_seed(seed)`
+    /// (see [`RngKind`]). One generator per run: first the initial latents (unless `latents` is
+    /// given, as diffusers skips that draw too), then each stochastic sampler step's noise.
+    pub rng: RngKind,
     /// Images per prompt (diffusers' `num_images_per_prompt`).
     pub n_samples: usize,
     /// Image size; `None` as diffusers: the first condition image's, else the manifest's
@@ -173,6 +177,7 @@ impl Request {
             scheduler_options: Map::new(),
             eta: 0.0,
             seed: 0,
+            rng: RngKind::default(),
             n_samples: 1,
             width: None,
             height: None,
@@ -580,7 +585,7 @@ impl Pipeline {
         let Checked { width, height, adapters, mut scheduler } = request.check(manifest, &model.0.limits)?;
         let kind = scheduler.kind();
         let n = request.n_samples;
-        let mut rng = StdRng::seed_from_u64(request.seed);
+        let mut noise = request.rng.generator(request.seed);
         timings.prepare = start.elapsed();
 
         // Text: [negative × n, prompt × n] with guidance, [prompt × n] without (diffusers' order).
@@ -636,7 +641,8 @@ impl Pipeline {
         let channels = manifest.latent.channels;
         let mut latents: ArrayD<f32> = match &request.latents {
             Some(l) => l.clone().into_dyn(),
-            None => Array::from_shape_simple_fn(IxDyn(&[n, channels, lh, lw]), || StandardNormal.sample(&mut rng)),
+            // diffusers' prepare_latents: randn_tensor((n, C, H/8, W/8), generator), one draw.
+            None => randn(noise.as_mut(), &[n, channels, lh, lw]),
         };
         latents *= scheduler.init_noise_sigma();
 
@@ -671,12 +677,12 @@ impl Pipeline {
                 let inputs =
                     [("sample", TensorView::F32(model_input.view())), ("timestep", TensorView::F32(timestep.view()))];
                 let clock = Instant::now();
-                let noise = first(unet.run(&inputs)?, "unet")?;
+                let noise_pred = first(unet.run(&inputs)?, "unet")?;
                 let unet_time = clock.elapsed();
-                finite(std::slice::from_ref(&noise), || Stage::Unet { step: step + 1, total })?;
-                let noise = if guided {
-                    let uncond = noise.slice_axis(Axis(0), (0..n).into());
-                    let cond = noise.slice_axis(Axis(0), (n..2 * n).into());
+                finite(std::slice::from_ref(&noise_pred), || Stage::Unet { step: step + 1, total })?;
+                let noise_pred = if guided {
+                    let uncond = noise_pred.slice_axis(Axis(0), (0..n).into());
+                    let cond = noise_pred.slice_axis(Axis(0), (n..2 * n).into());
                     // diffusers: noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
                     let mut guided_noise = &uncond + &((&cond - &uncond) * request.guidance);
                     if request.guidance_rescale > 0.0 {
@@ -685,10 +691,10 @@ impl Pipeline {
                     finite(std::slice::from_ref(&guided_noise), || Stage::Guidance { step: step + 1, total })?;
                     guided_noise
                 } else {
-                    noise
+                    noise_pred
                 };
                 let clock = Instant::now();
-                scheduler.step(noise.view(), step, &mut latents, &mut rng)?;
+                scheduler.step(noise_pred.view(), step, &mut latents, noise.as_mut())?;
                 scheduler_time += clock.elapsed();
                 finite(std::slice::from_ref(&latents), || Stage::Sampler { step: step + 1, total })?;
                 if !progress(Progress { step: step + 1, total }) {

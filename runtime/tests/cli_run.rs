@@ -1,6 +1,8 @@
-//! `t2i-rt run` end to end through the binary: diffusers' initial latents in with `--latents`,
-//! final latents out with `--save-latents`, equal to diffusers' (same tolerance as the library's
-//! pipeline parity test: relative L2 ≤ 1e-4 on ort-cpu), and PNGs within 2/255; and `t2i-rt bench`.
+//! `t2i-rt run` end to end through the binary: diffusers' initial latents in with `--latents` (or,
+//! for a case diffusers ran with `generator=torch.Generator("cpu").manual_seed(seed)`, only
+//! `--seed seed --rng torch-cpu`), final latents out with `--save-latents`, equal to diffusers'
+//! (same tolerance as the library's pipeline parity test: relative L2 ≤ 1e-4 on ort-cpu), and PNGs
+//! within 2/255; and `t2i-rt bench`.
 
 mod common;
 
@@ -9,17 +11,19 @@ use std::process::Command;
 use ndarray::ArrayD;
 use serde_json::Value;
 
-/// Runs the tiny-sd1 fixture case with two weighted adapters, cond_tau < 1 and a negative prompt
-/// through `t2i-rt run` plus `extra`; checks it against diffusers' latents and image and returns the
-/// final latents and stderr.
-fn run_fixture_case(name: &str, extra: &[&str]) -> (ArrayD<f32>, String) {
+/// The tiny-sd1 fixture case with two weighted adapters, cond_tau < 1 and a negative prompt.
+fn two_adapters_tau(case: &Value) -> bool {
+    case["adapters"].as_array().unwrap().len() == 2 && case["cond_tau"].as_f64().unwrap() < 1.0
+}
+
+/// Runs the first tiny-sd1 fixture case `pick` accepts (one image, a negative prompt) through
+/// `t2i-rt run` plus `extra`; checks it against diffusers' latents and image and returns the final
+/// latents and stderr.
+fn run_fixture_case(name: &str, pick: fn(&Value) -> bool, extra: &[&str]) -> (ArrayD<f32>, String) {
     let fixtures = common::tiny_sd1_fixtures();
     let cases: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
-    let case = cases
-        .iter()
-        .find(|c| c["adapters"].as_array().unwrap().len() == 2 && c["cond_tau"].as_f64().unwrap() < 1.0)
-        .unwrap();
+    let case = cases.iter().find(|c| pick(c)).unwrap();
     let out_dir = std::env::temp_dir().join(format!("t2i-cli-run-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let (png, latents_out) = (out_dir.join("out.png"), out_dir.join("latents.npy"));
@@ -47,7 +51,17 @@ fn run_fixture_case(name: &str, extra: &[&str]) -> (ArrayD<f32>, String) {
         cmd.arg(flag).arg(case[key].to_string());
     }
     cmd.args(["--scheduler", case["scheduler"].as_str().unwrap()]);
-    cmd.arg("--latents").arg(fixtures.join(case["latents"].as_str().unwrap()));
+    match case["latents"].as_str() {
+        Some(latents) => {
+            cmd.arg("--latents").arg(fixtures.join(latents));
+        }
+        None => {
+            cmd.args(["--seed", &case["seed"].to_string(), "--rng", case["rng"].as_str().unwrap()]);
+        }
+    }
+    if let Some(eta) = case.get("eta") {
+        cmd.args(["--eta", &eta.to_string()]);
+    }
     cmd.arg("--save-latents").arg(&latents_out).arg("--out").arg(&png);
     cmd.args(extra);
     let output = cmd.output().unwrap();
@@ -69,7 +83,15 @@ fn run_fixture_case(name: &str, extra: &[&str]) -> (ArrayD<f32>, String) {
 
 #[test]
 fn run_reproduces_diffusers_through_the_cli() {
-    run_fixture_case("plain", &[]);
+    run_fixture_case("plain", two_adapters_tau, &[]);
+}
+
+/// `--seed S --rng torch-cpu` and no latents: what diffusers draws from
+/// `generator=torch.Generator("cpu").manual_seed(S)`, initial latents and Euler a's step noise.
+#[test]
+fn run_with_torch_cpu_rng_reproduces_diffusers_from_the_seed() {
+    let (_, stderr) = run_fixture_case("torch-cpu", |c| c["name"] == "r_euler_a_generator_pipeline", &[]);
+    assert!(stderr.contains("(torch-cpu generator)"), "{stderr}");
 }
 
 /// `build-engine --backend ort-cpu` saves ONNX Runtime's optimized graphs; `run` then loads them
@@ -98,8 +120,8 @@ fn prepared_engines_are_used_and_stale_ones_are_not() {
         entries.push(dirs[0].clone());
     }
 
-    let (uncached, _) = run_fixture_case("uncached", &["--no-engine-cache"]);
-    let (cached, stderr) = run_fixture_case("cached", &["--engine-cache", cache_arg]);
+    let (uncached, _) = run_fixture_case("uncached", two_adapters_tau, &["--no-engine-cache"]);
+    let (cached, stderr) = run_fixture_case("cached", two_adapters_tau, &["--engine-cache", cache_arg]);
     assert!(!stderr.contains("stale"), "{stderr}");
     let diff = common::rel_l2(&cached, &uncached);
     assert!(diff <= 1e-6, "prepared graphs changed the result: rel L2 {diff:.2e} against loading the originals");
@@ -111,7 +133,7 @@ fn prepared_engines_are_used_and_stale_ones_are_not() {
     key.insert("cpu".into(), Value::String("another CPU".into()));
     std::fs::write(&key_file, serde_json::to_string(&key).unwrap()).unwrap();
     std::fs::rename(&entries[1], entries[1].with_file_name("0000000000000000")).unwrap();
-    let (_, stderr) = run_fixture_case("stale", &["--engine-cache", cache_arg]);
+    let (_, stderr) = run_fixture_case("stale", two_adapters_tau, &["--engine-cache", cache_arg]);
     assert!(
         stderr.contains("prepared engine for unet") && stderr.contains("is stale (cpu: another CPU -> "),
         "{stderr}"

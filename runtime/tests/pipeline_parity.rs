@@ -6,7 +6,10 @@
 //! conditioning). One SD 2.x case gives no size: the runtime takes the manifest's `default_size`
 //! (768x768, SD 2.1 768-v's) and must land on diffusers' 768x768 result. In SD 1.x every
 //! deterministic sampler has a case run through diffusers' own pipeline, with request scheduler
-//! options and guidance_rescale too.
+//! options and guidance_rescale too; every stochastic one has a case that passes diffusers no
+//! latents but `generator=torch.Generator("cpu").manual_seed(seed)` (`"rng": "torch-cpu"` in
+//! cases.json), which the runtime must reproduce from the seed alone with [`RngKind::TorchCpu`]:
+//! the initial latents and then every step's noise.
 //!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
 //! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
@@ -27,6 +30,7 @@ use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::BackendKind;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::pipeline::{LoadOptions, Pipeline, Request, SizeConditioning};
+use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
 
 #[derive(Deserialize)]
@@ -43,7 +47,12 @@ struct Case {
     width: Option<u32>,
     height: Option<u32>,
     n_samples: usize,
-    latents: String,
+    /// `null`: diffusers drew the latents (and step noise) from `rng` seeded with `seed`.
+    latents: Option<String>,
+    seed: u64,
+    rng: Option<String>,
+    #[serde(default)]
+    eta: f32,
     expected_latents: String,
     expected_images: Vec<String>,
     reference: String,
@@ -109,6 +118,12 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
             "no case runs the {kind} sampler through diffusers' pipeline"
         );
     }
+    for kind in SchedulerKind::ALL.into_iter().filter(|k| k.is_stochastic() && set == "tiny-sd1") {
+        assert!(
+            cases.iter().any(|c| c.scheduler == kind.as_str() && c.latents.is_none() && c.reference == "pipeline"),
+            "no case runs the {kind} sampler through diffusers' pipeline with a seeded generator"
+        );
+    }
     if set == "tiny-sd2" {
         // SD 2.1 768-v's size, reached through the manifest's default_size (the image size check below)
         assert!(cases.iter().any(|c| c.width.is_none() && c.height.is_none()), "no case at the default size");
@@ -143,7 +158,18 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
         request.width = case.width;
         request.height = case.height;
         request.n_samples = case.n_samples;
-        request.latents = Some(ndarray_npy::read_npy::<_, Array4<f32>>(fixture(&case.latents)).unwrap());
+        request.eta = case.eta;
+        match (&case.latents, &case.rng) {
+            (Some(latents), _) => {
+                request.latents = Some(ndarray_npy::read_npy::<_, Array4<f32>>(fixture(latents)).unwrap())
+            }
+            (None, Some(rng)) => {
+                request.seed = case.seed;
+                request.rng = rng.parse::<RngKind>().unwrap();
+                assert_eq!(request.rng, RngKind::TorchCpu, "{}", case.name);
+            }
+            (None, None) => panic!("{}: neither latents nor a generator", case.name),
+        }
         let sc = &case.size_cond;
         request.size_cond = SizeConditioning {
             original_size: sc.original_size,

@@ -220,10 +220,14 @@ pub fn parse_option(arg: &str) -> Result<(String, Value)> {
 }
 
 /// Where stochastic samplers take their noise from. Any [`rand::RngCore`] is one (standard
-/// normal draws through `rand_distr::StandardNormal`, in element order); tests replay the exact
-/// draws diffusers made.
+/// normal draws through `rand_distr::StandardNormal`, in element order);
+/// [`TorchCpuGenerator`](crate::rng::TorchCpuGenerator) draws what torch's CPU generator does;
+/// tests replay the exact draws diffusers made.
+///
+/// Every draw of a tensor is one call with the whole tensor (row-major), as diffusers calls
+/// `randn_tensor` once per tensor: torch's values depend on how draws are split into calls.
 pub trait NoiseSource {
-    /// Fills `out` with independent standard normal draws.
+    /// Fills `out` with independent standard normal draws: one tensor of `out.len()` elements.
     fn fill_standard_normal(&mut self, out: &mut [f32]);
 }
 
@@ -235,7 +239,7 @@ impl<R: rand::RngCore + ?Sized> NoiseSource for R {
     }
 }
 
-/// A standard normal tensor of `shape` drawn from `noise` (diffusers' `randn_tensor`).
+/// A standard normal tensor of `shape` drawn from `noise` in one call (diffusers' `randn_tensor`).
 pub(crate) fn randn(noise: &mut dyn NoiseSource, shape: &[usize]) -> ArrayD<f32> {
     let mut out = ArrayD::<f32>::zeros(shape);
     if let Some(slice) = out.as_slice_mut() {
