@@ -86,7 +86,7 @@ pub fn image(data: &[u8]) {
 }
 
 /// Request strings, one per line, as the command line and a service's API pass them:
-/// `KEY:VALUE` where KEY picks the parser (`adapter`, `size`, `offset`, `option`, `scheduler`,
+/// `KEY:VALUE` where KEY picks the parser (`adapter`, `size`, `offset`, `option`, `scheduler`, `rng`,
 /// `profile`, `backend`, `steps`, `samples`, `guidance`, `tau`, `eta`, `rescale`, `prompt`,
 /// `negative`). Every line is parsed; the parsed values then form one request, checked against the
 /// tiny graph set (scheduler options reach the sampler's config this way).
@@ -124,6 +124,7 @@ pub fn request(data: &[u8]) {
                 }
             }
             "scheduler" => request.scheduler = value.parse::<SchedulerKind>().ok(),
+            "rng" => request.rng = value.parse().unwrap_or(request.rng),
             "profile" => {
                 let _ = value.parse::<Profile>();
             }

@@ -48,6 +48,10 @@ fn mix() -> Vec<Request> {
             r.steps = 3;
             r.seed = 100 + i as u64;
             r.scheduler = schedulers[i];
+            // diffusers' own generator for half the mix: its state must not leak between requests.
+            if i % 2 == 1 {
+                r.rng = t2i_rt::rng::RngKind::TorchCpu;
+            }
             r.guidance = if i % 3 == 2 { 1.0 } else { 7.5 };
             r.n_samples = 1 + i % 2;
             if i % 2 == 0 {
