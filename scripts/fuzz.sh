@@ -7,6 +7,7 @@
 #   bash scripts/fuzz.sh                      # the CI pass: every target for 15 s (about 2 min in all)
 #   bash scripts/fuzz.sh --seconds 900        # the long run (benches/RESULTS.md has its figures)
 #   bash scripts/fuzz.sh --seconds 60 image   # one target
+#   bash scripts/fuzz.sh --build-only         # only build the targets
 #
 # Each target starts from its committed seeds (fuzz/corpus/NAME) and the inputs earlier runs found
 # (fuzz/target/corpus/NAME, not committed). A crash, abort, hang (-timeout) or runaway memory
@@ -17,11 +18,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=15
+build_only=false
 targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) seconds="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --build-only) build_only=true; shift ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -35,6 +38,9 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
 cargo build --release --locked --manifest-path fuzz/Cargo.toml --target "$triple" --bins
+if $build_only; then
+    exit 0
+fi
 
 total=0
 failed=()

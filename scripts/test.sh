@@ -8,6 +8,19 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
 bash scripts/setup-python.sh
 cargo test --workspace --locked
+
+# The fuzz targets' instrumented build keeps both cores busy for minutes, pytest mostly one (torch
+# runs single-threaded there): build them while pytest runs.
+mkdir -p fuzz/target
+bash scripts/fuzz.sh --build-only >fuzz/target/build.log 2>&1 &
+fuzz_build=$!
+trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
 export T2I_OPEN_CLIP_WHEEL=$(ls "$PWD"/.cache/wheels/open_clip_torch-3.3.0-*.whl | head -n1)
 (cd export && ../.venv/bin/python -m pytest -q tests)
+if ! wait "$fuzz_build"; then
+    tail -n 40 fuzz/target/build.log
+    echo "building the fuzz targets failed (fuzz/target/build.log)" >&2
+    exit 1
+fi
+trap - EXIT
 bash scripts/fuzz.sh --seconds 15
