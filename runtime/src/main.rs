@@ -312,7 +312,8 @@ fn scheduler_long_help() -> String {
         "Sampler, by the name UIs use. Without it, the graph set's own runs, as in diffusers: its scheduler \
          config's class exactly as configured (`t2i-rt inspect` shows which; SD 1.5's is pndm, SDXL's euler). \
          Each name reproduces the diffusers scheduler below, built from the graph set's scheduler config with \
-         the keys in parentheses forced (then --karras / --scheduler-option):\n",
+         the keys in parentheses set, then --karras / --scheduler-option (which may change them, except \
+         pndm's and pndm-prk's skip_prk_steps):\n",
     );
     for kind in SchedulerKind::ALL {
         let preset: Vec<String> = kind.preset().iter().map(|(k, v)| format!("{k}={v}")).collect();
