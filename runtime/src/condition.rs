@@ -14,7 +14,7 @@ use image::{DynamicImage, ImageFormat};
 use ndarray::Array4;
 
 use crate::error::{Error, Result};
-use crate::limits::{exceeds, read_bounded, Limits, ReadError};
+use crate::limits::{exceeds, read_bounded, Limits};
 use crate::resample::resize_lanczos;
 
 /// Which channels an adapter expects its condition image in.
@@ -128,11 +128,8 @@ impl ConditionImage {
             &format!("condition image {}", path.display()),
             "max_image_file_bytes",
             "use a smaller file",
-        )
-        .map_err(|e| match e {
-            ReadError::Io(e) => io_error(e),
-            ReadError::Limit(e) => e,
-        })?;
+            io_error,
+        )?;
         Self::decode_at(&bytes, kind, limits, path)
     }
 

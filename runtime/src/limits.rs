@@ -135,37 +135,33 @@ impl Limits {
 
 /// Reads at most `max` bytes of the file at `path`: a larger file is [`Error::LimitExceeded`] on
 /// `limit`, found without reading more than `max + 1` bytes (so device files such as /dev/zero and
-/// files growing while read are bounded too). `what` names the file in the error.
+/// files growing while read are bounded too). `what` names the file in the error; `io_error` turns
+/// a failure to read it into the caller's error.
 pub(crate) fn read_bounded(
     path: &std::path::Path,
     max: u64,
     what: &str,
     limit: &'static str,
     fix: &'static str,
-) -> std::result::Result<Vec<u8>, ReadError> {
+    io_error: impl Fn(std::io::Error) -> Error,
+) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(ReadError::Io)?;
+    let file = std::fs::File::open(path).map_err(&io_error)?;
     let mut bytes = Vec::new();
-    file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(ReadError::Io)?;
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(&io_error)?;
     let read = bytes.len() as u64;
     if read > max {
         // The real size where the file has one (reading stopped one byte past the limit).
         let size = std::fs::metadata(path).map(|m| m.len()).ok().filter(|&len| len > max).unwrap_or(read);
-        return Err(ReadError::Limit(Error::LimitExceeded {
+        return Err(Error::LimitExceeded {
             what: format!("the size in bytes of {what}"),
             value: size,
             max,
             limit,
             fix,
-        }));
+        });
     }
     Ok(bytes)
-}
-
-/// Why [`read_bounded`] failed: the file could not be read, or it is over the limit.
-pub(crate) enum ReadError {
-    Io(std::io::Error),
-    Limit(Error),
 }
 
 /// `Err(LimitExceeded)` when `value > max`.

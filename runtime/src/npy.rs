@@ -6,7 +6,7 @@ use ndarray::{Array4, ArrayD, ArrayViewD};
 use ndarray_npy::ViewNpyExt;
 
 use crate::error::{Error, Result};
-use crate::limits::{read_bounded, Limits, ReadError};
+use crate::limits::{read_bounded, Limits};
 
 /// Reads a float32 array of rank 4 (NCHW latents), refusing files over `limits.max_npy_bytes`.
 pub fn read_latents(path: &Path, limits: &Limits) -> Result<Array4<f32>> {
@@ -16,11 +16,8 @@ pub fn read_latents(path: &Path, limits: &Limits) -> Result<Array4<f32>> {
         &format!("latents file {}", path.display()),
         "max_npy_bytes",
         "latents are [n_samples, channels, height/8, width/8] float32",
-    )
-    .map_err(|e| match e {
-        ReadError::Io(e) => Error::Io { path: path.to_path_buf(), message: format!("cannot read latents: {e}") },
-        ReadError::Limit(e) => e,
-    })?;
+        |e| Error::Io { path: path.to_path_buf(), message: format!("cannot read latents: {e}") },
+    )?;
     parse_latents(&bytes).map_err(|message| Error::Npy { path: path.to_path_buf(), message })
 }
 
