@@ -10,7 +10,7 @@ use ndarray::{Array4, ArrayD};
 
 use crate::backend::{GraphSession, TensorView};
 use crate::condition::{load_condition_within, ConditionImage, ConditionKind};
-use crate::error::{Error, Result, Stage};
+use crate::error::{check_finite, Error, Result, Stage};
 use crate::limits::Limits;
 use crate::manifest::{ConditionChannels, Manifest};
 
@@ -147,9 +147,7 @@ impl AdapterSet {
             let spec = &manifest.adapters[entry.index];
             let features =
                 sessions[entry.index].run(&[("condition", TensorView::F32(entry.condition.view().into_dyn()))])?;
-            if features.iter().any(|f| f.iter().any(|v| !v.is_finite())) {
-                return Err(Error::NumericalFault { stage: Stage::Adapter(spec.name.clone()) });
-            }
+            check_finite(&features, || Stage::Adapter(spec.name.clone()))?;
             for (feature, &slot) in features.into_iter().zip(&spec.residual_slots) {
                 let expected = &manifest.residual_slots[slot];
                 if feature.ndim() != 4 || feature.shape()[1] != expected.channels {

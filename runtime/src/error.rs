@@ -62,6 +62,15 @@ pub enum Error {
     NumericalFault { stage: Stage },
 }
 
+/// `Err(NumericalFault)` at `stage` when any value of `outputs` is NaN or infinite. A scan costs
+/// far less than the graph call that made the values (one pass over its output).
+pub(crate) fn check_finite(outputs: &[ndarray::ArrayD<f32>], stage: impl FnOnce() -> Stage) -> Result<()> {
+    if outputs.iter().any(|o| o.iter().any(|v| !v.is_finite())) {
+        return Err(Error::NumericalFault { stage: stage() });
+    }
+    Ok(())
+}
+
 /// Where in a run a value went non-finite ([`Error::NumericalFault`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stage {

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
 use crate::backend::{Backend, BackendKind, BackendSettings, CacheUse, Graph, GraphLoad, GraphSession, TensorView};
 use crate::engine::{BatchRule, Profile, ShapeRanges, DEFAULT_CACHE_DIR};
-use crate::error::{Error, Result, Stage};
+use crate::error::{check_finite, Error, Result, Stage};
 use crate::limits::Limits;
 use crate::manifest::{GraphSpec, Manifest, ResidualSlot, TextEncoderSpec};
 use crate::output::decoder_output_to_images;
@@ -679,7 +679,7 @@ impl Pipeline {
                 let clock = Instant::now();
                 let noise_pred = first(unet.run(&inputs)?, "unet")?;
                 let unet_time = clock.elapsed();
-                finite(std::slice::from_ref(&noise_pred), || Stage::Unet { step: step + 1, total })?;
+                check_finite(std::slice::from_ref(&noise_pred), || Stage::Unet { step: step + 1, total })?;
                 let noise_pred = if guided {
                     let uncond = noise_pred.slice_axis(Axis(0), (0..n).into());
                     let cond = noise_pred.slice_axis(Axis(0), (n..2 * n).into());
@@ -688,7 +688,7 @@ impl Pipeline {
                     if request.guidance_rescale > 0.0 {
                         rescale_noise_cfg(&mut guided_noise, cond.view(), request.guidance_rescale);
                     }
-                    finite(std::slice::from_ref(&guided_noise), || Stage::Guidance { step: step + 1, total })?;
+                    check_finite(std::slice::from_ref(&guided_noise), || Stage::Guidance { step: step + 1, total })?;
                     guided_noise
                 } else {
                     noise_pred
@@ -696,7 +696,7 @@ impl Pipeline {
                 let clock = Instant::now();
                 scheduler.step(noise_pred.view(), step, &mut latents, noise.as_mut())?;
                 scheduler_time += clock.elapsed();
-                finite(std::slice::from_ref(&latents), || Stage::Sampler { step: step + 1, total })?;
+                check_finite(std::slice::from_ref(&latents), || Stage::Sampler { step: step + 1, total })?;
                 if !progress(Progress { step: step + 1, total }) {
                     return Err(Error::Cancelled);
                 }
@@ -745,7 +745,7 @@ impl Pipeline {
             self.vae_decoder.run(&[("latent_sample", TensorView::F32(scaled.view().into_dyn()))])?,
             "vae_decoder",
         )?;
-        finite(std::slice::from_ref(&decoded), || Stage::VaeDecoder)?;
+        check_finite(std::slice::from_ref(&decoded), || Stage::VaeDecoder)?;
         let decoded: Array4<f32> = decoded.into_dimensionality().map_err(|_| {
             Error::InvalidRequest("vae_decoder output is not 4-dimensional; re-export the graph set".into())
         })?;
@@ -785,7 +785,7 @@ impl Pipeline {
         let mut pooled = None;
         for (i, (spec, ids)) in manifest.text_encoders.iter().zip(ids).enumerate() {
             let outputs = self.text_encoders[i].run(&[("input_ids", TensorView::I64(ids.view()))])?;
-            finite(&outputs, || Stage::TextEncoder(spec.name.clone()))?;
+            check_finite(&outputs, || Stage::TextEncoder(spec.name.clone()))?;
             hidden.push(output(spec, outputs.clone(), &spec.hidden_output)?);
             if manifest.added_cond.text_embeds.as_ref() == Some(&spec.name) {
                 if let Some(name) = &spec.pooled_output {
@@ -846,15 +846,6 @@ pub struct Checked {
 /// The UNet's adapter-residual inputs for `residuals` (in slot order).
 fn residual_inputs<'a>(slots: &'a [ResidualSlot], residuals: &'a [ArrayD<f32>]) -> Vec<(&'a str, TensorView<'a>)> {
     slots.iter().zip(residuals).map(|(s, r)| (s.input.as_str(), TensorView::F32(r.view()))).collect()
-}
-
-/// `Err(NumericalFault)` at `stage` when any value of `outputs` is NaN or infinite. A scan costs
-/// far less than the graph call that made the values (one pass over its output).
-fn finite(outputs: &[ArrayD<f32>], stage: impl FnOnce() -> Stage) -> Result<()> {
-    if outputs.iter().any(|o| o.iter().any(|v| !v.is_finite())) {
-        return Err(Error::NumericalFault { stage: stage() });
-    }
-    Ok(())
 }
 
 fn first(outputs: Vec<ArrayD<f32>>, graph: &str) -> Result<ArrayD<f32>> {
