@@ -93,7 +93,8 @@ fn requests_are_checked_against_the_limits_before_anything_runs() {
         edit(&mut r);
         r.check(&manifest, limits).map(|_| ())
     };
-    let cases: [(&str, &dyn Fn(&mut Request)); 8] = [
+    type Edit<'a> = &'a dyn Fn(&mut Request);
+    let cases: [(&str, Edit); 8] = [
         ("max_steps", &|r| r.steps = 1_000_000_000),
         ("max_samples", &|r| r.n_samples = 1_000_000),
         ("max_pixels", &|r| (r.width, r.height) = (Some(4096), Some(4096))),

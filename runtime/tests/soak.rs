@@ -111,7 +111,7 @@ fn soak(backend: BackendKind) {
                     let which = (thread * 5 + i * 3) % mix.len();
                     let request = &mix[which];
                     // About one request in four is cancelled at a random step, then rerun.
-                    if splitmix(&mut rng) % 4 == 0 {
+                    if splitmix(&mut rng).is_multiple_of(4) {
                         let stop_at = 1 + (splitmix(&mut rng) % 3) as usize;
                         let result = worker.run(request, &mut |p| p.step < stop_at);
                         assert!(matches!(result, Err(Error::Cancelled)), "{backend} thread {thread}: {result:?}");
