@@ -15,9 +15,8 @@ use t2i_rt::backend::{Backend, BackendKind};
 use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::engine::Profile;
 use t2i_rt::manifest::Manifest;
-use t2i_rt::pipeline::Request;
 use t2i_rt::tokenizer::PromptTokenizer;
-use t2i_rt::{Limits, Offset, SchedulerKind, Size};
+use t2i_rt::{Limits, Offset, Request, SchedulerKind, Size};
 
 /// The repository root (the fuzz crate and the runtime crate are both one level below it).
 fn repo() -> PathBuf {
@@ -54,7 +53,8 @@ pub fn manifest(data: &[u8]) {
             assert!(path.starts_with(dir), "{path:?} left the graph set");
         }
     }
-    let _ = m.graph_specs();
+    let _ = m.set_graphs();
+    let _ = m.inpainting_unet();
     let mut request = Request::new("a red square");
     request.steps = 3;
     let _ = request.check(&m, &Limits::default());
@@ -137,6 +137,19 @@ pub fn request(data: &[u8]) {
             "tau" => request.cond_tau = value.parse().unwrap_or(request.cond_tau),
             "eta" => request.eta = value.parse().unwrap_or(request.eta),
             "rescale" => request.guidance_rescale = value.parse().unwrap_or(request.guidance_rescale),
+            "strength" => request.strength = value.parse().ok(),
+            // An init image or mask of a side given in the value, in memory.
+            "init" | "mask" => {
+                let side: u32 = value.parse().unwrap_or(64).min(256);
+                let kind = if key == "init" { ConditionKind::Rgb } else { ConditionKind::Gray };
+                let pixels = vec![128u8; (side * side) as usize * kind.channels()];
+                let image = ConditionImage::from_pixels(side, side, kind, pixels).map(ConditionSource::Pixels);
+                if key == "init" {
+                    request.init_image = image;
+                } else {
+                    request.mask = image;
+                }
+            }
             "prompt" => request.prompt = value.to_string(),
             "negative" => request.negative_prompt = Some(value.to_string()),
             _ => {}
@@ -144,7 +157,7 @@ pub fn request(data: &[u8]) {
     }
     if let Ok(checked) = request.check(tiny_manifest(), &fuzz_limits()) {
         assert!(checked.width > 0 && checked.height > 0);
-        assert!(checked.scheduler.num_steps() >= 1);
+        assert!(checked.model_calls() >= 1);
     }
 }
 

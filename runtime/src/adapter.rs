@@ -10,7 +10,7 @@ use ndarray::{Array4, ArrayD};
 
 use crate::backend::{GraphSession, TensorView};
 use crate::condition::{load_condition_within, ConditionImage, ConditionKind};
-use crate::error::{check_finite, Error, Result, Stage};
+use crate::error::{check_finite, Error, Field, Result, Stage};
 use crate::limits::Limits;
 use crate::manifest::{ConditionChannels, Manifest};
 
@@ -41,16 +41,17 @@ impl std::str::FromStr for AdapterRequest {
     /// Parses `NAME=IMAGE[:WEIGHT]`; the weight defaults to 1.0.
     fn from_str(s: &str) -> Result<Self> {
         let (name, rest) = s.split_once('=').ok_or_else(|| {
-            Error::InvalidRequest(format!(
-                "adapter {s:?} must look like NAME=IMAGE[:WEIGHT], e.g. sketch=edges.png:0.8"
-            ))
+            Error::request(
+                Field::Adapters,
+                format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT], e.g. sketch=edges.png:0.8"),
+            )
         })?;
         let (image, weight) = match rest.rsplit_once(':') {
             Some((image, weight)) if weight.parse::<f32>().is_ok() => (image, weight.parse::<f32>().unwrap_or(1.0)),
             _ => (rest, 1.0),
         };
         if name.is_empty() || image.is_empty() {
-            return Err(Error::InvalidRequest(format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT]")));
+            return Err(Error::request(Field::Adapters, format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT]")));
         }
         Ok(AdapterRequest { name: name.to_string(), image: ConditionSource::File(PathBuf::from(image)), weight })
     }
@@ -90,23 +91,29 @@ impl AdapterSet {
             let index = manifest.adapters.iter().position(|a| a.name == request.name).ok_or_else(|| {
                 let names: Vec<&str> = manifest.adapters.iter().map(|a| a.name.as_str()).collect();
                 let available = if names.is_empty() { "no adapters".to_string() } else { names.join(", ") };
-                Error::InvalidRequest(format!("unknown adapter {:?}; this graph set has: {available}", request.name))
+                Error::request(
+                    Field::Adapters,
+                    format!("unknown adapter {:?}; this graph set has: {available}", request.name),
+                )
             })?;
             let spec = &manifest.adapters[index];
             if !request.weight.is_finite() {
-                return Err(Error::InvalidRequest(format!(
-                    "adapter {} weight {} is not a number",
-                    spec.name, request.weight
-                )));
+                return Err(Error::request(
+                    Field::Adapters,
+                    format!("adapter {} weight {} is not a number", spec.name, request.weight),
+                ));
             }
             let factor = spec.downscale_factor;
             if !width.is_multiple_of(factor) || !height.is_multiple_of(factor) {
-                return Err(Error::InvalidRequest(format!(
-                    "size {width}x{height} is not a multiple of {factor}, which adapter {} needs; try {}x{}",
-                    spec.name,
-                    round_to(width, factor),
-                    round_to(height, factor)
-                )));
+                return Err(Error::request(
+                    Field::Size,
+                    format!(
+                        "size {width}x{height} is not a multiple of {factor}, which adapter {} needs; try {}x{}",
+                        spec.name,
+                        round_to(width, factor),
+                        round_to(height, factor)
+                    ),
+                ));
             }
             let kind = match spec.condition {
                 ConditionChannels::Rgb => ConditionKind::Rgb,
@@ -116,12 +123,15 @@ impl AdapterSet {
                 ConditionSource::File(path) => load_condition_within(path, kind, width, height, limits)?,
                 ConditionSource::Pixels(image) if image.kind() == kind => image.resized(width, height).to_tensor(),
                 ConditionSource::Pixels(image) => {
-                    return Err(Error::InvalidRequest(format!(
-                        "adapter {} takes {} condition pixels, got {} channel(s)",
-                        spec.name,
-                        kind.pil_mode(),
-                        image.kind().channels()
-                    )))
+                    return Err(Error::request(
+                        Field::Adapters,
+                        format!(
+                            "adapter {} takes {} condition pixels, got {} channel(s)",
+                            spec.name,
+                            kind.pil_mode(),
+                            image.kind().channels()
+                        ),
+                    ))
                 }
             };
             entries.push(AdapterEntry { index, weight: request.weight, condition });
@@ -166,12 +176,16 @@ impl AdapterSet {
                     None => weighted,
                     Some(acc) if acc.shape() == weighted.shape() => acc + weighted,
                     Some(acc) => {
-                        return Err(Error::InvalidRequest(format!(
-                            "adapter {} gives residual slot {slot} shape {:?}, another adapter gave {:?}",
-                            spec.name,
-                            weighted.shape(),
-                            acc.shape()
-                        )))
+                        return Err(Error::Backend {
+                            backend: "pipeline",
+                            graph: format!("adapter_{}", spec.name),
+                            message: format!(
+                                "adapter {} gives residual slot {slot} shape {:?}, another adapter gave {:?}",
+                                spec.name,
+                                weighted.shape(),
+                                acc.shape()
+                            ),
+                        })
                     }
                 });
             }

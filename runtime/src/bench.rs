@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::pipeline::{Pipeline, Request, Timings};
+use crate::{Pipeline, Request, Timings};
 
 /// Median, 90th percentile (nearest rank) and minimum of a stage, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -44,15 +44,16 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
         .iter()
         .filter(|t| !t.unet.is_empty())
         .map(|t| {
-            let graphs = t.text_encoder + t.adapters + t.unet.iter().sum::<Duration>() + t.vae_decode;
+            let graphs = t.text_encoder + t.adapters + t.vae_encode + t.unet.iter().sum::<Duration>() + t.vae_decode;
             t.total.saturating_sub(graphs) / t.unet.len() as u32
         })
         .collect();
-    let stages: [(&'static str, Vec<Duration>); 11] = [
+    let stages: [(&'static str, Vec<Duration>); 12] = [
         ("prepare", once(|t| t.prepare)),
         ("tokenize", once(|t| t.tokenize)),
         ("text_encoder", once(|t| t.text_encoder)),
         ("adapters", once(|t| t.adapters)),
+        ("vae_encode", once(|t| t.vae_encode)),
         ("unet_step", per_step(|t| &t.unet)),
         ("scheduler_step", per_step(|t| &t.scheduler)),
         ("loop_other_step", per_step(|t| &t.loop_other)),

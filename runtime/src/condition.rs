@@ -13,7 +13,7 @@ use std::path::Path;
 use image::{DynamicImage, ImageFormat};
 use ndarray::Array4;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 use crate::limits::{exceeds, read_bounded, Limits};
 use crate::resample::resize_lanczos;
 
@@ -59,7 +59,7 @@ pub struct ConditionImage {
 /// formats this holds for).
 ///
 /// Errors: [`Error::Io`] if the file cannot be read, [`Error::Image`] if it is not a PNG or JPEG or
-/// cannot be decoded, [`Error::InvalidRequest`] if `width` or `height` is zero.
+/// cannot be decoded, [`Error::InvalidRequest`] (about `field`) if `width` or `height` is zero.
 pub fn load_condition(path: &Path, kind: ConditionKind, width: u32, height: u32) -> Result<Array4<f32>> {
     load_condition_within(path, kind, width, height, &Limits::default())
 }
@@ -73,10 +73,10 @@ pub fn load_condition_within(
     limits: &Limits,
 ) -> Result<Array4<f32>> {
     if width == 0 || height == 0 {
-        return Err(Error::InvalidRequest(format!(
-            "condition image {}: target size {width}x{height} must be at least 1x1",
-            path.display()
-        )));
+        return Err(Error::request(
+            Field::Size,
+            format!("condition image {}: target size {width}x{height} must be at least 1x1", path.display()),
+        ));
     }
     Ok(ConditionImage::open_within(path, kind, limits)?.resized(width, height).to_tensor())
 }

@@ -17,6 +17,7 @@ use std::str::FromStr;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+pub use crate::manifest::BatchRule;
 use crate::manifest::{Dim, GraphSpec};
 use crate::size::Size;
 
@@ -44,7 +45,7 @@ impl FromStr for Profile {
     /// `WxH` or `WxH:MIN-MAX` (e.g. `1024x1024:1-4`); the batch range defaults to 1-1.
     fn from_str(s: &str) -> Result<Self> {
         let bad = |why: &str| {
-            Error::InvalidRequest(format!("profile {s:?}: {why}; expected WxH[:MIN-MAX], e.g. 512x512:1-4"))
+            Error::InvalidOptions(format!("profile {s:?}: {why}; expected WxH[:MIN-MAX], e.g. 512x512:1-4"))
         };
         let (size, batch) = match s.split_once(':') {
             Some((size, batch)) => (size, Some(batch)),
@@ -77,28 +78,14 @@ impl fmt::Display for Profile {
     }
 }
 
-/// How many rows a graph is called with for `n` images per request, as the pipeline calls it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchRule {
-    /// Text encoders: the prompt, and the negative prompt with guidance (1 or 2 rows, any `n`).
-    Prompts,
-    /// Adapters: one condition image per request.
-    One,
-    /// UNet: `n` rows, twice that with classifier-free guidance.
-    GuidedSamples,
-    /// VAE decoder: `n` rows.
-    Samples,
-}
-
-impl BatchRule {
-    /// (min, opt, max) rows for `profile`; opt is the common case (guidance on, fewest images).
-    fn rows(self, profile: &Profile) -> (usize, usize, usize) {
-        match self {
-            BatchRule::Prompts => (1, 2, 2),
-            BatchRule::One => (1, 1, 1),
-            BatchRule::GuidedSamples => (profile.batch_min, 2 * profile.batch_min, 2 * profile.batch_max),
-            BatchRule::Samples => (profile.batch_min, profile.batch_min, profile.batch_max),
-        }
+/// (min, opt, max) rows of a graph batched by `rule` for `profile`; opt is the common case
+/// (guidance on, fewest images).
+fn rows(rule: BatchRule, profile: &Profile) -> (usize, usize, usize) {
+    match rule {
+        BatchRule::Prompts => (1, 2, 2),
+        BatchRule::One => (1, 1, 1),
+        BatchRule::GuidedSamples => (profile.batch_min, 2 * profile.batch_min, 2 * profile.batch_max),
+        BatchRule::Samples => (profile.batch_min, profile.batch_min, profile.batch_max),
     }
 }
 
@@ -130,7 +117,7 @@ impl ShapeRanges {
     ) -> Result<ShapeRanges> {
         let mut out = Vec::with_capacity(profiles.len());
         for profile in profiles {
-            let (bmin, bopt, bmax) = rule.rows(profile);
+            let (bmin, bopt, bmax) = rows(rule, profile);
             let mut inputs = Vec::with_capacity(spec.inputs.len());
             for input in &spec.inputs {
                 let shape = |batch: usize| -> Result<Vec<i64>> {
@@ -139,7 +126,7 @@ impl ShapeRanges {
                         .iter()
                         .map(|d| resolve_dim(d, batch, profile, latent_downscale))
                         .collect::<std::result::Result<_, String>>()
-                        .map_err(|why| Error::InvalidRequest(format!("graph {graph}, input {}: {why}", input.name)))
+                        .map_err(|why| Error::InvalidOptions(format!("graph {graph}, input {}: {why}", input.name)))
                 };
                 inputs.push(InputRange {
                     input: input.name.clone(),
@@ -356,6 +343,7 @@ mod tests {
                 .collect(),
             outputs: vec![],
             precision: Default::default(),
+            batch: None,
         }
     }
 

@@ -27,9 +27,20 @@ pub enum Error {
     #[error("{backend} backend, graph {graph}: {message}")]
     Backend { backend: &'static str, graph: String, message: String },
 
-    /// The request cannot be served by this graph set (size, adapter, shape, option).
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    /// A request field is out of range, malformed, or does not fit this graph set (a size that is
+    /// not a multiple of the set's, an adapter it does not have). `field` names the field to fix.
+    #[error("invalid request ({field}): {message}")]
+    InvalidRequest { field: Field, message: String },
+
+    /// Load or build options that contradict each other or the backend (a GPU ordinal for the CPU
+    /// backend, zero threads).
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+
+    /// The graph set or backend cannot do what was asked, whatever the request's values: img2img
+    /// with a set that has no VAE encoder, fp16 graphs on tract, an engine cache for tract.
+    #[error("not supported: {0}")]
+    Unsupported(String),
 
     /// A condition or output image could not be decoded, converted or encoded.
     #[error("image {}: {message}", path.display())]
@@ -62,6 +73,106 @@ pub enum Error {
     NumericalFault { stage: Stage },
 }
 
+impl Error {
+    /// An [`Error::InvalidRequest`] about `field`.
+    pub fn request(field: Field, message: impl Into<String>) -> Error {
+        Error::InvalidRequest { field, message: message.into() }
+    }
+
+    /// A stable number for each kind of error, for status codes across an FFI boundary. Codes are
+    /// never reused; new kinds get new numbers.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Io { .. } => ErrorCode::Io,
+            Error::GraphSet { .. } => ErrorCode::GraphSet,
+            Error::RuntimeLibrary(_) => ErrorCode::RuntimeLibrary,
+            Error::Provider { .. } => ErrorCode::Provider,
+            Error::Backend { .. } => ErrorCode::Backend,
+            Error::InvalidRequest { .. } => ErrorCode::InvalidRequest,
+            Error::InvalidOptions(_) => ErrorCode::InvalidOptions,
+            Error::Unsupported(_) => ErrorCode::Unsupported,
+            Error::Image { .. } => ErrorCode::Image,
+            Error::Npy { .. } => ErrorCode::Npy,
+            Error::Scheduler { .. } => ErrorCode::Scheduler,
+            Error::Tokenizer(_) => ErrorCode::Tokenizer,
+            Error::Cancelled => ErrorCode::Cancelled,
+            Error::LimitExceeded { .. } => ErrorCode::LimitExceeded,
+            Error::NumericalFault { .. } => ErrorCode::NumericalFault,
+        }
+    }
+}
+
+/// [`Error::code`]: one number per error kind (0 is success in a C API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ErrorCode {
+    Io = 1,
+    GraphSet = 2,
+    RuntimeLibrary = 3,
+    Provider = 4,
+    Backend = 5,
+    InvalidRequest = 6,
+    InvalidOptions = 7,
+    Unsupported = 8,
+    Image = 9,
+    Npy = 10,
+    Scheduler = 11,
+    Tokenizer = 12,
+    Cancelled = 13,
+    LimitExceeded = 14,
+    NumericalFault = 15,
+}
+
+/// The request field an [`Error::InvalidRequest`] is about ([`Request`](crate::Request)'s field
+/// names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    Prompt,
+    NegativePrompt,
+    /// `width` and `height`.
+    Size,
+    NSamples,
+    Steps,
+    Guidance,
+    GuidanceRescale,
+    CondTau,
+    Eta,
+    /// `scheduler` and `scheduler_options`.
+    Scheduler,
+    Rng,
+    Latents,
+    /// An entry of `adapters`: its name, weight or condition image.
+    Adapters,
+    SizeConditioning,
+    InitImage,
+    Mask,
+    Strength,
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Field::Prompt => "prompt",
+            Field::NegativePrompt => "negative_prompt",
+            Field::Size => "width/height",
+            Field::NSamples => "n_samples",
+            Field::Steps => "steps",
+            Field::Guidance => "guidance",
+            Field::GuidanceRescale => "guidance_rescale",
+            Field::CondTau => "cond_tau",
+            Field::Eta => "eta",
+            Field::Scheduler => "scheduler",
+            Field::Rng => "rng",
+            Field::Latents => "latents",
+            Field::Adapters => "adapters",
+            Field::SizeConditioning => "size_cond",
+            Field::InitImage => "init_image",
+            Field::Mask => "mask",
+            Field::Strength => "strength",
+        })
+    }
+}
+
 /// `Err(NumericalFault)` at `stage` when any value of `outputs` is NaN or infinite. A scan costs
 /// far less than the graph call that made the values (one pass over its output).
 pub(crate) fn check_finite(outputs: &[ndarray::ArrayD<f32>], stage: impl FnOnce() -> Stage) -> Result<()> {
@@ -86,6 +197,8 @@ pub enum Stage {
     Sampler { step: usize, total: usize },
     /// The VAE decoder graph.
     VaeDecoder,
+    /// The VAE encoder graph (img2img and inpainting).
+    VaeEncoder,
 }
 
 impl Stage {
@@ -108,6 +221,7 @@ impl Stage {
                  prediction_type, timestep_spacing) against the checkpoint"
             }
             Stage::VaeDecoder => "keep the decoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
+            Stage::VaeEncoder => "keep the encoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
         }
     }
 }
@@ -121,6 +235,7 @@ impl std::fmt::Display for Stage {
             Stage::Guidance { step, total } => write!(f, "classifier-free guidance (model call {step} of {total})"),
             Stage::Sampler { step, total } => write!(f, "the sampler (step {step} of {total})"),
             Stage::VaeDecoder => f.write_str("the VAE decoder"),
+            Stage::VaeEncoder => f.write_str("the VAE encoder"),
         }
     }
 }

@@ -9,16 +9,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use t2i_rt::adapter::AdapterRequest;
+use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::{BackendKind, BackendSettings};
 use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
 use t2i_rt::engine::Profile;
 use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
-use t2i_rt::pipeline::{EngineCache, LoadOptions, Model, Request, SizeConditioning};
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
 use t2i_rt::size::{Offset, Size};
+use t2i_rt::{EngineCache, LoadOptions, Logger, Model, Request, SizeConditioning};
 
 #[derive(Parser)]
 #[command(
@@ -116,6 +116,19 @@ struct RunArgs {
     /// set's default size).
     #[arg(long, value_name = "H")]
     height: Option<u32>,
+    /// img2img: start from this picture (PNG/JPEG of the output size; the output takes its size
+    /// when --width/--height are not given). Needs a graph set with a VAE encoder.
+    #[arg(long, value_name = "IMAGE")]
+    init_image: Option<PathBuf>,
+    /// How far the init image is noised, in (0, 1]: the last int(steps × F) steps run (default
+    /// 0.8, as diffusers' StableDiffusionImg2ImgPipeline; 1.0 with --mask; diffusers' SDXL img2img
+    /// pipeline defaults to 0.3).
+    #[arg(long, value_name = "F")]
+    strength: Option<f32>,
+    /// Inpainting: white pixels (≥ 128 in gray) of the init image are drawn anew, the rest kept.
+    /// Same size as the init image. Works with inpainting UNets (9 input channels) and regular ones.
+    #[arg(long, value_name = "IMAGE", requires = "init_image")]
+    mask: Option<PathBuf>,
     #[command(flatten)]
     exec: ExecArgs,
     /// Initial noise as .npy [n_samples, 4, H/8, W/8], exactly like diffusers' `latents=`.
@@ -238,15 +251,6 @@ struct ExecArgs {
 
 impl ExecArgs {
     fn load_options(&self, verify_checksums: bool) -> Result<LoadOptions> {
-        if !self.backend.is_gpu() && (self.device != 0 || self.allow_cpu_fallback) {
-            bail!(
-                "--device and --allow-cpu-fallback are for the GPU backends (ort-cuda, ort-trt), not {}",
-                self.backend
-            );
-        }
-        if self.trt_fp16 && self.backend != BackendKind::OrtTrt {
-            bail!("--trt-fp16 is a TensorRT option; use it with --backend ort-trt");
-        }
         let engine_cache = match (&self.engine_cache, self.no_engine_cache) {
             (_, true) => EngineCache::Off,
             (Some(dir), false) => EngineCache::Dir(dir.clone()),
@@ -260,6 +264,7 @@ impl ExecArgs {
                 device: self.device,
                 allow_cpu_fallback: self.allow_cpu_fallback,
                 trt_fp16: self.trt_fp16,
+                log: Logger::new(|level, message| eprintln!("{level}: {message}")),
             },
             engine_cache,
             limits: t2i_rt::Limits::default(),
@@ -403,6 +408,9 @@ fn run(args: RunArgs) -> Result<()> {
         negative_crops_coords_top_left: args.negative_crop_top_left.unwrap_or_default().top_left(),
         negative_target_size: args.negative_target_size.map(Size::hw),
     };
+    request.init_image = args.init_image.map(ConditionSource::File);
+    request.mask = args.mask.map(ConditionSource::File);
+    request.strength = args.strength;
     request.rng = args.rng;
     request.seed = args
         .seed
@@ -418,21 +426,23 @@ fn run(args: RunArgs) -> Result<()> {
         check_writable(path)?;
     }
 
-    // Check the request against the manifest first: a typo should not wait for the graphs to load.
+    // Check the request against the manifest first, once: a typo should not wait for the graphs
+    // to load.
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
-    request.check(&manifest, &options.limits)?;
+    let checked = request.check(&manifest, &options.limits)?;
+    let calls = checked.model_calls();
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());
 
-    let bar = ProgressBar::with_draw_target(Some(request.steps as u64), progress_target());
+    let bar = ProgressBar::with_draw_target(Some(calls as u64), progress_target());
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({eta} left)")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     let start = Instant::now();
-    let generation = pipeline.run(&request, &mut |p| {
+    let generation = pipeline.run_checked(checked, &mut |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         true
@@ -440,7 +450,7 @@ fn run(args: RunArgs) -> Result<()> {
     bar.finish_and_clear();
     eprintln!(
         "{} step(s) of {}{} in {:.2}s",
-        request.steps,
+        calls,
         generation.scheduler,
         if request.scheduler.is_none() { " (the graph set's own sampler)" } else { "" },
         start.elapsed().as_secs_f64()
@@ -480,9 +490,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     request.height = args.size.map(|s| s.height);
     let manifest = Manifest::load(&dir, true)?;
     let options = args.exec.load_options(false)?;
-    let scheduler = request.check(&manifest, &options.limits)?.scheduler.kind();
+    let checked = request.check(&manifest, &options.limits)?;
+    let (scheduler, width, height) = (checked.scheduler(), checked.width, checked.height);
     let graphs = dir.display().to_string();
-    let (width, height) = request.size(&manifest)?;
 
     // Start-up: what a service pays before its first request (checksums excluded).
     let start = Instant::now();
@@ -669,17 +679,19 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     let backend = args.backend.create(None)?;
     println!("checksums   ok\n\ngraphs (as read by {}):", backend.name());
-    for (name, spec) in manifest.graph_specs() {
+    for g in manifest.set_graphs() {
+        let (name, spec) = (g.name(), g.spec);
         let graph = backend.load(&name, &manifest.resolve(&spec.file)?)?;
         let status = match spec.check_io(&name, graph.inputs(), graph.outputs()) {
             Ok(()) => "matches manifest".to_string(),
             Err(e) => format!("MISMATCH: {e}"),
         };
         println!(
-            "  {name}  ({}{}, {})  {status}",
+            "  {name}  ({}{}, {}, batch {:?})  {status}",
             spec.file,
             if spec.external_data.is_empty() { "" } else { " + external data" },
-            spec.precision
+            spec.precision,
+            g.batch()
         );
         print_tensors("in ", &spec.inputs);
         print_tensors("out", &spec.outputs);
@@ -689,9 +701,6 @@ fn inspect(args: InspectArgs) -> Result<()> {
 
 fn build_engine(args: BuildEngineArgs) -> Result<()> {
     let dir = graph_set_dir(args.source.graphs, args.source.graph)?;
-    if args.exec.backend != BackendKind::OrtTrt && !args.profiles.is_empty() {
-        bail!("--profile is a TensorRT build option; use it with --backend ort-trt");
-    }
     let options = args.exec.load_options(!args.no_verify)?;
     let start = Instant::now();
     let built = Model::build_engines(&dir, &options, &args.profiles, &mut |graph| {

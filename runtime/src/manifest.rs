@@ -15,8 +15,12 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// The manifest format this runtime reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// The manifest format this runtime writes and reads. Version 2 (before graph roles had batch
+/// rules and sets had a VAE encoder) is read too: its batch rules are the roles' defaults, and
+/// without a `vae_encoder` it serves txt2img only.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest manifest format this runtime reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside a graph set.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -132,10 +136,86 @@ pub struct ResidualSlot {
     pub downscale: u32,
 }
 
+/// The set's single graphs, each under its role's name (`"unet"`, `"vae_decoder"`,
+/// `"vae_encoder"`). Text encoders and adapters, of which a set has several, are listed with their
+/// own settings in [`Manifest::text_encoders`] and [`Manifest::adapters`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Graphs {
     pub unet: GraphSpec,
     pub vae_decoder: GraphSpec,
+    /// Image → latent distribution (img2img, inpainting): input `image` in [-1, 1], outputs
+    /// `latent_mean` and `latent_std`. Absent in sets exported before format 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae_encoder: Option<GraphSpec>,
+}
+
+/// What a graph does in the pipeline. The manifest declares every graph under its role, and the
+/// runtime finds graphs by role ([`Manifest::set_graphs`]), never by file or display name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Prompt token ids → hidden states (and SDXL's pooled embedding); one per text encoder.
+    TextEncoder,
+    /// A T2I-Adapter: condition image → residual features, once per request.
+    Adapter,
+    /// The denoiser, called at every step.
+    Unet,
+    /// Latents → image.
+    VaeDecoder,
+    /// Image → latent distribution (img2img, inpainting).
+    VaeEncoder,
+}
+
+impl Role {
+    /// How the pipeline batches a graph of this role when the manifest does not say (format 2).
+    pub fn default_batch(self) -> BatchRule {
+        match self {
+            Role::TextEncoder => BatchRule::Prompts,
+            Role::Adapter | Role::VaeEncoder => BatchRule::One,
+            Role::Unet => BatchRule::GuidedSamples,
+            Role::VaeDecoder => BatchRule::Samples,
+        }
+    }
+}
+
+/// How many rows the pipeline calls a graph with for `n` images per request (the manifest's
+/// per-graph `batch`); TensorRT profiles are built from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchRule {
+    /// Text encoders: the prompt, and the negative prompt with guidance (1 or 2 rows, any `n`).
+    Prompts,
+    /// Adapters and the VAE encoder: one image per request.
+    One,
+    /// UNet: `n` rows, twice that with classifier-free guidance.
+    GuidedSamples,
+    /// VAE decoder: `n` rows.
+    Samples,
+}
+
+/// One graph of a set as the pipeline addresses it: its role, a display name unique in the set
+/// (`text_encoder_2`, `unet`, `adapter_sketch`; used in errors and engine-cache paths), its spec,
+/// and its batch rule.
+#[derive(Debug, Clone, Copy)]
+pub struct SetGraph<'a> {
+    pub role: Role,
+    /// For text encoders and adapters, the name inside the role (`text_encoder_2`, `sketch`).
+    pub key: &'a str,
+    pub spec: &'a GraphSpec,
+}
+
+impl SetGraph<'_> {
+    /// The display name: `adapter_NAME` for adapters, the role's or encoder's name otherwise.
+    pub fn name(&self) -> String {
+        match self.role {
+            Role::Adapter => format!("adapter_{}", self.key),
+            _ => self.key.to_string(),
+        }
+    }
+
+    /// The manifest's batch rule, or the role's default.
+    pub fn batch(&self) -> BatchRule {
+        self.spec.batch.unwrap_or(self.role.default_batch())
+    }
 }
 
 /// How an adapter wants its condition image.
@@ -175,6 +255,9 @@ pub struct GraphSpec {
     /// (casts inside the graph). Absent in sets exported before per-graph precision: fp32.
     #[serde(default = "default_precision")]
     pub precision: String,
+    /// How the pipeline batches this graph; absent (format 2): its role's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchRule>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,9 +378,10 @@ impl Manifest {
         let mut manifest: Manifest = serde_json::from_str(text)
             .map_err(|e| err(format!("{MANIFEST_FILE} is malformed: {e}; re-export the graph set")))?;
         manifest.dir = dir.to_path_buf();
-        if manifest.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(err(format!(
-                "manifest format_version {} but this runtime reads version {FORMAT_VERSION}; re-export with a matching t2i_export",
+                "manifest format_version {} but this runtime reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; \
+                 re-export with a matching t2i_export",
                 manifest.format_version
             )));
         }
@@ -313,24 +397,48 @@ impl Manifest {
                 files.push(FileRef { file: &encoder.tokenizer.file, sha256: encoder.tokenizer.sha256.as_deref() });
             }
         }
-        for graph in self.graph_specs() {
-            files.push(FileRef { file: &graph.1.file, sha256: graph.1.sha256.as_deref() });
-            for data in &graph.1.external_data {
+        for graph in self.set_graphs() {
+            files.push(FileRef { file: &graph.spec.file, sha256: graph.spec.sha256.as_deref() });
+            for data in &graph.spec.external_data {
                 files.push(FileRef { file: &data.file, sha256: data.sha256.as_deref() });
             }
         }
         files
     }
 
-    /// Every graph with a display name: the text encoders (`text_encoder`, `text_encoder_2`),
-    /// `unet`, `vae_decoder`, `adapter_NAME`.
-    pub fn graph_specs(&self) -> Vec<(String, &GraphSpec)> {
-        let mut graphs: Vec<(String, &GraphSpec)> =
-            self.text_encoders.iter().map(|e| (e.name.clone(), &e.graph)).collect();
-        graphs.push(("unet".to_string(), &self.graphs.unet));
-        graphs.push(("vae_decoder".to_string(), &self.graphs.vae_decoder));
-        graphs.extend(self.adapters.iter().map(|a| (format!("adapter_{}", a.name), &a.graph)));
+    /// Every graph of the set, by role: the text encoders in manifest order, the UNet, the VAE
+    /// decoder and encoder, the adapters in manifest order. The one place that knows where each
+    /// role lives in the manifest.
+    pub fn set_graphs(&self) -> Vec<SetGraph<'_>> {
+        let mut graphs: Vec<SetGraph<'_>> = self
+            .text_encoders
+            .iter()
+            .map(|e| SetGraph { role: Role::TextEncoder, key: &e.name, spec: &e.graph })
+            .collect();
+        graphs.push(SetGraph { role: Role::Unet, key: "unet", spec: &self.graphs.unet });
+        graphs.push(SetGraph { role: Role::VaeDecoder, key: "vae_decoder", spec: &self.graphs.vae_decoder });
+        if let Some(spec) = &self.graphs.vae_encoder {
+            graphs.push(SetGraph { role: Role::VaeEncoder, key: "vae_encoder", spec });
+        }
+        graphs.extend(self.adapters.iter().map(|a| SetGraph { role: Role::Adapter, key: &a.name, spec: &a.graph }));
         graphs
+    }
+
+    /// The channels of the UNet's `sample` input: the latent channels for a plain UNet, `2 × C + 1`
+    /// for an inpainting UNet (latents, mask, masked-image latents); `None` if the manifest leaves
+    /// the dimension symbolic.
+    pub fn unet_sample_channels(&self) -> Option<usize> {
+        let sample = self.graphs.unet.inputs.iter().find(|t| t.name == "sample")?;
+        match sample.dims.get(1)? {
+            Dim::Fixed(c) => usize::try_from(*c).ok(),
+            Dim::Symbolic(_) => None,
+        }
+    }
+
+    /// Whether the UNet is an inpainting UNet (diffusers' 9-channel `in_channels`: latents, mask and
+    /// masked-image latents concatenated on the channel axis).
+    pub fn inpainting_unet(&self) -> bool {
+        self.unet_sample_channels() == Some(2 * self.latent.channels + 1)
     }
 
     /// The adapter called `name`, if the graph set has one.
@@ -365,7 +473,7 @@ impl Manifest {
         let length = first.tokenizer.max_length;
         let mut names = std::collections::HashSet::new();
         for e in &self.text_encoders {
-            if !names.insert(e.name.as_str()) || ["unet", "vae_decoder"].contains(&e.name.as_str()) {
+            if !names.insert(e.name.as_str()) || ["unet", "vae_decoder", "vae_encoder"].contains(&e.name.as_str()) {
                 return Err(format!("text encoder name {:?} is used twice", e.name));
             }
             if e.tokenizer.max_length == 0 || e.tokenizer.max_length != length {
@@ -433,6 +541,7 @@ impl Manifest {
         if !(self.vae.scaling_factor.is_finite() && self.vae.scaling_factor > 0.0) {
             return Err(format!("vae.scaling_factor {} must be positive", self.vae.scaling_factor));
         }
+        self.check_latent_graphs()?;
         let unet_inputs: Vec<&str> = self.graphs.unet.inputs.iter().map(|t| t.name.as_str()).collect();
         for slot in &self.residual_slots {
             if !unet_inputs.contains(&slot.input.as_str()) {
@@ -502,6 +611,39 @@ pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
 impl Manifest {
     /// Every size in the manifest within [`MANIFEST_BOUNDS`] (and at least 1 where 0 is meaningless).
+    /// The UNet's `sample` takes the latents (or, for an inpainting UNet, latents + mask +
+    /// masked-image latents), and the VAE encoder has the inputs and outputs the pipeline feeds.
+    fn check_latent_graphs(&self) -> std::result::Result<(), String> {
+        let c = self.latent.channels;
+        let has = |tensors: &[TensorSpec], name: &str| tensors.iter().any(|t| t.name == name);
+        for name in ["sample", "timestep", "encoder_hidden_states"] {
+            if !has(&self.graphs.unet.inputs, name) {
+                return Err(format!("the unet graph has no {name} input"));
+            }
+        }
+        match self.unet_sample_channels() {
+            Some(s) if s != c && s != 2 * c + 1 => {
+                return Err(format!(
+                    "the unet's sample input has {s} channels; it must have latent.channels ({c}), or {} for an \
+                     inpainting unet",
+                    2 * c + 1
+                ))
+            }
+            _ => {}
+        }
+        if let Some(encoder) = &self.graphs.vae_encoder {
+            if !has(&encoder.inputs, "image")
+                || !has(&encoder.outputs, "latent_mean")
+                || !has(&encoder.outputs, "latent_std")
+            {
+                return Err("the vae_encoder graph must take `image` and give `latent_mean` and `latent_std`; \
+                            re-export the graph set"
+                    .into());
+            }
+        }
+        Ok(())
+    }
+
     fn check_bounds(&self) -> std::result::Result<(), String> {
         let within = |field: &str, value: u64| -> std::result::Result<(), String> {
             let max = MANIFEST_BOUNDS.iter().find(|(f, _)| *f == field).map_or(u64::MAX, |(_, m)| *m);
@@ -652,7 +794,7 @@ mod tests {
             vae: VaeSpec { scaling_factor: 0.18215, precision: "fp32".into() },
             scheduler: serde_json::json!({}),
             residual_slots: vec![],
-            graphs: Graphs { unet: graph("unet.onnx"), vae_decoder: graph("vae_decoder.onnx") },
+            graphs: Graphs { unet: unet(4), vae_decoder: graph("vae_decoder.onnx"), vae_encoder: None },
             adapters: vec![],
             dir: dir.to_path_buf(),
         }
@@ -666,6 +808,24 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             precision: "fp32".into(),
+            batch: None,
+        }
+    }
+
+    fn tensor(name: &str, dims: Vec<Dim>) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype: DType::Float32, dims }
+    }
+
+    /// A UNet taking `channels` sample channels.
+    fn unet(channels: i64) -> GraphSpec {
+        let b = || Dim::Symbolic("batch".into());
+        GraphSpec {
+            inputs: vec![
+                tensor("sample", vec![b(), Dim::Fixed(channels), Dim::Symbolic("h".into()), Dim::Symbolic("w".into())]),
+                tensor("timestep", vec![b()]),
+                tensor("encoder_hidden_states", vec![b(), Dim::Fixed(77), Dim::Fixed(8)]),
+            ],
+            ..graph("unet.onnx")
         }
     }
 
@@ -730,5 +890,57 @@ mod tests {
         m.added_cond = AddedCond::default();
         m.graphs.unet.inputs.push(TensorSpec { name: "time_ids".into(), dtype: DType::Float32, dims: vec![] });
         assert!(m.check_consistency().unwrap_err().contains("time_ids is not set"));
+    }
+
+    #[test]
+    fn graphs_are_found_by_role_with_their_batch_rules() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        m.graphs.vae_encoder = Some(GraphSpec { batch: Some(BatchRule::One), ..graph("vae_encoder.onnx") });
+        let roles: Vec<(Role, String, BatchRule)> =
+            m.set_graphs().iter().map(|g| (g.role, g.name(), g.batch())).collect();
+        assert_eq!(
+            roles,
+            [
+                (Role::TextEncoder, "text_encoder".to_string(), BatchRule::Prompts),
+                (Role::Unet, "unet".to_string(), BatchRule::GuidedSamples),
+                (Role::VaeDecoder, "vae_decoder".to_string(), BatchRule::Samples),
+                (Role::VaeEncoder, "vae_encoder".to_string(), BatchRule::One),
+            ]
+        );
+    }
+
+    #[test]
+    fn unet_sample_channels_decide_inpainting() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        assert!(!m.inpainting_unet());
+        m.graphs.unet = unet(9);
+        assert!(m.inpainting_unet());
+        assert!(m.check_consistency().is_ok());
+        m.graphs.unet = unet(5);
+        assert!(m.check_consistency().unwrap_err().contains("5 channels"));
+    }
+
+    #[test]
+    fn the_vae_encoder_must_give_the_latent_distribution() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        m.graphs.vae_encoder = Some(GraphSpec {
+            inputs: vec![tensor("image", vec![])],
+            outputs: vec![tensor("latent_mean", vec![])],
+            ..graph("vae_encoder.onnx")
+        });
+        assert!(m.check_consistency().unwrap_err().contains("latent_std"));
+        if let Some(e) = m.graphs.vae_encoder.as_mut() {
+            e.outputs.push(tensor("latent_std", vec![]));
+        }
+        assert!(m.check_consistency().is_ok());
+    }
+
+    #[test]
+    fn format_versions_2_and_3_are_read() {
+        let m = manifest_in(Path::new("/tmp/set"));
+        for (version, ok) in [(1, false), (2, true), (3, true), (4, false)] {
+            let text = serde_json::to_string(&Manifest { format_version: version, ..m.clone() }).unwrap();
+            assert_eq!(Manifest::parse(&text, Path::new("/tmp/set")).is_ok(), ok, "version {version}");
+        }
     }
 }

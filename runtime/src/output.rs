@@ -19,18 +19,23 @@ use crate::error::{Error, Result};
 /// pipeline never gets here with one ([`Pipeline::decode`](crate::Pipeline::decode) refuses
 /// non-finite decoder output first, so a black image is never a success).
 ///
-/// Errors with [`Error::InvalidRequest`] if the tensor is not `[N, 3, H, W]` or `H`/`W` exceed
+/// Errors with [`Error::Backend`] (graph `vae_decoder`) if the tensor is not `[N, 3, H, W]` or `H`/`W` exceed
 /// `u32`.
 pub fn decoder_output_to_images(x: ArrayView4<f32>) -> Result<Vec<RgbImage>> {
     let (n, c, h, w) = x.dim();
     if c != 3 {
-        return Err(Error::InvalidRequest(format!(
-            "decoder output must be [N, 3, H, W], got {:?}: the VAE decoder does not produce RGB",
-            x.shape()
-        )));
+        return Err(Error::Backend {
+            backend: "pipeline",
+            graph: "vae_decoder".into(),
+            message: format!("output must be [N, 3, H, W], got {:?}: the VAE decoder does not produce RGB", x.shape()),
+        });
     }
     let (Ok(width), Ok(height)) = (u32::try_from(w), u32::try_from(h)) else {
-        return Err(Error::InvalidRequest(format!("decoder output {:?} is too large for an image", x.shape())));
+        return Err(Error::Backend {
+            backend: "pipeline",
+            graph: "vae_decoder".into(),
+            message: format!("output {:?} is too large for an image", x.shape()),
+        });
     };
     Ok((0..n)
         .map(|i| {
@@ -110,7 +115,7 @@ mod tests {
     #[test]
     fn rejects_non_rgb() {
         let x = Array4::<f32>::zeros((1, 4, 2, 2));
-        assert!(matches!(decoder_output_to_images(x.view()), Err(Error::InvalidRequest(_))));
+        assert!(matches!(decoder_output_to_images(x.view()), Err(Error::Backend { .. })));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 
 /// An image size in pixels, written `WxH` (`1024x768` is 1024 wide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,7 +26,7 @@ impl FromStr for Size {
 
     /// `WxH` (or `WXH`), e.g. `1024x768`; spaces around the numbers are allowed.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidRequest(format!("size {s:?}: expected WIDTHxHEIGHT, e.g. 1024x768"));
+        let bad = || Error::request(Field::Size, format!("size {s:?}: expected WIDTHxHEIGHT, e.g. 1024x768"));
         let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
         let side = |v: &str| v.trim().parse::<u32>().map_err(|_| bad());
         Ok(Size { width: side(w)?, height: side(h)? })
@@ -58,7 +58,7 @@ impl FromStr for Offset {
 
     /// `TOP,LEFT`, e.g. `0,0` or `256, 128`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidRequest(format!("offset {s:?}: expected TOP,LEFT, e.g. 0,0"));
+        let bad = || Error::request(Field::SizeConditioning, format!("offset {s:?}: expected TOP,LEFT, e.g. 0,0"));
         let (top, left) = s.split_once(',').ok_or_else(bad)?;
         let value = |v: &str| v.trim().parse::<u32>().map_err(|_| bad());
         Ok(Offset { top: value(top)?, left: value(left)? })

@@ -1,6 +1,8 @@
 //! Prompt tokenization with the checkpoint's own tokenizer (`tokenizer.json`, HF `tokenizers`
-//! format), padded and truncated like diffusers: `padding="max_length", truncation=True`.
+//! format, or `tokenizer.json.gz`), padded and truncated like diffusers:
+//! `padding="max_length", truncation=True`.
 
+use std::io::Read;
 use std::path::Path;
 
 use tokenizers::{
@@ -9,6 +11,30 @@ use tokenizers::{
 
 use crate::error::{Error, Result};
 use crate::manifest::TokenizerSpec;
+
+/// Largest tokenizer file, unpacked, the runtime reads (CLIP's is 1.7 MB).
+const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+
+/// The tokenizer JSON at `path`, gunzipped when the name ends in `.gz`, at most
+/// [`MAX_TOKENIZER_BYTES`] either way.
+fn read_tokenizer(path: &Path) -> Result<Vec<u8>> {
+    let error = |e: std::io::Error| Error::Tokenizer(format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(error)?;
+    let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut bytes = Vec::new();
+    reader.by_ref().take(MAX_TOKENIZER_BYTES + 1).read_to_end(&mut bytes).map_err(error)?;
+    if bytes.len() as u64 > MAX_TOKENIZER_BYTES {
+        return Err(Error::Tokenizer(format!(
+            "{} unpacks to more than {MAX_TOKENIZER_BYTES} bytes; a tokenizer is a few megabytes, re-export the graph set",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
 
 /// Turns prompts into fixed-length token id rows.
 pub struct PromptTokenizer {
@@ -20,7 +46,8 @@ impl PromptTokenizer {
     /// Loads `path` and configures padding to `spec.max_length` with `spec.pad_token_id`, and
     /// truncation that keeps the special tokens (BOS + first tokens + EOS), as transformers does.
     pub fn load(path: &Path, spec: &TokenizerSpec) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
+        let bytes = read_tokenizer(path)?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}; re-export the graph set", path.display())))?;
         let pad_token = inner.id_to_token(spec.pad_token_id).ok_or_else(|| {
             Error::Tokenizer(format!("pad_token_id {} is not in {}'s vocabulary", spec.pad_token_id, path.display()))

@@ -175,7 +175,7 @@ fn gpu_backends_fail_clearly_without_the_gpu_library() {
         &set,
         &["--device", "1"],
         &env,
-        "--device and --allow-cpu-fallback are for the GPU backends",
+        "a device ordinal and CPU fallback are for the GPU backends (ort-cuda, ort-trt), not ort-cpu",
     );
 }
 
@@ -198,10 +198,10 @@ fn build_engine_refuses_what_it_cannot_build() {
     let cache = cache.to_str().unwrap();
     for (args, expect) in [
         (vec!["--backend", "tract"], "tract has no engine cache"),
-        (vec!["--backend", "ort-cpu", "--profile", "512x512"], "--profile is a TensorRT build option"),
+        (vec!["--backend", "ort-cpu", "--profile", "512x512"], "shape profiles are a TensorRT build option"),
         (vec!["--backend", "ort-trt", "--profile", "512x512:4-2"], "batch range must satisfy"),
         (vec!["--backend", "ort-trt", "--profile", "512x512"], "was built without the TensorRT execution provider"),
-        (vec!["--backend", "ort-trt"], "ort-trt needs at least one --profile"),
+        (vec!["--backend", "ort-trt"], "ort-trt needs at least one shape profile"),
     ] {
         let mut all = vec!["--graphs", set, "--engine-cache", cache];
         all.extend(args.iter().copied());

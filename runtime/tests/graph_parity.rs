@@ -23,7 +23,8 @@ fn check_set(kind: BackendKind, set: &str) {
     let manifest = Manifest::load(&tiny_set(set), true).expect("tiny graph set loads");
     let backend = kind.create(None).expect("backend starts");
     let mut checked = 0;
-    for (name, spec) in manifest.graph_specs() {
+    for g in manifest.set_graphs() {
+        let (name, spec) = (g.name(), g.spec);
         let dir = tiny_fixtures(set).join(format!("graph_{name}"));
         assert!(dir.is_dir(), "no fixture for graph {name} at {}", dir.display());
         let graph = backend.load(&name, &manifest.resolve(&spec.file).unwrap()).unwrap();
@@ -57,7 +58,8 @@ fn check_set(kind: BackendKind, set: &str) {
         }
         checked += 1;
     }
-    assert_eq!(checked, manifest.text_encoders.len() + 2 + manifest.adapters.len());
+    let encoder = usize::from(manifest.graphs.vae_encoder.is_some());
+    assert_eq!(checked, manifest.text_encoders.len() + 2 + encoder + manifest.adapters.len());
     assert!(!manifest.adapters.is_empty(), "{set} has adapters");
 }
 

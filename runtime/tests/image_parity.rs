@@ -264,7 +264,7 @@ fn non_images_are_rejected_with_the_reason() {
         assert!(msg.contains(needle) && msg.contains(&*path.to_string_lossy()), "{msg}");
     }
     let err = load_condition(&fixtures().join("rgb.png"), ConditionKind::Rgb, 0, 64).unwrap_err();
-    assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
+    assert!(matches!(err, Error::InvalidRequest { .. }), "{err:?}");
 }
 
 fn sample_image() -> RgbImage {

@@ -29,7 +29,7 @@ fn non_finite_inputs_are_refused_before_the_run() {
     let limits = Limits::default();
     let refused = |r: &Request, expect: &str| {
         let message = match r.check(&manifest, &limits) {
-            Err(Error::InvalidRequest(message)) => message,
+            Err(Error::InvalidRequest { message, .. }) => message,
             Err(other) => panic!("{expect}: wrong error {other}"),
             Ok(_) => panic!("{expect}: accepted"),
         };

@@ -134,5 +134,6 @@ fn missing_size_comes_from_the_first_condition_image_as_in_diffusers() {
     r.width = None;
     r.adapters = vec![gray(100, 90)];
     let err = r.size(&manifest).unwrap_err().to_string();
-    assert!(err.contains("first condition image (100x90") && err.contains("pass --width and --height"), "{err}");
+    assert!(err.contains("first condition image") && err.contains("(100x90)"), "{err}");
+    assert!(err.contains("give a width and height (e.g. 128x64)"), "{err}");
 }

@@ -11,6 +11,14 @@
 //! cases.json), which the runtime must reproduce from the seed alone with [`RngKind::TorchCpu`]:
 //! the initial latents and then every step's noise.
 //!
+//! img2img and inpainting, all from a seed alone: `StableDiffusionImg2ImgPipeline` (the set's own
+//! sampler and Euler with two images), `StableDiffusionXLImg2ImgPipeline`,
+//! `StableDiffusionInpaintPipeline` with the 9-channel inpainting UNet of `tiny-sd1-inpaint` and
+//! with the regular 4-channel UNet (latent blending; strength 1 and below),
+//! `StableDiffusionXLInpaintPipeline`, and img2img + T2I-Adapter against a loop over diffusers'
+//! components (no diffusers pipeline combines them). The VAE posterior sample, the noise and the
+//! masked image's sample are drawn from the one generator in diffusers' order.
+//!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
 //! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
 //! differences compound over the steps) and the same 2/255 pixel bound.
@@ -29,9 +37,9 @@ use serde::Deserialize;
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::BackendKind;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
-use t2i_rt::pipeline::{LoadOptions, Pipeline, Request, SizeConditioning};
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
+use t2i_rt::{LoadOptions, Pipeline, Request, SizeConditioning};
 
 #[derive(Deserialize)]
 struct Case {
@@ -62,6 +70,13 @@ struct Case {
     guidance_rescale: f32,
     #[serde(default)]
     size_cond: CaseSizeCond,
+    /// img2img and inpainting: the picture to start from, the mask (white is repainted), strength.
+    #[serde(default)]
+    init_image: Option<String>,
+    #[serde(default)]
+    mask: Option<String>,
+    #[serde(default)]
+    strength: Option<f32>,
 }
 
 /// diffusers' SDXL size conditioning: (height, width) / (top, left) pairs.
@@ -132,6 +147,21 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
         assert!(cases.iter().any(|c| c.guidance_rescale > 0.0), "no guidance_rescale case");
         assert!(cases.iter().any(|c| !c.scheduler_options.is_empty()), "no case with scheduler options");
     }
+    // img2img and inpainting, each from the seed alone (no latents): diffusers' pipelines where
+    // they exist; img2img + adapter against a loop over diffusers' components.
+    let img2img = |c: &&Case| c.init_image.is_some() && c.mask.is_none() && c.latents.is_none();
+    let inpaint = |c: &&Case| c.mask.is_some() && c.latents.is_none();
+    if set == "tiny-sd1" || set == "tiny-sdxl" {
+        assert!(cases.iter().filter(img2img).any(|c| c.reference == "pipeline"), "{set}: no img2img case");
+        assert!(cases.iter().filter(inpaint).any(|c| c.reference == "pipeline"), "{set}: no 4-channel inpaint case");
+    }
+    if set == "tiny-sd1" {
+        assert!(cases.iter().filter(img2img).any(|c| !c.adapters.is_empty()), "no img2img + adapter case");
+        assert!(cases.iter().filter(inpaint).any(|c| c.strength.is_some_and(|s| s < 1.0)), "no partial inpaint");
+    }
+    if set == "tiny-sd1-inpaint" {
+        assert!(cases.iter().filter(inpaint).any(|c| c.reference == "pipeline"), "no 9-channel inpaint case");
+    }
     for case in &cases {
         let mut request = Request::new(case.prompt.clone());
         request.negative_prompt = case.negative_prompt.clone();
@@ -179,6 +209,13 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
             negative_crops_coords_top_left: sc.negative_crops_coords_top_left.unwrap_or((0, 0)),
             negative_target_size: sc.negative_target_size,
         };
+        // The init image goes in as decoded pixels (a service's upload), the mask as a file.
+        request.init_image = case
+            .init_image
+            .as_ref()
+            .map(|path| ConditionSource::Pixels(ConditionImage::open(&fixture(path), ConditionKind::Rgb).unwrap()));
+        request.mask = case.mask.as_ref().map(|path| ConditionSource::File(fixture(path)));
+        request.strength = case.strength;
         let generation = pipeline.run(&request, &mut |_| true).unwrap();
 
         let expected: ArrayD<f32> = ndarray_npy::read_npy(fixture(&case.expected_latents)).unwrap();
@@ -229,6 +266,16 @@ fn ort_cpu_sd2_pipeline_equals_diffusers() {
 #[test]
 fn tract_sd2_pipeline_equals_diffusers() {
     check_set(BackendKind::Tract, 1e-3, "tiny-sd2");
+}
+
+#[test]
+fn ort_cpu_inpainting_unet_equals_diffusers() {
+    check_set(BackendKind::OrtCpu, 1e-4, "tiny-sd1-inpaint");
+}
+
+#[test]
+fn tract_inpainting_unet_equals_diffusers() {
+    check_set(BackendKind::Tract, 1e-3, "tiny-sd1-inpaint");
 }
 
 #[test]

@@ -16,6 +16,7 @@ use ndarray::{ArrayD, ArrayViewD};
 
 use crate::engine::ShapeRanges;
 use crate::error::{Error, Result};
+use crate::log::Logger;
 use crate::manifest::{GraphSpec, RealTensor};
 
 pub use self::ort::{find_onnxruntime_library, OrtBackend, OrtOptions, Provider, ORT_LIBRARY_NAME};
@@ -50,6 +51,27 @@ pub struct BackendSettings {
     pub allow_cpu_fallback: bool,
     /// `ort-trt`: let TensorRT pick fp16 kernels (`trt_fp16_enable`).
     pub trt_fp16: bool,
+    /// Where the backend's notes go (CPU fallback, stale or missing prepared engines).
+    pub log: Logger,
+}
+
+impl BackendSettings {
+    /// Checks that the settings make sense for `backend`: thread count in range, GPU-only
+    /// settings only with a GPU backend, TensorRT's fp16 only with TensorRT.
+    pub fn check(&self, backend: BackendKind) -> Result<()> {
+        if let Some(n) = self.threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
+            return Err(Error::InvalidOptions(format!("threads {n} must be between 1 and {MAX_THREADS}")));
+        }
+        if !backend.is_gpu() && (self.device != 0 || self.allow_cpu_fallback) {
+            return Err(Error::InvalidOptions(format!(
+                "a device ordinal and CPU fallback are for the GPU backends (ort-cuda, ort-trt), not {backend}"
+            )));
+        }
+        if self.trt_fp16 && backend != BackendKind::OrtTrt {
+            return Err(Error::InvalidOptions(format!("TensorRT fp16 is an ort-trt option, not one of {backend}")));
+        }
+        Ok(())
+    }
 }
 
 impl BackendKind {
@@ -81,9 +103,7 @@ impl BackendKind {
     /// [`find_onnxruntime_library`]) and, for the GPU kinds, checks that the library has the
     /// provider and that the GPU exists, so a missing piece fails here with what to install.
     pub fn create_with(self, settings: &BackendSettings) -> Result<Arc<dyn Backend>> {
-        if let Some(n) = settings.threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
-            return Err(Error::InvalidRequest(format!("threads {n} must be between 1 and {MAX_THREADS}")));
-        }
+        settings.check(self)?;
         let provider = match self {
             BackendKind::Tract => return Ok(Arc::new(TractBackend::new(settings.threads))),
             BackendKind::OrtCpu => Provider::Cpu,
@@ -94,6 +114,7 @@ impl BackendKind {
             intra_threads: settings.threads,
             provider,
             allow_cpu_fallback: settings.allow_cpu_fallback,
+            log: settings.log.clone(),
             ..OrtOptions::default()
         })?))
     }
@@ -104,7 +125,7 @@ impl std::str::FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self> {
         BackendKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
             let valid: Vec<&str> = BackendKind::ALL.iter().map(|k| k.as_str()).collect();
-            Error::InvalidRequest(format!("unknown backend {s:?}; valid backends: {}", valid.join(", ")))
+            Error::InvalidOptions(format!("unknown backend {s:?}; valid backends: {}", valid.join(", ")))
         })
     }
 }

@@ -29,6 +29,7 @@ use super::gpu;
 use super::{Backend, BackendKind, CacheUse, Graph, GraphLoad, GraphSession, OwnedTensor, TensorView};
 use crate::engine::{self, CacheKey, Lookup};
 use crate::error::{Error, Result};
+use crate::log::Logger;
 use crate::manifest::{DType, RealTensor};
 
 /// The ONNX Runtime library file this runtime is built against (the `onnxruntime` 1.31.1 wheel's;
@@ -77,6 +78,8 @@ pub struct OrtOptions {
     pub provider: Provider,
     /// When the GPU provider cannot start, warn and run on the CPU provider instead of failing.
     pub allow_cpu_fallback: bool,
+    /// Where the fallback warning and engine-cache notes go.
+    pub log: Logger,
 }
 
 /// Runs graphs through ONNX Runtime.
@@ -109,7 +112,10 @@ impl OrtBackend {
                 if !backend.options.allow_cpu_fallback {
                     return Err(Error::Provider { backend: name, message });
                 }
-                eprintln!("warning: {name}: {message}; running on the CPU instead (--allow-cpu-fallback)");
+                backend
+                    .options
+                    .log
+                    .warn(&format!("{name}: {message}; running on the CPU instead (CPU fallback allowed)"));
                 backend.provider = Provider::Cpu;
                 backend.hardware = vec![("cpu", engine::cpu_identity())];
             }
@@ -297,18 +303,18 @@ impl OrtBackend {
             }
             lookup => {
                 if let Lookup::Stale { changed } = &lookup {
-                    eprintln!(
-                        "note: the prepared engine for {name} in {} is stale ({}); not using it. Run `t2i-rt \
+                    self.options.log.warn(&format!(
+                        "the prepared engine for {name} in {} is stale ({}); not using it. Run `t2i-rt \
                          build-engine` again to prepare one for this machine.",
                         cache.root.display(),
                         changed.join("; ")
-                    );
+                    ));
                 }
                 if trt {
-                    eprintln!(
-                        "note: no TensorRT engine prepared for {name}: TensorRT builds one now (minutes for a UNet). \
+                    self.options.log.info(&format!(
+                        "no TensorRT engine prepared for {name}: TensorRT builds one now (minutes for a UNet). \
                          Prepare it once with `t2i-rt build-engine --backend ort-trt`."
-                    );
+                    ));
                 }
                 let builder = self.builder(name, GraphOptimizationLevel::Level3, None)?;
                 self.commit(name, builder, request.path)

@@ -20,7 +20,7 @@ use std::str::FromStr;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 use crate::scheduler::NoiseSource;
 
 pub use torch_cpu::{TorchCpuGenerator, TorchCpuKernel};
@@ -90,15 +90,15 @@ impl FromStr for RngKind {
 
     fn from_str(name: &str) -> Result<Self> {
         if name == "torch-cuda" {
-            return Err(Error::InvalidRequest(
+            return Err(Error::request(
+                Field::Rng,
                 "rng \"torch-cuda\" (torch.Generator(\"cuda\"), Philox on the GPU) is not implemented yet; use \
-                 torch-cpu and pass generator=torch.Generator(\"cpu\").manual_seed(SEED) to diffusers"
-                    .into(),
+                 torch-cpu and pass generator=torch.Generator(\"cpu\").manual_seed(SEED) to diffusers",
             ));
         }
         RngKind::ALL.into_iter().find(|k| k.as_str() == name).ok_or_else(|| {
             let valid: Vec<&str> = RngKind::ALL.iter().map(|k| k.as_str()).collect();
-            Error::InvalidRequest(format!("unknown rng \"{name}\"; valid names: {}", valid.join(", ")))
+            Error::request(Field::Rng, format!("unknown rng \"{name}\"; valid names: {}", valid.join(", ")))
         })
     }
 }

@@ -49,7 +49,7 @@ use ndarray::{ArrayD, ArrayViewD};
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 
 pub use ddim::{DdimConfig, DdimScheduler};
 pub use euler::{EulerConfig, EulerScheduler};
@@ -200,7 +200,7 @@ impl FromStr for SchedulerKind {
     fn from_str(name: &str) -> Result<Self> {
         SchedulerKind::ALL.into_iter().find(|k| k.as_str() == name).ok_or_else(|| {
             let valid: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
-            Error::InvalidRequest(format!("unknown scheduler \"{name}\"; valid names: {}", valid.join(", ")))
+            Error::request(Field::Scheduler, format!("unknown scheduler \"{name}\"; valid names: {}", valid.join(", ")))
         })
     }
 }
@@ -209,7 +209,10 @@ impl FromStr for SchedulerKind {
 /// JSON (`true`, `0`, `"trailing"`) or else a bare string (`trailing`).
 pub fn parse_option(arg: &str) -> Result<(String, Value)> {
     let bad = || {
-        Error::InvalidRequest(format!("scheduler option {arg:?}: expected KEY=VALUE, e.g. timestep_spacing=trailing"))
+        Error::request(
+            Field::Scheduler,
+            format!("scheduler option {arg:?}: expected KEY=VALUE, e.g. timestep_spacing=trailing"),
+        )
     };
     let (key, value) = arg.split_once('=').ok_or_else(bad)?;
     if key.is_empty() {
