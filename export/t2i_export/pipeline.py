@@ -399,9 +399,9 @@ def _unet_file(comps: Components) -> str:
 
 
 def _write_tokenizer(tmp: Path, part: TextEncoderPart, index: int, previous: list[dict]) -> dict:
-    """`tokenizer.json` (`tokenizer_2.json`, ...); an encoder whose tokenizer file would be identical to
-    an earlier one's (SDXL: same CLIP vocabulary, only the pad token differs) shares that file."""
-    file = "tokenizer.json" if index == 0 else f"tokenizer_{index + 1}.json"
+    """`tokenizer.json.gz` (`tokenizer_2.json.gz`, ...); an encoder whose tokenizer file would be
+    identical to an earlier one's shares that file (SDXL's two differ: their pad tokens)."""
+    file = "tokenizer.json.gz" if index == 0 else f"tokenizer_{index + 1}.json.gz"
     entry = export_tokenizer(part.tokenizer, tmp / file, part.model.config.max_position_embeddings)
     digest = sha256_file(tmp / file)
     for prev in previous:
