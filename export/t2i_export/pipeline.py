@@ -222,10 +222,13 @@ class Geometry:
 def geometry(comps: Components) -> Geometry:
     unet, vae = comps.unet, comps.vae
     check_unet(unet.config)
-    if unet.config.in_channels != vae.config.latent_channels or unet.config.out_channels != unet.config.in_channels:
+    latent = vae.config.latent_channels
+    # An inpainting UNet (stable-diffusion-inpainting) takes cat[latents, mask, masked_image_latents]:
+    # 2C + 1 channels in, C out (StableDiffusionInpaintPipeline checks the same sum).
+    if unet.config.in_channels not in (latent, 2 * latent + 1) or unet.config.out_channels != latent:
         raise ExportError(
             f"unet in/out channels {unet.config.in_channels}/{unet.config.out_channels} do not match the VAE's "
-            f"latent_channels {vae.config.latent_channels}"
+            f"latent_channels {latent} (expected {latent}/{latent}, or {2 * latent + 1}/{latent} for an inpainting UNet)"
         )
     hidden = sum(p.model.config.hidden_size for p in comps.text_encoders)
     if unet.config.cross_attention_dim != hidden:
