@@ -13,8 +13,8 @@ Within a tolerance: what a torch kernel computes. expected_latents.npy, every gr
 two graph inputs that are a text encoder's output (graph_unet/in_encoder_hidden_states.npy and
 in_text_embeds.npy), the decoded images (cases/*/image_*.png) and the img2img / inpainting cases'
 debug_*.npy (posterior samples through the VAE encoder, the latents after add_noise; the latent mask
-is exact by construction, 0 and 1, and passes any tolerance only if equal). The img2img / inpainting
-cases and graph_vae_encoder were first computed on an AMD EPYC, the rest as said below. The committed ones were computed
+is 0s and 1s, so within the latents' tolerance means equal). The img2img / inpainting cases and
+graph_vae_encoder were computed on an AMD EPYC, the older files as said below. The committed ones were computed
 on an Intel Xeon; on another CPU PyTorch's kernels (MKL / oneDNN dispatch) sum in another order and
 their last bits move. Measured against the committed files (issue 11), worst over sd1, sd2, sdxl:
 
