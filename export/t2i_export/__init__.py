@@ -4,4 +4,6 @@ t2i-rt runs (contract: docs/manifest.md)."""
 __version__ = "0.1.0"
 
 OPSET = 17
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# What the runtime reads: format 2 (no vae_encoder, no GraphSpec `batch`, tokenizer `.json` only) and 3.
+READABLE_FORMAT_VERSIONS = (2, 3)

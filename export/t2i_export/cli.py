@@ -32,15 +32,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="a diffusers AutoencoderKL dir to use instead of the model's vae/ (e.g. an fp16-safe SDXL VAE)")
     pp.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="compute precision of the graphs (their inputs/outputs stay float32); fp16 as diffusers' "
-                    "pipe.to(torch.float16), except a VAE with force_upcast, whose decoder stays fp32 (default: fp32)")
+                    "pipe.to(torch.float16), except an SDXL VAE with force_upcast, whose graphs stay fp32 (default: fp32)")
     pp.add_argument("--vae-precision", choices=PRECISIONS,
-                    help="compute precision of the VAE decoder graph (default: --precision's, see there); "
+                    help="compute precision of the VAE graphs, decoder and encoder (default: --precision's, see there); "
                     "fp16 is refused for VAEs with force_upcast (SDXL's original VAE overflows)")
 
     pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
     pt.add_argument("--out", type=Path, required=True,
                     help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16)")
-    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl"],
+    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint"],
                     help="only these members of the tiny zoo (repeatable; default: all)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 

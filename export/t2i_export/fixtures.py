@@ -5,7 +5,8 @@ Layout (all paths in cases.json are relative to the fixtures directory):
     tokenizer.json                 [{"prompt", "ids"}]: CLIPTokenizer(padding="max_length", max_length=77, truncation=True)
     graph_<graph>/in_<input>.npy   per graph: its inputs ...
     graph_<graph>/out_<output>.npy ... and the torch module's outputs (float32 / int64, C order)
-    conditions/*.png               adapter condition images (sketch: mode "L"; color: RGB, not the output size)
+    conditions/*.png               adapter condition images (sketch: mode "L"; color: RGB, not the output size);
+                                   init.png (RGB) and mask.png ("L", white = repaint) for img2img / inpainting
     cases.json                     end-to-end cases (see `CASES`); width/height null: the default size
     cases/<name>/latents.npy       initial noise, exactly diffusers' `latents=` argument (before init_noise_sigma),
                                    drawn as torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -14,6 +15,7 @@ Layout (all paths in cases.json are relative to the fixtures directory):
                                    .manual_seed(seed) instead, as a user does: latents and step noise from it
     cases/<name>/expected_latents.npy   final latents (output_type="latent")
     cases/<name>/image_<k>.png     decoded images (reference.decode_images)
+    cases/<name>/debug_*.npy       img2img / inpainting cases: what the run went through (`reference.Trace`)
 
 Every input is drawn from a `torch.Generator` with the fixed seed written next to it below.
 """
@@ -32,10 +34,10 @@ from PIL import Image, ImageDraw
 
 from .adapter import AdapterGraph, feature_count
 from .errors import ExportError
-from .reference import Case, Oracle, decode_images, load_condition, pipeline_size, run
+from .reference import Case, Oracle, decode_images, load_condition, pipeline_size, reference_pipeline_name, run, run_image
 from .text_encoder import POOLED_OUTPUT, TextEncoderGraph
 from .unet import UNetGraph, has_text_time, residual_slots
-from .vae import VaeDecoderGraph
+from .vae import VaeDecoderGraph, VaeEncoderGraph
 
 TOKENIZER_PROMPTS = [
     "a photo of an astronaut riding a horse on the moon",
@@ -290,21 +292,69 @@ GENERATOR_CASES = [
     ]
 ]
 
+# img2img and inpainting: diffusers' own pipelines, drawing everything (posterior samples, noise, step
+# noise) from generator=torch.Generator("cpu").manual_seed(seed) as the generator cases do. The init
+# image and mask are the output size (64x64: conditions/init.png, conditions/mask.png), so diffusers'
+# resize is the identity. "init_image"/"mask" name `condition_images` entries.
+_IMAGE_CASE = dict(negative_prompt="blurry, low quality", adapters=[], cond_tau=1.0, guidance=7.5, width=64, height=64,
+                   n_samples=1, reference="pipeline", generator=True, init_image="init")
+SD1_IMAGE_CASES = [
+    # StableDiffusionImg2ImgPipeline, the set's own scheduler (PNDM, PLMS), default strength 0.8
+    dict(_IMAGE_CASE, name="w_img2img_pndm_pipeline", prompt="a red house on a green hill, oil painting",
+         steps=6, scheduler="pndm", strength=0.8, seed=123),
+    # two images from one encoded init image: one posterior draw [1, ...], then noise [2, ...]
+    dict(_IMAGE_CASE, name="x_img2img_euler_two_samples_pipeline", prompt="a lighthouse by the sea", steps=5,
+         scheduler="euler", strength=0.6, n_samples=2, seed=124),
+    # img2img + T2I-Adapter: no diffusers pipeline does both, so `reference.run_img2img_loop`
+    dict(_IMAGE_CASE, name="y_img2img_ddim_sketch_loop", prompt="a cat sitting on a chair", adapters=[("sketch", 1.0)],
+         steps=6, scheduler="ddim", strength=0.7, seed=125, reference="loop"),
+    # StableDiffusionInpaintPipeline with the 4-channel UNet: diffusers blends the re-noised init latents
+    # outside the mask after every step
+    dict(_IMAGE_CASE, name="z_inpaint_ddim_pipeline", prompt="a bowl of fruit on a wooden table", steps=6,
+         scheduler="ddim", strength=1.0, mask="mask", seed=126),
+    dict(_IMAGE_CASE, name="z2_inpaint_euler_strength075_pipeline", prompt="a bowl of fruit on a wooden table",
+         steps=6, scheduler="euler", strength=0.75, mask="mask", seed=127),
+]
+SDXL_IMAGE_CASES = [
+    # StableDiffusionXLImg2ImgPipeline (its default strength is 0.3: given), requires_aesthetics_score false
+    dict(_IMAGE_CASE, name="c_sdxl_img2img_euler_pipeline", prompt="a red house on a green hill, oil painting",
+         steps=6, scheduler="euler", strength=0.5, seed=403),
+    # StableDiffusionXLInpaintPipeline with the 4-channel UNet (its default strength is 0.9999: given)
+    dict(_IMAGE_CASE, name="d_sdxl_inpaint_euler_strength08_pipeline", prompt="a bowl of fruit on a wooden table",
+         steps=5, scheduler="euler", strength=0.8, mask="mask", seed=404),
+]
+# tiny-sd1-inpaint's 9-channel UNet: StableDiffusionInpaintPipeline concatenates [latents, mask,
+# masked_image_latents]. (a) strength 1: pure noise, the init image is not encoded; (b) strength < 1 and
+# two images: init image encoded, then noise, then the masked image.
+SD1_INPAINT_CASES = [
+    dict(_IMAGE_CASE, name="a_inpaint9_euler_pipeline", prompt="a bowl of fruit on a wooden table", steps=6,
+         scheduler="euler", strength=1.0, mask="mask", seed=501),
+    dict(_IMAGE_CASE, name="b_inpaint9_ddim_strength06_two_samples_pipeline", prompt="a lighthouse by the sea",
+         steps=5, scheduler="ddim", strength=0.6, n_samples=2, mask="mask", seed=502),
+]
+
 # The generator cases need torch's AVX2 normal_ kernel (what the runtime's torch-cpu reproduces).
 TORCH_CPU_CAPABILITIES = ("AVX2", "AVX512")
 
-CASES_BY_FAMILY = {"sd1": CASES, "sd2": SD2_CASES, "sdxl": SDXL_CASES}
+CASES_BY_FAMILY = {
+    "sd1": CASES + SAMPLER_CASES + GENERATOR_CASES + SD1_IMAGE_CASES,
+    "sd2": SD2_CASES,
+    "sdxl": SDXL_CASES + SDXL_IMAGE_CASES,
+    "sd1-inpaint": SD1_INPAINT_CASES,
+}
 
 CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"}
 # Which synthetic image (see `condition_images`) each family's conditions are (keyed by adapter name, or
 # by the name a case gives), and where each is saved.
+IMAGE_CONDITIONS = {"init": ("init", "conditions/init.png"), "mask": ("mask", "conditions/mask.png")}
 CONDITIONS_BY_FAMILY = {
-    "sd1": {"sketch": ("sketch", CONDITIONS["sketch"]), "color": ("color", CONDITIONS["color"])},
+    "sd1": {"sketch": ("sketch", CONDITIONS["sketch"]), "color": ("color", CONDITIONS["color"]), **IMAGE_CONDITIONS},
     "sd2": {  # colour-coded region maps, like a segmentation
         "seg": ("color", "conditions/seg.png"),
         "seg_768": ("seg_768", "conditions/seg_768.png"),
     },
-    "sdxl": {"canny": ("sketch", "conditions/canny.png"), "depth": ("color", "conditions/depth.png")},
+    "sdxl": {"canny": ("sketch", "conditions/canny.png"), "depth": ("color", "conditions/depth.png"), **IMAGE_CONDITIONS},
+    "sd1-inpaint": IMAGE_CONDITIONS,
 }
 
 
@@ -326,7 +376,32 @@ def condition_images() -> dict[str, Image.Image]:
     d.polygon([(300, 560), (360, 430), (520, 420), (600, 540), (560, 600), (330, 610)], fill=(255, 41, 10))  # rock
     d.polygon([(410, 440), (430, 180), (490, 180), (510, 440)], fill=(255, 255, 255))  # lighthouse
     d.rectangle((420, 130, 500, 180), fill=(255, 204, 0))  # lamp
-    return {"sketch": sketch, "color": color, "seg_768": seg}
+    return {"sketch": sketch, "color": color, "seg_768": seg, "init": init_image(), "mask": inpaint_mask()}
+
+
+def init_image() -> Image.Image:
+    """The img2img / inpainting init image: RGB 64x64, a red-green gradient with shapes placed so that
+    no flip or transpose maps it onto itself."""
+    y, x = np.mgrid[0:64, 0:64]
+    px = np.stack([x * 4, y * 4, np.full_like(x, 96)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(px, "RGB")
+    d = ImageDraw.Draw(image)
+    d.ellipse((10, 8, 40, 34), fill=(250, 150, 30))
+    d.rectangle((36, 38, 58, 60), fill=(20, 30, 120))
+    d.line((2, 62, 30, 44), fill=(255, 255, 255), width=2)
+    return image
+
+
+def inpaint_mask() -> Image.Image:
+    """The inpainting mask: "L" 64x64, white = repaint. An ellipse whose edges cut 8x8 blocks (the
+    latent mask samples each block's top-left pixel: torch's nearest interpolation), and two patches at
+    the binarisation threshold: 128 (>= 0.5 after /255: repaint) and 127 (keep)."""
+    mask = Image.new("L", (64, 64), 0)
+    d = ImageDraw.Draw(mask)
+    d.ellipse((20, 13, 53, 45), fill=255)
+    d.rectangle((2, 50, 17, 61), fill=128)
+    d.rectangle((44, 50, 61, 61), fill=127)
+    return mask
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -392,6 +467,12 @@ def graph_fixtures(oracle: Oracle, root: Path) -> None:
     image = VaeDecoderGraph(oracle.vae)(latent)
     _save_graph(root / "graph_vae_decoder", {"latent_sample": latent}, {"image": image})
 
+    # Half the decoder's sides (image 32x64, latent 4x8): at 64x128 the input alone would be 197 KB per family.
+    g = torch.Generator().manual_seed(210)
+    image = torch.rand(2, oracle.vae.config.in_channels, 4 * h, 4 * w, generator=g) * 2 - 1  # the runtime's [-1, 1]
+    mean, std = VaeEncoderGraph(oracle.vae)(image)
+    _save_graph(root / "graph_vae_encoder", {"image": image}, {"latent_mean": mean, "latent_std": std})
+
     for seed, (name, adapter) in enumerate(sorted(oracle.adapters.items()), start=203):
         g = torch.Generator().manual_seed(seed)
         cond = torch.rand(2, adapter.config.in_channels, 8 * h, 8 * w, generator=g)
@@ -413,7 +494,7 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
                 f"case {spec['name']}: diffusers would pick {width}x{height} (from its condition image) where the "
                 f"runtime takes the manifest's default_size {list(oracle.default_size)}: give the size"
             )
-    shape = (spec["n_samples"], oracle.unet.config.in_channels, height // 8, width // 8)
+    shape = (spec["n_samples"], oracle.vae.config.latent_channels, height // 8, width // 8)
     if spec.get("generator"):
         capability = torch.backends.cpu.get_cpu_capability()
         if capability not in TORCH_CPU_CAPABILITIES:
@@ -443,6 +524,9 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
         size_cond=dict(spec.get("size_cond", {})),
         seed=spec["seed"],
         eta=spec.get("eta", 0.0),
+        init_image=images[spec["init_image"]] if "init_image" in spec else None,
+        mask=images[spec["mask"]] if "mask" in spec else None,
+        strength=spec.get("strength"),
     )
 
 
@@ -456,14 +540,35 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
     # Cases read the PNGs back, as the runtime will.
     images = {n: load_condition(root / rel) for n, (_, rel) in conditions.items()}
     entries = []
-    for spec in CASES_BY_FAMILY[family] + (SAMPLER_CASES + GENERATOR_CASES if family == "sd1" else []):
+    for spec in CASES_BY_FAMILY[family]:
         case = _make_case(spec, images, oracle)
-        latents, timesteps = run(oracle, case)
+        trace = None
+        if case.init_image is not None:
+            latents, timesteps, trace = run_image(oracle, case)
+        else:
+            latents, timesteps = run(oracle, case)
         pixels = decode_images(oracle, latents)
         cdir = Path("cases") / case.name
         if case.latents is not None:
             _save_npy(root / cdir / "latents.npy", case.latents.numpy())
         _save_npy(root / cdir / "expected_latents.npy", latents.numpy())
+        image_keys, debug_keys = {}, {}
+        if trace is not None:
+            image_keys = {
+                "init_image": conditions[spec["init_image"]][1],
+                **({"mask": conditions[spec["mask"]][1]} if case.mask is not None else {}),
+                "strength": case.strength,
+            }
+            debug = {"image_latents": trace.image_latents, "initial_latents": trace.initial_latents}
+            if case.mask is not None:
+                debug.update(masked_image_latents=trace.masked_image_latents, latent_mask=trace.latent_mask)
+            for key, value in debug.items():
+                rel = None
+                if value is not None:
+                    rel = (cdir / f"debug_{key}.npy").as_posix()
+                    _save_npy(root / rel, value.numpy())
+                debug_keys[f"debug_{key}"] = rel
+            debug_keys["diffusers_pipeline"] = reference_pipeline_name(oracle, case)
         pngs = []
         for k, px in enumerate(pixels):
             rel = (cdir / f"image_{k}.png").as_posix()
@@ -490,16 +595,19 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
                 "width": case.width,
                 "height": case.height,
                 "n_samples": case.n_samples,
+                **image_keys,
                 "latents": None if case.latents is None else (cdir / "latents.npy").as_posix(),
                 "seed": case.seed,
                 **({"rng": "torch-cpu"} if case.latents is None else {}),
                 "expected_latents": (cdir / "expected_latents.npy").as_posix(),
                 "expected_images": pngs,
+                **debug_keys,
                 "reference": case.reference,
                 **extra,
                 **({"size_cond": {k: list(v) for k, v in case.size_cond.items()}} if case.size_cond else {}),
                 # informational, for debugging a runtime scheduler:
                 "timesteps": timesteps,
+                **({"loop_timesteps": trace.loop_timesteps} if trace is not None else {}),
                 "init_noise_sigma": float(scheduler.init_noise_sigma),
                 # (non-finite floats as strings: JSON has no -Infinity)
                 "scheduler_config": {

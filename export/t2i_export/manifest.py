@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 import diffusers
 import torch
 
-from . import FORMAT_VERSION, OPSET, __version__
+from . import FORMAT_VERSION, OPSET, READABLE_FORMAT_VERSIONS, __version__
 from .errors import ExportError
 from .onnx_io import sha256_file
 
@@ -101,8 +101,10 @@ def verify(set_dir: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{set_dir}: no {MANIFEST}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise ExportError(
+            f"{path}: format_version {manifest.get('format_version')} is not one of {list(READABLE_FORMAT_VERSIONS)}"
+        )
     for rel, digest in listed_files(manifest):
         check_relative(rel)
         f = set_dir / rel

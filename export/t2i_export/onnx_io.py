@@ -215,8 +215,19 @@ def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def graph_spec(set_dir: Path, files: list[Path], precision: str) -> dict:
-    """A manifest GraphSpec for a graph written by `export_graph` into `set_dir` with `precision`."""
+# A GraphSpec's `batch` (format 3): what the runtime stacks along a graph's "batch" axis.
+# "prompts": one row per distinct prompt text (the text encoders: [negative,] positive);
+# "guided_samples": CFG's [unconditional; conditional] halves of n_samples each, or n_samples (unet);
+# "samples": n_samples (vae_decoder); "one": a single row, its result shared by every sample and both
+# CFG halves (adapters: one condition image; vae_encoder: one init or masked image).
+BATCH_KINDS = ("prompts", "guided_samples", "samples", "one")
+
+
+def graph_spec(set_dir: Path, files: list[Path], precision: str, batch: str) -> dict:
+    """A manifest GraphSpec for a graph written by `export_graph` into `set_dir` with `precision`,
+    run by the runtime at batch `batch` (`BATCH_KINDS`)."""
+    if batch not in BATCH_KINDS:
+        raise ValueError(f"batch {batch!r}: expected one of {BATCH_KINDS}")
     graph, data = files[0], files[1:]
     inputs, outputs = graph_io(graph)
     return {
@@ -224,6 +235,7 @@ def graph_spec(set_dir: Path, files: list[Path], precision: str) -> dict:
         "sha256": sha256_file(graph),
         "external_data": [{"file": d.relative_to(set_dir).as_posix(), "sha256": sha256_file(d)} for d in data],
         "precision": precision,  # compute precision; the IO is float32 (int64 ids) either way
+        "batch": batch,
         "inputs": inputs,
         "outputs": outputs,
     }

@@ -31,7 +31,7 @@ from .precision import check_precision
 from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
 from .unet import TIME_ID_COUNT, check_unet, export_unet, has_text_time, pooled_dim, residual_slots
-from .vae import check_vae_precision, export_vae_decoder, needs_fp32, vae_downscale
+from .vae import check_vae_precision, export_vae_decoder, export_vae_encoder, needs_fp32, vae_downscale
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 XL_COMPONENTS = ("tokenizer_2", "text_encoder_2")
@@ -69,7 +69,7 @@ class Components:
     # SDXL pipelines' `force_zeros_for_empty_prompt`: no negative prompt -> zero embeddings.
     force_zeros_for_empty_prompt: bool = False
     precision: str = "fp32"  # the set's requested compute precision: fp32 | fp16
-    vae_precision: str | None = None  # the VAE decoder's, when given explicitly (else see `vae_decoder_precision`)
+    vae_precision: str | None = None  # the VAE graphs', when given explicitly (else see `vae_graphs_precision`)
 
     @classmethod
     def single_encoder(cls, tokenizer, text_encoder, unet, vae, scheduler_config, **kw) -> "Components":
@@ -222,10 +222,13 @@ class Geometry:
 def geometry(comps: Components) -> Geometry:
     unet, vae = comps.unet, comps.vae
     check_unet(unet.config)
-    if unet.config.in_channels != vae.config.latent_channels or unet.config.out_channels != unet.config.in_channels:
+    latent = vae.config.latent_channels
+    # An inpainting UNet (stable-diffusion-inpainting) takes cat[latents, mask, masked_image_latents]:
+    # 2C + 1 channels in, C out (StableDiffusionInpaintPipeline checks the same sum).
+    if unet.config.in_channels not in (latent, 2 * latent + 1) or unet.config.out_channels != latent:
         raise ExportError(
             f"unet in/out channels {unet.config.in_channels}/{unet.config.out_channels} do not match the VAE's "
-            f"latent_channels {vae.config.latent_channels}"
+            f"latent_channels {latent} (expected {latent}/{latent}, or {2 * latent + 1}/{latent} for an inpainting UNet)"
         )
     hidden = sum(p.model.config.hidden_size for p in comps.text_encoders)
     if unet.config.cross_attention_dim != hidden:
@@ -253,8 +256,9 @@ def geometry(comps: Components) -> Geometry:
     return Geometry(vae.config.latent_channels, vd, multiple, default)
 
 
-def vae_decoder_precision(comps: Components) -> tuple[str, str | None]:
-    """The VAE decoder graph's precision, and a one-line notice when it stays fp32 in an fp16 set.
+def vae_graphs_precision(comps: Components) -> tuple[str, str | None]:
+    """The VAE graphs' precision (decoder and encoder alike), and a one-line notice when they stay fp32
+    in an fp16 set.
 
     It follows the set's precision unless given explicitly (`--vae-precision`), except that a VAE
     diffusers upcasts (`force_upcast` in an SDXL pipeline: SDXL's original VAE overflows in fp16)
@@ -264,8 +268,9 @@ def vae_decoder_precision(comps: Components) -> tuple[str, str | None]:
         return comps.vae_precision, None
     if comps.precision == "fp16" and needs_fp32(comps.vae, has_text_time(comps.unet.config)):
         return "fp32", (
-            "note: vae_decoder stays fp32: this VAE's config has force_upcast=true (it overflows in fp16, like SDXL's "
-            "original VAE); for an fp16 decoder pass an fp16-safe VAE with --vae DIR (e.g. madebyollin/sdxl-vae-fp16-fix)"
+            "note: vae_decoder and vae_encoder stay fp32: this VAE's config has force_upcast=true (it overflows in fp16, "
+            "like SDXL's original VAE); for fp16 VAE graphs pass an fp16-safe VAE with --vae DIR (e.g. "
+            "madebyollin/sdxl-vae-fp16-fix)"
         )
     return comps.precision, None
 
@@ -293,7 +298,7 @@ def export_components(
         raise ExportError("adapter names must be unique")
     check_out_dir(out_dir)
     check_precision(comps.precision, "precision")
-    vae_precision, notice = vae_decoder_precision(comps)
+    vae_precision, notice = vae_graphs_precision(comps)
     check_vae_precision(comps.vae, vae_precision, has_text_time(comps.unet.config))
     geo = geometry(comps)
     features = max((feature_count(a, geo.size_multiple) for _, a in adapters), default=0)
@@ -320,25 +325,34 @@ def export_components(
                     "tokenizer": tok_entry,
                     "hidden_output": part.use.hidden_output,
                     "pooled_output": POOLED_OUTPUT if part.use.pooled else None,
-                    "graph": graph_spec(tmp, files, comps.precision),
+                    "graph": graph_spec(tmp, files, comps.precision, "prompts"),
                 }
             )
         added_cond = {}
         if has_text_time(comps.unet.config):
             added_cond = {"text_embeds": next(p.name for p in comps.text_encoders if p.use.pooled), "time_ids": TIME_IDS}
         unet_file = tmp / _unet_file(comps)
+        latent_hw = (latent_multiple, 2 * latent_multiple)
         graphs = {
             "unet": graph_spec(
                 tmp,
                 export_unet(comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision),
                 comps.precision,
+                "guided_samples",
             ),
             "vae_decoder": graph_spec(
                 tmp,
-                export_vae_decoder(
-                    comps.vae, tmp / "vae_decoder.onnx", (latent_multiple, 2 * latent_multiple), external_data_threshold, vae_precision
-                ),
+                export_vae_decoder(comps.vae, tmp / "vae_decoder.onnx", latent_hw, external_data_threshold, vae_precision),
                 vae_precision,
+                "samples",
+            ),
+            # img2img and inpainting encode one image (init or masked) and share its sample across
+            # n_samples (StableDiffusionImg2ImgPipeline.prepare_latents encodes the image once).
+            "vae_encoder": graph_spec(
+                tmp,
+                export_vae_encoder(comps.vae, tmp / "vae_encoder.onnx", latent_hw, external_data_threshold, vae_precision),
+                vae_precision,
+                "one",
             ),
         }
         adapter_entries = []
@@ -354,7 +368,7 @@ def export_components(
                     "in_channels": a.config.in_channels,
                     "downscale_factor": a.total_downscale_factor,
                     "residual_slots": fed[n],
-                    "graph": graph_spec(tmp, files, comps.precision),
+                    "graph": graph_spec(tmp, files, comps.precision, "one"),
                 }
             )
         manifest = mf.build(
@@ -388,9 +402,9 @@ def _unet_file(comps: Components) -> str:
 
 
 def _write_tokenizer(tmp: Path, part: TextEncoderPart, index: int, previous: list[dict]) -> dict:
-    """`tokenizer.json` (`tokenizer_2.json`, ...); an encoder whose tokenizer file would be identical to
-    an earlier one's (SDXL: same CLIP vocabulary, only the pad token differs) shares that file."""
-    file = "tokenizer.json" if index == 0 else f"tokenizer_{index + 1}.json"
+    """`tokenizer.json.gz` (`tokenizer_2.json.gz`, ...); an encoder whose tokenizer file would be
+    identical to an earlier one's shares that file (SDXL's two differ: their pad tokens)."""
+    file = "tokenizer.json.gz" if index == 0 else f"tokenizer_{index + 1}.json.gz"
     entry = export_tokenizer(part.tokenizer, tmp / file, part.model.config.max_position_embeddings)
     digest = sha256_file(tmp / file)
     for prev in previous:

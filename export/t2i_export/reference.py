@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,13 +25,20 @@ from diffusers import (
     AutoencoderKL,
     MultiAdapter,
     StableDiffusionAdapterPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLAdapterPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     T2IAdapter,
     UNet2DConditionModel,
 )
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.pipelines.t2i_adapter.pipeline_stable_diffusion_adapter import _preprocess_adapter_image
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -131,6 +140,11 @@ class Case:
     eta: float = 0.0  # DDIM's, passed to the pipeline as `eta=`
     # SDXL: original_size, crops_coords_top_left, target_size and their negative_* ((h, w) / (top, left) pairs)
     size_cond: dict = field(default_factory=dict)
+    # img2img / inpainting: the init image (RGB, exactly width x height), the mask (mode "L", white =
+    # repaint; None: img2img) and the pipelines' `strength`.
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None
 
     def size(self, oracle: Oracle) -> tuple[int, int]:
         """(width, height) the case runs at."""
@@ -182,8 +196,16 @@ def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
     """Final latents (what output_type="latent" returns) and the timesteps used."""
     if case.latents is None or case.eta != 0.0:
         raise ValueError(f"case {case.name}: the loop reference takes explicit latents and no step noise")
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+    scheduler.set_timesteps(case.steps)
+    latents = case.latents * scheduler.init_noise_sigma
+    latents = _denoise(oracle, case, scheduler, scheduler.timesteps, latents, _step_kwargs(scheduler))
+    return latents, [float(t) for t in scheduler.timesteps]
+
+
+def _prompt_embeds(oracle: Oracle, case: Case) -> torch.Tensor:
+    """StableDiffusionPipeline.encode_prompt for `n_samples` images, [negative; positive] with CFG."""
     tok, n = oracle.tokenizer, case.n_samples
-    do_cfg = case.guidance > 1.0
 
     def embed(text: str) -> torch.Tensor:
         ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -191,13 +213,16 @@ def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
         return e.repeat(1, n, 1).view(n, e.shape[1], -1)
 
     embeds = embed(case.prompt)
-    if do_cfg:
+    if case.guidance > 1.0:
         embeds = torch.cat([embed(case.negative_prompt if case.negative_prompt is not None else ""), embeds])
+    return embeds
 
-    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
-    scheduler.set_timesteps(case.steps)
-    latents = case.latents * scheduler.init_noise_sigma
 
+def _denoise(oracle: Oracle, case: Case, scheduler, timesteps, latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
+    """StableDiffusionAdapterPipeline's denoising loop over `timesteps`, the adapter residuals passed
+    for the first `int(steps * cond_tau)` model calls."""
+    n, do_cfg = case.n_samples, case.guidance > 1.0
+    embeds = _prompt_embeds(oracle, case)
     state = adapter_state(oracle, case)
     if state is not None:
         if n > 1:
@@ -206,8 +231,7 @@ def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
             state = [torch.cat([v] * 2, dim=0) for v in state]
 
     cond_steps = int(case.steps * case.cond_tau)
-    kwargs = _step_kwargs(scheduler)
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         residuals = [s.clone() for s in state] if state is not None and i < cond_steps else None
@@ -219,8 +243,8 @@ def run_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
             noise_pred = uncond + case.guidance * (text - uncond)
             if case.guidance_rescale > 0.0:  # StableDiffusionPipeline's
                 noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=case.guidance_rescale)
-        latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
-    return latents, [float(t) for t in scheduler.timesteps]
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+    return latents
 
 
 @torch.no_grad()
@@ -316,7 +340,185 @@ def run_pipeline_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[floa
     return latents, [float(t) for t in scheduler.timesteps]
 
 
+@dataclass
+class Trace:
+    """What an img2img / inpainting run went through, written as the cases' debug_* files so that a
+    runtime mismatch can be localised: all [1 or n_samples, C, h, w], before any CFG duplication."""
+
+    # scaling_factor * the init image's posterior sample; None where the pipeline does not encode
+    # the init image (a 9-channel inpainting UNet at strength 1)
+    image_latents: torch.Tensor | None = None
+    # inpainting: scaling_factor * the masked image's posterior sample, and the mask at latent size
+    masked_image_latents: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None
+    # the latents entering the first denoising step (after add_noise, or noise * init_noise_sigma)
+    initial_latents: torch.Tensor | None = None
+    # the timesteps the denoising loop runs, one per UNet call (scheduler.timesteps[t_start * order:])
+    loop_timesteps: list[float] = field(default_factory=list)
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """`StableDiffusionImg2ImgPipeline.get_timesteps` (the inpainting and XL pipelines have copies):
+    the tail of the full schedule that strength leaves, and the scheduler's begin index set to it."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order :]
+
+
+@torch.no_grad()
+def run_img2img_loop(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float], Trace]:
+    """StableDiffusionImg2ImgPipeline.__call__ written out (diffusers
+    pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py), with the adapter residuals fed
+    as StableDiffusionAdapterPipeline feeds them (`_denoise`): no diffusers pipeline does img2img
+    with a T2I-Adapter. Without adapters it equals StableDiffusionImg2ImgPipeline bit for bit
+    (tests/test_reference.py). Draws from `generator=torch.Generator("cpu").manual_seed(seed)` as the
+    pipeline does: the init image's posterior sample [1, C, h, w], then the noise [n, C, h, w]."""
+    if case.init_image is None or case.mask is not None or oracle.xl:
+        raise ValueError(f"case {case.name}: the img2img loop reference is SD 1.x/2.x img2img only")
+    generator = torch.Generator("cpu").manual_seed(case.seed)
+    n = case.n_samples
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+    scheduler.set_timesteps(case.steps)
+    timesteps = img2img_timesteps(scheduler, case.steps, case.strength)
+
+    vae = oracle.vae
+    image = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1)).preprocess(case.init_image)
+    posterior = vae.encode(image.to(dtype=oracle.text_encoder.dtype)).latent_dist
+    image_latents = vae.config.scaling_factor * posterior.sample(generator)
+    init_latents = torch.cat([image_latents] * n, dim=0)
+    noise = randn_tensor(init_latents.shape, generator=generator, dtype=init_latents.dtype)
+    latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))
+    trace = Trace(image_latents=image_latents, initial_latents=latents, loop_timesteps=[float(t) for t in timesteps])
+
+    # prepare_extra_step_kwargs(generator, eta)
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {**({"eta": case.eta} if "eta" in params else {}), **({"generator": generator} if "generator" in params else {})}
+    latents = _denoise(oracle, case, scheduler, timesteps, latents, kwargs)
+    return latents, [float(t) for t in scheduler.timesteps], trace
+
+
+@contextmanager
+def _tracing(pipe, scaling_factor: float) -> Iterator[Trace]:
+    """Record a pipeline run's `Trace`: its posterior samples (drawn in `prepare_latents` from the init
+    image, in `prepare_mask_latents` from the masked image), `prepare_latents`' result, the latent
+    mask and the timestep of every UNet call. Observes only: every value passes through unchanged."""
+    trace, samples = Trace(), []
+    sample = DiagonalGaussianDistribution.sample
+
+    def recording_sample(self, generator=None):
+        x = sample(self, generator)
+        samples.append(x)
+        return x
+
+    prepare_latents = pipe.prepare_latents
+
+    def recording_prepare_latents(*args, **kwargs):
+        start = len(samples)
+        out = prepare_latents(*args, **kwargs)
+        if len(samples) > start:
+            # the pipelines compute `scaling_factor * sample` (python float times tensor): the same product
+            trace.image_latents = scaling_factor * samples[start]
+        trace.initial_latents = (out[0] if isinstance(out, tuple) else out).clone()
+        return out
+
+    pipe.prepare_latents = recording_prepare_latents
+    if hasattr(pipe, "prepare_mask_latents"):
+        prepare_mask_latents = pipe.prepare_mask_latents
+
+        def recording_prepare_mask_latents(*args, **kwargs):
+            mask, masked_image_latents = prepare_mask_latents(*args, **kwargs)
+            trace.latent_mask = mask[:1].clone()
+            trace.masked_image_latents = masked_image_latents[:1].clone()
+            return mask, masked_image_latents
+
+        pipe.prepare_mask_latents = recording_prepare_mask_latents
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: trace.loop_timesteps.append(float(args[1])))
+    DiagonalGaussianDistribution.sample = recording_sample
+    try:
+        yield trace
+    finally:
+        DiagonalGaussianDistribution.sample = sample
+        hook.remove()
+        del pipe.prepare_latents
+        if "prepare_mask_latents" in vars(pipe):
+            del pipe.prepare_mask_latents
+
+
+@torch.no_grad()
+def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float], Trace]:
+    """diffusers' own img2img / inpainting pipeline (SD or SDXL, as the oracle is), called with
+    `generator=torch.Generator("cpu").manual_seed(seed)` and `output_type="latent"`."""
+    if case.init_image is None or case.latents is not None or case.adapters:
+        raise ValueError(f"case {case.name}: an image pipeline case has an init image, no latents and no adapters")
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+    inpaint = case.mask is not None
+    if oracle.xl:
+        cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline
+        pipe = cls(
+            vae=oracle.vae,
+            text_encoder=oracle.text_encoder,
+            text_encoder_2=oracle.text_encoder_2,
+            tokenizer=oracle.tokenizer,
+            tokenizer_2=oracle.tokenizer_2,
+            unet=oracle.unet,
+            scheduler=scheduler,
+            # the base model's 6 time ids (original_size, crop, target_size), no aesthetic score
+            requires_aesthetics_score=False,
+            force_zeros_for_empty_prompt=oracle.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+    else:
+        cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
+        pipe = cls(
+            vae=oracle.vae,
+            text_encoder=oracle.text_encoder,
+            tokenizer=oracle.tokenizer,
+            unet=oracle.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(
+        prompt=case.prompt,
+        negative_prompt=case.negative_prompt,
+        image=case.init_image,
+        strength=case.strength,
+        num_inference_steps=case.steps,
+        guidance_scale=case.guidance,
+        num_images_per_prompt=case.n_samples,
+        generator=torch.Generator("cpu").manual_seed(case.seed),
+        eta=case.eta,
+        output_type="latent",
+    )
+    if inpaint:  # the img2img pipelines take the size from the image; these would default it otherwise
+        call.update(mask_image=case.mask, height=case.height, width=case.width)
+    with _tracing(pipe, oracle.vae.config.scaling_factor) as trace:
+        latents = pipe(**call).images
+    return latents, [float(t) for t in scheduler.timesteps], trace
+
+
+def run_image(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float], Trace]:
+    """An img2img / inpainting case: final latents, the full schedule, and the run's `Trace`."""
+    return run_img2img_loop(oracle, case) if case.reference == "loop" else run_image_pipeline(oracle, case)
+
+
+def reference_pipeline_name(oracle: Oracle, case: Case) -> str:
+    """The diffusers pipeline class a case's reference is (or, for "loop", writes out)."""
+    if case.init_image is None:
+        if oracle.xl:
+            return "StableDiffusionXLAdapterPipeline"
+        return "StableDiffusionAdapterPipeline" if case.adapters else "StableDiffusionPipeline"
+    xl = "XL" if oracle.xl else ""
+    return f"StableDiffusion{xl}{'Inpaint' if case.mask is not None else 'Img2Img'}Pipeline"
+
+
 def run(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    if case.init_image is not None:
+        return run_image(oracle, case)[:2]
     if oracle.xl:
         return run_pipeline_xl(oracle, case)
     return run_pipeline(oracle, case) if case.reference == "pipeline" else run_loop(oracle, case)

@@ -439,7 +439,42 @@ def write_checkpoint_sdxl(work_dir: Path) -> tuple[Path, dict[str, Path]]:
     return model_dir, _save_adapters(work_dir, adapters)
 
 
-ZOO = {"sd1": write_checkpoint, "sd2": write_checkpoint_sd2, "sdxl": write_checkpoint_sdxl}
+# ---- SD 1.x inpainting (stable-diffusion-v1-5/stable-diffusion-inpainting-style): tiny-sd1's text
+# encoder, VAE and scheduler (same configs and seeds, so the same weights), and a UNet taking
+# cat[latents 4, mask 1, masked_image_latents 4] = 9 channels. The UNet is the smallest that keeps the
+# SD layout (a cross-attention block, then a plain one, 1 layer each): its ONNX file is mostly graph
+# structure, which scales with blocks x layers, not with channels. 2 down blocks make the set's
+# size_multiple 16 (8 x 2), not 64: nothing in the runtime may assume tiny-sd1's.
+SD1_INPAINT_SEEDS = {"text_encoder": SEEDS["text_encoder"], "unet": 31, "vae": SEEDS["vae"]}
+SD1_INPAINT_UNET_CONFIG = dict(
+    UNET_CONFIG,
+    in_channels=9,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(4, 8),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def write_checkpoint_sd1_inpaint(work_dir: Path) -> tuple[Path, dict[str, Path]]:
+    torch.manual_seed(SD1_INPAINT_SEEDS["text_encoder"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)).eval()
+    torch.manual_seed(SD1_INPAINT_SEEDS["unet"])
+    unet = UNet2DConditionModel(**SD1_INPAINT_UNET_CONFIG).eval()
+    _liven(unet)
+    torch.manual_seed(SD1_INPAINT_SEEDS["vae"])
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    comps = {"text_encoder": text_encoder, "unet": unet, "vae": vae, "adapters": {}}
+    return save_checkpoint(comps, work_dir, "tiny-sd1-inpaint")
+
+
+ZOO = {
+    "sd1": write_checkpoint,
+    "sd2": write_checkpoint_sd2,
+    "sdxl": write_checkpoint_sdxl,
+    "sd1-inpaint": write_checkpoint_sd1_inpaint,
+}
 # Families also exported with `--precision fp16` to OUT/tiny-FAMILY-fp16: the same weights, so the
 # runtime checks the fp16 set against tiny-FAMILY's fixtures (within an fp16 tolerance).
 FP16_SETS = ("sd1",)
@@ -449,8 +484,8 @@ def build_tiny_zoo(
     out_root: Path, work_dir: Path | None = None, families: list[str] | None = None
 ) -> list[tuple[Path, Path | None]]:
     """`python -m t2i_export tiny`: OUT/tiny-FAMILY (graph set) and OUT/fixtures/tiny-FAMILY (fixtures)
-    for each family (default: all), in the order sd1, sd2, sdxl, each followed by its fp16 set
-    (`FP16_SETS`; no fixtures of its own).
+    for each family (default: all), in the order sd1, sd2, sdxl, sd1-inpaint, each followed by its
+    fp16 set (`FP16_SETS`; no fixtures of its own).
 
     One intra-op thread, so that float reductions run in one fixed order (bit-for-bit regeneration).
     """

@@ -45,7 +45,7 @@ def zoo_all(tmp_path_factory) -> dict[str, tuple[Path, Path | None]]:
     root = tmp_path_factory.mktemp("tiny")
     built = build_tiny_zoo(root / "graphs", root / "work")
     zoo = {set_dir.name.removeprefix("tiny-"): (set_dir, fixtures) for set_dir, fixtures in built}
-    assert list(zoo) == ["sd1", "sd1-fp16", "sd2", "sdxl"], list(zoo)
+    assert list(zoo) == ["sd1", "sd1-fp16", "sd2", "sdxl", "sd1-inpaint"], list(zoo)
     return {**zoo, "work": (root / "work", None)}
 
 

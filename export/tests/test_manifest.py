@@ -30,11 +30,12 @@ def _sha(path):
 def test_manifest_contract(zoo):
     m = zoo.manifest()
     assert list(m) == TOP_KEYS
-    assert m["format_version"] == 2 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
+    assert m["format_version"] == 3 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
     assert m["exporter"] == {"t2i_export": "0.1.0", "torch": "2.15.0", "diffusers": "0.42.1", "opset": 17}
     (te,) = m["text_encoders"]
     assert te["name"] == "text_encoder" and te["hidden_output"] == "last_hidden_state" and te["pooled_output"] is None
     assert te["tokenizer"]["max_length"] == 77 and te["tokenizer"]["pad_token_id"] == 49407
+    assert te["tokenizer"]["file"] == "tokenizer.json.gz"
     assert m["force_zeros_for_empty_prompt"] is False and m["added_cond"] == {}
     assert m["latent"] == {"channels": 4, "downscale": 8}
     assert m["size_multiple"] == 64 and m["default_size"] == [64, 64]
@@ -47,7 +48,7 @@ def test_manifest_contract(zoo):
         {"input": "adapter_residual_2", "channels": 16, "downscale": 4},
         {"input": "adapter_residual_3", "channels": 16, "downscale": 8},
     ]
-    assert list(m["graphs"]) == ["unet", "vae_decoder"]
+    assert list(m["graphs"]) == ["unet", "vae_decoder", "vae_encoder"]
     by_name = {a["name"]: a for a in m["adapters"]}
     assert by_name["sketch"]["adapter_type"] == "full_adapter" and by_name["sketch"]["condition"] == "gray"
     assert by_name["sketch"]["in_channels"] == 1
@@ -67,9 +68,41 @@ def test_manifest_contract(zoo):
     assert te["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
     assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 4]
     assert m["graphs"]["vae_decoder"]["outputs"][0]["dims"] == ["batch", 3, "image_height", "image_width"]
+    encoder = m["graphs"]["vae_encoder"]
+    assert encoder["file"] == "vae_encoder.onnx"
+    assert encoder["inputs"] == [{"name": "image", "dtype": "float32", "dims": ["batch", 3, "image_height", "image_width"]}]
+    latent = ["batch", 4, "latent_height", "latent_width"]
+    assert encoder["outputs"] == [{"name": n, "dtype": "float32", "dims": latent} for n in ("latent_mean", "latent_std")]
+    batch = {
+        "text_encoder": "prompts",
+        "unet": "guided_samples",
+        "vae_decoder": "samples",
+        "vae_encoder": "one",
+        "adapter_sketch": "one",
+        "adapter_color": "one",
+    }
     for name, spec in graph_specs(m).items():
-        assert list(spec) == ["file", "sha256", "external_data", "precision", "inputs", "outputs"], name
+        assert list(spec) == ["file", "sha256", "external_data", "precision", "batch", "inputs", "outputs"], name
         assert spec["precision"] == "fp32", name
+        assert spec["batch"] == batch[name], name
+
+
+def test_inpainting_set_manifest(zoo_all):
+    """tiny-sd1-inpaint: one 9-channel `sample` (cat[latents, mask, masked_image_latents]), 4 out; the
+    same adapter-residual inputs as any exported UNet (2 down blocks: 2 slots); size_multiple 16."""
+    m = json.loads((zoo_all["sd1-inpaint"][0] / "manifest.json").read_text(encoding="utf-8"))
+    assert m["format_version"] == 3 and m["family"] == "sd1" and m["adapters"] == []
+    assert m["latent"] == {"channels": 4, "downscale": 8}
+    assert m["size_multiple"] == 16 and m["default_size"] == [64, 64]
+    unet = m["graphs"]["unet"]
+    assert unet["inputs"][0] == {"name": "sample", "dtype": "float32", "dims": ["batch", 9, "latent_height", "latent_width"]}
+    assert unet["outputs"][0]["dims"] == ["batch", 4, "latent_height", "latent_width"]
+    assert [i["name"] for i in unet["inputs"][3:]] == [s["input"] for s in m["residual_slots"]]
+    assert m["residual_slots"] == [
+        {"input": "adapter_residual_0", "channels": 4, "downscale": 1},
+        {"input": "adapter_residual_1", "channels": 8, "downscale": 2},
+    ]
+    assert list(m["graphs"]) == ["unet", "vae_decoder", "vae_encoder"]
 
 
 @pytest.mark.parametrize("which", ["fresh", "committed", "committed-fp16"])

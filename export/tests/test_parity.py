@@ -22,7 +22,7 @@ from t2i_export.unet import UNetGraph
 
 RTOL = 1e-4
 
-GRAPHS = ["text_encoder", "unet", "vae_decoder", "adapter_sketch", "adapter_color"]
+GRAPHS = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "adapter_sketch", "adapter_color"]
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> float:
@@ -122,6 +122,12 @@ def test_graphs_take_other_sizes_and_batches(zoo, oracle):
         want = oracle.vae.decode(latent, return_dict=False)[0].numpy()
     got = run_ort(zoo.set_dir / m["graphs"]["vae_decoder"]["file"], {"latent_sample": latent.numpy()})[0]
     assert_close(got, want, "vae_decoder at batch 3, 128x64")
+    image = torch.rand(3, 3, 128, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        posterior = oracle.vae.encode(image).latent_dist
+    got = run_ort(zoo.set_dir / m["graphs"]["vae_encoder"]["file"], {"image": image.numpy()})
+    assert_close(got[0], posterior.mean.numpy(), "vae_encoder.latent_mean at batch 3, 128x64")
+    assert_close(got[1], posterior.std.numpy(), "vae_encoder.latent_std at batch 3, 128x64")
     cond = torch.rand(3, 1, 128, 64, generator=g)
     with torch.no_grad():
         want_feats = oracle.adapters["sketch"](cond)

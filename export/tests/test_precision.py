@@ -27,13 +27,13 @@ from test_end_to_end import GraphPipeline, _cases
 
 from t2i_export.cli import main
 from t2i_export.manifest import verify
-from t2i_export.pipeline import export_pipeline, load_adapter, load_checkpoint, vae_decoder_precision
+from t2i_export.pipeline import export_pipeline, load_adapter, load_checkpoint, vae_graphs_precision
 from t2i_export.precision import half_weights
 
 GRAPH_REL_L2 = 5e-3
 LATENT_REL_L2 = 5e-3
 PIXEL_LEVELS = 2
-NOTICE = "note: vae_decoder stays fp32"
+NOTICE = "note: vae_decoder and vae_encoder stay fp32"
 
 
 def _rel_l2(got, want) -> float:
@@ -135,16 +135,17 @@ def test_fp16_set_end_to_end(sd1_pipe):
             assert diff <= PIXEL_LEVELS, f"{case['name']} image {k}: max pixel diff {diff}"
 
 
-def test_sdxl_fp16_keeps_the_original_vae_decoder_fp32(fp16_sets):
+def test_sdxl_fp16_keeps_the_original_vae_graphs_fp32(fp16_sets):
     set_dir, err = fp16_sets["sdxl"]
     (line,) = _notes(err)  # one line
     assert line.startswith(NOTICE) and "force_upcast" in line and "--vae DIR" in line and "sdxl-vae-fp16-fix" in line
     m = verify(set_dir)
     assert m["precision"] == "fp16" and m["vae"]["precision"] == "fp32"
     precisions = {name: spec["precision"] for name, spec in graph_specs(m).items()}
-    assert precisions == {**{n: "fp16" for n in precisions}, "vae_decoder": "fp32"}
-    decoder = onnx.load(str(set_dir / "vae_decoder.onnx"))
-    assert all(t.data_type != onnx.TensorProto.FLOAT16 for t in decoder.graph.initializer)
+    assert precisions == {**{n: "fp16" for n in precisions}, "vae_decoder": "fp32", "vae_encoder": "fp32"}
+    for graph in ("vae_decoder.onnx", "vae_encoder.onnx"):
+        model = onnx.load(str(set_dir / graph))
+        assert all(t.data_type != onnx.TensorProto.FLOAT16 for t in model.graph.initializer), graph
     assert _notes(fp16_sets["sd2"][1]) == []  # no notice where nothing is kept fp32
 
 
@@ -174,16 +175,16 @@ def test_sdxl_fp16_safe_vae_via_vae_precision(capsys, zoo_all, tmp_path):
     m = verify(out)
     assert m["precision"] == "fp32" and m["vae"]["precision"] == "fp16"
     assert {n: s["precision"] for n, s in graph_specs(m).items()} == {
-        "text_encoder": "fp32", "text_encoder_2": "fp32", "unet": "fp32", "vae_decoder": "fp16"
+        "text_encoder": "fp32", "text_encoder_2": "fp32", "unet": "fp32", "vae_decoder": "fp16", "vae_encoder": "fp16"
     }
 
 
-def test_vae_decoder_precision_follows_unless_given(zoo_all, tmp_path):
-    """SD 1.x: see test_fp16_manifest_and_io; SDXL's original VAE: test_sdxl_fp16_keeps_the_original_vae_decoder_fp32."""
+def test_vae_graphs_precision_follows_unless_given(zoo_all, tmp_path):
+    """SD 1.x: see test_fp16_manifest_and_io; SDXL's original VAE: test_sdxl_fp16_keeps_the_original_vae_graphs_fp32."""
     xl, _ = _work(zoo_all, "sdxl")
-    assert vae_decoder_precision(load_checkpoint(xl, vae_precision="fp32", precision="fp16")) == ("fp32", None)
+    assert vae_graphs_precision(load_checkpoint(xl, vae_precision="fp32", precision="fp16")) == ("fp32", None)
     fixed = _fp16_safe_vae(xl, tmp_path / "vae")
-    assert vae_decoder_precision(load_checkpoint(xl, fixed, precision="fp16")) == ("fp16", None)
+    assert vae_graphs_precision(load_checkpoint(xl, fixed, precision="fp16")) == ("fp16", None)
 
 
 def _softmax_input_types(path) -> set[str]:

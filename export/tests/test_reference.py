@@ -1,5 +1,6 @@
-"""The "loop" reference is faithful (== diffusers' pipelines at cond_tau = 1), and the tiny random
-model is not degenerate: adapters, negative prompt and CFG all move the result."""
+"""The "loop" references are faithful (== diffusers' pipelines at cond_tau = 1; the img2img loop ==
+StableDiffusionImg2ImgPipeline without adapters), and the tiny random model is not degenerate:
+adapters, negative prompt, CFG, the init image and the mask all move the result."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from t2i_export.fixtures import CASES, _make_case, condition_images
-from t2i_export.reference import run_loop, run_pipeline
+from t2i_export.fixtures import CASES, CASES_BY_FAMILY, _make_case, condition_images
+from t2i_export.reference import Oracle, run_image, run_image_pipeline, run_img2img_loop, run_loop, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,46 @@ def test_expected_images_are_not_degenerate(zoo):
             assert px.std() > 20, f"{rel}: nearly constant"
             saturated = np.mean((px == 0) | (px == 255))
             assert saturated < 0.2, f"{rel}: {saturated:.0%} saturated"
+
+
+def image_case(oracle, images, family, name, **changes):
+    spec = next(c for c in CASES_BY_FAMILY[family] if c["name"] == name)
+    return dataclasses.replace(_make_case(spec, images, oracle), **changes)
+
+
+@pytest.mark.parametrize("changes", [{}, {"scheduler": "euler", "n_samples": 2}])
+def test_img2img_loop_equals_the_img2img_pipeline_without_adapters(oracle, images, changes):
+    """run_img2img_loop (case y's reference) is StableDiffusionImg2ImgPipeline step for step: same
+    generator draws, same timesteps, bit for bit (DDIM; Euler with set_begin_index and 2 images)."""
+    c = image_case(oracle, images, "sd1", "y_img2img_ddim_sketch_loop", adapters=[], **changes)
+    loop, t_loop, trace_loop = run_img2img_loop(oracle, c)
+    pipe, t_pipe, trace_pipe = run_image_pipeline(oracle, dataclasses.replace(c, reference="pipeline"))
+    assert t_loop == t_pipe and trace_loop.loop_timesteps == trace_pipe.loop_timesteps
+    assert torch.equal(trace_loop.image_latents, trace_pipe.image_latents)
+    assert torch.equal(trace_loop.initial_latents, trace_pipe.initial_latents)
+    assert torch.equal(loop, pipe), float((loop - pipe).abs().max())
+
+
+@pytest.fixture(scope="module")
+def inpaint_oracle(zoo_all) -> Oracle:
+    return Oracle.load(zoo_all["work"][0] / "sd1-inpaint" / "tiny-sd1-inpaint", {})
+
+
+@pytest.mark.parametrize(
+    "family, name",
+    [("sd1", "w_img2img_pndm_pipeline"), ("sd1", "y_img2img_ddim_sketch_loop"), ("sd1", "z_inpaint_ddim_pipeline"),
+     ("sd1-inpaint", "a_inpaint9_euler_pipeline")],
+)
+def test_init_image_and_mask_are_not_negligible(oracle, inpaint_oracle, images, family, name):
+    """Mean relative change of the final latents when the init image or the mask is mirrored. The tiny
+    VAE's latents are small next to the noise, so the init image moves img2img least (measured: PNDM
+    at strength 0.8 1.6e-2, the others 1.5e-2 to 7e-2); the mask moves inpainting by 0.3 to 0.8.
+    Both far above the runtime's 1e-4 tolerance."""
+    o = inpaint_oracle if family == "sd1-inpaint" else oracle
+    c = image_case(o, images, family, name)
+    ref = run_image(o, c)[0]
+    change = _rel_change(run_image(o, dataclasses.replace(c, init_image=ImageOps.mirror(c.init_image)))[0], ref)
+    assert change > 5e-3, f"init image: final latents move only {change:.4g} (relative)"
+    if c.mask is not None:
+        change = _rel_change(run_image(o, dataclasses.replace(c, mask=ImageOps.mirror(c.mask)))[0], ref)
+        assert change > 0.1, f"mask: final latents move only {change:.4g} (relative)"
