@@ -23,7 +23,8 @@ fn graphs(c: &mut Criterion) {
     for backend_kind in BackendKind::CPU {
         let backend = backend_kind.create(None).expect("backend starts");
         let mut group = c.benchmark_group(format!("graph_{backend_kind}"));
-        for (name, spec) in manifest.graph_specs() {
+        for g in manifest.set_graphs() {
+            let (name, spec) = (g.name(), g.spec);
             let dir = root().join("graphs/fixtures/tiny-sd1").join(format!("graph_{name}"));
             if !dir.is_dir() {
                 continue;

@@ -27,7 +27,10 @@ impl fmt::Display for LogLevel {
 /// A log callback, shared by everything a model loads (`Send + Sync`; called from the thread that
 /// does the work). `Logger::default()` drops every message.
 #[derive(Clone, Default)]
-pub struct Logger(Option<Arc<dyn Fn(LogLevel, &str) + Send + Sync>>);
+pub struct Logger(Option<Arc<LogSink>>);
+
+/// What a [`Logger`] calls.
+pub type LogSink = dyn Fn(LogLevel, &str) + Send + Sync;
 
 impl Logger {
     pub fn new(sink: impl Fn(LogLevel, &str) + Send + Sync + 'static) -> Self {

@@ -113,6 +113,21 @@ impl SizeConditioning {
         };
         (positive, negative)
     }
+
+    /// `(positive, negative)` time ids as diffusers' SDXL img2img and inpaint pipelines build
+    /// them: each negative size defaults to its positive one on its own, and the negative ids use
+    /// the positive `crops_coords_top_left` (`negative_crops_coords_top_left` is unused there).
+    pub fn img2img_time_ids(&self, width: u32, height: u32) -> ([f32; 6], [f32; 6]) {
+        let ids = |o: (u32, u32), c: (u32, u32), t: (u32, u32)| [o.0, o.1, c.0, c.1, t.0, t.1].map(|v| v as f32);
+        let output = (height, width);
+        let original = self.original_size.unwrap_or(output);
+        let target = self.target_size.unwrap_or(output);
+        let crop = self.crops_coords_top_left;
+        let positive = ids(original, crop, target);
+        let negative =
+            ids(self.negative_original_size.unwrap_or(original), crop, self.negative_target_size.unwrap_or(target));
+        (positive, negative)
+    }
 }
 
 /// A request that passed [`Request::check`], ready to run: what the run needs, decoded and built

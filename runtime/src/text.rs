@@ -70,12 +70,21 @@ pub(crate) fn encode_request(
     }
     let rows: Vec<usize> = (0..if guided { 2 } else { 1 }).flat_map(|i| std::iter::repeat_n(i, n)).collect();
     let batch = rows.len();
-    // diffusers: `torch.cat([negative_add_time_ids, add_time_ids]).repeat(batch_size * n, 1)`:
-    // the [negative, positive] pair is tiled, so for n > 1 rows alternate (unlike the embeddings).
     let time_ids = manifest.added_cond.time_ids.as_ref().map(|_| {
-        let (positive, negative) = request.size_cond.time_ids(width, height);
-        let pair: Vec<[f32; 6]> = if guided { vec![negative, positive] } else { vec![positive] };
-        let values: Vec<f32> = (0..batch).flat_map(|r| pair[r % pair.len()]).collect();
+        let values: Vec<f32> = if request.init_image.is_some() {
+            // The img2img and inpaint pipelines (pipeline_stable_diffusion_xl_img2img.py,
+            // `_get_add_time_ids` and `__call__`): negative sizes default to the positive ones
+            // one by one, the negative row takes the *positive* crop, and the rows are
+            // `[negative × n, positive × n]` like the embeddings.
+            let (positive, negative) = request.size_cond.img2img_time_ids(width, height);
+            rows.iter().flat_map(|&r| if guided && r == 0 { negative } else { positive }).collect()
+        } else {
+            // The adapter pipeline: `torch.cat([negative_add_time_ids, add_time_ids]).repeat(n, 1)`:
+            // the [negative, positive] pair is tiled, so for n > 1 rows alternate.
+            let (positive, negative) = request.size_cond.time_ids(width, height);
+            let pair: Vec<[f32; 6]> = if guided { vec![negative, positive] } else { vec![positive] };
+            (0..batch).flat_map(|r| pair[r % pair.len()]).collect()
+        };
         ArrayD::from_shape_vec(IxDyn(&[batch, 6]), values).expect("batch × 6 values")
     });
     let text = TextConditioning {

@@ -1,7 +1,7 @@
 //! `t2i-rt run` end to end through the binary: diffusers' initial latents in with `--latents` (or,
 //! for a case diffusers ran with `generator=torch.Generator("cpu").manual_seed(seed)`, only
-//! `--seed seed --rng torch-cpu`), final latents out with `--save-latents`, equal to diffusers'
-//! (same tolerance as the library's pipeline parity test: relative L2 ≤ 1e-4 on ort-cpu), and PNGs
+//! `--seed seed --rng torch-cpu`; img2img and inpainting with `--init-image`, `--mask`,
+//! `--strength`), final latents out with `--save-latents`, equal to diffusers' (same tolerance as the library's pipeline parity test: relative L2 ≤ 1e-4 on ort-cpu), and PNGs
 //! within 2/255; and `t2i-rt bench`.
 
 mod common;
@@ -62,6 +62,14 @@ fn run_fixture_case(name: &str, pick: fn(&Value) -> bool, extra: &[&str]) -> (Ar
     if let Some(eta) = case.get("eta") {
         cmd.args(["--eta", &eta.to_string()]);
     }
+    for (flag, key) in [("--init-image", "init_image"), ("--mask", "mask")] {
+        if let Some(path) = case.get(key).and_then(Value::as_str) {
+            cmd.arg(flag).arg(fixtures.join(path));
+        }
+    }
+    if let Some(strength) = case.get("strength").filter(|s| !s.is_null()) {
+        cmd.args(["--strength", &strength.to_string()]);
+    }
     cmd.arg("--save-latents").arg(&latents_out).arg("--out").arg(&png);
     cmd.args(extra);
     let output = cmd.output().unwrap();
@@ -92,6 +100,15 @@ fn run_reproduces_diffusers_through_the_cli() {
 fn run_with_torch_cpu_rng_reproduces_diffusers_from_the_seed() {
     let (_, stderr) = run_fixture_case("torch-cpu", |c| c["name"] == "r_euler_a_generator_pipeline", &[]);
     assert!(stderr.contains("(torch-cpu generator)"), "{stderr}");
+}
+
+/// `--init-image IMG --mask MASK --strength F --seed S --rng torch-cpu`: diffusers'
+/// `StableDiffusionInpaintPipeline` (regular UNet, latents blended) from the seed alone, and
+/// img2img with an adapter.
+#[test]
+fn run_inpaints_and_draws_img2img_as_diffusers() {
+    run_fixture_case("inpaint", |c| c["name"] == "z2_inpaint_euler_strength075_pipeline", &[]);
+    run_fixture_case("img2img", |c| c["name"] == "y_img2img_ddim_sketch_loop", &[]);
 }
 
 /// `build-engine --backend ort-cpu` saves ONNX Runtime's optimized graphs; `run` then loads them
