@@ -15,7 +15,8 @@ Layout (all paths in cases.json are relative to the fixtures directory):
                                    .manual_seed(seed) instead, as a user does: latents and step noise from it
     cases/<name>/expected_latents.npy   final latents (output_type="latent")
     cases/<name>/image_<k>.png     decoded images (reference.decode_images)
-    cases/<name>/debug_*.npy       img2img / inpainting cases: what the run went through (`reference.Trace`)
+    cases/<name>/debug_*.npy       img2img / inpainting cases: what the run went through (`reference.Trace`);
+                                   debug_time_ids.npy (SDXL, cases with size_cond): the UNet's time_ids [2n, 6]
 
 Every input is drawn from a `torch.Generator` with the fixed seed written next to it below.
 """
@@ -322,6 +323,21 @@ SDXL_IMAGE_CASES = [
     # StableDiffusionXLInpaintPipeline with the 4-channel UNet (its default strength is 0.9999: given)
     dict(_IMAGE_CASE, name="d_sdxl_inpaint_euler_strength08_pipeline", prompt="a bowl of fruit on a wooden table",
          steps=5, scheduler="euler", strength=0.8, mask="mask", seed=404),
+    # StableDiffusionXLImg2ImgPipeline with explicit size conditioning and two images. Its time ids are
+    # not the adapter pipeline's: [negative x n; positive x n] (not [negative, positive] x n), and the
+    # negative row takes the *positive* crops_coords_top_left (_get_add_time_ids without aesthetic
+    # score), so negative_crops_coords_top_left is given, and ignored, to show that. The time ids fed to
+    # the UNet are written as debug_time_ids.
+    dict(_IMAGE_CASE, name="e_sdxl_img2img_euler_size_cond_two_samples_pipeline", prompt="a lighthouse by the sea",
+         steps=5, scheduler="euler", strength=0.6, n_samples=2, seed=405,
+         size_cond=dict(
+             original_size=(96, 64),
+             crops_coords_top_left=(8, 16),
+             target_size=(64, 64),
+             negative_original_size=(48, 32),
+             negative_crops_coords_top_left=(4, 4),
+             negative_target_size=(32, 32),
+         )),
 ]
 # tiny-sd1-inpaint's 9-channel UNet: StableDiffusionInpaintPipeline concatenates [latents, mask,
 # masked_image_latents]. (a) strength 1: pure noise, the init image is not encoded; (b) strength < 1 and
@@ -562,6 +578,8 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
             debug = {"image_latents": trace.image_latents, "initial_latents": trace.initial_latents}
             if case.mask is not None:
                 debug.update(masked_image_latents=trace.masked_image_latents, latent_mask=trace.latent_mask)
+            if case.size_cond:  # only these cases have it, so the earlier cases' entries stay as they were
+                debug.update(time_ids=trace.time_ids)
             for key, value in debug.items():
                 rel = None
                 if value is not None:

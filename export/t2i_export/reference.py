@@ -355,6 +355,9 @@ class Trace:
     initial_latents: torch.Tensor | None = None
     # the timesteps the denoising loop runs, one per UNet call (scheduler.timesteps[t_start * order:])
     loop_timesteps: list[float] = field(default_factory=list)
+    # SDXL: the `added_cond_kwargs["time_ids"]` of the first UNet call, [CFG batch, 6] in batch order
+    # (the XL img2img / inpainting pipelines: [negative x n; positive x n]); None for SD 1.x / 2.x
+    time_ids: torch.Tensor | None = None
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
@@ -434,7 +437,13 @@ def _tracing(pipe, scaling_factor: float) -> Iterator[Trace]:
             return mask, masked_image_latents
 
         pipe.prepare_mask_latents = recording_prepare_mask_latents
-    hook = pipe.unet.register_forward_pre_hook(lambda module, args: trace.loop_timesteps.append(float(args[1])))
+    def record_call(module, args, kwargs):
+        trace.loop_timesteps.append(float(args[1]))
+        added = kwargs.get("added_cond_kwargs") or {}
+        if trace.time_ids is None and added.get("time_ids") is not None:
+            trace.time_ids = added["time_ids"].clone()
+
+    hook = pipe.unet.register_forward_pre_hook(record_call, with_kwargs=True)
     DiagonalGaussianDistribution.sample = recording_sample
     try:
         yield trace
@@ -496,6 +505,10 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
     )
     if inpaint:  # the img2img pipelines take the size from the image; these would default it otherwise
         call.update(mask_image=case.mask, height=case.height, width=case.width)
+    if case.size_cond:
+        if not oracle.xl:
+            raise ValueError(f"case {case.name}: size conditioning is SDXL's")
+        call.update({k: tuple(v) for k, v in case.size_cond.items()})
     with _tracing(pipe, oracle.vae.config.scaling_factor) as trace:
         latents = pipe(**call).images
     return latents, [float(t) for t in scheduler.timesteps], trace

@@ -9,8 +9,8 @@ graphs differ from torch by ~1e-6 per call; through 6 CFG steps that grows to th
 img2img and inpainting cases run here as the runtime must run them, from the vae_encoder graph's
 mean and std and eps drawn from torch.Generator("cpu") (the order of draws is the diffusers
 semantics in export/README.md); their debug_* files (init image latents, masked image latents,
-latent mask, initial latents) are checked on the way, within the same 1e-4 relative L2 (the latent
-mask exactly).
+latent mask, initial latents, SDXL time ids) are checked on the way, within the same 1e-4 relative
+L2 (the latent mask and the time ids exactly).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class GraphPipeline:
         positive = original + crop + target
         if case.get("init_image") is not None:
             # StableDiffusionXLImg2ImgPipeline / XLInpaintPipeline._get_add_time_ids (no aesthetic score):
-            # negative sizes default to the positive ones and the crop is the positive one; [neg x n; pos x n]
+            # negative sizes default to the positive ones and the crop is the positive one
+            # (negative_crops_coords_top_left is ignored); [neg x n; pos x n]
             negative = size.get("negative_original_size", original) + crop + size.get("negative_target_size", target)
             ids = ([negative] * n if cfg else []) + [positive] * n
         else:
@@ -160,6 +161,8 @@ class GraphPipeline:
         generator = torch.Generator("cpu").manual_seed(case["seed"])
         shape = (n, self.channels, h, w)
         debug = {}
+        if "time_ids" in text_feeds:  # SDXL: [batch, 6] in the UNet's batch order
+            debug["time_ids"] = torch.from_numpy(text_feeds["time_ids"])
         inpaint = blend = None
         if case.get("init_image") is not None:
             # get_timesteps: the tail of the schedule that strength leaves, begin index set to its start
@@ -259,7 +262,7 @@ def test_graph_set_reproduces_every_case(zoo_all, family, which):
                 continue
             got, want = debug[key], np.load(fixtures_dir / path)
             assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
-            if key == "latent_mask":
+            if key in ("latent_mask", "time_ids"):
                 assert np.array_equal(got, want), f"{what}: differs"
             else:
                 assert _rel_l2(got, want) <= REL_L2, f"{what}: relative L2 {_rel_l2(got, want):.3g}"
