@@ -223,7 +223,11 @@ fn broken_graph_sets_are_refused() {
 
     let renamed = copy_set("renamed-input");
     edit_manifest(&renamed, |m| m["graphs"]["unet"]["inputs"][0]["name"] = "latents".into());
-    fails("io-mismatch", &renamed, &["--no-verify"], &[], "does not match the manifest");
+    fails("no-sample", &renamed, &["--no-verify"], &[], "the unet graph has no sample input");
+
+    let resized = copy_set("resized-input");
+    edit_manifest(&resized, |m| m["graphs"]["unet"]["inputs"][2]["dims"][2] = 8.into());
+    fails("io-mismatch", &resized, &["--no-verify"], &[], "does not match the manifest");
 
     let corrupt = copy_set("corrupt");
     let unet = corrupt.join("unet.onnx");
