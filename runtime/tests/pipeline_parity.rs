@@ -27,6 +27,8 @@
 //! fp32 diffusers fixtures within 5e-3 relative L2 and 2/255: diffusers' own fp16 pipeline is up to
 //! 3.53e-3 from them on these cases (calibration/README.md), so the bound is "no further from fp32
 //! than diffusers' fp16 is, with 40 % margin"; a wrong cast or an overflow lands far outside it.
+//! One inpainting case where fp16 rounding alone exceeds that bound, in diffusers' fp16 too, is
+//! not run on the fp16 set ([`FP16_ROUNDING_BOUND`]).
 
 mod common;
 
@@ -162,7 +164,8 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
     if set == "tiny-sd1-inpaint" {
         assert!(cases.iter().filter(inpaint).any(|c| c.reference == "pipeline"), "no 9-channel inpaint case");
     }
-    for case in &cases {
+    for case in cases.iter().filter(|c| !(graphs.ends_with("-fp16") && FP16_ROUNDING_BOUND.contains(&c.name.as_str())))
+    {
         let mut request = Request::new(case.prompt.clone());
         request.negative_prompt = case.negative_prompt.clone();
         request.adapters = case
@@ -277,6 +280,13 @@ fn ort_cpu_inpainting_unet_equals_diffusers() {
 fn tract_inpainting_unet_equals_diffusers() {
     check_set(BackendKind::Tract, 1e-3, "tiny-sd1-inpaint");
 }
+
+/// Cases where fp16 rounding alone moves pixels further than the fp16 bound, whatever computes
+/// in fp16: in `z2_inpaint_euler_strength075_pipeline` (Euler, 4 of 6 steps, inpainting) diffusers'
+/// own fp16 pipeline lands 3 to 8 levels from fp32 depending only on rounding order, and the fp16
+/// set 4 to 7 (calibration/README.md: per-graph split, rounding spread, where the pixels differ).
+/// The fp16 VAE encoder path it exercises is held to the bound by `z_inpaint_ddim_pipeline`.
+const FP16_ROUNDING_BOUND: [&str; 1] = ["z2_inpaint_euler_strength075_pipeline"];
 
 #[test]
 fn ort_cpu_fp16_set_is_within_fp16_error_of_diffusers() {
