@@ -56,7 +56,9 @@ enum Command {
     --adapter sketch=castle.png:1.0 --adapter color=palette.png:1.2 --cond-tau 0.5 \\\n      \
     --steps 30 --scheduler euler --seed 7 --n-samples 4 --out castles.png\n  \
     t2i-rt run --graph sdxl-t2i/unet_xl.onnx --prompt \"a castle\" --adapter canny=castle_edges.png:0.8 \\\n      \
-    --adapter openpose=pose.png:1.0 --cond-tau 0.5 --width 1024 --height 1024 --steps 30 --out castle-xl.png\n\n\
+    --adapter openpose=pose.png:1.0 --cond-tau 0.5 --width 1024 --height 1024 --steps 30 --out castle-xl.png\n  \
+    t2i-rt run --graphs sd15-t2i --prompt \"a castle at night\" --init-image castle.png --strength 0.6 --out night.png\n  \
+    t2i-rt run --graphs sd15-inpainting --prompt \"a dragon\" --init-image castle.png --mask sky.png --out dragon.png\n\n\
 Adapter names are those the graph set was exported with (see `t2i-rt inspect DIR`). SDXL sets take\n\
 --original-size/--crop-top-left/--target-size (diffusers' defaults: the output size, 0,0); without\n\
 --negative-prompt an SDXL set uses zero embeddings (force_zeros_for_empty_prompt), as diffusers does.")]
@@ -127,7 +129,7 @@ struct RunArgs {
     strength: Option<f32>,
     /// Inpainting: white pixels (≥ 128 in gray) of the init image are drawn anew, the rest kept.
     /// Same size as the init image. Works with inpainting UNets (9 input channels) and regular ones.
-    #[arg(long, value_name = "IMAGE", requires = "init_image")]
+    #[arg(long, value_name = "IMAGE")]
     mask: Option<PathBuf>,
     #[command(flatten)]
     exec: ExecArgs,

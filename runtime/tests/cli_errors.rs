@@ -106,6 +106,24 @@ fn request_errors_are_one_line_and_write_nothing() {
         &[],
         "use the pndm-prk sampler instead",
     );
+    let init = fixture("conditions/init.png");
+    fails(
+        "init-image-size",
+        &set,
+        &["--init-image", &init, "--width", "128", "--height", "64"],
+        &[],
+        "init_image is 64x64 but the output is 128x64",
+    );
+    fails("strength-zero", &set, &["--init-image", &init, "--strength", "0"], &[], "strength 0 must be in (0, 1]");
+    fails("strength-no-step", &set, &["--init-image", &init, "--strength", "0.1"], &[], "leaves no step to run");
+    fails(
+        "mask-without-image",
+        &set,
+        &["--mask", &fixture("conditions/mask.png")],
+        &[],
+        "needs the init image it masks",
+    );
+    fails("strength-without-image", &set, &["--strength", "0.5"], &[], "give an init image");
     fails("bad-scheduler", &set, &["--scheduler", "plms2"], &[], "ddim, pndm, pndm-prk, euler, euler-a, heun");
     fails("karras-on-ddim", &set, &["--scheduler", "ddim", "--karras"], &[], "has no Karras sigmas");
     fails("eta-on-euler", &set, &["--scheduler", "euler", "--eta", "0.5"], &[], "eta only applies to the ddim");
