@@ -20,8 +20,9 @@ pub fn tiny_sd1_fixtures() -> PathBuf {
     graphs_dir().join("fixtures").join("tiny-sd1")
 }
 
-/// The tiny zoo: one graph set per family (`tiny-sd1`, `tiny-sd2`, `tiny-sdxl`).
-pub const TINY_SETS: [&str; 3] = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"];
+/// The tiny zoo: one graph set per family (`tiny-sd1`, `tiny-sd2`, `tiny-sdxl`) and the SD 1.x
+/// inpainting set (9-channel UNet).
+pub const TINY_SETS: [&str; 4] = ["tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-sd1-inpaint"];
 
 /// `graphs/NAME`.
 pub fn tiny_set(name: &str) -> PathBuf {
