@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Sets up a fresh checkout and runs every test: the Rust runtime's (parity against the committed
 # diffusers fixtures, on ort-cpu and tract; error handling, limits, numerical faults, a short soak,
-# and the committed fuzz inputs replayed), the exporter's (pytest), and a short coverage-guided fuzz
+# and the committed fuzz inputs replayed), the C API's (and its header against cbindgen), the C++
+# example service under AddressSanitizer, the exporter's (pytest), and a short coverage-guided fuzz
 # pass over every parser of outside input (scripts/fuzz.sh, 15 s per target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
 bash scripts/setup-python.sh
 cargo test --workspace --locked
+# The C API from C++: 4 threads on one model, a cancel, img2img from pixels in memory, equal to
+# `t2i-rt run`, under AddressSanitizer with leak checking.
+bash examples/cpp/run.sh
 
 # The fuzz targets' instrumented build keeps both cores busy for minutes, pytest mostly one (torch
 # runs single-threaded there): build them while pytest runs.

@@ -1,0 +1,301 @@
+//! The C API from Rust, as a C caller uses it: a request through `t2i_generate` gives exactly what
+//! the library's `Pipeline::run` gives (and so diffusers' result), every input field is mapped, and
+//! every misuse is a status with a message, never a crash. examples/cpp/run.sh drives it from C++
+//! under AddressSanitizer.
+
+use std::ffi::{c_void, CStr, CString};
+use std::path::PathBuf;
+use std::ptr::{null, null_mut};
+
+use ndarray::{ArrayD, IxDyn};
+use t2i_rt::adapter::ConditionSource;
+use t2i_rt::condition::{ConditionImage, ConditionKind};
+use t2i_rt::{LoadOptions, Pipeline, Request, RngKind};
+use t2i_rt_c::*;
+
+fn graphs() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../graphs")
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn last_error() -> String {
+    // SAFETY: t2i_last_error returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(t2i_last_error()) }.to_string_lossy().into_owned()
+}
+
+fn load(set: &str) -> *mut t2i_model {
+    let mut model = null_mut();
+    let dir = c(graphs().join(set).to_str().unwrap());
+    // SAFETY: valid string and out pointer; NULL params take the defaults.
+    let status = unsafe { t2i_model_load(dir.as_ptr(), null(), &mut model) };
+    assert_eq!(status, t2i_status::T2I_OK, "{}", last_error());
+    model
+}
+
+fn request_params() -> t2i_request_params {
+    let mut params = std::mem::MaybeUninit::uninit();
+    // SAFETY: init fills the whole struct.
+    unsafe {
+        t2i_request_params_init(params.as_mut_ptr());
+        params.assume_init()
+    }
+}
+
+/// The fixture case z2 (inpainting a regular UNet, Euler, strength 0.75, seeded torch-cpu
+/// generator) through the C API, with the init image as pixels in memory and the mask as a file.
+#[test]
+fn generate_equals_the_library_and_diffusers() {
+    let fixtures = graphs().join("fixtures/tiny-sd1");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let case = cases.iter().find(|c| c["name"] == "z2_inpaint_euler_strength075_pipeline").unwrap();
+    let init = ConditionImage::open(&fixtures.join(case["init_image"].as_str().unwrap()), ConditionKind::Rgb).unwrap();
+    let mask_path = fixtures.join(case["mask"].as_str().unwrap());
+
+    let model = load("tiny-sd1");
+    let mut ctx = null_mut();
+    // SAFETY: a live model and an out pointer.
+    assert_eq!(unsafe { t2i_ctx_new(model, &mut ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    let (prompt, negative) = (c(case["prompt"].as_str().unwrap()), c(case["negative_prompt"].as_str().unwrap()));
+    let (scheduler, mask) = (c(case["scheduler"].as_str().unwrap()), c(mask_path.to_str().unwrap()));
+    let init_input = t2i_image_input {
+        path: null(),
+        pixels: init.pixels().as_ptr(),
+        width: init.width(),
+        height: init.height(),
+        channels: 3,
+    };
+    let mask_input = t2i_image_input { path: mask.as_ptr(), pixels: null(), width: 0, height: 0, channels: 0 };
+    let mut params = request_params();
+    params.prompt = prompt.as_ptr();
+    params.negative_prompt = negative.as_ptr();
+    params.steps = case["steps"].as_u64().unwrap() as u32;
+    params.guidance = case["guidance"].as_f64().unwrap() as f32;
+    params.scheduler = scheduler.as_ptr();
+    params.seed = case["seed"].as_u64().unwrap();
+    params.rng = T2I_RNG_TORCH_CPU;
+    params.init_image = &init_input;
+    params.mask = &mask_input;
+    params.strength = case["strength"].as_f64().unwrap() as f32;
+    params.want_latents = true;
+    let mut result = null_mut();
+    // SAFETY: live ctx, params filled by init, pointers valid for the call.
+    assert_eq!(unsafe { t2i_generate(ctx, &params, &mut result) }, t2i_status::T2I_OK, "{}", last_error());
+
+    let mut latents = t2i_latents_view { shape: [0; 4], data: null() };
+    // SAFETY: a live result.
+    assert_eq!(unsafe { t2i_result_latents(result, &mut latents) }, t2i_status::T2I_OK);
+    let shape: Vec<usize> = latents.shape.iter().map(|&d| d as usize).collect();
+    // SAFETY: the view holds product(shape) floats while the result lives.
+    let data = unsafe { std::slice::from_raw_parts(latents.data, shape.iter().product()) };
+    let ours = ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap();
+    let expected: ArrayD<f32> =
+        ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
+    let diff = (&ours - &expected).mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    let rel = diff / expected.mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");
+
+    // The same request through the library on the same backend: the same bits.
+    let mut request = Request::new(case["prompt"].as_str().unwrap());
+    request.negative_prompt = Some(case["negative_prompt"].as_str().unwrap().into());
+    request.steps = params.steps as usize;
+    request.guidance = params.guidance;
+    request.scheduler = Some(case["scheduler"].as_str().unwrap().parse().unwrap());
+    request.seed = params.seed;
+    request.rng = RngKind::TorchCpu;
+    request.init_image = Some(ConditionSource::Pixels(init.clone()));
+    request.mask = Some(ConditionSource::File(mask_path));
+    request.strength = Some(params.strength);
+    let mut pipeline = Pipeline::load(&graphs().join("tiny-sd1"), &LoadOptions::default()).unwrap();
+    let generation = pipeline.run(&request, &mut |_| true).unwrap();
+    assert_eq!(ours, generation.latents.into_dyn(), "the C API and the library differ");
+    // SAFETY: a live result.
+    assert_eq!(unsafe { t2i_result_image_count(result) }, 1);
+    let mut image = t2i_image_view { width: 0, height: 0, channels: 0, pixels: null() };
+    // SAFETY: a live result.
+    assert_eq!(unsafe { t2i_result_image(result, 0, &mut image) }, t2i_status::T2I_OK);
+    // SAFETY: the view holds width × height × 3 bytes while the result lives.
+    let pixels = unsafe { std::slice::from_raw_parts(image.pixels, (image.width * image.height * 3) as usize) };
+    assert_eq!(pixels, generation.images[0].as_raw().as_slice());
+    // SAFETY: a live result; index 1 is out of range.
+    assert_eq!(unsafe { t2i_result_image(result, 1, &mut image) }, t2i_status::T2I_ERR_INVALID_ARGUMENT);
+
+    // SAFETY: each freed once, ctx before its model.
+    unsafe {
+        t2i_result_free(result);
+        t2i_ctx_free(ctx);
+        t2i_model_free(model);
+    }
+}
+
+unsafe extern "C" fn cancel_at_two(user_data: *mut c_void, step: u32, _total: u32) -> bool {
+    // SAFETY: the test passes a live u32 counter.
+    unsafe { *(user_data as *mut u32) = step };
+    step < 2
+}
+
+/// Misuse is a status and a message on the calling thread, never a crash; frees accept NULL.
+#[test]
+fn errors_are_statuses_with_thread_local_messages() {
+    let mut model = null_mut();
+    // SAFETY (every call below): pointers are NULL or valid, as each case intends.
+    unsafe {
+        assert_eq!(t2i_model_load(null(), null(), &mut model), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("graph_set_dir is NULL"), "{}", last_error());
+        let missing = c("/nonexistent/set");
+        assert_eq!(t2i_model_load(missing.as_ptr(), null(), &mut model), t2i_status::T2I_ERR_GRAPH_SET);
+        assert!(model.is_null());
+        assert_eq!(t2i_model_load(missing.as_ptr(), null(), null_mut()), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+
+        let mut params = std::mem::MaybeUninit::<t2i_model_params>::uninit();
+        t2i_model_params_init(params.as_mut_ptr());
+        let mut params = params.assume_init();
+        params.backend = 99;
+        let dir = c(graphs().join("tiny-sd1").to_str().unwrap());
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("T2I_BACKEND_"), "{}", last_error());
+        params.backend = T2I_BACKEND_ORT_CPU;
+        params.device = 1;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_OPTIONS);
+        params.device = 0;
+        params.struct_size = 8;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("struct_size is 8"), "{}", last_error());
+
+        // A caller built against a newer, larger struct: the library reads what it knows.
+        #[repr(C)]
+        struct Newer {
+            params: t2i_model_params,
+            more: [u64; 4],
+        }
+        let mut newer = Newer { params, more: [7; 4] };
+        newer.params.struct_size = std::mem::size_of::<Newer>() as u32;
+        newer.params.backend = T2I_BACKEND_TRACT;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &newer.params, &mut model), t2i_status::T2I_OK, "{}", last_error());
+
+        let mut ctx = null_mut();
+        assert_eq!(t2i_ctx_new(model, &mut ctx), t2i_status::T2I_OK);
+        let mut result = null_mut();
+        let mut request = request_params();
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("params.prompt is NULL"), "{}", last_error());
+        let prompt = c("a red house");
+        request.prompt = prompt.as_ptr();
+        request.steps = 3;
+        let bad_scheduler = c("plms2");
+        request.scheduler = bad_scheduler.as_ptr();
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_INVALID_REQUEST);
+        request.scheduler = null();
+        let bad_json = c("[1, 2]");
+        request.scheduler_options_json = bad_json.as_ptr();
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        let options = c(r#"{"timestep_spacing": "sideways"}"#);
+        request.scheduler_options_json = options.as_ptr();
+        request.scheduler = c("euler").into_raw();
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_SCHEDULER);
+        drop(CString::from_raw(request.scheduler as *mut _));
+        request.scheduler = null();
+        request.scheduler_options_json = null();
+        request.strength = 0.0;
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_INVALID_REQUEST);
+        assert!(last_error().contains("strength"), "{}", last_error());
+        request.strength = -1.0;
+        let pixels = [0u8; 5];
+        let adapter = t2i_adapter_input {
+            name: c("sketch").into_raw(),
+            image: t2i_image_input { path: null(), pixels: pixels.as_ptr(), width: 2, height: 2, channels: 2 },
+            weight: 1.0,
+        };
+        request.adapters = &adapter;
+        request.n_adapters = 1;
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("channels is 2"), "{}", last_error());
+        drop(CString::from_raw(adapter.name as *mut _));
+        request.adapters = null();
+        request.n_adapters = 0;
+
+        // Messages are per thread: another thread's failure does not overwrite this one's.
+        let mine = last_error();
+        std::thread::spawn(|| {
+            assert_eq!(t2i_ctx_new(null(), &mut null_mut()), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+            assert!(last_error().contains("model is NULL"));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(last_error(), mine);
+
+        // Cancelled from the progress callback after step 2: no result.
+        let mut last_step = 0u32;
+        assert_eq!(
+            t2i_ctx_set_progress(ctx, Some(cancel_at_two), &mut last_step as *mut u32 as *mut c_void),
+            t2i_status::T2I_OK
+        );
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_ERR_CANCELLED);
+        assert!(result.is_null());
+        assert_eq!(last_step, 2);
+        assert_eq!(t2i_ctx_set_progress(ctx, None, null_mut()), t2i_status::T2I_OK);
+        assert_eq!(t2i_generate(ctx, &request, &mut result), t2i_status::T2I_OK, "{}", last_error());
+        let mut latents = t2i_latents_view { shape: [0; 4], data: null() };
+        assert_eq!(t2i_result_latents(result, &mut latents), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+
+        t2i_result_free(result);
+        t2i_ctx_free(ctx);
+        t2i_model_free(model);
+        t2i_result_free(null_mut());
+        t2i_ctx_free(null_mut());
+        t2i_model_free(null_mut());
+        t2i_model_params_init(null_mut());
+        t2i_request_params_init(null_mut());
+    }
+    // SAFETY: a static string.
+    let version = unsafe { CStr::from_ptr(t2i_version()) };
+    assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
+/// The model's log callback receives the library's notes (here: a stale prepared engine).
+#[test]
+fn the_log_callback_gets_the_models_notes() {
+    unsafe extern "C" fn collect(user_data: *mut c_void, level: u32, message: *const std::ffi::c_char) {
+        // SAFETY: the test passes a live Mutex<Vec<_>> and the library a valid message.
+        let seen = unsafe { &*(user_data as *const std::sync::Mutex<Vec<(u32, String)>>) };
+        let message = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+        seen.lock().unwrap().push((level, message));
+    }
+    let seen = std::sync::Mutex::new(Vec::<(u32, String)>::new());
+    let dir = c(graphs().join("tiny-sd1").to_str().unwrap());
+    // A cache entry for another machine: the load notes that it is stale and does not use it.
+    let cache = std::env::temp_dir().join(format!("t2i-capi-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let options = LoadOptions { engine_cache: t2i_rt::EngineCache::Dir(cache.clone()), ..LoadOptions::default() };
+    t2i_rt::Model::build_engines(&graphs().join("tiny-sd1"), &options, &[], &mut |_| {}).unwrap();
+    // The unet's entry as if built on another CPU: its folder name no longer matches this machine's.
+    let entry = std::fs::read_dir(cache.join("unet")).unwrap().next().unwrap().unwrap().path();
+    let key_file = entry.join("key.json");
+    let mut key: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    key.insert("cpu".into(), "another CPU".into());
+    std::fs::write(&key_file, serde_json::to_string(&key).unwrap()).unwrap();
+    std::fs::rename(&entry, entry.with_file_name("0000000000000000")).unwrap();
+    let cache_c = c(cache.to_str().unwrap());
+    let mut params = std::mem::MaybeUninit::<t2i_model_params>::uninit();
+    let mut model = null_mut();
+    // SAFETY: params filled by init; pointers valid for the call; the log state outlives the model.
+    unsafe {
+        t2i_model_params_init(params.as_mut_ptr());
+        let mut params = params.assume_init();
+        params.engine_cache_dir = cache_c.as_ptr();
+        params.log = Some(collect);
+        params.log_user_data = &seen as *const _ as *mut c_void;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_OK, "{}", last_error());
+        t2i_model_free(model);
+    }
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        seen.iter().any(|(level, m)| *level == T2I_LOG_WARNING && m.contains("is stale")),
+        "no stale-engine warning in {seen:?}"
+    );
+    std::fs::remove_dir_all(&cache).unwrap();
+}
