@@ -115,6 +115,11 @@ typedef struct t2i_model_params {
   bool verify_checksums;
   // Neither read nor write prepared engines.
   bool no_engine_cache;
+  // ONNX Runtime backends: one session per graph for all contexts of the model, so the weights
+  // are held once (four contexts on SD 1.5: one copy instead of four) and calls to the same
+  // graph take turns. Default false: each context opens its own sessions and runs in parallel.
+  // tract's contexts always share one copy.
+  bool share_weights;
   // Where prepared engines live; NULL: `.t2i-engines` inside the graph set.
   const char *engine_cache_dir;
   // The model's log callback (NULL: notes are dropped) and its user data.

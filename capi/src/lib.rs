@@ -120,6 +120,11 @@ pub struct t2i_model_params {
     pub verify_checksums: bool,
     /// Neither read nor write prepared engines.
     pub no_engine_cache: bool,
+    /// ONNX Runtime backends: one session per graph for all contexts of the model, so the weights
+    /// are held once (four contexts on SD 1.5: one copy instead of four) and calls to the same
+    /// graph take turns. Default false: each context opens its own sessions and runs in parallel.
+    /// tract's contexts always share one copy.
+    pub share_weights: bool,
     /// Where prepared engines live; NULL: `.t2i-engines` inside the graph set.
     pub engine_cache_dir: *const c_char,
     /// The model's log callback (NULL: notes are dropped) and its user data.
@@ -396,6 +401,7 @@ pub unsafe extern "C" fn t2i_model_params_init(params: *mut t2i_model_params) {
         trt_fp16: false,
         verify_checksums: true,
         no_engine_cache: false,
+        share_weights: false,
         engine_cache_dir: std::ptr::null(),
         log: None,
         log_user_data: std::ptr::null_mut(),
@@ -490,6 +496,7 @@ pub unsafe extern "C" fn t2i_model_load(
                 allow_cpu_fallback: params.allow_cpu_fallback,
                 trt_fp16: params.trt_fp16,
                 log,
+                share_sessions: params.share_weights,
             },
             engine_cache,
             ..LoadOptions::default()

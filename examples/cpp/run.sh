@@ -44,6 +44,17 @@ mkdir -p "$work/static"
 ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so.1.31.1" "$work/service-static" "$set_dir" "$sketch" "$work/static" 1 \
     >/dev/null
 
+# Shared weights (one session per graph for all contexts) give the same images.
+mkdir -p "$work/shared"
+ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so.1.31.1" ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:exitcode=23 \
+    "$work/service" "$set_dir" "$sketch" "$work/shared" "$requests" share
+for png in "$work/out"/seed-*.png; do
+    if ! cmp -s "$png" "$work/shared/$(basename "$png")"; then
+        echo "$(basename "$png"): shared sessions gave another image" >&2
+        exit 1
+    fi
+done
+
 mismatches=0
 for ((t = 0; t < 4; t++)); do
     for ((k = 0; k < requests; k++)); do

@@ -2,7 +2,10 @@
 // (one t2i_ctx each, one shared t2i_model), cancel one request mid-run, report latency, and write
 // every image as OUT_DIR/seed-SEED.png for examples/cpp/run.sh to compare with `t2i-rt run`.
 //
-//   service GRAPH_SET ADAPTER_IMAGE OUT_DIR [REQUESTS_PER_THREAD]
+//   service GRAPH_SET ADAPTER_IMAGE OUT_DIR [REQUESTS_PER_THREAD [share]]
+//
+// With "share", the model's contexts share one ONNX Runtime session per graph (one copy of the
+// weights, t2i_model_params.share_weights); the peak resident memory is printed either way.
 //
 // Requests: prompt "a red house", adapter "sketch" from ADAPTER_IMAGE, 4 steps, seed
 // 100 + thread * REQUESTS_PER_THREAD + k. The last request of thread 0 is img2img from an init
@@ -17,6 +20,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -142,6 +147,15 @@ struct Worker {
     }
 };
 
+// Peak resident memory of this process in MiB (Linux: VmHWM), or -1.
+double peak_rss_mib() {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line))
+        if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+    return -1;
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -150,6 +164,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const int requests = argc > 4 ? std::atoi(argv[4]) : 2;
+    const bool share = argc > 5 && std::strcmp(argv[5], "share") == 0;
     std::printf("t2i-rt %s\n", t2i_version());
 
     // Errors are statuses with a message, never a crash: a missing set, then a NULL prompt.
@@ -163,6 +178,7 @@ int main(int argc, char **argv) {
     t2i_model_params model_params;
     t2i_model_params_init(&model_params);
     model_params.threads = 1;
+    model_params.share_weights = share;
     model_params.log = log_to_stderr;
     model_params.log_user_data = const_cast<char *>("model");
     auto load_start = std::chrono::steady_clock::now();
@@ -208,6 +224,8 @@ int main(int argc, char **argv) {
         std::printf("%zu requests on %d threads in %.0f ms; latency median %.0f ms, max %.0f ms\n", all.size(),
                     kThreads, wall, all[all.size() / 2], all.back());
     }
+    std::printf("peak RSS %.0f MiB (%s)\n", peak_rss_mib(),
+                share ? "one session per graph shared by the contexts" : "sessions per context");
     t2i_model_free(model);
     if (all.size() != static_cast<size_t>(kThreads * requests)) failures++;
     std::printf("%s\n", failures == 0 ? "ok" : "FAILED");

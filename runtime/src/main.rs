@@ -267,6 +267,8 @@ impl ExecArgs {
                 allow_cpu_fallback: self.allow_cpu_fallback,
                 trt_fp16: self.trt_fp16,
                 log: Logger::new(|level, message| eprintln!("{level}: {message}")),
+                // One worker per process here: nothing to share.
+                share_sessions: false,
             },
             engine_cache,
             limits: t2i_rt::Limits::default(),

@@ -2,7 +2,8 @@
 //! [`Model`], run a mix of requests (samplers, adapters, guidance, sample counts). Every output must
 //! equal, bit for bit, what one worker alone made for that request; cancelling from the progress
 //! callback at a pseudo-random step must return [`Error::Cancelled`] and leave the worker usable;
-//! resident memory must not grow once the workers are warm.
+//! resident memory must not grow once the workers are warm. ort-cpu also runs with one session per
+//! graph shared by all workers.
 //!
 //! CI runs a short version (8 threads × 8 requests per backend). The long run is
 //!
@@ -85,9 +86,11 @@ fn same(a: &Generation, b: &Generation) -> bool {
     a.latents == b.latents && a.images.iter().map(|i| i.as_raw()).eq(b.images.iter().map(|i| i.as_raw()))
 }
 
-fn soak(backend: BackendKind) {
+fn soak(backend: BackendKind, share_sessions: bool) {
     let per_thread = requests_per_thread();
-    let options = LoadOptions { backend, verify_checksums: false, ..LoadOptions::default() };
+    let mut options = LoadOptions { backend, verify_checksums: false, ..LoadOptions::default() };
+    options.settings.share_sessions = share_sessions;
+    let sharing = if share_sessions { " (shared sessions)" } else { "" };
     let model = Model::load(&common::tiny_sd1(), &options).unwrap();
     let mix = mix();
     let single: Vec<Generation> = {
@@ -145,8 +148,8 @@ fn soak(backend: BackendKind) {
     assert!(cancelled > 0, "no request was cancelled");
     let mib = |rss: Option<f64>| rss.map_or("n/a".to_string(), |m| format!("{m:.1} MiB"));
     eprintln!(
-        "{backend}: {THREADS} threads x {per_thread} requests, {cancelled} cancelled and rerun, all equal to the \
-         single-worker outputs; RSS after request {WARM_AFTER}: {}, after request {per_thread}: {}",
+        "{backend}{sharing}: {THREADS} threads x {per_thread} requests, {cancelled} cancelled and rerun, all equal \
+         to the single-worker outputs; RSS after request {WARM_AFTER}: {}, after request {per_thread}: {}",
         mib(warm_rss),
         mib(end_rss)
     );
@@ -156,11 +159,13 @@ fn soak(backend: BackendKind) {
     }
 }
 
-/// One test for both backends, one after the other: resident memory is the process's, so the two
-/// must not run at once.
+/// One test for both backends, one after the other: resident memory is the process's, so the runs
+/// must not overlap. ort-cpu runs twice: a session per worker, then one shared session per graph
+/// (`BackendSettings::share_sessions`: one copy of the weights, calls taking turns).
 #[test]
 fn cpu_backends_under_load() {
     for backend in BackendKind::CPU {
-        soak(backend);
+        soak(backend, false);
     }
+    soak(BackendKind::OrtCpu, true);
 }

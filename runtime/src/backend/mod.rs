@@ -53,6 +53,11 @@ pub struct BackendSettings {
     pub trt_fp16: bool,
     /// Where the backend's notes go (CPU fallback, stale or missing prepared engines).
     pub log: Logger,
+    /// ort: one session per graph shared by every worker of a model, so the weights are held once
+    /// (four workers on SD 1.5: one copy instead of four), and calls to the same graph take turns.
+    /// Off (the default): one session per worker, calls in parallel, I/O binding on GPUs. tract's
+    /// workers always share one copy of the weights.
+    pub share_sessions: bool,
 }
 
 impl BackendSettings {
@@ -115,6 +120,7 @@ impl BackendKind {
             provider,
             allow_cpu_fallback: settings.allow_cpu_fallback,
             log: settings.log.clone(),
+            share_sessions: settings.share_sessions,
             ..OrtOptions::default()
         })?))
     }

@@ -80,6 +80,9 @@ pub struct OrtOptions {
     pub allow_cpu_fallback: bool,
     /// Where the fallback warning and engine-cache notes go.
     pub log: Logger,
+    /// One session per graph for every worker (one copy of the weights; calls to a graph take
+    /// turns) instead of one per worker ([`BackendSettings::share_sessions`](super::BackendSettings)).
+    pub share_sessions: bool,
 }
 
 /// Runs graphs through ONNX Runtime.
@@ -325,13 +328,18 @@ impl OrtBackend {
     fn graph(&self, name: &str, source: Source, session: Session) -> Arc<dyn Graph> {
         let inputs = session.inputs().iter().map(|o| real_tensor(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| real_tensor(o.name(), o.dtype())).collect();
+        let (first, shared) = match self.options.share_sessions {
+            true => (None, Some(Arc::new(Mutex::new(session)))),
+            false => (Some(session), None),
+        };
         Arc::new(OrtGraph {
             name: name.to_string(),
             source,
             backend: self.clone(),
             inputs,
             outputs,
-            first_session: Mutex::new(Some(session)),
+            first_session: Mutex::new(first),
+            shared,
         })
     }
 }
@@ -444,6 +452,8 @@ struct OrtGraph {
     /// The session built while loading, handed to the first worker so a single-worker pipeline
     /// never builds (and optimizes) a graph twice.
     first_session: Mutex<Option<Session>>,
+    /// With shared sessions: the one session every worker runs, one call at a time.
+    shared: Option<Arc<Mutex<Session>>>,
 }
 
 impl Graph for OrtGraph {
@@ -456,12 +466,21 @@ impl Graph for OrtGraph {
     }
 
     fn session(&self) -> Result<Box<dyn GraphSession>> {
+        let output_names: Vec<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
+        if let Some(shared) = &self.shared {
+            return Ok(Box::new(SharedOrtSession {
+                name: self.name.clone(),
+                backend: self.backend.name(),
+                session: shared.clone(),
+                output_names,
+                bound: Vec::new(),
+            }));
+        }
         let reused = self.first_session.lock().ok().and_then(|mut s| s.take());
         let session = match reused {
             Some(session) => session,
             None => self.backend.open(&self.name, &self.source)?,
         };
-        let output_names = self.outputs.iter().map(|o| o.name.clone()).collect();
         Ok(Box::new(OrtSession {
             name: self.name.clone(),
             backend: self.backend.name(),
@@ -518,28 +537,7 @@ impl GraphSession for OrtSession {
         }
         let backend = self.backend;
         let err = |message: String| Error::Backend { backend, graph: self.name.clone(), message };
-        // ONNX Runtime reads dense row-major buffers: borrow inputs that are (all of ours, in
-        // practice), copy only views that are not.
-        let dense: Vec<(&str, DenseInput<'_>)> = inputs
-            .iter()
-            .map(|(name, view)| {
-                let dense = match view {
-                    TensorView::F32(a) => DenseInput::F32(a.as_standard_layout()),
-                    TensorView::I64(a) => DenseInput::I64(a.as_standard_layout()),
-                };
-                (*name, dense)
-            })
-            .collect();
-        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(dense.len());
-        for (name, input) in &dense {
-            let value: SessionInputValue<'_> = match input {
-                DenseInput::F32(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
-                DenseInput::I64(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
-            };
-            values.push((Cow::Borrowed(*name), value));
-        }
-        let outputs = self.session.run(values).map_err(|e| err(e.to_string()))?;
-        host_outputs(&outputs, &self.output_names, err)
+        run_plain(&mut self.session, inputs, &self.output_names, err)
     }
 
     fn bind(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<()> {
@@ -566,6 +564,76 @@ impl GraphSession for OrtSession {
     fn unbind(&mut self) {
         self.binding = None;
     }
+}
+
+/// A worker's handle on a session shared by all workers: inputs it binds are kept here (the
+/// session is not this worker's to bind), and each call holds the session's lock.
+struct SharedOrtSession {
+    name: String,
+    backend: &'static str,
+    session: Arc<Mutex<Session>>,
+    output_names: Vec<String>,
+    bound: Vec<(String, OwnedTensor)>,
+}
+
+impl GraphSession for SharedOrtSession {
+    fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
+        let backend = self.backend;
+        let err = |message: String| Error::Backend { backend, graph: self.name.clone(), message };
+        let mut all: Vec<(&str, TensorView<'_>)> = inputs.iter().map(|(name, view)| (*name, view.reborrow())).collect();
+        for (name, value) in &self.bound {
+            if !inputs.iter().any(|(given, _)| given == name) {
+                all.push((name.as_str(), value.view()));
+            }
+        }
+        // A worker that panicked while holding the lock left the session as ONNX Runtime left it:
+        // usable (a failed Run changes no state).
+        let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        run_plain(&mut session, &all, &self.output_names, err)
+    }
+
+    fn bind(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<()> {
+        for (name, view) in inputs {
+            self.bound.retain(|(bound, _)| bound != name);
+            self.bound.push((name.to_string(), OwnedTensor::from_view(view)));
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self) {
+        self.bound.clear();
+    }
+}
+
+/// Runs `session` on `inputs` without I/O binding; outputs `names` in that order.
+fn run_plain(
+    session: &mut Session,
+    inputs: &[(&str, TensorView<'_>)],
+    names: &[String],
+    err: impl Fn(String) -> Error,
+) -> Result<Vec<ArrayD<f32>>> {
+    // ONNX Runtime reads dense row-major buffers: borrow inputs that are (all of ours, in
+    // practice), copy only views that are not.
+    let dense: Vec<(&str, DenseInput<'_>)> = inputs
+        .iter()
+        .map(|(name, view)| {
+            let dense = match view {
+                TensorView::F32(a) => DenseInput::F32(a.as_standard_layout()),
+                TensorView::I64(a) => DenseInput::I64(a.as_standard_layout()),
+            };
+            (*name, dense)
+        })
+        .collect();
+    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(dense.len());
+    for (name, input) in &dense {
+        let value: SessionInputValue<'_> = match input {
+            DenseInput::F32(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
+            DenseInput::I64(a) => TensorRef::from_array_view(a.view()).map_err(|e| err(e.to_string()))?.into(),
+        };
+        values.push((Cow::Borrowed(*name), value));
+    }
+    let outputs = session.run(values).map_err(|e| err(e.to_string()))?;
+    host_outputs(&outputs, names, err)
 }
 
 /// The outputs named `names`, in that order, as host arrays.
