@@ -11,7 +11,8 @@
 //! - callbacks (log, progress with cancel) carry a `user_data` pointer and belong to a model or a
 //!   context, never to the process;
 //! - everything the library hands out has its own free function, and every free accepts NULL;
-//! - no panic crosses into C: each entry point catches it and returns `T2I_ERR_INTERNAL`.
+//! - no panic crosses into C: every entry point that does more than read or write plain data runs
+//!   inside `catch_unwind` and returns `T2I_ERR_INTERNAL` (frees drop inside it too).
 //!
 //! Strings are NUL-terminated UTF-8; pointers inside params only need to stay valid for the call.
 
@@ -379,7 +380,8 @@ pub extern "C" fn t2i_version() -> *const c_char {
 /// on this thread; copy it to keep it.
 #[no_mangle]
 pub extern "C" fn t2i_last_error() -> *const c_char {
-    LAST_ERROR.with(|last| last.borrow().as_ptr())
+    // `try_with`: after this thread's locals are torn down (a call from a thread-exit hook), "".
+    LAST_ERROR.try_with(|last| last.borrow().as_ptr()).unwrap_or(c"".as_ptr())
 }
 
 /// Fills `params` with the defaults (ort-cpu, default threads, checksums verified, the graph set's
@@ -406,7 +408,8 @@ pub unsafe extern "C" fn t2i_model_params_init(params: *mut t2i_model_params) {
         log: None,
         log_user_data: std::ptr::null_mut(),
     };
-    // SAFETY: non-NULL and writable (the contract above).
+    // SAFETY: non-NULL and writable (the contract above). A plain write of plain data: nothing here
+    // can panic.
     unsafe { params.write_unaligned(defaults) };
 }
 
