@@ -453,7 +453,7 @@ fn run(args: RunArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     eprintln!(
-        "{} step(s) of {}{} in {:.2}s",
+        "{} model call(s) of {}{} in {:.2}s",
         calls,
         generation.scheduler,
         if request.scheduler.is_none() { " (the graph set's own sampler)" } else { "" },
