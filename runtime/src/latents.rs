@@ -91,7 +91,7 @@ pub(crate) fn start(
         // Inpainting at strength 1: pure noise, `noise * init_noise_sigma`.
         (_, true) => &noise * scheduler.init_noise_sigma(),
         (Some(image), false) => scheduler.add_noise(image.view(), noise.view(), p.first_step),
-        (None, false) => unreachable!("the image is encoded below full strength"),
+        (None, false) => return Err(internal("the init image is encoded below full strength".into())),
     };
     let Some(mask) = &init.mask else { return Ok(Start { latents, inpainting: None }) };
 
