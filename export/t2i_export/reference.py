@@ -247,16 +247,10 @@ def _denoise(oracle: Oracle, case: Case, scheduler, timesteps, latents: torch.Te
     return latents
 
 
-@torch.no_grad()
-def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
-    """The same through diffusers' StableDiffusionAdapterPipeline (or StableDiffusionPipeline without
-    adapters). Only valid for cond_tau == 1: the SD 1.x adapter pipeline has no such knob."""
-    if case.cond_tau != 1.0 and case.adapters:
-        raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline cannot do cond_tau={case.cond_tau}")
-    if case.guidance_rescale != 0.0 and case.adapters:
-        raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline has no guidance_rescale")
-    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
-    common = dict(
+def _sd1_components(oracle: Oracle, scheduler) -> dict:
+    """The keyword arguments every SD 1.x/2.x pipeline here is built from: the oracle's modules,
+    `scheduler`, and no safety checker."""
+    return dict(
         vae=oracle.vae,
         text_encoder=oracle.text_encoder,
         tokenizer=oracle.tokenizer,
@@ -266,6 +260,18 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+@torch.no_grad()
+def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    """The same through diffusers' StableDiffusionAdapterPipeline (or StableDiffusionPipeline without
+    adapters). Only valid for cond_tau == 1: the SD 1.x adapter pipeline has no such knob."""
+    if case.cond_tau != 1.0 and case.adapters:
+        raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline cannot do cond_tau={case.cond_tau}")
+    if case.guidance_rescale != 0.0 and case.adapters:
+        raise ValueError(f"case {case.name}: the diffusers SD 1.x adapter pipeline has no guidance_rescale")
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+    common = _sd1_components(oracle, scheduler)
     call = dict(
         prompt=case.prompt,
         negative_prompt=case.negative_prompt,
@@ -480,16 +486,7 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
         )
     else:
         cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
-        pipe = cls(
-            vae=oracle.vae,
-            text_encoder=oracle.text_encoder,
-            tokenizer=oracle.tokenizer,
-            unet=oracle.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = cls(**_sd1_components(oracle, scheduler))
     pipe.set_progress_bar_config(disable=True)
     call = dict(
         prompt=case.prompt,
