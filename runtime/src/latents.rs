@@ -28,8 +28,9 @@ pub(crate) struct Inpainting {
 }
 
 struct Blend {
-    /// [n, 1, h, w]: 1 where the image is repainted.
+    /// [n, 1, h, w]: 1 where the image is repainted, and its complement (what is kept).
     mask: ArrayD<f32>,
+    keep: ArrayD<f32>,
     /// The init image's latents and the noise drawn for them, [n, C, h, w].
     image_latents: ArrayD<f32>,
     noise: ArrayD<f32>,
@@ -109,7 +110,8 @@ pub(crate) fn start(
     } else {
         let image_latents = image_latents.ok_or_else(|| internal("a regular UNet blends the image latents".into()))?;
         let mask = repeat_rows(&mask_latent, n, "mask")?;
-        Inpainting { extra_channels: None, blend: Some(Blend { mask, image_latents, noise }) }
+        let keep = mask.mapv(|m| 1.0 - m);
+        Inpainting { extra_channels: None, blend: Some(Blend { mask, keep, image_latents, noise }) }
     };
     Ok(Start { latents, inpainting: Some(inpainting) })
 }
@@ -136,8 +138,7 @@ impl Inpainting {
         } else {
             b.image_latents.clone()
         };
-        let keep = b.mask.mapv(|m| 1.0 - m);
-        *latents = &keep * &proper + &(&b.mask * &*latents);
+        *latents = &b.keep * &proper + &(&b.mask * &*latents);
     }
 }
 

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
 use crate::condition::{ConditionImage, ConditionKind};
+use crate::conditioning::python_float;
 use crate::error::{Error, Field, Result};
 use crate::limits::Limits;
 use crate::manifest::Manifest;
@@ -103,7 +104,6 @@ pub struct SizeConditioning {
 impl SizeConditioning {
     /// `(positive, negative)` time ids: original_size + crops_coords_top_left + target_size.
     pub fn time_ids(&self, width: u32, height: u32) -> ([f32; 6], [f32; 6]) {
-        let ids = |o: (u32, u32), c: (u32, u32), t: (u32, u32)| [o.0, o.1, c.0, c.1, t.0, t.1].map(|v| v as f32);
         let output = (height, width);
         let positive =
             ids(self.original_size.unwrap_or(output), self.crops_coords_top_left, self.target_size.unwrap_or(output));
@@ -118,7 +118,6 @@ impl SizeConditioning {
     /// them: each negative size defaults to its positive one on its own, and the negative ids use
     /// the positive `crops_coords_top_left` (`negative_crops_coords_top_left` is unused there).
     pub fn img2img_time_ids(&self, width: u32, height: u32) -> ([f32; 6], [f32; 6]) {
-        let ids = |o: (u32, u32), c: (u32, u32), t: (u32, u32)| [o.0, o.1, c.0, c.1, t.0, t.1].map(|v| v as f32);
         let output = (height, width);
         let original = self.original_size.unwrap_or(output);
         let target = self.target_size.unwrap_or(output);
@@ -128,6 +127,12 @@ impl SizeConditioning {
             ids(self.negative_original_size.unwrap_or(original), crop, self.negative_target_size.unwrap_or(target));
         (positive, negative)
     }
+}
+
+/// One row of `time_ids`: original size, crop top-left and target size, each pair as diffusers
+/// orders it.
+fn ids(original: (u32, u32), crop: (u32, u32), target: (u32, u32)) -> [f32; 6] {
+    [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32)
 }
 
 /// A request that passed [`Request::check`], ready to run: what the run needs, decoded and built
@@ -368,8 +373,7 @@ impl Request {
             ));
         }
         // Python's float arithmetic on the decimal the user typed (0.7 × 10 is 7), as `adapter_calls`.
-        let strength64: f64 = strength.to_string().parse().unwrap_or(f64::from(strength));
-        let init_timestep = ((self.steps as f64 * strength64) as usize).min(self.steps);
+        let init_timestep = ((self.steps as f64 * python_float(strength)) as usize).min(self.steps);
         if init_timestep == 0 {
             return Err(Error::request(
                 Field::Strength,

@@ -25,9 +25,8 @@ pub(crate) fn encode_sample(
     let spec = manifest.graphs.vae_encoder.as_ref().ok_or_else(|| {
         Error::Unsupported("this graph set has no VAE encoder; re-export it with this t2i_export".into())
     })?;
-    let mut named = spec.outputs.iter().map(|o| o.name.as_str()).zip(outputs);
     let (mut mean, mut std) = (None, None);
-    for (name, value) in named.by_ref() {
+    for (name, value) in spec.outputs.iter().map(|o| o.name.as_str()).zip(outputs) {
         match name {
             "latent_mean" => mean = Some(value),
             "latent_std" => std = Some(value),
