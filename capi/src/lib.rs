@@ -28,7 +28,9 @@ use ndarray::Array4;
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::{BackendKind, BackendSettings};
 use t2i_rt::condition::{ConditionImage, ConditionKind};
-use t2i_rt::{EngineCache, Error, LoadOptions, LogLevel, Logger, Model, Pipeline, Request, RngKind, SchedulerKind};
+use t2i_rt::{
+    EngineCache, Error, ErrorCode, LoadOptions, LogLevel, Logger, Model, Pipeline, Request, RngKind, SchedulerKind,
+};
 
 /// What a call returned. The values 1–15 are the library's error kinds (`t2i_rt::ErrorCode`);
 /// they are never renumbered.
@@ -252,30 +254,28 @@ struct Failure(t2i_status, String);
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        let code = e.code() as u32;
-        let status =
-            STATUS_BY_CODE.iter().find(|s| **s as u32 == code).copied().unwrap_or(t2i_status::T2I_ERR_INTERNAL);
+        // Exhaustive: a new error kind does not compile until it has its status.
+        let status = match e.code() {
+            ErrorCode::Io => t2i_status::T2I_ERR_IO,
+            ErrorCode::GraphSet => t2i_status::T2I_ERR_GRAPH_SET,
+            ErrorCode::RuntimeLibrary => t2i_status::T2I_ERR_RUNTIME_LIBRARY,
+            ErrorCode::Provider => t2i_status::T2I_ERR_PROVIDER,
+            ErrorCode::Backend => t2i_status::T2I_ERR_BACKEND,
+            ErrorCode::InvalidRequest => t2i_status::T2I_ERR_INVALID_REQUEST,
+            ErrorCode::InvalidOptions => t2i_status::T2I_ERR_INVALID_OPTIONS,
+            ErrorCode::Unsupported => t2i_status::T2I_ERR_UNSUPPORTED,
+            ErrorCode::Image => t2i_status::T2I_ERR_IMAGE,
+            ErrorCode::Npy => t2i_status::T2I_ERR_NPY,
+            ErrorCode::Scheduler => t2i_status::T2I_ERR_SCHEDULER,
+            ErrorCode::Tokenizer => t2i_status::T2I_ERR_TOKENIZER,
+            ErrorCode::Cancelled => t2i_status::T2I_ERR_CANCELLED,
+            ErrorCode::LimitExceeded => t2i_status::T2I_ERR_LIMIT_EXCEEDED,
+            ErrorCode::NumericalFault => t2i_status::T2I_ERR_NUMERICAL_FAULT,
+        };
+        debug_assert_eq!(status as u32, e.code() as u32, "statuses 1-15 are the library's error codes");
         Failure(status, e.to_string())
     }
 }
-
-const STATUS_BY_CODE: [t2i_status; 15] = [
-    t2i_status::T2I_ERR_IO,
-    t2i_status::T2I_ERR_GRAPH_SET,
-    t2i_status::T2I_ERR_RUNTIME_LIBRARY,
-    t2i_status::T2I_ERR_PROVIDER,
-    t2i_status::T2I_ERR_BACKEND,
-    t2i_status::T2I_ERR_INVALID_REQUEST,
-    t2i_status::T2I_ERR_INVALID_OPTIONS,
-    t2i_status::T2I_ERR_UNSUPPORTED,
-    t2i_status::T2I_ERR_IMAGE,
-    t2i_status::T2I_ERR_NPY,
-    t2i_status::T2I_ERR_SCHEDULER,
-    t2i_status::T2I_ERR_TOKENIZER,
-    t2i_status::T2I_ERR_CANCELLED,
-    t2i_status::T2I_ERR_LIMIT_EXCEEDED,
-    t2i_status::T2I_ERR_NUMERICAL_FAULT,
-];
 
 fn invalid(message: impl Into<String>) -> Failure {
     Failure(t2i_status::T2I_ERR_INVALID_ARGUMENT, message.into())
