@@ -2,8 +2,9 @@
 # Sets up a fresh checkout and runs every test: the Rust runtime's (parity against the committed
 # diffusers fixtures, on ort-cpu and tract; error handling, limits, numerical faults, a short soak,
 # and the committed fuzz inputs replayed), the C API's (and its header against cbindgen), the C++
-# example service under AddressSanitizer, the exporter's (pytest), and a short coverage-guided fuzz
-# pass over every parser of outside input (scripts/fuzz.sh, 15 s per target).
+# example service under AddressSanitizer, the exporter's (pytest), the GPU measurement kit's dry run,
+# and a short coverage-guided fuzz pass over every parser of outside input (scripts/fuzz.sh, 15 s
+# per target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
@@ -21,6 +22,10 @@ fuzz_build=$!
 trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
 export T2I_OPEN_CLIP_WHEEL=$(ls "$PWD"/.cache/wheels/open_clip_torch-3.3.0-*.whl | head -n1)
 (cd export && ../.venv/bin/python -m pytest -q tests)
+# The GPU measurement kit, end to end on the CPU at tiny sizes, so that it cannot rot between the
+# rare sessions with a GPU (docs/gpu.md).
+bash benches/gpu/prepare.sh --dry-run
+bash benches/gpu/measure.sh --dry-run
 if ! wait "$fuzz_build"; then
     tail -n 40 fuzz/target/build.log
     echo "building the fuzz targets failed (fuzz/target/build.log)" >&2
