@@ -67,7 +67,7 @@ if [ "$stage" = measure ] || $dry_run; then
     # The CUDA provider loads CUDA 13 and cuDNN 9 from the library path: the GPU machine's torch has
     # them as pip packages (nvidia/*/lib).
     nvidia_libs=$("$py" - <<'PY'
-import pathlib, site, sys
+import pathlib, site
 roots = [pathlib.Path(p) / "nvidia" for p in site.getsitepackages() + [site.getusersitepackages()]]
 print(":".join(sorted({str(d) for r in roots if r.is_dir() for d in r.glob("*/lib") if any(d.glob("lib*.so*"))})))
 PY
