@@ -521,16 +521,20 @@ def markdown(rows: list[dict], parity: list[dict], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the part of `path` between the `begin` and `end` markers with `section` (which holds
+    them), or appends it; written whole or not at all."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 COLORS = {"diffusers": (214, 39, 40), "python-ort": (255, 127, 14), "t2i-rt ort-cpu": (31, 119, 180), "t2i-rt tract": (44, 160, 44)}

@@ -257,15 +257,10 @@ def merge_results(section_file: Path, into: Path) -> None:
     section = section_file.read_text(encoding="utf-8").strip("\n") + "\n"
     if not (section.startswith(BEGIN) and section.rstrip().endswith(END)):
         raise KitError(f"{section_file}: not a section measure.py wrote (no {BEGIN} ... {END})")
-    text = into.read_text(encoding="utf-8") if into.is_file() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = into.with_name(into.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, into)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from compare import write_section  # here only: compare.py needs numpy, the GPU machine's kit.py calls do not
+
+    write_section(into, section, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,8 @@ not cost the other numbers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,9 +40,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "export"))
 sys.path.insert(0, str(REPO / "benches"))
 
-from compare import ADAPTER_WEIGHT, GUIDANCE, NEGATIVE, PROMPT, _quiet_libraries, percentile, rel_l2, write_inputs  # noqa: E402
-
-BEGIN, END = "<!-- gpu-kit:begin -->", "<!-- gpu-kit:end -->"
+from compare import ADAPTER_WEIGHT, GUIDANCE, NEGATIVE, PROMPT, _quiet_libraries, machine, percentile, rel_l2, write_inputs  # noqa: E402
+from kit import BEGIN, END  # noqa: E402 (benches/gpu: this script's folder)
 ADAPTER_KIND = "full"
 WEIGHT_SEED = 0
 FP16_REL_L2 = 5e-3  # the runtime's fp16 tolerance on final latents (calibration/README.md)
@@ -276,13 +273,9 @@ def environment(device: str, t2i: T2iRt) -> dict:
     import diffusers
     import torch
 
-    env = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__, "t2i-rt": t2i.version(),
-           "device": device}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            env["cpu"] = line.split(":", 1)[1].strip()
-            break
+    host = machine(os.cpu_count() or 1)
+    env = {"date": host["date"], "cpu": host["cpu"], "cores": host["cores"], "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "t2i-rt": t2i.version(), "device": device}
     g = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     env["commit"] = g.stdout.strip() if g.returncode == 0 else "?"
     if device == "cuda":
