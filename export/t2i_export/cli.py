@@ -1,8 +1,9 @@
-"""`python -m t2i_export {pipeline,tiny,random,rng,verify}`: argument parsing only; the work is elsewhere."""
+"""`python -m t2i_export {pipeline,tiny,random,rng,train-demo,eval-demo,verify}`: argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="compute precision of the graphs (their inputs/outputs stay float32); fp16 as diffusers' "
                     "pipe.to(torch.float16), except an SDXL VAE with force_upcast, whose graphs stay fp32 (default: fp32)")
+    pp.add_argument("--compact-weights", action="store_true",
+                    help="store weights losslessly in fewer bytes: float32 weights that are exactly float16 (a checkpoint "
+                    "saved in fp16) as float16 plus a Cast, and mostly-zero token tables as their non-zero rows; the "
+                    "graphs compute bit for bit the same (graphs with external data are left as they are)")
     pp.add_argument("--vae-precision", choices=PRECISIONS,
                     help="compute precision of the VAE graphs, decoder and encoder (default: --precision's, see there); "
                     "fp16 is refused for VAEs with force_upcast (SDXL's original VAE overflows)")
@@ -59,6 +64,32 @@ def _parser() -> argparse.ArgumentParser:
 
     pg = sub.add_parser("rng", help="regenerate graphs/fixtures/rng: torch.randn draws of torch.Generator(\"cpu\")")
     pg.add_argument("--out", type=Path, required=True, help="fixture directory to write (draws.json, avx2.npy, default.npy)")
+
+    pd = sub.add_parser("train-demo", help="train the demo-shapes model and its sketch/color T2I-Adapters, and export its graph set "
+                        "(docs/demo-model.md)")
+    pd.add_argument("--out", type=Path, required=True,
+                    help="the graph set to write (graphs/demo-shapes): the graphs, OUT/diffusers (the fp16 diffusers checkpoint: "
+                    "model/, adapters/{sketch,color}, training.json) and OUT/examples (the demo grid's conditions)")
+    pd.add_argument("--work", type=Path, metavar="DIR",
+                    help="keep each stage's result here and skip stages already done (default: .OUT-training beside --out)")
+    pd.add_argument("--checkpoint", type=Path, metavar="DIR",
+                    help="skip training: package this checkpoint (a train-demo OUT/diffusers folder) into --out")
+    pd.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget for all stages together (default: 80)")
+    pd.add_argument("--steps-like", type=Path, metavar="TRAINING_JSON",
+                    help="run each stage for the step counts recorded in this training.json instead of the clock (a replay)")
+    pd.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (default: 0)")
+    pd.add_argument("--scenes", type=int, default=24000, help="distinct training scenes (default: 24000)")
+    pd.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+
+    pe = sub.add_parser("eval-demo", help="score what the demo-shapes model draws: prompt accuracy, IoU with the sketch, diversity")
+    pe.add_argument("--graphs", type=Path, default=Path("graphs/demo-shapes"), help="the demo graph set (default: graphs/demo-shapes)")
+    pe.add_argument("--t2i-rt", dest="binary", type=Path, default=Path("target/release/t2i-rt"),
+                    help="the t2i-rt binary to draw with (default: target/release/t2i-rt)")
+    pe.add_argument("--scenes", type=int, default=24, help="held-out scenes (default: 24)")
+    pe.add_argument("--samples", type=int, default=3, help="samples per scene and mode (default: 3)")
+    pe.add_argument("--config", action="append", metavar="BACKEND:PRECISION",
+                    help="repeatable; default: ort-cpu:fp32, tract:fp32, ort-cpu:fp16")
+    pe.add_argument("--out", type=Path, default=Path("out/eval-demo"), help="results.md, results.json, grids (default: out/eval-demo)")
 
     pv = sub.add_parser("verify", help="check a graph set's manifest paths and sha256")
     pv.add_argument("dir", type=Path)
@@ -93,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_dir=args.vae,
                 vae_precision=args.vae_precision,
                 precision=args.precision,
+                compact_weights=args.compact_weights,
             )
             print(f"wrote {out}")
         elif args.command == "tiny":
@@ -111,6 +143,29 @@ def main(argv: list[str] | None = None) -> int:
             from .rng_fixtures import write_rng_fixtures
 
             print(f"wrote {write_rng_fixtures(args.out)}")
+        elif args.command == "train-demo":
+            import tempfile
+
+            from .train_demo import Plan, package, train
+
+            if args.checkpoint:
+                print(f"wrote {package(args.checkpoint, args.out)}")
+            else:
+                steps = {}
+                if args.steps_like:
+                    recorded = json.loads(args.steps_like.read_text(encoding="utf-8"))
+                    steps = {k: int(v) for k, v in recorded.items() if k.endswith("_steps")}
+                plan = Plan(minutes=args.minutes, seed=args.seed, scenes=args.scenes, threads=args.threads,
+                            log=lambda line: print(line, flush=True), steps=steps)
+                work = args.work or args.out.parent / f".{args.out.name}-training"
+                with tempfile.TemporaryDirectory(prefix="t2i-train-demo-") as tmp:
+                    print(f"wrote {package(train(Path(tmp) / 'diffusers', plan, work), args.out)}")
+        elif args.command == "eval-demo":
+            from .eval_demo import evaluate
+
+            configs = [tuple(c.split(":", 1)) for c in (args.config or ["ort-cpu:fp32", "tract:fp32", "ort-cpu:fp16"])]
+            evaluate(args.binary, args.graphs, args.scenes, args.samples, configs, args.out, log=lambda line: print(line, flush=True))
+            print(f"wrote {args.out / 'results.md'}")
         elif args.command == "verify":
             from .manifest import verify
 

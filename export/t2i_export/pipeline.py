@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from . import manifest as mf
 from .adapter import check_name, condition_kind, export_adapter, feature_count, match_slots
+from .compact import compact_graph
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
 from .precision import check_precision
@@ -196,6 +197,7 @@ def export_pipeline(
     vae_dir: Path | None = None,
     vae_precision: str | None = None,
     precision: str = "fp32",
+    compact_weights: bool = False,
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
@@ -208,7 +210,7 @@ def export_pipeline(
     check_out_dir(out_dir)
     comps = load_checkpoint(model_dir, vae_dir, vae_precision, precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
-    return export_components(comps, loaded, out_dir, name, external_data_threshold)
+    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights)
 
 
 @dataclass(frozen=True)
@@ -290,8 +292,12 @@ def export_components(
     out_dir: Path,
     name: str | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    compact_weights: bool = False,
 ) -> Path:
-    """Validate, export every graph into `out_dir/.tmp-*`, then move the set into `out_dir`."""
+    """Validate, export every graph into `out_dir/.tmp-*`, then move the set into `out_dir`.
+
+    `compact_weights`: store the graphs' weights losslessly in fewer bytes (compact.py).
+    """
     for n, _ in adapters:
         check_name(n)
     if len({n for n, _ in adapters}) != len(adapters):
@@ -311,6 +317,11 @@ def export_components(
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
+
+    def spec(files: list[Path], precision: str, batch: str) -> dict:
+        if compact_weights and len(files) == 1:  # a graph with external data is large: left as it is
+            compact_graph(files[0])
+        return graph_spec(tmp, files, precision, batch)
     try:
         latent_multiple = geo.size_multiple // geo.vae_downscale
         encoders = []
@@ -325,7 +336,7 @@ def export_components(
                     "tokenizer": tok_entry,
                     "hidden_output": part.use.hidden_output,
                     "pooled_output": POOLED_OUTPUT if part.use.pooled else None,
-                    "graph": graph_spec(tmp, files, comps.precision, "prompts"),
+                    "graph": spec(files, comps.precision, "prompts"),
                 }
             )
         added_cond = {}
@@ -334,22 +345,19 @@ def export_components(
         unet_file = tmp / _unet_file(comps)
         latent_hw = (latent_multiple, 2 * latent_multiple)
         graphs = {
-            "unet": graph_spec(
-                tmp,
+            "unet": spec(
                 export_unet(comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision),
                 comps.precision,
                 "guided_samples",
             ),
-            "vae_decoder": graph_spec(
-                tmp,
+            "vae_decoder": spec(
                 export_vae_decoder(comps.vae, tmp / "vae_decoder.onnx", latent_hw, external_data_threshold, vae_precision),
                 vae_precision,
                 "samples",
             ),
             # img2img and inpainting encode one image (init or masked) and share its sample across
             # n_samples (StableDiffusionImg2ImgPipeline.prepare_latents encodes the image once).
-            "vae_encoder": graph_spec(
-                tmp,
+            "vae_encoder": spec(
                 export_vae_encoder(comps.vae, tmp / "vae_encoder.onnx", latent_hw, external_data_threshold, vae_precision),
                 vae_precision,
                 "one",
@@ -368,7 +376,7 @@ def export_components(
                     "in_channels": a.config.in_channels,
                     "downscale_factor": a.total_downscale_factor,
                     "residual_slots": fed[n],
-                    "graph": graph_spec(tmp, files, comps.precision, "one"),
+                    "graph": spec(files, comps.precision, "one"),
                 }
             )
         manifest = mf.build(

@@ -1,0 +1,357 @@
+"""`python -m t2i_export train-demo`: train the demo-shapes model, a small latent diffusion model of
+the demo-shapes world (demo_shapes.py), and its `sketch` and `color` T2I-Adapters, with diffusers'
+own classes and recipes.
+
+Stages, each with a wall-clock share of `--minutes` (the whole run is sized to fit it):
+1. `AutoencoderKL` (f = 8: 128x128 images, 16x16x4 latents): reconstruction (L1 + MSE) plus a tiny
+   KL term, as SD's autoencoder; its `scaling_factor` is then set to 1 / std of the latents, the way
+   SD's 0.18215 was chosen.
+2. `CLIPTextModel` (the real CLIP tokenizer) and `UNet2DConditionModel` together, epsilon
+   prediction on SD 1.5's noise schedule (diffusers' `train_text_to_image.py`), with 10 % of the
+   captions dropped to "" so that classifier-free guidance works.
+3. Each T2I-Adapter with UNet and text encoder frozen, as diffusers' `train_t2i_adapter_sdxl.py`:
+   timesteps drawn cubically towards the noisy end (`(1 - u**3) * T`).
+
+The trained modules are saved as an SD 1.5-style diffusers pipeline in fp16 safetensors. Token
+embeddings of tokens that never occur in a caption get no gradient and stay at their random
+initial values; they are set to zero, so that the exporter can store the table compactly and an
+unknown word reads as "nothing" rather than as noise.
+
+Each stage runs for its share of the clock, so how many steps it gets depends on the machine; the
+counts are recorded in training.json, and `--steps-like training.json` replays them exactly. With
+the same counts and seed a run is reproducible on one machine, not bit for bit across machines
+(torch's CPU kernels round differently on Intel and AMD).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, T2IAdapter, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from . import demo_shapes as ds
+from .tiny import SD15_SCHEDULER_CONFIG, save_checkpoint, write_clip_tokenizer_dir
+
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=16,  # the 49,408 x hidden token table dominates the checkpoint's size
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=16,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+UNET_CONFIG = dict(
+    sample_size=16,  # 16x16 latents -> 128x128 images
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=2,  # heads (SD 1.x's legacy name)
+    norm_num_groups=16,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks = 8x downscale, as in SD
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=128,
+    mid_block_add_attention=False,
+)
+ADAPTER_CONFIGS = {
+    # one feature per UNet down block, channels = block_out_channels
+    "sketch": dict(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter"),
+    "color": dict(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter"),
+}
+# Stage shares of the time budget.
+SHARES = {"vae": 0.15, "unet": 0.55, "sketch": 0.18, "color": 0.10}  # the rest: encoding the scenes
+
+
+@dataclass
+class Plan:
+    minutes: float = 80.0
+    seed: int = 0
+    scenes: int = 24000  # distinct training scenes (latents precomputed once)
+    threads: int = 2
+    log: Callable[[str], None] = print
+    steps: dict = field(default_factory=dict)  # {"vae_steps": N, ...}: fixed step counts instead of the clock
+    stats: dict = field(default_factory=dict)
+
+
+def _to_tensor(img, channels: int) -> torch.Tensor:
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    if channels == 1:
+        a = a[..., None]
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+def _images(scenes: list[ds.Scene]) -> torch.Tensor:
+    return torch.stack([_to_tensor(s.image(), 3) for s in scenes]) * 2 - 1
+
+
+def _run_for(plan: Plan, key: str, seconds: float, step: Callable[[int, float], float], label: str) -> int:
+    """Call step(i, progress) until `seconds` have passed, or exactly plan.steps[key] times when the
+    plan fixes the count (a replay: the same counts and seed give the same weights on one machine);
+    progress in [0, 1] drives the learning-rate schedule. Returns the number of steps run."""
+    start = time.monotonic()
+    fixed = plan.steps.get(key)
+    i, ema = 0, None
+    while True:
+        elapsed = time.monotonic() - start
+        if (i >= fixed) if fixed is not None else (elapsed >= seconds):
+            break
+        loss = step(i, i / fixed if fixed else elapsed / seconds)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        i += 1
+        if i % 200 == 0:
+            plan.log(f"{label}: step {i}, {elapsed / 60:.1f} min, loss {ema:.4f}")
+    plan.log(f"{label}: {i} steps in {(time.monotonic() - start) / 60:.1f} min, loss {ema:.4f}")
+    return i
+
+
+def _cosine(opt: torch.optim.Optimizer, base: float, progress: float, warmup: float = 0.03) -> None:
+    lr = base * min(1.0, progress / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    for g in opt.param_groups:
+        g["lr"] = max(lr, base * 0.02)
+
+
+def train_vae(plan: Plan, seconds: float) -> AutoencoderKL:
+    """On random 64x64 crops (8-aligned) of whole scenes: the autoencoder is convolutional and has no
+    attention, so crops teach it the same per-pixel job at a quarter of the cost per sample."""
+    torch.manual_seed(plan.seed + 1)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    rng = np.random.default_rng(plan.seed + 101)
+    crop = 64
+
+    def step(i: int, progress: float) -> float:
+        _cosine(opt, 2e-3, progress)
+        x = _images([ds.random_scene(rng) for _ in range(32)])
+        ys, xs = rng.integers(0, (ds.SIZE - crop) // 8 + 1, size=(2, len(x))) * 8
+        x = torch.stack([im[:, y : y + crop, c : c + crop] for im, y, c in zip(x, ys, xs)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    plan.stats["vae_steps"] = _run_for(plan, "vae_steps", seconds, step, "vae")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_scenes(vae: AutoencoderKL, scenes: list[ds.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and stds of every scene (unscaled)."""
+    means, stds = [], []
+    for i in range(0, len(scenes), 256):
+        d = vae.encode(_images(scenes[i : i + 256])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def _noise_scheduler() -> DDPMScheduler:
+    return DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+
+
+def train_unet(plan: Plan, seconds: float, latents, tokens, empty) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    torch.manual_seed(plan.seed + 2)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    torch.manual_seed(plan.seed + 3)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    # The same math as the default SDPA processor; faster on the CPU at these head sizes (16, 32).
+    unet.set_attn_processor(AttnProcessor())
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    sched = _noise_scheduler()
+    mean, std = latents
+    g = torch.Generator().manual_seed(plan.seed + 4)
+    batch = 48
+
+    def step(i: int, progress: float) -> float:
+        _cosine(opt, 1e-3, progress)
+        idx = torch.randint(len(mean), (batch,), generator=g)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * plan.stats["scaling_factor"]
+        ids = tokens[idx].clone()
+        ids[torch.rand(batch, generator=g) < 0.1] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, text(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    plan.stats["unet_steps"] = _run_for(plan, "unet_steps", seconds, step, "unet")
+    return text.eval(), unet.eval()
+
+
+def train_adapter(plan: Plan, name: str, seconds: float, text, unet, latents, tokens, conds) -> T2IAdapter:
+    torch.manual_seed(plan.seed + 10 + len(name))
+    adapter = T2IAdapter(**ADAPTER_CONFIGS[name])
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=1e-2)
+    sched = _noise_scheduler()
+    for p in list(text.parameters()) + list(unet.parameters()):
+        p.requires_grad_(False)
+    mean, std = latents
+    g = torch.Generator().manual_seed(plan.seed + 20 + len(name))
+    batch = 32
+    T = sched.config.num_train_timesteps
+
+    def step(i: int, progress: float) -> float:
+        _cosine(opt, 1e-3, progress)
+        idx = torch.randint(len(mean), (batch,), generator=g)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * plan.stats["scaling_factor"]
+        noise = torch.randn(x0.shape, generator=g)
+        # train_t2i_adapter_sdxl.py: cubic sampling, more weight on the early (noisy) steps
+        t = ((1 - torch.rand(batch, generator=g) ** 3) * T).long().clamp(0, T - 1)
+        xt = sched.add_noise(x0, noise, t)
+        with torch.no_grad():
+            context = text(tokens[idx]).last_hidden_state
+        features = adapter(conds[idx])
+        pred = unet(xt, t, context, down_intrablock_additional_residuals=[f for f in features]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    plan.stats[f"{name}_steps"] = _run_for(plan, f"{name}_steps", seconds, step, name)
+    return adapter.eval()
+
+
+@torch.no_grad()
+def _zero_unused_tokens(text: CLIPTextModel, tokens: torch.Tensor, empty: torch.Tensor) -> int:
+    used = torch.unique(torch.cat([tokens.flatten(), empty.flatten()]))
+    table = text.get_input_embeddings().weight
+    keep = torch.zeros(table.shape[0], dtype=torch.bool)
+    keep[used] = True
+    table[~keep] = 0
+    return int(keep.sum())
+
+
+def package(checkpoint: Path, out: Path) -> Path:
+    """The committed form: `out/diffusers/` (the checkpoint as `train` wrote it), the graph set exported
+    from it with compact weights into `out`, and `out/examples/` (the demo grid's conditions)."""
+    from .pipeline import export_pipeline
+
+    adapters = [(name, checkpoint / "adapters" / name) for name in ADAPTER_CONFIGS]
+    export_pipeline(checkpoint / "model", adapters, out, name=out.resolve().name, compact_weights=True)
+    ckpt = out / "diffusers"
+    if ckpt.resolve() != checkpoint.resolve():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.copytree(checkpoint, ckpt)
+    ds.write_examples(out / "examples")
+    return out
+
+
+def train(out: Path, plan: Plan, work: Path) -> Path:
+    """Train every stage and save the fp16 diffusers checkpoint to `out`: out/model (the pipeline),
+    out/adapters/{sketch,color}, out/training.json.
+
+    Each stage's fp32 result is kept in `work` (vae/, text_encoder/ + unet/, adapter_NAME/) and a stage
+    whose result is there is not trained again: delete a stage's folder to retrain it and what follows.
+    """
+    torch.set_num_threads(plan.threads)
+    total = plan.minutes * 60
+    work.mkdir(parents=True, exist_ok=True)
+    stats_file = work / "training.json"
+    if stats_file.is_file():
+        plan.stats.update(json.loads(stats_file.read_text(encoding="utf-8")))
+
+    def save_stats() -> None:
+        stats_file.write_text(json.dumps(plan.stats, indent=2) + "\n", encoding="utf-8")
+
+    t0 = time.monotonic()
+    scenes = ds.scenes(ds.TRAIN_SEED, plan.scenes)
+    if (work / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval()
+    else:
+        vae = train_vae(plan, total * SHARES["vae"])
+        plan.log(f"encoding {len(scenes)} training scenes")
+        mean, std = encode_scenes(vae, scenes)
+        sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(plan.seed + 5))
+        plan.stats["scaling_factor"] = float(1.0 / sample.std())
+        vae.register_to_config(scaling_factor=plan.stats["scaling_factor"])
+        plan.log(f"latent scaling factor {plan.stats['scaling_factor']:.5f}")
+        torch.save({"mean": mean, "std": std}, work / "latents.pt")
+        vae.save_pretrained(str(work / "vae"))
+        save_stats()
+    cached = torch.load(work / "latents.pt")
+    mean, std = cached["mean"], cached["std"]
+
+    tok_dir = work / "tokenizer"
+    write_clip_tokenizer_dir(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokens = _tokenize(tokenizer, [s.caption for s in scenes])
+    empty = _tokenize(tokenizer, [""])[0]
+
+    if (work / "unet").is_dir():
+        text = CLIPTextModel.from_pretrained(str(work / "text_encoder")).eval()
+        unet = UNet2DConditionModel.from_pretrained(str(work / "unet")).eval()
+        unet.set_attn_processor(AttnProcessor())
+    else:
+        text, unet = train_unet(plan, total * SHARES["unet"], (mean, std), tokens, empty)
+        plan.stats["tokens_in_use"] = _zero_unused_tokens(text, tokens, empty)
+        plan.log(f"{plan.stats['tokens_in_use']} token embeddings in use; the rest set to zero")
+        text.save_pretrained(str(work / "text_encoder"))
+        unet.save_pretrained(str(work / "unet"))
+        save_stats()
+
+    adapters = {}
+    for name in ADAPTER_CONFIGS:
+        folder = work / f"adapter_{name}"
+        if folder.is_dir():
+            adapters[name] = T2IAdapter.from_pretrained(str(folder)).eval()
+            continue
+        if name == "sketch":
+            conds = torch.stack([_to_tensor(s.sketch(), 1) for s in scenes])
+        else:
+            conds = torch.stack([_to_tensor(s.palette(), 3) for s in scenes])
+        adapters[name] = train_adapter(plan, name, total * SHARES[name], text, unet, (mean, std), tokens, conds)
+        adapters[name].save_pretrained(str(folder))
+        save_stats()
+    plan.stats["minutes_this_run"] = (time.monotonic() - t0) / 60
+
+    unet.set_default_attn_processor()
+    comps = {"text_encoder": text.half(), "unet": unet.half(), "vae": vae.half(), "adapters": {k: a.half() for k, a in adapters.items()}}
+    staging = work / "checkpoint"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(comps, staging, "model")
+    shutil.rmtree(staging / "tokenizer-src", ignore_errors=True)
+    (staging / "training.json").write_text(json.dumps(plan.stats, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(staging), str(out))
+    return out
