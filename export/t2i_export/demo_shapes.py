@@ -9,8 +9,9 @@ Conventions that tests and users rely on (issue 16; keep them fixed):
 - images are 128x128 RGB; captions are `a {color} {shape} on a {color} background` and
   `a {color} {shape} and a {color} {shape} on a {color} background`, shapes named left to right;
 - sketch: white (255) outlines 2 px wide on black, at the shapes' edges (1 px outside, 1 px inside);
-- color: TencentARC's spatial palette (their `ldm/data/utils.py` / `gradio` color demo): cv2's
-  INTER_CUBIC resize down by 64, then INTER_NEAREST back up.
+- color: TencentARC's spatial palette, as the color adapter's preprocessor makes it (`apply_color` in
+  controlnet_aux and in sd-webui-controlnet's `t2ia_color_grid`): cv2's INTER_CUBIC resize down by
+  64, then INTER_NEAREST back up.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def _cubic_resize_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
 
 def spatial_palette(img: Image.Image) -> Image.Image:
     """TencentARC's color condition: `cv2.resize(im, (w // 64, h // 64), interpolation=cv2.INTER_CUBIC)`
-    then `cv2.resize(..., (w, h), interpolation=cv2.INTER_NEAREST)` (T2I-Adapter's `ldm/data/utils.py`,
-    `get_color_map`-style preprocessing). The cubic step is computed in float and rounded."""
+    then `cv2.resize(..., (w, h), interpolation=cv2.INTER_NEAREST)` (`apply_color` in controlnet_aux).
+    The cubic step is cv2's geometry and kernel computed in float and rounded; cv2 itself works in
+    fixed point on uint8 and may differ by a level (not measured: cv2 is not installed here)."""
     a = np.asarray(img.convert("RGB"), dtype=np.float64)
     h, w = a.shape[:2]
     small = _cubic_resize_axis(_cubic_resize_axis(a, h // 64, 0), w // 64, 1)

@@ -41,41 +41,29 @@ from diffusers.models.attention_processor import AttnProcessor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import demo_shapes as ds
+from . import tiny
 from .tiny import SD15_SCHEDULER_CONFIG, save_checkpoint, write_clip_tokenizer_dir
 
+# The tiny zoo's configs (tiny.py), widened where a model that must learn needs it.
 TEXT_CONFIG = dict(
-    vocab_size=49408,
+    tiny.TEXT_ENCODER_CONFIG,
     hidden_size=16,  # the 49,408 x hidden token table dominates the checkpoint's size
     intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
     projection_dim=16,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
 )
 UNET_CONFIG = dict(
+    tiny.UNET_CONFIG,
     sample_size=16,  # 16x16 latents -> 128x128 images
-    in_channels=4,
-    out_channels=4,
     layers_per_block=1,
     block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=16,
-    attention_head_dim=2,  # heads (SD 1.x's legacy name)
     norm_num_groups=16,
 )
 VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks = 8x downscale, as in SD
-    up_block_types=("UpDecoderBlock2D",) * 4,
+    tiny.VAE_CONFIG,  # 4 blocks = 8x downscale, as in SD
     block_out_channels=(8, 16, 32, 32),
-    layers_per_block=1,
-    latent_channels=4,
     norm_num_groups=8,
     sample_size=128,
     mid_block_add_attention=False,
