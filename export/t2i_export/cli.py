@@ -146,15 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train-demo":
             import tempfile
 
+            from .pipeline import check_out_dir
             from .train_demo import Plan, package, train
 
+            check_out_dir(args.out)  # before an hour of training, not after
             if args.checkpoint:
                 print(f"wrote {package(args.checkpoint, args.out)}")
             else:
                 steps = {}
                 if args.steps_like:
-                    recorded = json.loads(args.steps_like.read_text(encoding="utf-8"))
-                    steps = {k: int(v) for k, v in recorded.items() if k.endswith("_steps")}
+                    try:
+                        recorded = json.loads(args.steps_like.read_text(encoding="utf-8"))
+                        steps = {k: int(v) for k, v in recorded.items() if k.endswith("_steps")}
+                    except (OSError, ValueError, AttributeError) as e:
+                        raise ExportError(f"--steps-like {args.steps_like}: not a train-demo training.json ({e})") from e
                 plan = Plan(minutes=args.minutes, seed=args.seed, scenes=args.scenes, threads=args.threads,
                             log=lambda line: print(line, flush=True), steps=steps)
                 work = args.work or args.out.parent / f".{args.out.name}-training"
@@ -164,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             from .eval_demo import evaluate
 
             configs = [tuple(c.split(":", 1)) for c in (args.config or ["ort-cpu:fp32", "tract:fp32", "ort-cpu:fp16"])]
+            for c in configs:
+                if len(c) != 2 or c[1] not in PRECISIONS:
+                    raise ExportError(f"--config {':'.join(c)}: expected BACKEND:PRECISION, e.g. tract:fp32 (precision: {', '.join(PRECISIONS)})")
             evaluate(args.binary, args.graphs, args.scenes, args.samples, configs, args.out, log=lambda line: print(line, flush=True))
             print(f"wrote {args.out / 'results.md'}")
         elif args.command == "verify":
