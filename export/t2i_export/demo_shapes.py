@@ -228,7 +228,7 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
     border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(), labels[:, -3:].ravel()])
     bg = int(np.bincount(border, minlength=len(COLOR_NAMES)).argmax())
     fg = labels != bg
-    # drop isolated specks: a pixel stays foreground only with most of its 3x3 neighbourhood
+    # drop isolated specks: a pixel stays foreground only with most of its 5x5 neighbourhood
     m = Image.fromarray(fg.astype(np.uint8) * 255)
     fg = (np.asarray(m.filter(ImageFilter.MedianFilter(5))) > 0)
     if fg.sum() < 40:

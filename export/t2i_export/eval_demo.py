@@ -69,8 +69,9 @@ def run_args(graphs: Path, scene: ds.Scene, mode: str, conditions: dict[str, Pat
     return args
 
 
-def draw(binary: Path, graphs: Path, scene: ds.Scene, mode: str, seed: int, samples: int, backend: str, work: Path) -> Draw:
-    conditions = write_conditions(scene, work)
+def draw(binary: Path, graphs: Path, scene: ds.Scene, mode: str, conditions: dict[str, Path], seed: int, samples: int,
+         backend: str, work: Path) -> Draw:
+    work.mkdir(parents=True, exist_ok=True)
     out = work / f"{mode.replace('+', '_')}.png"
     cmd = [str(binary), *run_args(graphs, scene, mode, conditions, seed, samples, backend, out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -129,6 +130,7 @@ def evaluate(binary: Path, graphs: Path, scenes: int, samples: int, configs: lis
     test = held_out(scenes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="t2i-eval-") as tmp:
+        conditions = [write_conditions(s, Path(tmp) / f"conditions-{i}") for i, s in enumerate(test)]
         fp16_set = None
         for backend, precision in configs:
             if precision == "fp16" and fp16_set is None:
@@ -136,8 +138,8 @@ def evaluate(binary: Path, graphs: Path, scenes: int, samples: int, configs: lis
             set_dir = fp16_set if precision == "fp16" else graphs
             grid = []
             for mode in MODES:
-                draws = [draw(binary, set_dir, s, mode, 1000 + i, samples, backend, Path(tmp) / f"{backend}-{precision}-{i}")
-                         for i, s in enumerate(test)]
+                draws = [draw(binary, set_dir, s, mode, conditions[i], 1000 + i, samples, backend,
+                              Path(tmp) / f"{backend}-{precision}-{i}") for i, s in enumerate(test)]
                 sc = score(draws)
                 rows.append({"backend": backend, "precision": precision, "mode": mode, **sc.__dict__})
                 log(f"{backend} {precision} {mode}: " + " ".join(sc.row()))

@@ -42,6 +42,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import demo_shapes as ds
 from . import tiny
+from .errors import ExportError
 from .tiny import SD15_SCHEDULER_CONFIG, save_checkpoint, write_clip_tokenizer_dir
 
 # The tiny zoo's configs (tiny.py), widened where a model that must learn needs it.
@@ -298,6 +299,9 @@ def train(out: Path, plan: Plan, work: Path) -> Path:
         save_stats()
     cached = torch.load(work / "latents.pt")
     mean, std = cached["mean"], cached["std"]
+    if len(mean) != len(scenes):  # captions and conditions are indexed like the cached latents
+        raise ExportError(f"{work}: its latents are of {len(mean)} scenes, this run has --scenes {len(scenes)}; "
+                          "use the same --scenes or another --work")
 
     tok_dir = work / "tokenizer"
     write_clip_tokenizer_dir(tok_dir)
@@ -338,7 +342,8 @@ def train(out: Path, plan: Plan, work: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     save_checkpoint(comps, staging, "model")
     shutil.rmtree(staging / "tokenizer-src", ignore_errors=True)
-    (staging / "training.json").write_text(json.dumps(plan.stats, indent=2) + "\n", encoding="utf-8")
+    save_stats()
+    shutil.copy(stats_file, staging / "training.json")
     if out.exists():
         shutil.rmtree(out)
     shutil.move(str(staging), str(out))
