@@ -640,6 +640,35 @@ fn unipc_history_restarts_when_steps_do_not_follow() {
     assert_ne!(mid, first);
 }
 
+/// diffusers accepts any positive `solver_order`; the order in use warms up from 1, so one above
+/// the step count runs exactly as one equal to it. A huge one must neither allocate its window
+/// (a fuzzed request asked for 399999999999) nor overflow the coefficients' factorials (orders
+/// above 20 pass 20!, the u64 limit; above 33, 34!).
+#[test]
+fn unipc_orders_beyond_the_steps_run_as_the_step_count() {
+    let run = |order: u64, steps: usize| -> Result<ArrayD<f32>, Error> {
+        let mut config = sd15();
+        config["solver_order"] = json!(order);
+        let mut scheduler = SchedulerConfig::new(&config).build(SchedulerKind::UniPc, steps)?;
+        let mut rng = rand::rng();
+        let mut sample = ArrayD::from_shape_fn(IxDyn(&[1, 4, 2, 2]), |d| d[1] as f32 - 1.5 + 0.1 * d[3] as f32);
+        for i in 0..steps {
+            let output = fake_model(&sample, scheduler.timesteps()[i]);
+            scheduler.step(output.view(), i, &mut sample, &mut rng)?;
+        }
+        Ok(sample)
+    };
+    let at_steps = run(6, 6).unwrap();
+    assert_eq!(run(399_999_999_999, 6).unwrap(), at_steps);
+    assert_ne!(run(2, 6).unwrap(), at_steps);
+    // High orders are numerically meaningless but must end in a value or a typed error.
+    for (order, steps) in [(24, 24), (40, 40)] {
+        if let Ok(sample) = run(order, steps) {
+            assert_eq!(sample.shape(), &[1, 4, 2, 2]);
+        }
+    }
+}
+
 #[test]
 fn dpm_solver_refusals_name_key_and_accepted_values() {
     use t2i_rt::scheduler::dpm_solver::DpmSolverConfig;

@@ -226,12 +226,15 @@ impl UniPcScheduler {
             };
             timesteps.iter().map(|&t| numpy_interp_index(t as f64, &train_sigmas) as f32).chain([last]).collect()
         };
-        let order = config.solver_order;
+        // The order in use never exceeds the steps taken (it warms up from 1), so a history of
+        // `min(solver_order, steps)` outputs is diffusers' `solver_order` window without the slots
+        // that stay empty (a `solver_order` of 10^12 is valid in diffusers and must not allocate).
+        let window = config.solver_order.min(steps);
         Ok(UniPcScheduler {
             timesteps: timesteps.iter().map(|&t| t as f32).collect(),
             sigmas,
             config: config.clone(),
-            model_outputs: vec![None; order],
+            model_outputs: vec![None; window],
             lower_order_nums: 0,
             last_sample: None,
             this_order: 1,
@@ -289,13 +292,15 @@ impl UniPcScheduler {
             SolverType::Bh1 => hh,
             SolverType::Bh2 => exp_m1_f32(hh),
         };
-        let mut factorial = 1u64;
+        // `factorial_i` is a Python integer: exact in u128 up to 34!, past which (orders above 33,
+        // which need as many steps) float64 carries it, as torch does on multiplying by it.
+        let mut factorial = Factorial::Exact(1);
         let mut b = Vec::with_capacity(order);
-        for i in 1..=order as u64 {
-            b.push(h_phi_k * factorial as f32 / b_h);
-            factorial *= i + 1;
+        for i in 1..=order as u128 {
+            b.push(h_phi_k * factorial.as_f32() / b_h);
+            factorial = factorial.times(i + 1);
             // `1 / factorial_i` is a Python float, rounded to float32 by the tensor op.
-            h_phi_k = h_phi_k / hh - (1.0 / factorial as f64) as f32;
+            h_phi_k = h_phi_k / hh - (1.0 / factorial.as_f64()) as f32;
         }
         (h_phi_1, b_h, rks, b)
     }
@@ -401,6 +406,38 @@ impl UniPcScheduler {
                       noise level; use fewer steps or a lower `solver_order`"
                 .into(),
         })
+    }
+}
+
+/// `n!` for the UniPC coefficients: exact while it fits in u128, then float64.
+#[derive(Clone, Copy)]
+enum Factorial {
+    Exact(u128),
+    Approx(f64),
+}
+
+impl Factorial {
+    fn times(self, k: u128) -> Self {
+        match self {
+            Factorial::Exact(n) => n.checked_mul(k).map_or(Factorial::Approx(n as f64 * k as f64), Factorial::Exact),
+            Factorial::Approx(x) => Factorial::Approx(x * k as f64),
+        }
+    }
+
+    /// Rounded once to float32, as torch casts an integer scalar to a float32 tensor's type.
+    fn as_f32(self) -> f32 {
+        match self {
+            Factorial::Exact(n) => n as f32,
+            Factorial::Approx(x) => x as f32,
+        }
+    }
+
+    /// The nearest float64 (Python's `int.__float__`, while exact).
+    fn as_f64(self) -> f64 {
+        match self {
+            Factorial::Exact(n) => n as f64,
+            Factorial::Approx(x) => x,
+        }
     }
 }
 
