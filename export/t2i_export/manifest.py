@@ -15,6 +15,7 @@ import torch
 from . import FORMAT_VERSION, OPSET, READABLE_FORMAT_VERSIONS, __version__
 from .errors import ExportError
 from .onnx_io import sha256_file
+from .tokenizer import BUILTIN_SHA256
 
 MANIFEST = "manifest.json"
 
@@ -81,7 +82,7 @@ def listed_files(manifest: dict) -> list[tuple[str, str]]:
     """Every (path, sha256) the manifest refers to."""
     encoders = manifest["text_encoders"]
     specs = [e["graph"] for e in encoders] + list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
-    files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders]
+    files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders if "file" in e["tokenizer"]]
     for spec in specs:
         files.append((spec["file"], spec["sha256"]))
         files.extend((d["file"], d["sha256"]) for d in spec["external_data"])
@@ -113,4 +114,8 @@ def verify(set_dir: Path) -> dict:
         got = sha256_file(f)
         if got != digest:
             raise ExportError(f"{path}: sha256 of {rel} is {got}, manifest says {digest}")
+    for encoder in manifest["text_encoders"]:
+        tok = encoder["tokenizer"]
+        if "builtin" in tok and BUILTIN_SHA256.get(tok["builtin"]) != tok.get("sha256"):
+            raise ExportError(f"{path}: {encoder['name']}'s built-in tokenizer {tok['builtin']!r} is not one this exporter knows")
     return manifest

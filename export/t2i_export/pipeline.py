@@ -410,10 +410,12 @@ def _unet_file(comps: Components) -> str:
 
 
 def _write_tokenizer(tmp: Path, part: TextEncoderPart, index: int, previous: list[dict]) -> dict:
-    """`tokenizer.json.gz` (`tokenizer_2.json.gz`, ...); an encoder whose tokenizer file would be
-    identical to an earlier one's shares that file (SDXL's two differ: their pad tokens)."""
+    """A built-in tokenizer, or `tokenizer.json.gz` (`tokenizer_2.json.gz`, ...); an encoder whose
+    tokenizer file would be identical to an earlier one's shares that file."""
     file = "tokenizer.json.gz" if index == 0 else f"tokenizer_{index + 1}.json.gz"
     entry = export_tokenizer(part.tokenizer, tmp / file, part.model.config.max_position_embeddings)
+    if "builtin" in entry:
+        return entry
     digest = sha256_file(tmp / file)
     for prev in previous:
         if prev["tokenizer"]["sha256"] == digest:

@@ -1,5 +1,5 @@
 """The fixtures are reachable from the graph set alone: a minimal Python stand-in for the runtime
-(the tokenizer file, the ONNX graphs in onnxruntime, the manifest's scheduler config, PIL Lanczos) runs
+(the tokenizer, the ONNX graphs in onnxruntime, the manifest's scheduler config, PIL Lanczos) runs
 every case of cases.json and lands on expected_latents / expected_images.
 
 This checks the fixtures and the manifest together, before any Rust is involved. Tolerance: the
@@ -29,7 +29,7 @@ from conftest import REPO
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from t2i_export.reference import PRESETS, SCHEDULERS
-from t2i_export.tokenizer import encode_padded, load_backend
+from t2i_export.tokenizer import encode_padded, entry_backend
 
 REL_L2 = 1e-4
 
@@ -45,7 +45,7 @@ class GraphPipeline:
         self.toks = {}
         for te in self.m["text_encoders"]:
             self.sess[te["name"]] = ort.InferenceSession(str(set_dir / te["graph"]["file"]))
-            self.toks[te["name"]] = load_backend(set_dir / te["tokenizer"]["file"])
+            self.toks[te["name"]] = entry_backend(set_dir, te["tokenizer"])
         self.channels = self.m["latent"]["channels"]
         self.downscale = self.m["latent"]["downscale"]
         sample = next(i for i in self.m["graphs"]["unet"]["inputs"] if i["name"] == "sample")

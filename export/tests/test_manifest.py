@@ -15,6 +15,7 @@ from conftest import COMMITTED_FP16_SET, COMMITTED_SET, graph_specs, load_graph_
 from t2i_export.errors import ExportError
 from t2i_export.manifest import listed_files, verify
 from t2i_export.pipeline import export_components, load_adapter, load_checkpoint
+from t2i_export.tokenizer import BUILTIN_SHA256
 
 TOP_KEYS = [
     "format_version", "family", "name", "exporter", "precision", "text_encoders", "force_zeros_for_empty_prompt",
@@ -30,12 +31,11 @@ def _sha(path):
 def test_manifest_contract(zoo):
     m = zoo.manifest()
     assert list(m) == TOP_KEYS
-    assert m["format_version"] == 3 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
+    assert m["format_version"] == 4 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
     assert m["exporter"] == {"t2i_export": "0.1.0", "torch": "2.15.0", "diffusers": "0.42.1", "opset": 17}
     (te,) = m["text_encoders"]
     assert te["name"] == "text_encoder" and te["hidden_output"] == "last_hidden_state" and te["pooled_output"] is None
-    assert te["tokenizer"]["max_length"] == 77 and te["tokenizer"]["pad_token_id"] == 49407
-    assert te["tokenizer"]["file"] == "tokenizer.json.gz"
+    assert te["tokenizer"] == {"builtin": "clip", "sha256": BUILTIN_SHA256["clip"], "max_length": 77, "pad_token_id": 49407}
     assert m["force_zeros_for_empty_prompt"] is False and m["added_cond"] == {}
     assert m["latent"] == {"channels": 4, "downscale": 8}
     assert m["size_multiple"] == 64 and m["default_size"] == [64, 64]
@@ -91,7 +91,7 @@ def test_inpainting_set_manifest(zoo_all):
     """tiny-sd1-inpaint: one 9-channel `sample` (cat[latents, mask, masked_image_latents]), 4 out; the
     same adapter-residual inputs as any exported UNet (2 down blocks: 2 slots); size_multiple 16."""
     m = json.loads((zoo_all["sd1-inpaint"][0] / "manifest.json").read_text(encoding="utf-8"))
-    assert m["format_version"] == 3 and m["family"] == "sd1" and m["adapters"] == []
+    assert m["format_version"] == 4 and m["family"] == "sd1" and m["adapters"] == []
     assert m["latent"] == {"channels": 4, "downscale": 8}
     assert m["size_multiple"] == 16 and m["default_size"] == [64, 64]
     unet = m["graphs"]["unet"]

@@ -1,9 +1,9 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
 graphs/fixtures/tiny-*, and graphs/tiny-sd1-fp16.
 
-Byte for byte: every file of the graph sets (ONNX graphs, weights, tokenizer*.json.gz, manifest:
-weights come from seeded CPU RNGs and the export is deterministic; the gzip and PNG bytes need the
-same zlib deflate, which classic zlib 1.2.x/1.3.x have) and, in the fixtures, everything the writer
+Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
+built-in tokenizers: weights come from seeded CPU RNGs and the export is deterministic; the PNG bytes
+need the same zlib deflate, which classic zlib 1.2.x/1.3.x have) and, in the fixtures, everything the writer
 copies, draws from a seeded generator or builds from constants: tokenizer*.json, cases.json,
 conditions/*.png (init.png and mask.png too), each case's latents.npy (seeded noise) and the graph
 inputs that are draws or constants (input_ids, sample, timestep, time_ids, adapter residuals,

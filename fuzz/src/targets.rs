@@ -161,13 +161,13 @@ pub fn request(data: &[u8]) {
     }
 }
 
-/// Prompt text through the real CLIP tokenizer (the tiny set's `tokenizer.json`): always exactly
-/// `max_length` ids, each in the vocabulary.
+/// Prompt text through the real CLIP tokenizer (the tiny set's, built into the runtime): always
+/// exactly `max_length` ids, each in the vocabulary.
 pub fn tokenizer(data: &[u8]) {
     static TOKENIZER: OnceLock<PromptTokenizer> = OnceLock::new();
     let tokenizer = TOKENIZER.get_or_init(|| {
-        let spec = &tiny_manifest().text_encoders[0].tokenizer;
-        PromptTokenizer::load(&tiny_set().join(&spec.file), spec).expect("the tiny set's tokenizer loads")
+        let manifest = tiny_manifest();
+        PromptTokenizer::for_set(manifest, &manifest.text_encoders[0].tokenizer).expect("the tiny set's tokenizer loads")
     });
     let prompt = String::from_utf8_lossy(data);
     if let Ok(ids) = tokenizer.encode(&prompt) {

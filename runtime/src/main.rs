@@ -643,7 +643,11 @@ fn inspect(args: InspectArgs) -> Result<()> {
             "text        {}: {} ({}, max length {}, pad id {}){}",
             e.name,
             e.hidden_output,
-            e.tokenizer.file,
+            match (&e.tokenizer.file, e.tokenizer.builtin) {
+                (_, Some(builtin)) => format!("built-in {} tokenizer", builtin.as_str()),
+                (Some(file), None) => file.clone(),
+                (None, None) => "no tokenizer".into(),
+            },
             e.tokenizer.max_length,
             e.tokenizer.pad_token_id,
             e.pooled_output.as_ref().map(|p| format!(" + pooled {p}")).unwrap_or_default()

@@ -14,11 +14,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::tokenizer::BuiltinTokenizer;
 
-/// The manifest format this runtime writes and reads. Version 2 (before graph roles had batch
-/// rules and sets had a VAE encoder) is read too: its batch rules are the roles' defaults, and
-/// without a `vae_encoder` it serves txt2img only.
-pub const FORMAT_VERSION: u32 = 3;
+/// The manifest format this runtime writes and reads. Version 4 adds built-in tokenizers; version
+/// 3 (a tokenizer file for every encoder) is the same otherwise; version 2 (before graph roles had
+/// batch rules and sets had a VAE encoder) is read too: its batch rules are the roles' defaults,
+/// and without a `vae_encoder` it serves txt2img only.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest manifest format this runtime reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside a graph set.
@@ -71,9 +73,16 @@ fn default_precision() -> String {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenizerSpec {
-    pub file: String,
+    /// The tokenizer file in the graph set; absent when `builtin` names one instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Of `file`'s bytes; with `builtin`, of the tokenizer JSON text the builtin stands for.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// A tokenizer built into the runtime (format 4): the exporter names one when the
+    /// checkpoint's tokenizer is, byte for byte, that builtin's JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinTokenizer>,
     /// Token sequences are truncated and padded to exactly this length.
     pub max_length: usize,
     pub pad_token_id: u32,
@@ -392,9 +401,11 @@ impl Manifest {
     /// Every file the manifest names, with its expected checksum.
     pub fn files(&self) -> Vec<FileRef<'_>> {
         let mut files: Vec<FileRef<'_>> = Vec::new();
-        for encoder in &self.text_encoders {
-            if !files.iter().any(|f| f.file == encoder.tokenizer.file) {
-                files.push(FileRef { file: &encoder.tokenizer.file, sha256: encoder.tokenizer.sha256.as_deref() });
+        for tokenizer in self.text_encoders.iter().map(|e| &e.tokenizer) {
+            if let Some(file) = &tokenizer.file {
+                if !files.iter().any(|f| f.file == file) {
+                    files.push(FileRef { file, sha256: tokenizer.sha256.as_deref() });
+                }
             }
         }
         for graph in self.set_graphs() {
@@ -466,6 +477,34 @@ impl Manifest {
         Ok(path)
     }
 
+    /// A tokenizer is a file or a builtin, not both; a builtin is the one this runtime holds.
+    fn check_tokenizer_source(&self, e: &TextEncoderSpec) -> std::result::Result<(), String> {
+        let tokenizer = &e.tokenizer;
+        match (&tokenizer.file, tokenizer.builtin) {
+            (Some(_), None) => Ok(()),
+            (None, None) => Err(format!("text encoder {}'s tokenizer names neither a file nor a builtin", e.name)),
+            (Some(file), Some(builtin)) => Err(format!(
+                "text encoder {}'s tokenizer names both a file ({file:?}) and the builtin {:?}; re-export the graph set",
+                e.name,
+                builtin.as_str()
+            )),
+            (None, Some(_)) if self.format_version < 4 => Err(format!(
+                "text encoder {}'s tokenizer is a builtin, which format_version {} cannot have; re-export the graph set",
+                e.name, self.format_version
+            )),
+            (None, Some(builtin)) => match tokenizer.sha256.as_deref() {
+                Some(digest) if digest != builtin.json_sha256() => Err(format!(
+                    "text encoder {}'s builtin {:?} tokenizer has sha256 {digest}, this runtime's is {}; \
+                     use a t2i-rt as recent as the exporter, or re-export the graph set",
+                    e.name,
+                    builtin.as_str(),
+                    builtin.json_sha256()
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
     /// Text encoders and added conditioning: the outputs named exist, the UNet takes exactly the
     /// added inputs the manifest feeds, and the sequences have one length (they are concatenated).
     fn check_text_conditioning(&self) -> std::result::Result<(), String> {
@@ -476,6 +515,7 @@ impl Manifest {
             if !names.insert(e.name.as_str()) || ["unet", "vae_decoder", "vae_encoder"].contains(&e.name.as_str()) {
                 return Err(format!("text encoder name {:?} is used twice", e.name));
             }
+            self.check_tokenizer_source(e)?;
             if e.tokenizer.max_length == 0 || e.tokenizer.max_length != length {
                 return Err(format!(
                     "text encoder {} has tokenizer max_length {}, the first has {length}; they must agree and be > 0",
@@ -774,8 +814,9 @@ mod tests {
             text_encoders: vec![TextEncoderSpec {
                 name: "text_encoder".into(),
                 tokenizer: TokenizerSpec {
-                    file: "tokenizer.json".into(),
+                    file: Some("tokenizer.json".into()),
                     sha256: None,
+                    builtin: None,
                     max_length: 77,
                     pad_token_id: 0,
                 },
@@ -936,11 +977,46 @@ mod tests {
     }
 
     #[test]
-    fn format_versions_2_and_3_are_read() {
+    fn format_versions_2_to_4_are_read() {
         let m = manifest_in(Path::new("/tmp/set"));
-        for (version, ok) in [(1, false), (2, true), (3, true), (4, false)] {
+        for (version, ok) in [(1, false), (2, true), (3, true), (4, true), (5, false)] {
             let text = serde_json::to_string(&Manifest { format_version: version, ..m.clone() }).unwrap();
             assert_eq!(Manifest::parse(&text, Path::new("/tmp/set")).is_ok(), ok, "version {version}");
         }
+    }
+
+    /// A tokenizer is a file or a builtin (format 4), and a builtin is this runtime's, by digest.
+    #[test]
+    fn a_tokenizer_is_a_file_or_a_known_builtin() {
+        let dir = Path::new("/tmp/set");
+        let with = |version: u32, file: Option<&str>, builtin: Option<BuiltinTokenizer>, sha256: Option<&str>| {
+            let mut m = Manifest { format_version: version, ..manifest_in(dir) };
+            m.text_encoders[0].tokenizer = TokenizerSpec {
+                file: file.map(String::from),
+                sha256: sha256.map(String::from),
+                builtin,
+                ..m.text_encoders[0].tokenizer.clone()
+            };
+            Manifest::parse(&serde_json::to_string(&m).unwrap(), dir).map_err(|e| e.to_string())
+        };
+        let clip = Some(BuiltinTokenizer::Clip);
+        let digest = BuiltinTokenizer::Clip.json_sha256();
+        assert!(with(4, None, clip, Some(digest)).is_ok());
+        assert!(with(4, None, clip, None).is_ok());
+        assert!(with(4, Some("tokenizer.json.gz"), None, None).is_ok());
+        let refused = [
+            (with(3, None, clip, Some(digest)), "format_version 3"),
+            (with(4, None, None, None), "neither a file nor a builtin"),
+            (with(4, Some("tokenizer.json.gz"), clip, None), "both a file"),
+            (with(4, None, clip, Some(BuiltinTokenizer::OpenClip.json_sha256())), "re-export"),
+        ];
+        for (result, expect) in refused {
+            let message = result.unwrap_err();
+            assert!(message.contains(expect), "{message}");
+        }
+        // An unknown builtin name is a parse error that says where.
+        let text = serde_json::to_string(&manifest_in(dir)).unwrap().replace(r#""file":"tokenizer.json""#, r#""builtin":"t5""#);
+        let message = Manifest::parse(&text.replace(r#""format_version":1"#, r#""format_version":4"#), dir).unwrap_err().to_string();
+        assert!(message.contains("t5") && message.contains("clip"), "{message}");
     }
 }

@@ -127,7 +127,7 @@ impl Model {
         let tokenizers = manifest
             .text_encoders
             .iter()
-            .map(|e| PromptTokenizer::load(&manifest.resolve(&e.tokenizer.file)?, &e.tokenizer))
+            .map(|e| PromptTokenizer::for_set(&manifest, &e.tokenizer))
             .collect::<Result<Vec<_>>>()?;
         let root = options.engine_cache.root(&manifest.dir);
         let graphs = manifest

@@ -23,7 +23,7 @@ fn ids_equal_transformers() {
         let manifest = Manifest::load(&common::tiny_set(set), true).unwrap();
         for encoder in &manifest.text_encoders {
             let spec = &encoder.tokenizer;
-            let tokenizer = PromptTokenizer::load(&manifest.resolve(&spec.file).unwrap(), spec).unwrap();
+            let tokenizer = PromptTokenizer::for_set(&manifest, spec).unwrap();
             let fixture = format!("{}.json", encoder.name.replace("text_encoder", "tokenizer"));
             let text = std::fs::read_to_string(common::tiny_fixtures(set).join(fixture)).unwrap();
             let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
@@ -45,4 +45,32 @@ fn ids_equal_transformers() {
         }
     }
     assert!(pad_ids.contains(&49407) && pad_ids.contains(&0), "both padding conventions are covered");
+}
+
+/// A tokenizer file (`.json` or `.json.gz`, as format 3 sets and checkpoints with another
+/// tokenizer have) reads exactly as the builtin whose JSON it holds.
+#[test]
+fn a_tokenizer_file_encodes_as_its_builtin() {
+    use std::io::Write;
+    use t2i_rt::tokenizer::BuiltinTokenizer;
+
+    let manifest = Manifest::load(&common::tiny_set("tiny-sd2"), false).unwrap();
+    let spec = manifest.text_encoders[0].tokenizer.clone();
+    assert_eq!(spec.builtin, Some(BuiltinTokenizer::OpenClip));
+    let text = std::fs::read_to_string(common::tiny_fixtures("tiny-sd2").join("tokenizer.json")).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
+    let dir = std::env::temp_dir().join(format!("t2i-tokenizer-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = BuiltinTokenizer::OpenClip.json();
+    std::fs::write(dir.join("tokenizer.json"), &json).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&json).unwrap();
+    std::fs::write(dir.join("tokenizer.json.gz"), gz.finish().unwrap()).unwrap();
+    for file in ["tokenizer.json", "tokenizer.json.gz"] {
+        let tokenizer = PromptTokenizer::load(&dir.join(file), &spec).unwrap();
+        for case in &cases {
+            assert_eq!(tokenizer.encode(&case.prompt).unwrap(), case.ids, "{file}: prompt {:?}", case.prompt);
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
