@@ -31,7 +31,7 @@ from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
 from .precision import check_precision
 from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
-from .unet import TIME_ID_COUNT, check_unet, export_unet, has_text_time, pooled_dim, residual_slots
+from .unet import check_unet, export_unet, has_text_time, pooled_dim, residual_slots
 from .vae import check_vae_precision, export_vae_decoder, export_vae_encoder, needs_fp32, vae_downscale
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")

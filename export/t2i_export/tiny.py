@@ -21,12 +21,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     T2IAdapter,
@@ -241,10 +241,11 @@ def write_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Path]]:
     return save_checkpoint(comps, work_dir, "tiny-sd1")
 
 
-def save_checkpoint(comps: dict, work_dir: Path, model_name: str) -> tuple[Path, dict[str, Path]]:
+def save_checkpoint(comps: dict, work_dir: Path, model_name: str,
+                    scheduler_config: dict = SD15_SCHEDULER_CONFIG) -> tuple[Path, dict[str, Path]]:
     """Save `build_components()`-style modules as an SD 1.5-style diffusers pipeline
-    (work_dir/model_name, real CLIP tokenizer files, SD 1.5's scheduler config) and
-    adapters (work_dir/adapters/NAME)."""
+    (work_dir/model_name, real CLIP tokenizer files, `scheduler_config`: by default SD 1.5's; its
+    `_class_name` is the scheduler model_index.json names) and adapters (work_dir/adapters/NAME)."""
     model_dir = work_dir / model_name
     tok_dir = work_dir / "tokenizer-src"
     write_clip_tokenizer_dir(tok_dir)
@@ -253,7 +254,7 @@ def save_checkpoint(comps: dict, work_dir: Path, model_name: str) -> tuple[Path,
         text_encoder=comps["text_encoder"],
         tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)),
         unet=comps["unet"],
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        scheduler=getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -265,7 +266,7 @@ def save_checkpoint(comps: dict, work_dir: Path, model_name: str) -> tuple[Path,
         for f in (model_dir / sub).iterdir():
             f.unlink()
     write_clip_tokenizer_dir(model_dir / "tokenizer")
-    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2) + "\n", encoding="utf-8")
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n", encoding="utf-8")
     adapter_dirs = {}
     for name, adapter in comps["adapters"].items():
         adapter_dirs[name] = work_dir / "adapters" / name

@@ -164,6 +164,19 @@ def test_demo_draws_what_diffusers_draws(demo, tmp_path, backend, tolerance):
     assert rel <= tolerance, f"{backend}: final latents {rel:.2e} from diffusers' (bound {tolerance})"
 
 
+def test_demo_samples_with_euler_on_sd15s_schedule(demo):
+    """The checkpoint's and so the set's default sampler is Euler (train_demo.SCHEDULER_CONFIG: PNDM
+    loses this model's prompt), on SD 1.5's noise schedule."""
+    from t2i_export.tiny import SD15_SCHEDULER_CONFIG
+
+    model = demo / "diffusers" / "model"
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert config == {**SD15_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler"}
+    # What diffusers' from_pretrained instantiates.
+    assert json.loads((model / "model_index.json").read_text(encoding="utf-8"))["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    assert json.loads((demo / "manifest.json").read_text(encoding="utf-8"))["scheduler"] == config
+
+
 def test_eval_demo_draws_and_scores_every_mode(demo, tmp_path):
     """The evaluation's plumbing on the seconds-trained set: every mode drawn through `t2i-rt run`,
     scored, tabled and gridded (the figures themselves mean nothing for this set)."""
