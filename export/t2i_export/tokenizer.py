@@ -5,8 +5,8 @@ Or no file at all (format 4): when that JSON text is, byte for byte, one of the 
 the runtime (BUILTIN_SHA256: OpenAI's CLIP tokenizer, and the same with "!" as a special pad token, as
 SD 2.x and SDXL's second encoder have), the manifest names the builtin and records the text's SHA-256,
 and the runtime checks that its own builtin has that digest (runtime/src/tokenizer.rs holds the same
-digests). Every Stable Diffusion checkpoint's tokenizer is one of the two, so graph sets no longer each
-carry the same vocabulary.
+digests). SD checkpoints' tokenizers are CLIP's vocabulary with one of those two pad conventions, so
+graph sets need not each carry it; a tokenizer that serialises differently in any byte keeps its file.
 
 The gzip bytes are deterministic (`write_gzip`): level 9, mtime 0, no file name in the header, so a
 set regenerates byte for byte, given the same zlib (classic zlib 1.2.x/1.3.x; zlib-ng deflates
