@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="store weights losslessly in fewer bytes: float32 weights that are exactly float16 (a checkpoint "
                     "saved in fp16) as float16 plus a Cast, and mostly-zero token tables as their non-zero rows; the "
                     "graphs compute bit for bit the same (graphs with external data are left as they are)")
+    pp.add_argument("--strip-names", action="store_true",
+                    help="drop the graphs' node names, doc strings and shape annotations and number their intermediate "
+                    "tensors: a small model's graphs shrink by a quarter to a half and compute the same, but ONNX "
+                    "Runtime's errors then name no node (graphs with external data are left as they are)")
     pp.add_argument("--vae-precision", choices=PRECISIONS,
                     help="compute precision of the VAE graphs, decoder and encoder (default: --precision's, see there); "
                     "fp16 is refused for VAEs with force_upcast (SDXL's original VAE overflows)")
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_precision=args.vae_precision,
                 precision=args.precision,
                 compact_weights=args.compact_weights,
+                strip_names=args.strip_names,
             )
             print(f"wrote {out}")
         elif args.command == "tiny":

@@ -198,6 +198,7 @@ def export_pipeline(
     vae_precision: str | None = None,
     precision: str = "fp32",
     compact_weights: bool = False,
+    strip_names: bool = False,
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
@@ -210,7 +211,7 @@ def export_pipeline(
     check_out_dir(out_dir)
     comps = load_checkpoint(model_dir, vae_dir, vae_precision, precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
-    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights)
+    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names)
 
 
 @dataclass(frozen=True)
@@ -293,10 +294,12 @@ def export_components(
     name: str | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     compact_weights: bool = False,
+    strip_names: bool = False,
 ) -> Path:
     """Validate, export every graph into `out_dir/.tmp-*`, then move the set into `out_dir`.
 
-    `compact_weights`: store the graphs' weights losslessly in fewer bytes (compact.py).
+    `compact_weights`: store the graphs' weights losslessly in fewer bytes; `strip_names`: drop the
+    graphs' debug names (both in compact.py).
     """
     for n, _ in adapters:
         check_name(n)
@@ -319,8 +322,8 @@ def export_components(
     tmp.mkdir()
 
     def spec(files: list[Path], precision: str, batch: str) -> dict:
-        if compact_weights and len(files) == 1:  # a graph with external data is large: left as it is
-            compact_graph(files[0])
+        if (compact_weights or strip_names) and len(files) == 1:  # a graph with external data is large: left as it is
+            compact_graph(files[0], weights=compact_weights, names=strip_names)
         return graph_spec(tmp, files, precision, batch)
     try:
         latent_multiple = geo.size_multiple // geo.vae_downscale

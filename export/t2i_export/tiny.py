@@ -505,12 +505,13 @@ def build_tiny_zoo(
                 work = (Path(work_dir) if work_dir is not None else Path(tmp)) / fam
                 model_dir, adapter_dirs = ZOO[fam](work)
                 name = f"tiny-{fam}"
-                set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / name, name=name)
+                set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / name, name=name, strip_names=True)
                 fixtures_dir = write_fixtures(Oracle.load(model_dir, adapter_dirs), out_root / "fixtures" / name, fam)
                 written.append((set_dir, fixtures_dir))
                 if fam in FP16_SETS:
                     fp16 = f"{name}-fp16"
-                    fp16_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / fp16, name=fp16, precision="fp16")
+                    fp16_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / fp16, name=fp16, precision="fp16",
+                                               strip_names=True)
                     written.append((fp16_dir, None))
     finally:
         torch.set_num_threads(threads)

@@ -277,7 +277,8 @@ def package(checkpoint: Path, out: Path) -> Path:
     from .pipeline import export_pipeline
 
     adapters = [(name, checkpoint / "adapters" / name) for name in ADAPTER_CONFIGS]
-    export_pipeline(checkpoint / "model", adapters, out, name=out.resolve().name, compact_weights=True)
+    export_pipeline(checkpoint / "model", adapters, out, name=out.resolve().name, compact_weights=True,
+                    strip_names=True)
     ckpt = out / "diffusers"
     if ckpt.resolve() != checkpoint.resolve():
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from t2i_export import demo_shapes as ds
-from t2i_export.compact import compact_graph
+from t2i_export.compact import compact_graph, strip_names
 from t2i_export.eval_demo import GUIDANCE, MODES, evaluate, held_out, run_args, write_conditions
 
 
@@ -88,6 +88,54 @@ def test_compact_graph_is_lossless(tmp_path):
     for x, y in zip(a, b):
         assert np.array_equal(_bits(x), _bits(y))
     assert np.signbit(b[1][4]).all(), "the -0.0 row lost its sign"
+
+
+def test_strip_names_keeps_the_interface_and_the_results(tmp_path):
+    """`--strip-names`: no node name, doc string or value_info is left, intermediate tensors (an If's
+    branches included) are v0, v1, ...; inputs, outputs and weights keep their names, and the graph
+    computes bit for bit the same."""
+    w = np.arange(16, dtype=np.float32).reshape(4, 4) / 7
+
+    def branch(name: str, op: str) -> onnx.GraphProto:  # reads the outer "/h/MatMul_output"
+        return helper.make_graph([helper.make_node(op, ["/h/MatMul_output"], [f"/{name}/out"], name=f"/{name}/{op}")],
+                                 name, [], [helper.make_tensor_value_info(f"/{name}/out", TensorProto.FLOAT, [2, 4])])
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["/h/MatMul_output"], name="/h/MatMul", doc_string="model.py:12"),
+            helper.make_node("ReduceSum", ["x"], ["/s/sum"], name="/s/ReduceSum", keepdims=0),
+            helper.make_node("Greater", ["/s/sum", "zero"], ["/s/positive"], name="/s/Greater"),
+            helper.make_node("If", ["/s/positive"], ["/if/out"], name="/if", then_branch=branch("then", "Relu"),
+                             else_branch=branch("else", "Neg")),
+            helper.make_node("Sigmoid", ["/if/out"], ["out"], name="/out/Sigmoid"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, dtype=np.float32), "zero")],
+        value_info=[helper.make_tensor_value_info("/h/MatMul_output", TensorProto.FLOAT, [2, 4])],
+    )
+    plain = tmp_path / "plain.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(plain))
+    stripped = tmp_path / "stripped.onnx"
+    stripped.write_bytes(plain.read_bytes())
+    compact_graph(stripped, weights=False, names=True)
+
+    model = onnx.load(str(stripped))
+    onnx.checker.check_model(model, full_check=True)
+    g = model.graph
+    assert [i.name for i in g.input] == ["x"] and [o.name for o in g.output] == ["out"]
+    assert sorted(t.name for t in g.initializer) == ["w", "zero"] and not g.value_info
+    assert all(n.name == "" and n.doc_string == "" for n in g.node)
+    subgraphs = [a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    names = {x for n in [*g.node, *(m for sg in subgraphs for m in sg.node)] for x in [*n.input, *n.output]}
+    names |= {o.name for sg in subgraphs for o in sg.output}
+    assert names - {"x", "w", "zero", "out"} == {f"v{i}" for i in range(6)}, sorted(names)
+    for x in (np.ones((2, 4), np.float32), -np.ones((2, 4), np.float32)):  # both branches
+        a, b = _session(plain).run(None, {"x": x}), _session(stripped).run(None, {"x": x})
+        assert np.array_equal(_bits(a[0]), _bits(b[0]))
+    again = strip_names(onnx.load(str(plain)))
+    assert again.SerializeToString() == model.SerializeToString(), "stripping is not deterministic"
 
 
 def _feeds(spec: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
