@@ -10,7 +10,7 @@ Every config starts from Stable Diffusion 1.5's ``scheduler_config.json`` (a ``P
 ``set_timesteps(steps)``. One config goes through ``PNDMScheduler.from_config(SD15).config`` first, so
 its JSON carries ``_use_default_values`` (keys the target scheduler must take its own default for).
 
-``<name>.json`` per config holds:
+``<name>.json.gz`` per config holds (gzipped JSON, deterministic: no name or time in the header):
 
 * ``config``: the JSON handed to ``from_config`` (the runtime parses the same JSON);
 * ``class``, ``kind`` (the runtime's name), ``steps``;
@@ -24,7 +24,7 @@ its JSON carries ``_use_default_values`` (keys the target scheduler must take it
   ``scaled``;
 * ``add_noise``: ``add_noise(original, noise, timesteps[k:k+1])`` at a few step indices ``k``.
 
-``timestep_sweep.json`` holds the timesteps (and Euler sigmas) of more step counts per spacing,
+``timestep_sweep.json.gz`` holds the timesteps (and Euler sigmas) of more step counts per spacing,
 including the ``trailing`` counts where numpy's float ``arange`` yields one extra step (61, 103, ...);
 ``step_fails`` marks a DDIM schedule whose ``step`` raises (a timestep past the training range).
 
@@ -41,6 +41,7 @@ the committed ones within its stated tolerances.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -534,6 +535,13 @@ def pndm_loaded_config() -> dict:
     return config
 
 
+def write_json_gz(path: Path, data, indent: int | None = 1) -> None:
+    """`data` as JSON text, gzipped with an empty name and mtime 0 (the same bytes every run)."""
+    text = json.dumps(data, indent=indent) + "\n"
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+        gz.write(text.encode("utf-8"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -542,18 +550,18 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, kind, overrides, steps, *step_kwargs in CASES + DDIM_ETA_CASES:
         data = trace(name, kind, make_config(overrides), steps, *step_kwargs)
-        (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_json_gz(args.out / f"{name}.json.gz", data)
     for name, kind, overrides, steps, options in OPTION_CASES:
         data = trace(name, kind, make_config(overrides), steps, options=options)
-        (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_json_gz(args.out / f"{name}.json.gz", data)
 
     # The PNDM-loaded config: its `timestep_spacing` ("leading", PNDM's default) is listed in
     # `_use_default_values`, so Euler takes its own default, linspace.
     data = trace("euler_pndm_loaded_config_10", "euler", pndm_loaded_config(), 10)
     assert data["config"]["timestep_spacing"] == "leading" and data["timesteps"][0] == 999.0
-    (args.out / "euler_pndm_loaded_config_10.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_json_gz(args.out / "euler_pndm_loaded_config_10.json.gz", data)
 
-    (args.out / "timestep_sweep.json").write_text(json.dumps(sweep()) + "\n")
+    write_json_gz(args.out / "timestep_sweep.json.gz", sweep(), indent=None)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! Sampler parity with diffusers 0.42.1, on the traces `export/t2i_export/scheduler_traces.py`
-//! writes to `graphs/fixtures/schedulers/` (see its docstring for the exact loop and encoding).
+//! writes to `graphs/fixtures/schedulers/` as gzipped JSON (see its docstring for the exact loop and
+//! encoding).
 //!
 //! Each trace is re-run here from its config JSON, noise and fake UNet, free-running (every step
 //! takes the runtime's own previous sample, so errors would accumulate as in a real loop).
@@ -20,7 +21,10 @@
 //!   measured maxima (`cargo test --test scheduler_parity -- --nocapture`).
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use flate2::read::GzDecoder;
 
 use ndarray::{ArrayD, IxDyn};
 use serde_json::{json, Value};
@@ -35,8 +39,11 @@ fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/fixtures/schedulers")
 }
 
+/// A `.json.gz` fixture.
 fn read_json(path: &Path) -> Value {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut text = String::new();
+    GzDecoder::new(file).read_to_string(&mut text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -244,7 +251,7 @@ fn traces_match_diffusers() {
     let mut paths: Vec<PathBuf> = fs::read_dir(fixtures_dir())
         .expect("graphs/fixtures/schedulers exists (python -m t2i_export.scheduler_traces)")
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json") && !p.ends_with("timestep_sweep.json"))
+        .filter(|p| p.to_string_lossy().ends_with(".json.gz") && !p.ends_with("timestep_sweep.json.gz"))
         .collect();
     paths.sort();
     assert!(paths.len() >= 16, "expected the scheduler traces, found {}", paths.len());
@@ -271,7 +278,7 @@ fn traces_match_diffusers() {
 
 #[test]
 fn timestep_sweep_matches_diffusers() {
-    let sweep = read_json(&fixtures_dir().join("timestep_sweep.json"));
+    let sweep = read_json(&fixtures_dir().join("timestep_sweep.json.gz"));
     let cases = sweep["cases"].as_array().expect("cases");
     assert!(cases.len() >= 40);
     for case in cases {
