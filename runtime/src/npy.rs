@@ -59,6 +59,20 @@ fn check_header_length(bytes: &[u8]) -> std::result::Result<(), String> {
             bytes.len() - start
         ));
     }
+    check_header_brackets(&bytes[start..start + declared])
+}
+
+/// The header of a plain array is one flat dict with one tuple in it, as numpy writes it:
+/// `{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 64, 64), }`. ndarray-npy parses it
+/// with a backtracking parser that takes exponential time on nested brackets (a 359-byte file of
+/// `{{{...` took over 20 s, found by fuzzing), so anything with more brackets is refused first.
+fn check_header_brackets(header: &[u8]) -> std::result::Result<(), String> {
+    let count = |c: u8| header.iter().filter(|&&b| b == c).count();
+    if count(b'{') != 1 || count(b'}') != 1 || count(b'(') > 1 || count(b')') > 1 || count(b'[') + count(b']') > 0 {
+        return Err("the header is not numpy's dict of descr, fortran_order and shape; expected a float32 array \
+                    saved with numpy.save"
+            .to_string());
+    }
     Ok(())
 }
 
@@ -109,6 +123,13 @@ mod tests {
         // fuzzing: ndarray-npy allocated the claimed length before reading it).
         let lie = b"\x93NUMPY\x02\x00\xf0\xff\xff\xffabcd";
         assert!(parse_latents(lie).unwrap_err().contains("the header claims 4294967280 bytes"));
+
+        // Nested brackets, which ndarray-npy's header parser takes exponential time on (fuzzing
+        // found 80 `{` taking over 20 s), are refused before it sees them.
+        let mut nested = npy(&[1, 4, 2, 2], &[0.5; 16]);
+        let open = nested.iter().position(|&b| b == b'{').unwrap();
+        nested[open + 1] = b'{';
+        assert!(parse_latents(&nested).unwrap_err().contains("not numpy's dict"), "nested braces");
         assert!(parse_latents(b"not npy").is_err());
     }
 }
