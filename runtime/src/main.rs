@@ -13,7 +13,7 @@ use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::{BackendKind, BackendSettings};
 use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
 use t2i_rt::engine::Profile;
-use t2i_rt::manifest::{Manifest, TensorSpec, MANIFEST_FILE};
+use t2i_rt::manifest::{Manifest, TensorSpec, TokenizerSource, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
@@ -643,10 +643,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
             "text        {}: {} ({}, max length {}, pad id {}){}",
             e.name,
             e.hidden_output,
-            match (&e.tokenizer.file, e.tokenizer.builtin) {
-                (_, Some(builtin)) => format!("built-in {} tokenizer", builtin.as_str()),
-                (Some(file), None) => file.clone(),
-                (None, None) => "no tokenizer".into(),
+            match e.tokenizer.source() {
+                Ok(TokenizerSource::Builtin(builtin)) => format!("built-in {} tokenizer", builtin.as_str()),
+                Ok(TokenizerSource::File(file)) => file.to_string(),
+                Err(why) => format!("a tokenizer that {why}"),
             },
             e.tokenizer.max_length,
             e.tokenizer.pad_token_id,

@@ -88,6 +88,31 @@ pub struct TokenizerSpec {
     pub pad_token_id: u32,
 }
 
+/// Where a [`TokenizerSpec`]'s tokenizer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerSource<'a> {
+    /// A file of the graph set (relative to it).
+    File(&'a str),
+    /// One built into the runtime.
+    Builtin(BuiltinTokenizer),
+}
+
+impl TokenizerSpec {
+    /// The file or the builtin; an entry with both or neither is an error (said without the
+    /// encoder's name, which the caller adds).
+    pub fn source(&self) -> std::result::Result<TokenizerSource<'_>, String> {
+        match (&self.file, self.builtin) {
+            (Some(file), None) => Ok(TokenizerSource::File(file)),
+            (None, Some(builtin)) => Ok(TokenizerSource::Builtin(builtin)),
+            (None, None) => Err("names neither a file nor a builtin".into()),
+            (Some(file), Some(builtin)) => Err(format!(
+                "names both a file ({file:?}) and the builtin {:?}; re-export the graph set",
+                builtin.as_str()
+            )),
+        }
+    }
+}
+
 /// One text encoder: its tokenizer, its graph and which of the graph's outputs are used.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TextEncoderSpec {
@@ -480,19 +505,13 @@ impl Manifest {
     /// A tokenizer is a file or a builtin, not both; a builtin is the one this runtime holds.
     fn check_tokenizer_source(&self, e: &TextEncoderSpec) -> std::result::Result<(), String> {
         let tokenizer = &e.tokenizer;
-        match (&tokenizer.file, tokenizer.builtin) {
-            (Some(_), None) => Ok(()),
-            (None, None) => Err(format!("text encoder {}'s tokenizer names neither a file nor a builtin", e.name)),
-            (Some(file), Some(builtin)) => Err(format!(
-                "text encoder {}'s tokenizer names both a file ({file:?}) and the builtin {:?}; re-export the graph set",
-                e.name,
-                builtin.as_str()
-            )),
-            (None, Some(_)) if self.format_version < 4 => Err(format!(
+        match tokenizer.source().map_err(|why| format!("text encoder {}'s tokenizer {why}", e.name))? {
+            TokenizerSource::File(_) => Ok(()),
+            TokenizerSource::Builtin(_) if self.format_version < 4 => Err(format!(
                 "text encoder {}'s tokenizer is a builtin, which format_version {} cannot have; re-export the graph set",
                 e.name, self.format_version
             )),
-            (None, Some(builtin)) => match tokenizer.sha256.as_deref() {
+            TokenizerSource::Builtin(builtin) => match tokenizer.sha256.as_deref() {
                 Some(digest) if digest != builtin.json_sha256() => Err(format!(
                     "text encoder {}'s builtin {:?} tokenizer has sha256 {digest}, this runtime's is {}; \
                      use a t2i-rt as recent as the exporter, or re-export the graph set",
@@ -1015,8 +1034,12 @@ mod tests {
             assert!(message.contains(expect), "{message}");
         }
         // An unknown builtin name is a parse error that says where.
-        let text = serde_json::to_string(&manifest_in(dir)).unwrap().replace(r#""file":"tokenizer.json""#, r#""builtin":"t5""#);
-        let message = Manifest::parse(&text.replace(r#""format_version":1"#, r#""format_version":4"#), dir).unwrap_err().to_string();
+        let text = serde_json::to_string(&manifest_in(dir))
+            .unwrap()
+            .replace(r#""file":"tokenizer.json""#, r#""builtin":"t5""#);
+        let message = Manifest::parse(&text.replace(r#""format_version":1"#, r#""format_version":4"#), dir)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("t5") && message.contains("clip"), "{message}");
     }
 }

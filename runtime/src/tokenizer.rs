@@ -13,7 +13,7 @@ use tokenizers::{
 };
 
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, TokenizerSpec};
+use crate::manifest::{Manifest, TokenizerSource, TokenizerSpec};
 
 /// Largest tokenizer file, unpacked, the runtime reads (CLIP's is 1.7 MB).
 const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
@@ -112,10 +112,9 @@ impl PromptTokenizer {
 
     /// The tokenizer `spec` (one of `manifest`'s) names: a file of the graph set or a builtin.
     pub fn for_set(manifest: &Manifest, spec: &TokenizerSpec) -> Result<Self> {
-        match (&spec.file, spec.builtin) {
-            (_, Some(builtin)) => Self::builtin(builtin, spec),
-            (Some(file), None) => Self::load(&manifest.resolve(file)?, spec),
-            (None, None) => Err(Error::Tokenizer("a tokenizer entry names neither a file nor a builtin".into())),
+        match spec.source().map_err(|why| Error::Tokenizer(format!("a tokenizer entry {why}")))? {
+            TokenizerSource::Builtin(builtin) => Self::builtin(builtin, spec),
+            TokenizerSource::File(file) => Self::load(&manifest.resolve(file)?, spec),
         }
     }
 
