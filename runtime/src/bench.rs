@@ -33,9 +33,10 @@ impl Stats {
 }
 
 /// Per-stage statistics over several runs: once-per-request stages over the runs, per-step stages
-/// (`unet_step`, `scheduler_step`, `loop_other_step`) over every step of every run. Also
-/// `orchestration_per_step`: per run, the time outside graph execution (`total` minus text
-/// encoder, adapters, UNet calls and VAE decode) divided by the number of model calls.
+/// (`unet_step`, `controlnet_step` when ControlNets ran, `scheduler_step`, `loop_other_step`) over
+/// every step of every run. Also `orchestration_per_step`: per run, the time outside graph
+/// execution (`total` minus text encoder, adapters, VAE encoder, UNet and ControlNet calls and VAE
+/// decode) divided by the number of model calls.
 pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
     let once = |f: fn(&Timings) -> Duration| runs.iter().map(f).collect::<Vec<_>>();
     let per_step =
@@ -44,21 +45,27 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
         .iter()
         .filter(|t| !t.unet.is_empty())
         .map(|t| {
-            let graphs = t.text_encoder + t.adapters + t.vae_encode + t.unet.iter().sum::<Duration>() + t.vae_decode;
+            let graphs = t.text_encoder
+                + t.adapters
+                + t.vae_encode
+                + t.unet.iter().sum::<Duration>()
+                + t.controlnet.iter().sum::<Duration>()
+                + t.vae_decode;
             t.total.saturating_sub(graphs) / t.unet.len() as u32
         })
         .collect();
-    let stages: [(&'static str, Vec<Duration>); 12] = [
+    let stages: [(&'static str, Vec<Duration>); 13] = [
         ("prepare", once(|t| t.prepare)),
         ("tokenize", once(|t| t.tokenize)),
         ("text_encoder", once(|t| t.text_encoder)),
         ("adapters", once(|t| t.adapters)),
         ("vae_encode", once(|t| t.vae_encode)),
         ("unet_step", per_step(|t| &t.unet)),
+        ("controlnet_step", per_step(|t| &t.controlnet)),
         ("scheduler_step", per_step(|t| &t.scheduler)),
         ("loop_other_step", per_step(|t| &t.loop_other)),
         ("orchestration_per_step", orchestration),
-        ("denoise_loop", once(|t| t.unet.iter().chain(&t.scheduler).chain(&t.loop_other).sum())),
+        ("denoise_loop", once(|t| t.unet.iter().chain(&t.controlnet).chain(&t.scheduler).chain(&t.loop_other).sum())),
         ("vae_decode", once(|t| t.vae_decode)),
         ("total", once(|t| t.total)),
     ];
@@ -136,9 +143,16 @@ mod tests {
             total: Duration::from_millis(245),
             ..Timings::default()
         };
-        let stats = stage_stats(&[t]);
+        let stats = stage_stats(std::slice::from_ref(&t));
         assert_eq!(stats["orchestration_per_step"].median, 5.0);
         assert_eq!(stats["unet_step"].median, 100.0);
         assert_eq!(stats["denoise_loop"].median, 206.0);
+        assert!(!stats.contains_key("controlnet_step"));
+        // ControlNet calls are graph time, not orchestration.
+        let t = Timings { controlnet: ms(&[30, 30]), total: Duration::from_millis(305), ..t };
+        let stats = stage_stats(&[t]);
+        assert_eq!(stats["orchestration_per_step"].median, 5.0);
+        assert_eq!(stats["controlnet_step"].median, 30.0);
+        assert_eq!(stats["denoise_loop"].median, 266.0);
     }
 }

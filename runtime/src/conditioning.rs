@@ -1,8 +1,9 @@
 //! The seam every kind of conditioning plugs into. A [`Conditioner`] is prepared once per request
 //! (running whatever graphs it needs then: T2I-Adapters today; IP-Adapter's image encoder next)
 //! and is asked, before every UNet call, which UNet inputs it feeds ([`Feed`]); a per-step
-//! conditioner (ControlNet) runs its own graph there on the call's [`Call::sample`]. The denoising
-//! loop knows none of them: it binds what they return and runs the UNet.
+//! conditioner ([`ControlNets`](crate::controlnet::ControlNets)) runs its own graph there on the
+//! call's [`Call::sample`]. The denoising loop knows none of them: it binds what they return and
+//! runs the UNet.
 //!
 //! One UNet graph takes every kind of residual. A conditioner feeds its inputs whether or not the
 //! request uses it (zeros when unused), so any combination runs on one graph and one engine.
@@ -19,10 +20,10 @@ pub(crate) struct Call<'a> {
     /// The call's index in this run, from 0 (img2img runs fewer calls than `steps`).
     pub index: usize,
     /// The UNet timestep of this call.
-    #[allow(dead_code)] // ControlNet's graph takes it.
     pub timestep: f32,
-    /// The scaled model input, the UNet's `sample` ([batch, C, h, w], both guidance halves).
-    #[allow(dead_code)] // ControlNet's graph takes it.
+    /// The scaled latents ([batch, C, h, w], both guidance halves): the UNet's `sample`, before an
+    /// inpainting UNet's mask and masked-image channels are appended (diffusers' ControlNet
+    /// inpaint pipeline feeds its ControlNet `latent_model_input` before that concatenation).
     pub sample: ArrayViewD<'a, f32>,
 }
 
@@ -39,6 +40,8 @@ pub(crate) enum Feed {
 pub(crate) struct ConditionerSessions {
     /// The manifest's T2I-Adapters, in manifest order.
     pub adapters: Vec<Box<dyn GraphSession>>,
+    /// The manifest's ControlNets, in manifest order.
+    pub controlnets: Vec<Box<dyn GraphSession>>,
 }
 
 /// A source of UNet inputs for one request.
@@ -46,6 +49,12 @@ pub(crate) trait Conditioner: Send {
     /// The UNet inputs for `call`. The first call must [`Feed::Bind`] every input the conditioner
     /// owns.
     fn feed(&mut self, call: &Call<'_>, sessions: &mut ConditionerSessions) -> Result<Feed>;
+
+    /// Time the last [`feed`](Self::feed) spent running per-step graphs; `None` for a conditioner
+    /// that runs none this request (timings then have no per-step entry for it).
+    fn graph_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// T2I-Adapters, once per request: their weighted features summed per residual slot
@@ -142,7 +151,7 @@ mod tests {
         let slot = ResidualSlot { input: "r0".into(), channels: 1, downscale: 1 };
         let residual = ArrayD::from_elem(IxDyn(&[1, 1, 1, 1]), 2.0f32);
         let mut t2i = T2iAdapters { slots: vec![slot], residuals: vec![residual], calls };
-        let mut sessions = ConditionerSessions { adapters: Vec::new() };
+        let mut sessions = ConditionerSessions { adapters: Vec::new(), controlnets: Vec::new() };
         let sample = ArrayD::zeros(IxDyn(&[1, 1, 1, 1]));
         (0..total)
             .map(|index| {

@@ -143,6 +143,11 @@ pub enum Field {
     Latents,
     /// An entry of `adapters`: its name, weight or condition image.
     Adapters,
+    /// An entry of `controls`: its ControlNet name, scale or control image.
+    Controls,
+    /// `control_start` and `control_end`.
+    ControlRange,
+    GuessMode,
     SizeConditioning,
     InitImage,
     Mask,
@@ -165,6 +170,9 @@ impl std::fmt::Display for Field {
             Field::Rng => "rng",
             Field::Latents => "latents",
             Field::Adapters => "adapters",
+            Field::Controls => "controls",
+            Field::ControlRange => "control_start/control_end",
+            Field::GuessMode => "guess_mode",
             Field::SizeConditioning => "size_cond",
             Field::InitImage => "init_image",
             Field::Mask => "mask",
@@ -189,6 +197,8 @@ pub enum Stage {
     TextEncoder(String),
     /// The named adapter graph.
     Adapter(String),
+    /// The named ControlNet's residuals at model call `step` (1-based) of `total`.
+    ControlNet { name: String, step: usize, total: usize },
     /// The UNet's noise prediction at model call `step` (1-based) of `total`.
     Unet { step: usize, total: usize },
     /// Classifier-free guidance (`uncond + scale × (cond − uncond)`) at model call `step` of `total`.
@@ -211,6 +221,10 @@ impl Stage {
             Stage::Adapter(_) => {
                 "the adapter graph is broken or overflows in fp16; export the adapter in fp32, or lower its weight"
             }
+            Stage::ControlNet { .. } => {
+                "the ControlNet graph is broken or overflows in fp16; export the ControlNet in fp32, or lower its \
+                 scale"
+            }
             Stage::Unet { .. } => {
                 "the UNet overflowed (fp16 graphs, or very large latents or guidance); use the fp32 graph set, \
                  lower the guidance, or check the initial latents"
@@ -231,6 +245,9 @@ impl std::fmt::Display for Stage {
         match self {
             Stage::TextEncoder(name) => write!(f, "the text encoder {name}"),
             Stage::Adapter(name) => write!(f, "adapter {name}"),
+            Stage::ControlNet { name, step, total } => {
+                write!(f, "ControlNet {name} (model call {step} of {total})")
+            }
             Stage::Unet { step, total } => write!(f, "the UNet (model call {step} of {total})"),
             Stage::Guidance { step, total } => write!(f, "classifier-free guidance (model call {step} of {total})"),
             Stage::Sampler { step, total } => write!(f, "the sampler (step {step} of {total})"),

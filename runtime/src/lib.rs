@@ -1,4 +1,4 @@
-//! t2i-rt: a deployment runtime for Stable Diffusion with T2I-Adapters.
+//! t2i-rt: a deployment runtime for Stable Diffusion with T2I-Adapters and ControlNets.
 //!
 //! A graph set (ONNX graphs plus `manifest.json`, written by `python -m t2i_export`) is loaded into a
 //! [`Pipeline`], which runs tokenizer, text encoder, adapters, sampler with classifier-free guidance
@@ -25,6 +25,7 @@ pub mod backend;
 pub mod bench;
 pub mod condition;
 mod conditioning;
+mod controlnet;
 pub mod engine;
 pub mod error;
 mod guidance;
@@ -47,6 +48,7 @@ mod vae;
 
 pub use adapter::{AdapterRequest, AdapterSet, ConditionSource};
 pub use backend::BackendKind;
+pub use controlnet::ControlRequest;
 pub use error::{Error, ErrorCode, Field, Result, Stage};
 pub use limits::Limits;
 pub use log::{LogLevel, Logger};

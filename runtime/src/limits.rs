@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_steps: usize,
     /// Adapters attached to one request.
     pub max_adapters: usize,
+    /// ControlNets attached to one request (each runs at every step).
+    pub max_controls: usize,
     /// Length of a prompt or negative prompt, in bytes (text encoders read at most 77 tokens, so
     /// longer text only costs tokenizer time).
     pub max_prompt_bytes: usize,
@@ -44,6 +46,7 @@ impl Default for Limits {
             max_batch_pixels: 16 * 1024 * 1024,
             max_steps: 1000,
             max_adapters: 16,
+            max_controls: 16,
             max_prompt_bytes: 64 * 1024,
             max_image_file_bytes: 256 * 1024 * 1024,
             max_image_pixels: 8192 * 8192,
@@ -62,6 +65,7 @@ impl Limits {
             max_batch_pixels: u64::MAX,
             max_steps: usize::MAX,
             max_adapters: usize::MAX,
+            max_controls: usize::MAX,
             max_prompt_bytes: usize::MAX,
             max_image_file_bytes: u64::MAX,
             max_image_pixels: u64::MAX,
@@ -105,6 +109,17 @@ impl Limits {
             self.max_prompt_bytes as u64,
             "max_prompt_bytes",
             "shorten it (text encoders read only the first 77 tokens)",
+        )
+    }
+
+    /// Checks the number of ControlNets against `max_controls`.
+    pub fn check_controls(&self, controls: usize) -> Result<()> {
+        exceeds(
+            "the number of ControlNets",
+            controls as u64,
+            self.max_controls as u64,
+            "max_controls",
+            "attach fewer ControlNets",
         )
     }
 

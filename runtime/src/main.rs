@@ -18,7 +18,7 @@ use t2i_rt::output::{grid, write_png};
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
 use t2i_rt::size::{Offset, Size};
-use t2i_rt::{EngineCache, LoadOptions, Logger, Model, Request, SizeConditioning};
+use t2i_rt::{ControlRequest, EngineCache, LoadOptions, Logger, Model, Request, SizeConditioning};
 
 #[derive(Parser)]
 #[command(
@@ -58,8 +58,10 @@ enum Command {
     t2i-rt run --graph sdxl-t2i/unet_xl.onnx --prompt \"a castle\" --adapter canny=castle_edges.png:0.8 \\\n      \
     --adapter openpose=pose.png:1.0 --cond-tau 0.5 --width 1024 --height 1024 --steps 30 --out castle-xl.png\n  \
     t2i-rt run --graphs sd15-t2i --prompt \"a castle at night\" --init-image castle.png --strength 0.6 --out night.png\n  \
-    t2i-rt run --graphs sd15-inpainting --prompt \"a dragon\" --init-image castle.png --mask sky.png --out dragon.png\n\n\
-Adapter names are those the graph set was exported with (see `t2i-rt inspect DIR`). SDXL sets take\n\
+    t2i-rt run --graphs sd15-inpainting --prompt \"a dragon\" --init-image castle.png --mask sky.png --out dragon.png\n  \
+    t2i-rt run --graphs sd15-cn --prompt \"a castle\" --control canny=castle_edges.png:0.8 --control-end 0.6 \\\n      \
+    --control depth=castle_depth.png:0.5 --out castle-cn.png\n\n\
+Adapter and ControlNet names are those the graph set was exported with (see `t2i-rt inspect DIR`). SDXL sets take\n\
 --original-size/--crop-top-left/--target-size (diffusers' defaults: the output size, 0,0); without\n\
 --negative-prompt an SDXL set uses zero embeddings (force_zeros_for_empty_prompt), as diffusers does.")]
 struct RunArgs {
@@ -78,6 +80,8 @@ struct RunArgs {
     /// Fraction of the steps that get adapter guidance: the first int(steps × F) model calls, all at 1.
     #[arg(long, default_value_t = 1.0, value_name = "F")]
     cond_tau: f32,
+    #[command(flatten)]
+    control: ControlArgs,
     /// Denoising steps.
     #[arg(long, default_value_t = 50, value_name = "N")]
     steps: usize,
@@ -170,8 +174,9 @@ struct RunArgs {
     after_help = "Stages: prepare (request checks, condition images), tokenize, text_encoder, adapters (once per \
 request), unet_step, scheduler_step and loop_other_step (per model call), orchestration_per_step (all time \
 outside graph execution, per model call), vae_decode, total.\n\n\
-With --adapter the same request also runs without adapters, alternating run by run, and the adapter \
-overhead is printed as a ratio of the median totals.\n\n\
+With --adapter (or --control) the same request also runs without adapters (and ControlNets), alternating \
+run by run, and the overhead is printed as a ratio of the median totals. controlnet_step (per model call) \
+appears with --control.\n\n\
 Example:\n  t2i-rt bench --graphs graphs/tiny-sd1 --steps 30 --adapter sketch=edges.png --iters 10 --json bench.json"
 )]
 struct BenchArgs {
@@ -188,6 +193,8 @@ struct BenchArgs {
     /// Attach an adapter, as for `run`. Repeatable.
     #[arg(long = "adapter", value_name = "NAME=IMAGE[:WEIGHT]")]
     adapters: Vec<AdapterRequest>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// Sampler, as for `run` (default: the graph set's own; `t2i-rt run --help` lists them).
     #[arg(long, value_name = "NAME")]
     scheduler: Option<SchedulerKind>,
@@ -209,6 +216,39 @@ struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+/// ControlNets: shared by run and bench.
+#[derive(Args)]
+struct ControlArgs {
+    /// Attach a ControlNet: its name in the graph set, a control image (PNG/JPEG, e.g. canny edges;
+    /// converted to RGB and resized to the output size) and an optional scale (diffusers'
+    /// controlnet_conditioning_scale, default 1.0). Repeat to combine ControlNets (their residuals
+    /// are summed, as diffusers' MultiControlNetModel does).
+    #[arg(long = "control", value_name = "NAME=IMAGE[:SCALE]")]
+    controls: Vec<ControlRequest>,
+    /// ControlNets apply from this fraction of the model calls on (diffusers'
+    /// control_guidance_start): call i of N is skipped when i/N < F.
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    control_start: f32,
+    /// ControlNets apply up to this fraction of the model calls (diffusers' control_guidance_end):
+    /// call i of N is skipped when (i+1)/N > F. Must be above --control-start.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    control_end: f32,
+    /// diffusers' guess_mode: the ControlNets see only the prompt half of the guidance batch and
+    /// their residuals are scaled from 0.1 (shallow) to 1.0 (mid block), so the control image leads
+    /// even with an empty prompt (try --guidance 3 to 5). Needs --control.
+    #[arg(long)]
+    guess_mode: bool,
+}
+
+impl ControlArgs {
+    fn apply(self, request: &mut Request) {
+        request.controls = self.controls;
+        request.control_start = self.control_start;
+        request.control_end = self.control_end;
+        request.guess_mode = self.guess_mode;
+    }
 }
 
 /// Which graph set: shared by run, bench and build-engine.
@@ -392,6 +432,7 @@ fn run(args: RunArgs) -> Result<()> {
     request.negative_prompt = args.negative_prompt;
     request.adapters = args.adapters;
     request.cond_tau = args.cond_tau;
+    args.control.apply(&mut request);
     request.steps = args.steps;
     request.guidance = args.guidance;
     request.guidance_rescale = args.guidance_rescale;
@@ -490,6 +531,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     request.scheduler = args.scheduler;
     request.rng = args.rng;
     request.adapters = args.adapters;
+    args.control.apply(&mut request);
     request.width = args.size.map(|s| s.width);
     request.height = args.size.map(|s| s.height);
     let manifest = Manifest::load(&dir, true)?;
@@ -504,12 +546,20 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     let startup = start.elapsed();
 
-    let configs: Vec<(&str, Request)> = if request.adapters.is_empty() {
-        vec![("", request)]
-    } else {
-        let mut bare = request.clone();
-        bare.adapters.clear();
-        vec![("with adapters", request), ("without adapters", bare)]
+    let configs: Vec<(&str, Request)> = match (request.adapters.is_empty(), request.controls.is_empty()) {
+        (true, true) => vec![("", request)],
+        (false, true) => {
+            let mut bare = request.clone();
+            bare.adapters.clear();
+            vec![("with adapters", request), ("without adapters", bare)]
+        }
+        _ => {
+            let mut bare = request.clone();
+            bare.adapters.clear();
+            bare.controls.clear();
+            bare.guess_mode = false;
+            vec![("with conditioning", request), ("without conditioning", bare)]
+        }
     };
     let runs = configs.len() * (args.warmup + args.iters);
     let bar = ProgressBar::with_draw_target(Some(runs as u64), progress_target());
@@ -555,7 +605,12 @@ fn bench(args: BenchArgs) -> Result<()> {
     let overhead = match results.as_slice() {
         [(_, with), (_, without)] => {
             let ratio = with["total"].median / without["total"].median;
-            println!("\nadapter overhead: total with / without adapters = {ratio:.4} ({:+.2}%)", (ratio - 1.0) * 100.0);
+            let (what, dropped) = if configs[0].1.controls.is_empty() {
+                ("adapter", "adapters")
+            } else {
+                ("conditioning", "adapters and ControlNets")
+            };
+            println!("\n{what} overhead: total with / without {dropped} = {ratio:.4} ({:+.2}%)", (ratio - 1.0) * 100.0);
             Some(ratio)
         }
         _ => None,
@@ -683,6 +738,23 @@ fn inspect(args: InspectArgs) -> Result<()> {
             if a.in_channels == 1 { "gray" } else { "rgb" },
             a.downscale_factor,
             a.residual_slots
+        );
+    }
+    if !manifest.control_slots.is_empty() {
+        println!(
+            "controls    {}",
+            manifest
+                .control_slots
+                .iter()
+                .map(|s| format!("{}({}ch, /{})", s.input, s.channels, s.downscale))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    for c in &manifest.controlnets {
+        println!(
+            "controlnet  {} (rgb control image of the output size, {}-channel condition, feeds every control slot)",
+            c.name, c.conditioning_channels
         );
     }
     let backend = args.backend.create(None)?;

@@ -62,6 +62,13 @@ pub struct Manifest {
     pub graphs: Graphs,
     #[serde(default)]
     pub adapters: Vec<AdapterSpec>,
+    /// The UNet's ControlNet-residual inputs, in diffusers' `down_block_res_samples` order, the
+    /// mid-block residual (`mid_block_additional_residual`) last. Empty in sets without ControlNets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control_slots: Vec<ResidualSlot>,
+    /// The set's ControlNets (per-step conditioners); their outputs feed [`Manifest::control_slots`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controlnets: Vec<ControlNetSpec>,
     /// The directory the manifest was loaded from; every path above is relative to it.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -191,6 +198,8 @@ pub enum Role {
     TextEncoder,
     /// A T2I-Adapter: condition image → residual features, once per request.
     Adapter,
+    /// A ControlNet: noisy latents, text and a control image → UNet residuals, at every step.
+    ControlNet,
     /// The denoiser, called at every step.
     Unet,
     /// Latents → image.
@@ -205,7 +214,7 @@ impl Role {
         match self {
             Role::TextEncoder => BatchRule::Prompts,
             Role::Adapter | Role::VaeEncoder => BatchRule::One,
-            Role::Unet => BatchRule::GuidedSamples,
+            Role::Unet | Role::ControlNet => BatchRule::GuidedSamples,
             Role::VaeDecoder => BatchRule::Samples,
         }
     }
@@ -232,16 +241,19 @@ pub enum BatchRule {
 #[derive(Debug, Clone, Copy)]
 pub struct SetGraph<'a> {
     pub role: Role,
-    /// For text encoders and adapters, the name inside the role (`text_encoder_2`, `sketch`).
+    /// For text encoders, adapters and ControlNets, the name inside the role (`text_encoder_2`,
+    /// `sketch`, `canny`).
     pub key: &'a str,
     pub spec: &'a GraphSpec,
 }
 
 impl SetGraph<'_> {
-    /// The display name: `adapter_NAME` for adapters, the role's or encoder's name otherwise.
+    /// The display name: `adapter_NAME` for adapters, `controlnet_NAME` for ControlNets, the
+    /// role's or encoder's name otherwise.
     pub fn name(&self) -> String {
         match self.role {
             Role::Adapter => format!("adapter_{}", self.key),
+            Role::ControlNet => format!("controlnet_{}", self.key),
             _ => self.key.to_string(),
         }
     }
@@ -273,6 +285,21 @@ pub struct AdapterSpec {
     pub downscale_factor: u32,
     /// Feature `i` of this adapter feeds `residual_slots[i]`.
     pub residual_slots: Vec<usize>,
+    pub graph: GraphSpec,
+}
+
+/// One ControlNet (diffusers' `ControlNetModel`), exported as a graph with inputs `sample`,
+/// `timestep`, `encoder_hidden_states` (SDXL: also `text_embeds`, `time_ids`), `controlnet_cond`
+/// [b, 3, H, W] in [0, 1] and `scales` [slots], and one output per control slot, named like the
+/// UNet input it feeds: the residuals at `conditioning_scale = 1`, output `i` times `scales[i]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlNetSpec {
+    pub name: String,
+    /// Channels of the control image (3: RGB, diffusers' `control_image_processor`).
+    pub conditioning_channels: usize,
+    /// diffusers' guess-mode scales, `torch.logspace(-1, 0, slots)` as float32, one per control
+    /// slot (the mid-block residual's last).
+    pub guess_mode_scales: Vec<f32>,
     pub graph: GraphSpec,
 }
 
@@ -443,8 +470,8 @@ impl Manifest {
     }
 
     /// Every graph of the set, by role: the text encoders in manifest order, the UNet, the VAE
-    /// decoder and encoder, the adapters in manifest order. The one place that knows where each
-    /// role lives in the manifest.
+    /// decoder and encoder, the adapters, then the ControlNets, in manifest order. The one place
+    /// that knows where each role lives in the manifest.
     pub fn set_graphs(&self) -> Vec<SetGraph<'_>> {
         let mut graphs: Vec<SetGraph<'_>> = self
             .text_encoders
@@ -457,6 +484,11 @@ impl Manifest {
             graphs.push(SetGraph { role: Role::VaeEncoder, key: "vae_encoder", spec });
         }
         graphs.extend(self.adapters.iter().map(|a| SetGraph { role: Role::Adapter, key: &a.name, spec: &a.graph }));
+        graphs.extend(self.controlnets.iter().map(|c| SetGraph {
+            role: Role::ControlNet,
+            key: &c.name,
+            spec: &c.graph,
+        }));
         graphs
     }
 
@@ -475,6 +507,11 @@ impl Manifest {
     /// masked-image latents concatenated on the channel axis).
     pub fn inpainting_unet(&self) -> bool {
         self.unet_sample_channels() == Some(2 * self.latent.channels + 1)
+    }
+
+    /// The ControlNet called `name`, if the graph set has one.
+    pub fn controlnet(&self, name: &str) -> Option<&ControlNetSpec> {
+        self.controlnets.iter().find(|c| c.name == name)
     }
 
     /// The adapter called `name`, if the graph set has one.
@@ -648,6 +685,84 @@ impl Manifest {
                 }
             }
         }
+        self.check_controlnets()
+    }
+
+    /// ControlNets and their slots: valid unique names, slots that are UNet inputs, graphs that
+    /// take what the pipeline feeds and give one output per slot, named like it.
+    fn check_controlnets(&self) -> std::result::Result<(), String> {
+        let unet = &self.graphs.unet.inputs;
+        let unet_takes = |name: &str| unet.iter().any(|t| t.name == name);
+        let mut inputs = std::collections::HashSet::new();
+        for slot in &self.control_slots {
+            if !unet_takes(&slot.input) {
+                return Err(format!("control slot {} is not an input of the unet graph", slot.input));
+            }
+            if !inputs.insert(slot.input.as_str()) || self.residual_slots.iter().any(|r| r.input == slot.input) {
+                return Err(format!("control slot input {} is used twice; re-export the graph set", slot.input));
+            }
+        }
+        if !self.controlnets.is_empty() && self.control_slots.is_empty() {
+            return Err("the manifest lists controlnets but no control_slots; re-export the graph set".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for net in &self.controlnets {
+            let valid =
+                !net.name.is_empty() && net.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(format!("controlnet name {:?} must match [A-Za-z0-9_-]+", net.name));
+            }
+            if !names.insert(net.name.as_str()) {
+                return Err(format!("controlnet name {:?} appears twice", net.name));
+            }
+            if net.conditioning_channels != 3 {
+                return Err(format!(
+                    "controlnet {} has conditioning_channels {}; this runtime feeds RGB control images (3)",
+                    net.name, net.conditioning_channels
+                ));
+            }
+            if net.guess_mode_scales.len() != self.control_slots.len() {
+                return Err(format!(
+                    "controlnet {} has {} guess_mode_scales but the set has {} control_slots; re-export the graph set",
+                    net.name,
+                    net.guess_mode_scales.len(),
+                    self.control_slots.len()
+                ));
+            }
+            if net.guess_mode_scales.iter().any(|s| !s.is_finite()) {
+                return Err(format!("controlnet {} has a guess_mode_scale that is not a number", net.name));
+            }
+            let takes = |name: &str| net.graph.inputs.iter().any(|t| t.name == name);
+            for name in ["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "scales"] {
+                if !takes(name) {
+                    return Err(format!(
+                        "the controlnet_{} graph has no {name} input; re-export the graph set",
+                        net.name
+                    ));
+                }
+            }
+            for name in ["text_embeds", "time_ids"] {
+                if takes(name) != unet_takes(name) {
+                    return Err(format!(
+                        "the controlnet_{} graph {} {name} but the unet {}; re-export the graph set",
+                        net.name,
+                        if takes(name) { "takes" } else { "does not take" },
+                        if unet_takes(name) { "does" } else { "does not" }
+                    ));
+                }
+            }
+            let outputs: Vec<&str> = net.graph.outputs.iter().map(|t| t.name.as_str()).collect();
+            let slots: Vec<&str> = self.control_slots.iter().map(|s| s.input.as_str()).collect();
+            if outputs != slots {
+                return Err(format!(
+                    "the controlnet_{} graph's outputs ({}) must be the control slots in order ({}); re-export the \
+                     graph set",
+                    net.name,
+                    outputs.join(", "),
+                    slots.join(", ")
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -662,7 +777,7 @@ pub const MANIFEST_BOUNDS: [(&str, u64); 7] = [
     ("residual_slots[].channels", 16384),
     ("residual_slots[].downscale", 64),
     ("tokenizer.max_length", 4096),
-    ("graphs (text encoders + adapters)", 256),
+    ("graphs (text encoders + adapters + controlnets)", 256),
 ];
 
 /// Largest `manifest.json` accepted, in bytes (real ones are under 100 KB).
@@ -714,14 +829,17 @@ impl Manifest {
         within("latent.channels", self.latent.channels as u64)?;
         within("latent.downscale", self.latent.downscale.into())?;
         within("size_multiple", self.size_multiple.into())?;
-        for slot in &self.residual_slots {
+        for slot in self.residual_slots.iter().chain(&self.control_slots) {
             within("residual_slots[].channels", slot.channels as u64)?;
             within("residual_slots[].downscale", slot.downscale.into())?;
         }
         for encoder in &self.text_encoders {
             within("tokenizer.max_length", encoder.tokenizer.max_length as u64)?;
         }
-        within("graphs (text encoders + adapters)", (self.text_encoders.len() + self.adapters.len()).max(1) as u64)?;
+        within(
+            "graphs (text encoders + adapters + controlnets)",
+            (self.text_encoders.len() + self.adapters.len() + self.controlnets.len()).max(1) as u64,
+        )?;
         for adapter in &self.adapters {
             if !(1..=1024).contains(&adapter.downscale_factor) {
                 return Err(format!(
@@ -856,6 +974,8 @@ mod tests {
             residual_slots: vec![],
             graphs: Graphs { unet: unet(4), vae_decoder: graph("vae_decoder.onnx"), vae_encoder: None },
             adapters: vec![],
+            control_slots: vec![],
+            controlnets: vec![],
             dir: dir.to_path_buf(),
         }
     }
@@ -967,6 +1087,56 @@ mod tests {
                 (Role::VaeEncoder, "vae_encoder".to_string(), BatchRule::One),
             ]
         );
+    }
+
+    /// A UNet with control inputs and a ControlNet that feeds them.
+    fn with_controlnet(m: &mut Manifest) {
+        let slots = ["control_down_0", "control_mid"];
+        m.control_slots =
+            slots.iter().map(|s| ResidualSlot { input: s.to_string(), channels: 8, downscale: 1 }).collect();
+        m.graphs.unet.inputs.extend(slots.iter().map(|s| tensor(s, vec![])));
+        m.controlnets.push(ControlNetSpec {
+            name: "canny".into(),
+            conditioning_channels: 3,
+            guess_mode_scales: vec![0.1, 1.0],
+            graph: GraphSpec {
+                inputs: ["sample", "timestep", "encoder_hidden_states", "controlnet_cond", "scales"]
+                    .iter()
+                    .map(|n| tensor(n, vec![]))
+                    .collect(),
+                outputs: slots.iter().map(|s| tensor(s, vec![])).collect(),
+                ..graph("controlnet_canny.onnx")
+            },
+        });
+    }
+
+    #[test]
+    fn controlnets_are_checked_against_their_slots() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        with_controlnet(&mut m);
+        assert!(m.check_consistency().is_ok());
+        let g = m.set_graphs().into_iter().find(|g| g.role == Role::ControlNet).unwrap();
+        assert_eq!((g.name(), g.batch()), ("controlnet_canny".to_string(), BatchRule::GuidedSamples));
+        assert!(m.files().iter().any(|f| f.file == "controlnet_canny.onnx"));
+        type Break = fn(&mut Manifest);
+        let broken: [(&str, Break); 7] = [
+            ("no control_slots", |m| m.control_slots.clear()),
+            ("2 control_slots", |m| m.controlnets[0].guess_mode_scales.push(1.0)),
+            ("must match [A-Za-z0-9_-]+", |m| m.controlnets[0].name = "../x".into()),
+            ("appears twice", |m| m.controlnets.push(m.controlnets[0].clone())),
+            ("no controlnet_cond input", |m| m.controlnets[0].graph.inputs.retain(|t| t.name != "controlnet_cond")),
+            ("must be the control slots in order", |m| m.controlnets[0].graph.outputs.reverse()),
+            ("is not an input of the unet", |m| m.graphs.unet.inputs.retain(|t| t.name != "control_mid")),
+        ];
+        for (expect, breaks) in broken {
+            let mut m = m.clone();
+            breaks(&mut m);
+            let message = m.check_consistency().unwrap_err();
+            assert!(message.contains(expect), "{expect}: {message}");
+        }
+        let mut outside = m.clone();
+        outside.controlnets[0].graph.file = "../controlnet.onnx".into();
+        assert!(outside.files().iter().any(|f| outside.resolve(f.file).is_err()));
     }
 
     #[test]

@@ -253,7 +253,10 @@ impl Model {
             unet: single(Role::Unet)?.ok_or_else(|| missing(Role::Unet))?,
             vae_decoder: single(Role::VaeDecoder)?.ok_or_else(|| missing(Role::VaeDecoder))?,
             vae_encoder: single(Role::VaeEncoder)?,
-            conditioners: ConditionerSessions { adapters: open(Role::Adapter)?.into_iter().map(|(_, s)| s).collect() },
+            conditioners: ConditionerSessions {
+                adapters: open(Role::Adapter)?.into_iter().map(|(_, s)| s).collect(),
+                controlnets: open(Role::ControlNet)?.into_iter().map(|(_, s)| s).collect(),
+            },
         })
     }
 }

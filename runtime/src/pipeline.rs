@@ -4,7 +4,8 @@
 //! `StableDiffusionAdapterPipeline.__call__` (pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py)
 //! step for step, `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline` for the
 //! start, plus `cond_tau` with the semantics of `StableDiffusionXLAdapterPipeline`'s
-//! `adapter_conditioning_factor`.
+//! `adapter_conditioning_factor`, and `StableDiffusionControlNetPipeline` for ControlNets
+//! (per-step conditioners, [`crate::controlnet`]).
 //!
 //! SD 1.x, SD 2.x and SDXL run through this one loop: what differs comes from the manifest.
 
@@ -16,6 +17,7 @@ use ndarray::{Array4, ArrayD, IxDyn};
 
 use crate::backend::TensorView;
 use crate::conditioning::{adapter_calls, Call, Conditioner, Feed, T2iAdapters};
+use crate::controlnet::{ControlNets, ControlParams};
 use crate::error::{check_finite, Error, Result, Stage};
 use crate::guidance::Guidance;
 use crate::latents::{start, Inpainting, StartParams};
@@ -53,9 +55,12 @@ pub struct Timings {
     pub vae_encode: Duration,
     /// The UNet graph, per model call.
     pub unet: Vec<Duration>,
+    /// The ControlNet graphs and summing their residuals, per model call; empty when the request
+    /// has no ControlNet.
+    pub controlnet: Vec<Duration>,
     /// `scale_model_input` + `step`, per model call.
     pub scheduler: Vec<Duration>,
-    /// Everything else in the loop, per model call: the guidance batch, conditioner inputs,
+    /// Everything else in the loop, per model call: the guidance batch, binding conditioner inputs,
     /// combining the guidance halves, inpainting, progress.
     pub loop_other: Vec<Duration>,
     /// The VAE decoder graph and conversion to 8-bit images.
@@ -167,7 +172,7 @@ impl Pipeline {
     fn prepare(&mut self, checked: CheckedRequest, timings: &mut Timings) -> Result<Prepared> {
         let model = self.model.clone();
         let manifest = model.manifest();
-        let CheckedRequest { request, width, height, adapters, scheduler, first_step, init } = checked;
+        let CheckedRequest { request, width, height, adapters, controls, scheduler, first_step, init } = checked;
         let guidance = Guidance { scale: request.guidance, rescale: request.guidance_rescale };
         let n = request.n_samples;
         let batch = if guidance.on() { 2 * n } else { n };
@@ -188,8 +193,20 @@ impl Pipeline {
         let clock = Instant::now();
         let calls = adapter_calls(request.steps, request.cond_tau);
         let t2i = T2iAdapters::prepare(manifest, &adapters, &mut self.sessions.conditioners, batch, latent_hw, calls)?;
-        let conditioners: Vec<Box<dyn Conditioner>> = vec![Box::new(t2i)];
+        let mut conditioners: Vec<Box<dyn Conditioner>> = vec![Box::new(t2i)];
         timings.adapters = clock.elapsed();
+        if !manifest.control_slots.is_empty() {
+            let params = ControlParams {
+                start: request.control_start,
+                end: request.control_end,
+                guess_mode: request.guess_mode,
+                guided: guidance.on(),
+                n,
+                latent_hw,
+                total: scheduler.num_steps() - first_step,
+            };
+            conditioners.push(Box::new(ControlNets::prepare(manifest, controls, text.clone(), &params)));
+        }
 
         let clock = Instant::now();
         let mut rng = request.rng.generator(request.seed);
@@ -249,16 +266,23 @@ impl Pipeline {
                 let clock = Instant::now();
                 scheduler.scale_model_input(&mut model_input, step);
                 let mut scheduler_time = clock.elapsed();
-                if let Some(inpainting) = &inpainting {
-                    model_input = inpainting.extend_input(model_input)?;
-                }
+                // ControlNets take the scaled latents before an inpainting UNet's extra channels
+                // (pipeline_controlnet_inpaint.py: `control_model_input = latent_model_input`).
                 let call = Call { index, timestep: t, sample: model_input.view() };
+                let mut graph_time: Option<Duration> = None;
                 for conditioner in conditioners.iter_mut() {
-                    if let Feed::Bind(inputs) = conditioner.feed(&call, &mut sessions.conditioners)? {
+                    let feed = conditioner.feed(&call, &mut sessions.conditioners)?;
+                    if let Some(time) = conditioner.graph_time() {
+                        graph_time = Some(graph_time.unwrap_or_default() + time);
+                    }
+                    if let Feed::Bind(inputs) = feed {
                         let views: Vec<(&str, TensorView<'_>)> =
                             inputs.iter().map(|(name, value)| (name.as_str(), TensorView::F32(value.view()))).collect();
                         sessions.unet.bind(&views)?;
                     }
+                }
+                if let Some(inpainting) = &inpainting {
+                    model_input = inpainting.extend_input(model_input)?;
                 }
                 let timestep = ArrayD::from_elem(IxDyn(&[model_input.shape()[0]]), t);
                 let inputs =
@@ -285,7 +309,13 @@ impl Pipeline {
                 }
                 timings.unet.push(unet_time);
                 timings.scheduler.push(scheduler_time);
-                timings.loop_other.push(step_start.elapsed().saturating_sub(unet_time + scheduler_time));
+                let conditioner_time = graph_time.unwrap_or_default();
+                if let Some(time) = graph_time {
+                    timings.controlnet.push(time);
+                }
+                timings
+                    .loop_other
+                    .push(step_start.elapsed().saturating_sub(unet_time + scheduler_time + conditioner_time));
             }
             Ok(())
         };

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use crate::adapter::{round_to, AdapterRequest, AdapterSet, ConditionSource};
 use crate::condition::{ConditionImage, ConditionKind};
 use crate::conditioning::python_float;
+use crate::controlnet::{ControlRequest, ControlSet};
 use crate::error::{Error, Field, Result};
 use crate::limits::Limits;
 use crate::manifest::Manifest;
@@ -34,6 +35,20 @@ pub struct Request {
     /// Samplers with two model calls per step (Heun) count calls, as diffusers' loop does. With an
     /// init image, calls count from the first one that runs.
     pub cond_tau: f32,
+    /// ControlNets, each with a control image and a scale (diffusers' `controlnet_conditioning_scale`);
+    /// several are summed like diffusers' `MultiControlNetModel`. Names are the graph set's
+    /// (`Manifest::controlnets`).
+    pub controls: Vec<ControlRequest>,
+    /// The fraction of the model calls at which the ControlNets start and stop applying, with
+    /// `0 ≤ start < end ≤ 1` (diffusers' `control_guidance_start` / `control_guidance_end`): call `i`
+    /// of `total` is skipped when `i / total < start` or `(i + 1) / total > end`, in Python's float
+    /// arithmetic on the decimals given. Calls count as in `cond_tau`.
+    pub control_start: f32,
+    pub control_end: f32,
+    /// diffusers' `guess_mode`: the ControlNets see only the conditional half of the guidance
+    /// batch (the unconditional half gets no residuals), and their residuals are scaled from 0.1
+    /// (first down block) to 1.0 (mid block). Needs at least one control.
+    pub guess_mode: bool,
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is off at ≤ 1 (one UNet batch half instead of two).
     pub guidance: f32,
@@ -142,6 +157,7 @@ pub struct CheckedRequest {
     pub width: u32,
     pub height: u32,
     pub(crate) adapters: AdapterSet,
+    pub(crate) controls: ControlSet,
     /// Built for the request's steps; its [`kind`](crate::scheduler::Scheduler::kind) is what runs.
     pub(crate) scheduler: Box<dyn Scheduler>,
     /// The first step index the sampler runs: 0 for txt2img, later with an init image.
@@ -181,6 +197,10 @@ impl Request {
             negative_prompt: None,
             adapters: Vec::new(),
             cond_tau: 1.0,
+            controls: Vec::new(),
+            control_start: 0.0,
+            control_end: 1.0,
+            guess_mode: false,
             steps: 50,
             guidance: 7.5,
             guidance_rescale: 0.0,
@@ -203,6 +223,7 @@ impl Request {
     /// The output size, as diffusers picks it: a missing width or height comes from the init
     /// image when there is one (img2img and inpainting keep the image's size), else from the first
     /// adapter's condition image (`StableDiffusion(XL)AdapterPipeline._default_height_width`), else
+    /// from the first control image (diffusers' ControlNet pipelines take its size), else
     /// from the graph set's `default_size` (the UNet's sample size). diffusers rounds an image side
     /// down to a multiple of what the model needs; a side that is not already such a multiple would
     /// give a size this set cannot draw (or one other than diffusers'), so it is an error naming the
@@ -211,10 +232,13 @@ impl Request {
         if let (Some(w), Some(h)) = (self.width, self.height) {
             return Ok((w, h));
         }
-        let (source, what) = match (&self.init_image, self.adapters.first()) {
-            (Some(init), _) => (init, "the init image"),
-            (None, Some(first)) => (&first.image, "the first condition image (as diffusers' adapter pipelines do)"),
-            (None, None) => {
+        let (source, what) = match (&self.init_image, self.adapters.first(), self.controls.first()) {
+            (Some(init), _, _) => (init, "the init image"),
+            (None, Some(first), _) => (&first.image, "the first condition image (as diffusers' adapter pipelines do)"),
+            (None, None, Some(first)) => {
+                (&first.image, "the first control image (as diffusers' ControlNet pipelines do)")
+            }
+            (None, None, None) => {
                 return Ok((self.width.unwrap_or(m.default_size[0]), self.height.unwrap_or(m.default_size[1])))
             }
         };
@@ -245,11 +269,13 @@ impl Request {
     /// Checks this request against a graph set's manifest and `limits` without running anything,
     /// and prepares what the run needs. Sizes, counts and lengths are checked against the limits
     /// first (nothing is allocated for a request that exceeds one), then steps, guidance,
-    /// cond_tau, latents, sampler configuration, strength, adapter names, weights and condition
-    /// images, init image and mask.
+    /// cond_tau, the control range and guess mode, latents, sampler configuration, strength, init
+    /// image and mask, adapter names, weights and condition images, ControlNet names, scales and
+    /// control images.
     pub fn check(&self, m: &Manifest, limits: &Limits) -> Result<CheckedRequest> {
         limits.check_steps(self.steps)?;
         limits.check_adapters(self.adapters.len())?;
+        limits.check_controls(self.controls.len())?;
         limits.check_prompt("prompt", &self.prompt)?;
         if let Some(negative) = &self.negative_prompt {
             limits.check_prompt("negative prompt", negative)?;
@@ -310,7 +336,8 @@ impl Request {
         let first_step = self.first_step(m, scheduler.as_ref())?;
         let init = self.init_image(m, limits, width, height)?;
         let adapters = AdapterSet::build_within(m, &self.adapters, width, height, limits)?;
-        Ok(CheckedRequest { request: self.clone(), width, height, adapters, scheduler, first_step, init })
+        let controls = ControlSet::build(m, &self.controls, width, height, limits)?;
+        Ok(CheckedRequest { request: self.clone(), width, height, adapters, controls, scheduler, first_step, init })
     }
 
     /// The scalar fields' ranges.
@@ -335,6 +362,23 @@ impl Request {
         }
         if !(self.eta.is_finite() && self.eta >= 0.0) {
             return Err(Error::request(Field::Eta, format!("eta {} must be a number ≥ 0", self.eta)));
+        }
+        let (start, end) = (self.control_start, self.control_end);
+        if !(0.0 <= start && start < end && end <= 1.0) {
+            return Err(Error::request(
+                Field::ControlRange,
+                format!(
+                    "control_start {start} and control_end {end} must satisfy 0 ≤ start < end ≤ 1 (the fractions of \
+                     the steps where the ControlNets apply; defaults 0 and 1)"
+                ),
+            ));
+        }
+        if self.guess_mode && self.controls.is_empty() {
+            return Err(Error::request(
+                Field::GuessMode,
+                "guess_mode changes how ControlNets apply, and this request has none; attach a control or drop \
+                 guess_mode",
+            ));
         }
         Ok(())
     }

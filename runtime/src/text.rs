@@ -22,6 +22,7 @@ pub struct TextEmbeddings {
 }
 
 /// The UNet's text inputs for one request, one row per UNet batch row.
+#[derive(Clone)]
 pub(crate) struct TextConditioning {
     pub hidden: ArrayD<f32>,
     pub text_embeds: Option<ArrayD<f32>>,

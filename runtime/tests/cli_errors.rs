@@ -81,6 +81,18 @@ fn request_errors_are_one_line_and_write_nothing() {
         "unknown adapter \"lineart\"; this graph set has: ",
     );
     fails("unreadable-image", &set, &["--adapter", "sketch=/nonexistent.png"], &[], "/nonexistent.png");
+    let edges = fixture("conditions/sketch.png");
+    fails(
+        "unknown-control",
+        &set,
+        &["--control", &format!("softedge={edges}")],
+        &[],
+        "unknown ControlNet \"softedge\"; this graph set has: ",
+    );
+    fails("bad-control-arg", &set, &["--control", "canny"], &[], "must look like NAME=IMAGE[:SCALE]");
+    fails("control-range", &set, &["--control-start", "0.5", "--control-end", "0.5"], &[], "0 ≤ start < end ≤ 1");
+    fails("control-end-above-1", &set, &["--control-end", "1.5"], &[], "control_start 0 and control_end 1.5");
+    fails("guess-mode-alone", &set, &["--guess-mode"], &[], "attach a control or drop guess_mode");
     let not_image = temp_dir("not-image").join("x.png");
     std::fs::write(&not_image, b"not a png").unwrap();
     fails("not-an-image", &set, &["--adapter", &format!("sketch={}", not_image.display())], &[], "x.png");
@@ -259,10 +271,20 @@ fn broken_graph_sets_are_refused() {
     std::fs::remove_file(missing.join("vae_decoder.onnx")).unwrap();
     fails("missing-graph", &missing, &[], &[], "vae_decoder.onnx is listed in the manifest but missing");
 
+    let no_slots = copy_set("controlnet-no-slots");
+    edit_manifest(&no_slots, |m| {
+        m["control_slots"] = serde_json::json!([]);
+        m["controlnets"] = serde_json::json!([{
+            "name": "canny", "conditioning_channels": 3, "guess_mode_scales": [],
+            "graph": { "file": "unet.onnx", "inputs": [], "outputs": [] }
+        }]);
+    });
+    fails("controlnet-no-slots", &no_slots, &["--no-verify"], &[], "lists controlnets but no control_slots");
+
     let version = copy_set("version");
     edit_manifest(&version, |m| m["format_version"] = 99.into());
     fails("format-version", &version, &[], &[], "format_version 99");
-    for dir in [escape, renamed, corrupt, missing, version] {
+    for dir in [escape, renamed, corrupt, missing, no_slots, version] {
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -1,6 +1,7 @@
 //! Every graph of every tiny set (SD 1.x, SD 2.x, SDXL), run by each backend on the inputs diffusers
 //! saw, equals the torch module's outputs (graphs/fixtures/tiny-*/graph_*/, written by
-//! `python -m t2i_export tiny`).
+//! `python -m t2i_export tiny`). Graphs are found through `Manifest::set_graphs`, so adapters
+//! (`graph_adapter_NAME/`) and ControlNets (`graph_controlnet_NAME/`) are checked alike.
 //!
 //! Tolerance: relative L2 ≤ 1e-5 and max abs ≤ 1e-4 × max(1, max |expected|). Both sides compute
 //! in float32; the only differences are summation order and kernel choice (im2col, GEMM blocking,
@@ -59,7 +60,10 @@ fn check_set(kind: BackendKind, set: &str) {
         checked += 1;
     }
     let encoder = usize::from(manifest.graphs.vae_encoder.is_some());
-    assert_eq!(checked, manifest.text_encoders.len() + 2 + encoder + manifest.adapters.len());
+    assert_eq!(
+        checked,
+        manifest.text_encoders.len() + 2 + encoder + manifest.adapters.len() + manifest.controlnets.len()
+    );
     // Every family set ships adapters; the inpainting set is a UNet variant without any.
     assert!(!manifest.adapters.is_empty() || manifest.inpainting_unet(), "{set} has no adapters");
 }

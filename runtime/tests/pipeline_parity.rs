@@ -19,6 +19,10 @@
 //! components (no diffusers pipeline combines them). The VAE posterior sample, the noise and the
 //! masked image's sample are drawn from the one generator in diffusers' order.
 //!
+//! ControlNets (cases with `controls`, when the set ships them) against
+//! `StableDiffusionControlNetPipeline`: scales, `control_guidance_start/end`, guess mode and
+//! several ControlNets at once, with the same tolerances.
+//!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
 //! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
 //! differences compound over the steps) and the same 2/255 pixel bound.
@@ -41,7 +45,7 @@ use t2i_rt::backend::BackendKind;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
-use t2i_rt::{LoadOptions, Pipeline, Request, SizeConditioning};
+use t2i_rt::{ControlRequest, LoadOptions, Pipeline, Request, SizeConditioning};
 
 #[derive(Deserialize)]
 struct Case {
@@ -79,6 +83,22 @@ struct Case {
     mask: Option<String>,
     #[serde(default)]
     strength: Option<f32>,
+    /// ControlNets (`StableDiffusionControlNetPipeline`): name, control image, scale.
+    #[serde(default)]
+    controls: Vec<CaseControl>,
+    #[serde(default)]
+    control_start: Option<f32>,
+    #[serde(default)]
+    control_end: Option<f32>,
+    #[serde(default)]
+    guess_mode: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct CaseControl {
+    name: String,
+    image: String,
+    scale: f32,
 }
 
 /// diffusers' SDXL size conditioning: (height, width) / (top, left) pairs.
@@ -164,8 +184,20 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
     if set == "tiny-sd1-inpaint" {
         assert!(cases.iter().filter(inpaint).any(|c| c.reference == "pipeline"), "no 9-channel inpaint case");
     }
-    for case in cases.iter().filter(|c| !(graphs.ends_with("-fp16") && FP16_ROUNDING_BOUND.contains(&c.name.as_str())))
-    {
+    // A set that ships ControlNets must prove them against diffusers' ControlNet pipeline.
+    if !pipeline.manifest().controlnets.is_empty() && graphs == set {
+        assert!(
+            cases.iter().any(|c| !c.controls.is_empty() && c.reference == "pipeline"),
+            "{set} has ControlNets but no ControlNet case"
+        );
+    }
+    // A variant export of the same weights (the fp16 set) may ship without the ControlNets; their
+    // cases are then the full-precision set's alone.
+    let has_controlnets = !pipeline.manifest().controlnets.is_empty();
+    for case in cases.iter().filter(|c| {
+        !(graphs.ends_with("-fp16") && FP16_ROUNDING_BOUND.contains(&c.name.as_str()))
+            && (c.controls.is_empty() || has_controlnets || graphs == set)
+    }) {
         let mut request = Request::new(case.prompt.clone());
         request.negative_prompt = case.negative_prompt.clone();
         request.adapters = case
@@ -219,6 +251,22 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
             .map(|path| ConditionSource::Pixels(ConditionImage::open(&fixture(path), ConditionKind::Rgb).unwrap()));
         request.mask = case.mask.as_ref().map(|path| ConditionSource::File(fixture(path)));
         request.strength = case.strength;
+        request.controls = case
+            .controls
+            .iter()
+            .map(|c| ControlRequest {
+                name: c.name.clone(),
+                image: ConditionSource::File(fixture(&c.image)),
+                scale: c.scale,
+            })
+            .collect();
+        if let Some(start) = case.control_start {
+            request.control_start = start;
+        }
+        if let Some(end) = case.control_end {
+            request.control_end = end;
+        }
+        request.guess_mode = case.guess_mode.unwrap_or(false);
         let generation = pipeline.run(&request, &mut |_| true).unwrap();
 
         let expected: ArrayD<f32> = ndarray_npy::read_npy(fixture(&case.expected_latents)).unwrap();
