@@ -20,9 +20,9 @@ from .unet import ResidualSlot
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, kind: str = "adapter") -> None:
     if not NAME_RE.fullmatch(name):
-        raise ExportError(f"adapter name {name!r} is invalid: use only letters, digits, '_' and '-'")
+        raise ExportError(f"{kind} name {name!r} is invalid: use only letters, digits, '_' and '-'")
 
 
 class AdapterGraph(torch.nn.Module):

@@ -12,11 +12,15 @@ from .errors import ExportError
 from .precision import PRECISIONS
 
 
-def _adapter_arg(text: str) -> tuple[str, Path]:
+def _adapter_arg(text: str, flag: str = "--adapter") -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--adapter {text!r}: expected NAME=DIR")
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected NAME=DIR")
     return name, Path(path)
+
+
+def _controlnet_arg(text: str) -> tuple[str, Path]:
+    return _adapter_arg(text, "--controlnet")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--model", type=Path, required=True, help="diffusers pipeline dir (model_index.json, unet/, vae/, ...)")
     pp.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=DIR",
                     help="a diffusers T2IAdapter dir, exported as adapter_NAME.onnx (repeatable)")
+    pp.add_argument("--controlnet", type=_controlnet_arg, action="append", default=[], metavar="NAME=DIR",
+                    help="a diffusers ControlNetModel dir of the same base model, exported as controlnet_NAME.onnx; the "
+                    "UNet then also takes ControlNet residuals, so adapters and ControlNets combine on one UNet graph "
+                    "(repeatable: t2i-rt run --control NAME=IMAGE sums several, as MultiControlNet)")
     pp.add_argument("--out", type=Path, required=True, help="graph-set directory to write")
     pp.add_argument("--name", help="manifest name (default: the --out directory's name)")
     pp.add_argument("--vae", type=Path, metavar="DIR",
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 precision=args.precision,
                 compact_weights=args.compact_weights,
                 strip_names=args.strip_names,
+                controlnets=args.controlnet,
             )
             print(f"wrote {out}")
         elif args.command == "tiny":

@@ -34,6 +34,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from .adapter import AdapterGraph, feature_count
+from .controlnet import ControlNetGraph, control_slots
+from .controlnet import example_inputs as control_example
+from .controlnet import io_spec as control_io
 from .errors import ExportError
 from .reference import Case, Oracle, decode_images, load_condition, pipeline_size, reference_pipeline_name, run, run_image
 from .text_encoder import POOLED_OUTPUT, TextEncoderGraph
@@ -349,13 +352,53 @@ SD1_INPAINT_CASES = [
          steps=5, scheduler="ddim", strength=0.6, n_samples=2, mask="mask", seed=502),
 ]
 
+# ControlNet (tiny-sd1's "canny", `tiny.build_controlnet`): StableDiffusionControlNetPipeline for one
+# ControlNet, for two (MultiControlNetModel: the same net on two images, summed) with
+# control_guidance_start/end under Heun (whose two calls per step count separately), and in guess mode;
+# with a T2I-Adapter through the loop (`reference._denoise`: no diffusers pipeline runs both);
+# StableDiffusionControlNetImg2ImgPipeline; and no size given (the control image's, 128x64), two
+# images, a stochastic sampler and every draw from the seed. "controls" entries are (name, scale,
+# condition image key).
+_CONTROL_CASE = dict(negative_prompt="blurry, low quality", adapters=[], cond_tau=1.0, guidance=7.5, width=64, height=64,
+                     n_samples=1, reference="pipeline")
+SD1_CONTROL_CASES = [
+    dict(_CONTROL_CASE, name="ca_controlnet_euler_pipeline", prompt="a red house on a green hill, oil painting",
+         controls=[("canny", 1.0, "control")], steps=6, scheduler="euler", seed=131),
+    dict(_CONTROL_CASE, name="cb_multi_controlnet_heun_start_end_pipeline", prompt="a lighthouse by the sea",
+         controls=[("canny", 1.0, "control"), ("canny", 0.6, "color")], control_start=0.2, control_end=0.8, steps=4,
+         scheduler="heun", seed=132),
+    dict(_CONTROL_CASE, name="cc_controlnet_guess_mode_dpmpp_2m_pipeline", prompt="a cat sitting on a chair",
+         controls=[("canny", 0.8, "control")], guess_mode=True, steps=6, guidance=5.0, scheduler="dpmpp-2m", seed=133),
+    dict(_CONTROL_CASE, name="cd_controlnet_sketch_adapter_ddim_loop", prompt="a bowl of fruit on a wooden table",
+         adapters=[("sketch", 1.0)], controls=[("canny", 0.7, "control")], control_end=0.5, steps=6, scheduler="ddim",
+         seed=134, reference="loop"),
+    dict(_CONTROL_CASE, name="ce_controlnet_img2img_ddim_pipeline", prompt="a red house on a green hill, oil painting",
+         controls=[("canny", 1.0, "control")], steps=6, scheduler="ddim", strength=0.7, init_image="init",
+         generator=True, seed=135),
+    dict(_CONTROL_CASE, name="cf_controlnet_default_size_euler_a_generator_pipeline", prompt="a mountain landscape",
+         negative_prompt=None, controls=[("canny", 0.9, "control")], width=None, height=None, n_samples=2, steps=5,
+         scheduler="euler-a", generator=True, seed=136),
+]
+
+# SDXL: StableDiffusionXLControlNetPipeline with tiny-sdxl's "edges" ControlNet (it also takes
+# text_embeds and time_ids): plain with the zero negative embeddings, and guess mode with a negative
+# prompt and size conditioning (the ControlNet then sees the conditional half of both).
+SDXL_CONTROL_CASES = [
+    dict(_CONTROL_CASE, name="f_sdxl_controlnet_euler_pipeline", prompt="a red house on a green hill, oil painting",
+         negative_prompt=None, controls=[("edges", 0.9, "control")], steps=6, guidance=5.0, scheduler="euler", seed=406),
+    dict(_CONTROL_CASE, name="g_sdxl_controlnet_guess_mode_ddim_size_cond_pipeline", prompt="a lighthouse by the sea",
+         controls=[("edges", 1.0, "control")], guess_mode=True, steps=5, guidance=6.0, scheduler="ddim", seed=407,
+         size_cond=dict(original_size=(128, 96), crops_coords_top_left=(8, 4), target_size=(64, 64),
+                        negative_original_size=(32, 32), negative_target_size=(64, 64))),
+]
+
 # The generator cases need torch's AVX2 normal_ kernel (what the runtime's torch-cpu reproduces).
 TORCH_CPU_CAPABILITIES = ("AVX2", "AVX512")
 
 CASES_BY_FAMILY = {
-    "sd1": CASES + SAMPLER_CASES + GENERATOR_CASES + SD1_IMAGE_CASES,
+    "sd1": CASES + SAMPLER_CASES + GENERATOR_CASES + SD1_IMAGE_CASES + SD1_CONTROL_CASES,
     "sd2": SD2_CASES,
-    "sdxl": SDXL_CASES + SDXL_IMAGE_CASES,
+    "sdxl": SDXL_CASES + SDXL_IMAGE_CASES + SDXL_CONTROL_CASES,
     "sd1-inpaint": SD1_INPAINT_CASES,
 }
 
@@ -364,12 +407,14 @@ CONDITIONS = {"sketch": "conditions/sketch.png", "color": "conditions/color.png"
 # by the name a case gives), and where each is saved.
 IMAGE_CONDITIONS = {"init": ("init", "conditions/init.png"), "mask": ("mask", "conditions/mask.png")}
 CONDITIONS_BY_FAMILY = {
-    "sd1": {"sketch": ("sketch", CONDITIONS["sketch"]), "color": ("color", CONDITIONS["color"]), **IMAGE_CONDITIONS},
+    "sd1": {"sketch": ("sketch", CONDITIONS["sketch"]), "color": ("color", CONDITIONS["color"]), **IMAGE_CONDITIONS,
+            "control": ("control", "conditions/control.png")},
     "sd2": {  # colour-coded region maps, like a segmentation
         "seg": ("color", "conditions/seg.png"),
         "seg_768": ("seg_768", "conditions/seg_768.png"),
     },
-    "sdxl": {"canny": ("sketch", "conditions/canny.png"), "depth": ("color", "conditions/depth.png"), **IMAGE_CONDITIONS},
+    "sdxl": {"canny": ("sketch", "conditions/canny.png"), "depth": ("color", "conditions/depth.png"), **IMAGE_CONDITIONS,
+             "control": ("control", "conditions/control.png")},
     "sd1-inpaint": IMAGE_CONDITIONS,
 }
 
@@ -392,7 +437,19 @@ def condition_images() -> dict[str, Image.Image]:
     d.polygon([(300, 560), (360, 430), (520, 420), (600, 540), (560, 600), (330, 610)], fill=(255, 41, 10))  # rock
     d.polygon([(410, 440), (430, 180), (490, 180), (510, 440)], fill=(255, 255, 255))  # lighthouse
     d.rectangle((420, 130, 500, 180), fill=(255, 204, 0))  # lamp
-    return {"sketch": sketch, "color": color, "seg_768": seg, "init": init_image(), "mask": inpaint_mask()}
+    return {"sketch": sketch, "color": color, "seg_768": seg, "init": init_image(), "mask": inpaint_mask(),
+            "control": control_image()}
+
+
+def control_image() -> Image.Image:
+    """The ControlNet condition: RGB 128x64 (not 64x64, so that Lanczos resizing runs; and a valid tiny-sd1
+    size, which cases without a size take), coloured edges on black, no two channels alike."""
+    image = Image.new("RGB", (128, 64), (0, 0, 0))
+    d = ImageDraw.Draw(image)
+    d.ellipse((20, 8, 76, 56), outline=(255, 255, 255), width=3)
+    d.line((4, 60, 124, 4), fill=(255, 64, 0), width=2)
+    d.rectangle((84, 20, 120, 52), outline=(0, 200, 255), width=2)
+    return image
 
 
 def init_image() -> Image.Image:
@@ -473,9 +530,10 @@ def graph_fixtures(oracle: Oracle, root: Path) -> None:
     if has_text_time(oracle.unet.config):
         unet_in["text_embeds"] = pooled
         unet_in["time_ids"] = torch.tensor([[64.0, 128.0, 0.0, 0.0, 64.0, 128.0], [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0]])
-    for s in slots:
+    cslots = control_slots(oracle.unet.config) if oracle.controlnets else []
+    for s in [*slots, *cslots]:
         unet_in[s.input] = torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g)
-    noise_pred = UNetGraph(oracle.unet)(*[unet_in[k].clone() for k in unet_in])
+    noise_pred = UNetGraph(oracle.unet, len(cslots))(*[unet_in[k].clone() for k in unet_in])
     _save_graph(root / "graph_unet", unet_in, {"noise_pred": noise_pred})
 
     g = torch.Generator().manual_seed(202)
@@ -488,6 +546,18 @@ def graph_fixtures(oracle: Oracle, root: Path) -> None:
     image = torch.rand(2, oracle.vae.config.in_channels, 4 * h, 4 * w, generator=g) * 2 - 1  # the runtime's [-1, 1]
     mean, std = VaeEncoderGraph(oracle.vae)(image)
     _save_graph(root / "graph_vae_encoder", {"image": image}, {"latent_mean": mean, "latent_std": std})
+
+    # Latent 4x8 (image 32x64): the condition at 64x128 would be 197 KB.
+    for seed, (name, controlnet) in enumerate(sorted(oracle.controlnets.items()), start=211):
+        args = control_example(controlnet, oracle.unet.config, cslots, (h // 2, w // 2), seed=seed, seq_len=hidden.shape[1],
+                               vae_downscale=8)
+        names = [io.name for io in control_io(controlnet, oracle.unet.config, cslots, hidden.shape[1])[0]]
+        inputs = dict(zip(names, args))
+        inputs["encoder_hidden_states"] = hidden  # the text encoder's, as the UNet's
+        if has_text_time(oracle.unet.config):
+            inputs["text_embeds"] = pooled
+        outs = ControlNetGraph(controlnet, has_text_time(oracle.unet.config))(*inputs.values())
+        _save_graph(root / f"graph_controlnet_{name}", inputs, {s.input: o for s, o in zip(cslots, outs)})
 
     for seed, (name, adapter) in enumerate(sorted(oracle.adapters.items()), start=203):
         g = torch.Generator().manual_seed(seed)
@@ -503,9 +573,10 @@ def _adapter_specs(spec: dict) -> list[tuple[str, float, str]]:
 
 def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Case:
     adapters = [{"name": n, "image": images[c], "weight": w} for n, w, c in _adapter_specs(spec)]
-    width, height = pipeline_size(oracle, adapters, spec["width"], spec["height"])
+    controls = [{"name": n, "image": images[c], "scale": w} for n, w, c in spec.get("controls", [])]
+    width, height = pipeline_size(oracle, adapters, spec["width"], spec["height"], controls)
     for given, got, default in zip((spec["width"], spec["height"]), (width, height), oracle.default_size):
-        if given is None and got != default:
+        if given is None and got != default and not controls:  # the runtime takes a control image's size too
             raise ValueError(
                 f"case {spec['name']}: diffusers would pick {width}x{height} (from its condition image) where the "
                 f"runtime takes the manifest's default_size {list(oracle.default_size)}: give the size"
@@ -543,6 +614,10 @@ def _make_case(spec: dict, images: dict[str, Image.Image], oracle: Oracle) -> Ca
         init_image=images[spec["init_image"]] if "init_image" in spec else None,
         mask=images[spec["mask"]] if "mask" in spec else None,
         strength=spec.get("strength"),
+        controls=controls,
+        control_start=spec.get("control_start", 0.0),
+        control_end=spec.get("control_end", 1.0),
+        guess_mode=spec.get("guess_mode", False),
     )
 
 
@@ -623,6 +698,7 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
                 "reference": case.reference,
                 **extra,
                 **({"size_cond": {k: list(v) for k, v in case.size_cond.items()}} if case.size_cond else {}),
+                **(_control_entry(spec, case, conditions) if case.controls else {}),
                 # informational, for debugging a runtime scheduler:
                 "timesteps": timesteps,
                 **({"loop_timesteps": trace.loop_timesteps} if trace is not None else {}),
@@ -636,6 +712,16 @@ def case_fixtures(oracle: Oracle, root: Path, family: str = "sd1") -> list[dict]
             }
         )
     return entries
+
+
+def _control_entry(spec: dict, case: Case, conditions: dict) -> dict:
+    """A ControlNet case's keys in cases.json (other cases have none of them)."""
+    return {
+        "controls": [{"name": n, "image": conditions[c][1], "scale": w} for n, w, c in spec["controls"]],
+        "control_start": case.control_start,
+        "control_end": case.control_end,
+        "guess_mode": case.guess_mode,
+    }
 
 
 def write_fixtures(oracle: Oracle, out_dir: Path, family: str = "sd1") -> Path:

@@ -48,9 +48,12 @@ def build(
     residual_slots: list[dict],
     graphs: dict,
     adapters: list[dict],
+    control_slots: list[dict] | None = None,
+    controlnets: list[dict] | None = None,
 ) -> dict:
-    """The manifest, keys in the order of docs/manifest.md."""
-    return {
+    """The manifest, keys in the order of docs/manifest.md. `control_slots` and `controlnets` are
+    written only for a set with ControlNets (a set without stays byte for byte what it was)."""
+    manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
         "name": name,
@@ -68,6 +71,10 @@ def build(
         "graphs": graphs,
         "adapters": adapters,
     }
+    if controlnets:
+        manifest["control_slots"] = control_slots
+        manifest["controlnets"] = controlnets
+    return manifest
 
 
 def write(set_dir: Path, manifest: dict) -> Path:
@@ -82,6 +89,7 @@ def listed_files(manifest: dict) -> list[tuple[str, str]]:
     """Every (path, sha256) the manifest refers to."""
     encoders = manifest["text_encoders"]
     specs = [e["graph"] for e in encoders] + list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
+    specs += [c["graph"] for c in manifest.get("controlnets", [])]
     files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders if "file" in e["tokenizer"]]
     for spec in specs:
         files.append((spec["file"], spec["sha256"]))

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import manifest as mf
 from .adapter import check_name, condition_kind, export_adapter, feature_count, match_slots
 from .compact import compact_graph
+from .controlnet import check_controlnet, check_controlnet_dir, control_slots, export_controlnet, guess_mode_scales
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
 from .precision import check_precision
@@ -199,6 +200,7 @@ def export_pipeline(
     precision: str = "fp32",
     compact_weights: bool = False,
     strip_names: bool = False,
+    controlnets: list[tuple[str, Path]] = (),
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
@@ -208,10 +210,25 @@ def export_pipeline(
     if vae_precision is not None:
         check_precision(vae_precision, "--vae-precision")
     check_adapter_args(adapters)
+    check_names([n for n, _ in adapters], [n for n, _ in controlnets])
+    for n, p in controlnets:
+        check_controlnet_dir(n, p)
     check_out_dir(out_dir)
     comps = load_checkpoint(model_dir, vae_dir, vae_precision, precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
-    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names)
+    nets = [(n, ControlNetModel.from_pretrained(str(p), torch_dtype=torch.float32, variant=_variant(p)).eval())
+            for n, p in controlnets]
+    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names, nets)
+
+
+def check_names(adapters: list[str], controlnets: list[str]) -> None:
+    """Adapter and ControlNet names: valid and each unique within its kind."""
+    for kind, names in (("adapter", adapters), ("controlnet", controlnets)):
+        for n in names:
+            check_name(n, kind)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ExportError(f"{kind} name {twice[0]!r} is given twice")
 
 
 @dataclass(frozen=True)
@@ -295,16 +312,14 @@ def export_components(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     compact_weights: bool = False,
     strip_names: bool = False,
+    controlnets: list[tuple[str, ControlNetModel]] = (),
 ) -> Path:
     """Validate, export every graph into `out_dir/.tmp-*`, then move the set into `out_dir`.
 
     `compact_weights`: store the graphs' weights losslessly in fewer bytes; `strip_names`: drop the
     graphs' debug names (both in compact.py).
     """
-    for n, _ in adapters:
-        check_name(n)
-    if len({n for n, _ in adapters}) != len(adapters):
-        raise ExportError("adapter names must be unique")
+    check_names([n for n, _ in adapters], [n for n, _ in controlnets])
     check_out_dir(out_dir)
     check_precision(comps.precision, "precision")
     vae_precision, notice = vae_graphs_precision(comps)
@@ -313,6 +328,9 @@ def export_components(
     features = max((feature_count(a, geo.size_multiple) for _, a in adapters), default=0)
     slots = residual_slots(comps.unet.config, features)
     fed = {n: match_slots(n, a, slots, geo.vae_downscale, geo.size_multiple) for n, a in adapters}
+    control = control_slots(comps.unet.config) if controlnets else []
+    for n, c in controlnets:
+        check_controlnet(n, c, comps.unet.config, control, geo.vae_downscale, geo.size_multiple)
     seq_len = comps.text_encoders[0].tokenizer.model_max_length
 
     if notice:
@@ -349,7 +367,9 @@ def export_components(
         latent_hw = (latent_multiple, 2 * latent_multiple)
         graphs = {
             "unet": spec(
-                export_unet(comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision),
+                export_unet(
+                    comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision, control
+                ),
                 comps.precision,
                 "guided_samples",
             ),
@@ -382,6 +402,20 @@ def export_components(
                     "graph": spec(files, comps.precision, "one"),
                 }
             )
+        controlnet_entries = []
+        for n, c in controlnets:
+            files = export_controlnet(
+                c, comps.unet.config, control, seq_len, tmp / f"controlnet_{n}.onnx", latent_multiple, geo.vae_downscale,
+                external_data_threshold, comps.precision,
+            )
+            controlnet_entries.append(
+                {
+                    "name": n,
+                    "conditioning_channels": c.config.conditioning_channels,
+                    "guess_mode_scales": guess_mode_scales(control),
+                    "graph": spec(files, comps.precision, "guided_samples"),
+                }
+            )
         manifest = mf.build(
             family=family(comps),
             name=name or out_dir.resolve().name,
@@ -399,6 +433,8 @@ def export_components(
             residual_slots=[s.manifest() for s in slots],
             graphs=graphs,
             adapters=adapter_entries,
+            control_slots=[s.manifest() for s in control],
+            controlnets=controlnet_entries,
         )
         _install(tmp, out_dir, manifest)
     finally:

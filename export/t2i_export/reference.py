@@ -23,12 +23,17 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     MultiAdapter,
+    MultiControlNetModel,
     StableDiffusionAdapterPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLAdapterPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -59,6 +64,7 @@ class Oracle:
     vae: AutoencoderKL
     scheduler_config: dict
     adapters: dict[str, T2IAdapter] = field(default_factory=dict)
+    controlnets: dict[str, ControlNetModel] = field(default_factory=dict)
     # SDXL only
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
@@ -78,8 +84,9 @@ class Oracle:
         ]
 
     @classmethod
-    def load(cls, model_dir: Path, adapter_dirs: dict[str, Path]) -> "Oracle":
+    def load(cls, model_dir: Path, adapter_dirs: dict[str, Path], controlnet_dirs: dict[str, Path] | None = None) -> "Oracle":
         adapters = {n: T2IAdapter.from_pretrained(str(p)).eval() for n, p in adapter_dirs.items()}
+        controlnets = {n: ControlNetModel.from_pretrained(str(p)).eval() for n, p in (controlnet_dirs or {}).items()}
         index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
         if index.get("text_encoder_2"):
             pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir))
@@ -90,6 +97,7 @@ class Oracle:
                 vae=pipe.vae.eval(),
                 scheduler_config=dict(pipe.scheduler.config),
                 adapters=adapters,
+                controlnets=controlnets,
                 tokenizer_2=pipe.tokenizer_2,
                 text_encoder_2=pipe.text_encoder_2.eval(),
                 force_zeros_for_empty_prompt=bool(pipe.config.force_zeros_for_empty_prompt),
@@ -102,6 +110,7 @@ class Oracle:
             vae=pipe.vae.eval(),
             scheduler_config=dict(pipe.scheduler.config),
             adapters=adapters,
+            controlnets=controlnets,
         )
 
     @property
@@ -145,23 +154,96 @@ class Case:
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
     strength: float | None = None
+    # ControlNets: {"name", "image": PIL image, "scale"} (diffusers' controlnet_conditioning_scale), and
+    # control_guidance_start / _end and guess_mode, shared by all of them
+    controls: list[dict] = field(default_factory=list)
+    control_start: float = 0.0
+    control_end: float = 1.0
+    guess_mode: bool = False
 
     def size(self, oracle: Oracle) -> tuple[int, int]:
         """(width, height) the case runs at."""
-        return pipeline_size(oracle, self.adapters, self.width, self.height)
+        return pipeline_size(oracle, self.adapters, self.width, self.height, self.controls)
 
 
-def pipeline_size(oracle: Oracle, adapters: list[dict], width: int | None, height: int | None) -> tuple[int, int]:
+def pipeline_size(
+    oracle: Oracle, adapters: list[dict], width: int | None, height: int | None, controls: list[dict] = ()
+) -> tuple[int, int]:
     """(width, height) diffusers' pipeline runs at when a side is None. The adapter pipelines take it
     from the first condition image, floored to its adapter's `downscale_factor`
     (StableDiffusionAdapterPipeline._default_height_width, copied into the XL one), not from the UNet;
-    StableDiffusionPipeline takes `Oracle.default_size`."""
+    the ControlNet pipelines from the first control image, floored to the VAE's scale factor
+    (`control_image_processor.preprocess`); StableDiffusionPipeline takes `Oracle.default_size`."""
     if adapters:
         image, f = adapters[0]["image"], oracle.adapters[adapters[0]["name"]].downscale_factor
+        default = (image.width // f * f, image.height // f * f)
+    elif controls:
+        image, f = controls[0]["image"], _vae_scale_factor(oracle)
         default = (image.width // f * f, image.height // f * f)
     else:
         default = oracle.default_size
     return width or default[0], height or default[1]
+
+
+def _vae_scale_factor(oracle: Oracle) -> int:
+    return 2 ** (len(oracle.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class ControlState:
+    """A case's ControlNets as StableDiffusionControlNetPipeline prepares them before its loop."""
+
+    model: ControlNetModel | MultiControlNetModel
+    images: torch.Tensor | list[torch.Tensor]  # as the pipeline passes `controlnet_cond`
+    scales: float | list[float]  # controlnet_conditioning_scale
+
+
+def control_state(oracle: Oracle, case: Case) -> ControlState | None:
+    """`StableDiffusionControlNetPipeline.prepare_image` for each control image: RGB, Lanczos to the
+    output size, [0, 1], repeated over the images per prompt, doubled with CFG unless in guess mode."""
+    if not case.controls:
+        return None
+    width, height = case.size(oracle)
+    processor = VaeImageProcessor(vae_scale_factor=_vae_scale_factor(oracle), do_convert_rgb=True, do_normalize=False)
+    images = []
+    for c in case.controls:
+        image = processor.preprocess(c["image"], height=height, width=width).to(dtype=torch.float32)
+        image = image.repeat_interleave(case.n_samples, dim=0)
+        if case.guidance > 1.0 and not case.guess_mode:
+            image = torch.cat([image] * 2)
+        images.append(image)
+    nets = [oracle.controlnets[c["name"]] for c in case.controls]
+    if len(nets) == 1:
+        return ControlState(nets[0], images[0], case.controls[0]["scale"])
+    return ControlState(MultiControlNetModel(nets), images, [c["scale"] for c in case.controls])
+
+
+def control_residuals(state: ControlState, case: Case, scheduler, i: int, calls: int, t, latents: torch.Tensor,
+                      model_input: torch.Tensor, embeds: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One call's ControlNet residuals, as StableDiffusionControlNetPipeline's loop computes them
+    (pipelines/controlnet/pipeline_controlnet.py): `controlnet_keep` from control_guidance_start /
+    _end over the loop's `calls` timesteps; in guess mode with CFG the nets see only the conditional
+    half and the unconditional half gets zeros."""
+    s, e = case.control_start, case.control_end
+    keep = 1.0 - float(i / calls < s or (i + 1) / calls > e)
+    if isinstance(state.scales, list):
+        cond_scale = [c * keep for c in state.scales]
+    else:
+        cond_scale = state.scales * keep
+    guided = case.guidance > 1.0
+    if case.guess_mode and guided:
+        control_input = scheduler.scale_model_input(latents, t)
+        control_embeds = embeds.chunk(2)[1]
+    else:
+        control_input, control_embeds = model_input, embeds
+    down, mid = state.model(
+        control_input, t, encoder_hidden_states=control_embeds, controlnet_cond=state.images,
+        conditioning_scale=cond_scale, guess_mode=case.guess_mode, return_dict=False,
+    )
+    if case.guess_mode and guided:
+        down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+        mid = torch.cat([torch.zeros_like(mid), mid])
+    return down, mid
 
 
 def _step_kwargs(scheduler) -> dict:
@@ -220,7 +302,8 @@ def _prompt_embeds(oracle: Oracle, case: Case) -> torch.Tensor:
 
 def _denoise(oracle: Oracle, case: Case, scheduler, timesteps, latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
     """StableDiffusionAdapterPipeline's denoising loop over `timesteps`, the adapter residuals passed
-    for the first `int(steps * cond_tau)` model calls."""
+    for the first `int(steps * cond_tau)` model calls, and StableDiffusionControlNetPipeline's
+    ControlNet residuals (`control_residuals`) when the case has controls."""
     n, do_cfg = case.n_samples, case.guidance > 1.0
     embeds = _prompt_embeds(oracle, case)
     state = adapter_state(oracle, case)
@@ -230,13 +313,18 @@ def _denoise(oracle: Oracle, case: Case, scheduler, timesteps, latents: torch.Te
         if do_cfg:
             state = [torch.cat([v] * 2, dim=0) for v in state]
 
+    control = control_state(oracle, case)
     cond_steps = int(case.steps * case.cond_tau)
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         residuals = [s.clone() for s in state] if state is not None and i < cond_steps else None
+        down, mid = None, None
+        if control is not None:
+            down, mid = control_residuals(control, case, scheduler, i, len(timesteps), t, latents, model_input, embeds)
         noise_pred = oracle.unet(
-            model_input, t, encoder_hidden_states=embeds, down_intrablock_additional_residuals=residuals, return_dict=False
+            model_input, t, encoder_hidden_states=embeds, down_intrablock_additional_residuals=residuals,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]
         if do_cfg:
             uncond, text = noise_pred.chunk(2)
@@ -286,7 +374,14 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
         call.update(generator=torch.Generator("cpu").manual_seed(case.seed), eta=case.eta)
     else:
         call.update(latents=case.latents.clone(), eta=case.eta)
-    if not case.adapters:
+    if case.controls:
+        if case.adapters:
+            raise ValueError(f"case {case.name}: no diffusers pipeline runs ControlNets with T2I-Adapters (use the loop)")
+        pipe = StableDiffusionControlNetPipeline(controlnet=_controlnet_model(oracle, case), **common)
+        if case.guidance_rescale:
+            raise ValueError(f"case {case.name}: StableDiffusionControlNetPipeline has no guidance_rescale")
+        call.update(_control_call(case))
+    elif not case.adapters:
         pipe = StableDiffusionPipeline(**common)
         call.update(guidance_rescale=case.guidance_rescale)
     elif len(case.adapters) == 1:
@@ -303,10 +398,33 @@ def run_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]
 
 
 @torch.no_grad()
+def _controlnet_model(oracle: Oracle, case: Case) -> ControlNetModel | MultiControlNetModel:
+    nets = [oracle.controlnets[c["name"]] for c in case.controls]
+    return nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+
+
+def _control_call(case: Case) -> dict:
+    """The ControlNet pipelines' control arguments (a list per ControlNet with several)."""
+    single = len(case.controls) == 1
+    images = [c["image"] for c in case.controls]
+    scales = [c["scale"] for c in case.controls]
+    return dict(
+        image=images[0] if single else images,
+        controlnet_conditioning_scale=scales[0] if single else scales,
+        control_guidance_start=case.control_start,
+        control_guidance_end=case.control_end,
+        guess_mode=case.guess_mode,
+    )
+
+
+@torch.no_grad()
 def run_pipeline_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
-    """StableDiffusionXLAdapterPipeline, `adapter_conditioning_factor=cond_tau`."""
+    """StableDiffusionXLAdapterPipeline, `adapter_conditioning_factor=cond_tau`; with controls,
+    StableDiffusionXLControlNetPipeline."""
     if case.latents is None:
         raise ValueError(f"case {case.name}: SDXL cases pass explicit latents")
+    if case.controls:
+        return _run_controlnet_xl(oracle, case)
     if not case.adapters:
         raise ValueError(f"case {case.name}: StableDiffusionXLAdapterPipeline needs an adapter")
     scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
@@ -341,6 +459,43 @@ def run_pipeline_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[floa
         num_images_per_prompt=case.n_samples,
         latents=case.latents.clone(),
         output_type="latent",
+        **{k: tuple(v) for k, v in case.size_cond.items()},
+    ).images
+    return latents, [float(t) for t in scheduler.timesteps]
+
+
+def _xl_components(oracle: Oracle, scheduler) -> dict:
+    return dict(
+        vae=oracle.vae,
+        text_encoder=oracle.text_encoder,
+        text_encoder_2=oracle.text_encoder_2,
+        tokenizer=oracle.tokenizer,
+        tokenizer_2=oracle.tokenizer_2,
+        unet=oracle.unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=oracle.force_zeros_for_empty_prompt,
+    )
+
+
+def _run_controlnet_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[float]]:
+    if case.adapters or case.cond_tau != 1.0 or case.guidance_rescale:
+        raise ValueError(f"case {case.name}: StableDiffusionXLControlNetPipeline takes no adapters and no guidance_rescale")
+    scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
+    pipe = StableDiffusionXLControlNetPipeline(
+        controlnet=_controlnet_model(oracle, case), add_watermarker=False, **_xl_components(oracle, scheduler)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        prompt=case.prompt,
+        negative_prompt=case.negative_prompt,
+        num_inference_steps=case.steps,
+        guidance_scale=case.guidance,
+        height=case.height,
+        width=case.width,
+        num_images_per_prompt=case.n_samples,
+        latents=case.latents.clone(),
+        output_type="latent",
+        **_control_call(case),
         **{k: tuple(v) for k, v in case.size_cond.items()},
     ).images
     return latents, [float(t) for t in scheduler.timesteps]
@@ -467,6 +622,8 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
     `generator=torch.Generator("cpu").manual_seed(seed)` and `output_type="latent"`."""
     if case.init_image is None or case.latents is not None or case.adapters:
         raise ValueError(f"case {case.name}: an image pipeline case has an init image, no latents and no adapters")
+    if case.controls and (oracle.xl or case.mask is not None):
+        raise ValueError(f"case {case.name}: ControlNet image cases are SD 1.x/2.x img2img")
     scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
     inpaint = case.mask is not None
     if oracle.xl:
@@ -484,6 +641,8 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
             force_zeros_for_empty_prompt=oracle.force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
+    elif case.controls:
+        pipe = StableDiffusionControlNetImg2ImgPipeline(controlnet=_controlnet_model(oracle, case), **_sd1_components(oracle, scheduler))
     else:
         cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
         pipe = cls(**_sd1_components(oracle, scheduler))
@@ -500,6 +659,10 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
         eta=case.eta,
         output_type="latent",
     )
+    if case.controls:  # StableDiffusionControlNetImg2ImgPipeline: `image` is the init image
+        control = _control_call(case)
+        control["control_image"] = control.pop("image")
+        call.update(control, height=case.height, width=case.width)  # else the control image's size
     if inpaint:  # the img2img pipelines take the size from the image; these would default it otherwise
         call.update(mask_image=case.mask, height=case.height, width=case.width)
     if case.size_cond:
@@ -520,8 +683,12 @@ def reference_pipeline_name(oracle: Oracle, case: Case) -> str:
     """The diffusers pipeline class a case's reference is (or, for "loop", writes out)."""
     if case.init_image is None:
         if oracle.xl:
-            return "StableDiffusionXLAdapterPipeline"
+            return "StableDiffusionXLControlNetPipeline" if case.controls else "StableDiffusionXLAdapterPipeline"
+        if case.controls:
+            return "StableDiffusionControlNetPipeline"
         return "StableDiffusionAdapterPipeline" if case.adapters else "StableDiffusionPipeline"
+    if case.controls:
+        return "StableDiffusionControlNetImg2ImgPipeline"
     xl = "XL" if oracle.xl else ""
     return f"StableDiffusion{xl}{'Inpaint' if case.mask is not None else 'Img2Img'}Pipeline"
 

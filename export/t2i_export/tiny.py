@@ -25,6 +25,7 @@ import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
@@ -36,7 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .errors import ExportError
 
-SEEDS = {"text_encoder": 1, "unet": 2, "vae": 3, "sketch": 4, "color": 5}
+SEEDS = {"text_encoder": 1, "unet": 2, "vae": 3, "sketch": 4, "color": 5, "canny": 6}
 
 OPEN_CLIP_WHEEL = "open_clip_torch-3.3.0-py3-none-any.whl"
 OPEN_CLIP_REQ = "open_clip_torch==3.3.0"
@@ -218,6 +219,25 @@ def _liven_adapter(adapter: T2IAdapter) -> None:
             module.bias.mul_(LIVEN_ADAPTER)
 
 
+# tiny-sd1's ControlNet: `ControlNetModel.from_unet` (the UNet's down and mid weights, as real
+# ControlNets start), with a conditioning embedding of SD's depth (3 stride-2 convs: 8x) but narrow.
+CONTROLNET_EMBEDDING_CHANNELS = (4, 8, 8, 8)  # SD: (16, 32, 96, 256)
+
+
+@torch.no_grad()
+def build_controlnet(unet: UNet2DConditionModel, seed: int,
+                     embedding_channels: tuple[int, ...] = CONTROLNET_EMBEDDING_CHANNELS) -> ControlNetModel:
+    """A ControlNet of `unet`, its zero-initialised convolutions (the conditioning embedding's last,
+    every residual's 1x1 projection) re-drawn with PyTorch's default initialiser after
+    `torch.manual_seed(seed)`: untrained they are zeros, and every residual would be 0."""
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels).eval()
+    zero = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    for conv in zero:
+        conv.reset_parameters()
+    return controlnet
+
+
 def build_components() -> dict:
     """Fresh tiny modules, in the order (and with the seeds) that fix their weights."""
     _seeded("text_encoder")
@@ -232,7 +252,8 @@ def build_components() -> dict:
         _seeded(name)
         adapters[name] = T2IAdapter(**cfg).eval()
         _liven_adapter(adapters[name])
-    return {"text_encoder": text_encoder, "unet": unet, "vae": vae, "adapters": adapters}
+    controlnets = {"canny": build_controlnet(unet, SEEDS["canny"])}
+    return {"text_encoder": text_encoder, "unet": unet, "vae": vae, "adapters": adapters, "controlnets": controlnets}
 
 
 def write_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Path]]:
@@ -271,7 +292,15 @@ def save_checkpoint(comps: dict, work_dir: Path, model_name: str,
     for name, adapter in comps["adapters"].items():
         adapter_dirs[name] = work_dir / "adapters" / name
         adapter.save_pretrained(str(adapter_dirs[name]))
+    for name, controlnet in comps.get("controlnets", {}).items():
+        controlnet.save_pretrained(str(work_dir / "controlnets" / name))
     return model_dir, adapter_dirs
+
+
+def controlnet_dirs(work_dir: Path) -> dict[str, Path]:
+    """The ControlNets `save_checkpoint` wrote beside a checkpoint (work_dir/controlnets/NAME), by name."""
+    root = work_dir / "controlnets"
+    return {d.name: d for d in sorted(root.iterdir())} if root.is_dir() else {}
 
 
 # ---- SD 2.x: OpenCLIP-style text encoder (GELU, pads with "!"), linear-projection attention with
@@ -325,7 +354,7 @@ SDXL_SCHEDULER_CONFIG = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
-SDXL_SEEDS = {"text_encoder": 11, "text_encoder_2": 12, "unet": 13, "vae": 14, "canny": 15, "depth": 16}
+SDXL_SEEDS = {"text_encoder": 11, "text_encoder_2": 12, "unet": 13, "vae": 14, "canny": 15, "depth": 16, "edges": 17}
 SDXL_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=4, intermediate_size=19, num_hidden_layers=3)
 SDXL_TEXT_ENCODER_2_CONFIG = dict(
     TEXT_ENCODER_CONFIG, hidden_size=4, intermediate_size=23, num_hidden_layers=3, hidden_act="gelu", projection_dim=4
@@ -420,6 +449,8 @@ def write_checkpoint_sdxl(work_dir: Path) -> tuple[Path, dict[str, Path]]:
     torch.manual_seed(SDXL_SEEDS["vae"])
     vae = AutoencoderKL(**SDXL_VAE_CONFIG).eval()
     adapters = _adapters(SDXL_ADAPTER_CONFIGS, SDXL_SEEDS)
+    # An SDXL ControlNet (text_time conditioning too); "edges", not "canny": that name is an adapter's here.
+    controlnet = build_controlnet(unet, SDXL_SEEDS["edges"])
     tok_dirs = {}
     for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
         tok_dirs[sub] = work_dir / f"tokenizer-src-sdxl-{sub}"
@@ -437,6 +468,7 @@ def write_checkpoint_sdxl(work_dir: Path) -> tuple[Path, dict[str, Path]]:
     )
     pipe.save_pretrained(str(model_dir))
     _replace_tokenizer_and_scheduler(model_dir, {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}, SDXL_SCHEDULER_CONFIG)
+    controlnet.save_pretrained(str(work_dir / "controlnets" / "edges"))
     return model_dir, _save_adapters(work_dir, adapters)
 
 
@@ -504,9 +536,12 @@ def build_tiny_zoo(
             for fam in [f for f in ZOO if families is None or f in families]:
                 work = (Path(work_dir) if work_dir is not None else Path(tmp)) / fam
                 model_dir, adapter_dirs = ZOO[fam](work)
+                controlnets = controlnet_dirs(work)
                 name = f"tiny-{fam}"
-                set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / name, name=name, strip_names=True)
-                fixtures_dir = write_fixtures(Oracle.load(model_dir, adapter_dirs), out_root / "fixtures" / name, fam)
+                set_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / name, name=name, strip_names=True,
+                                          controlnets=list(controlnets.items()))
+                oracle = Oracle.load(model_dir, adapter_dirs, controlnets)
+                fixtures_dir = write_fixtures(oracle, out_root / "fixtures" / name, fam)
                 written.append((set_dir, fixtures_dir))
                 if fam in FP16_SETS:
                     fp16 = f"{name}-fp16"

@@ -21,6 +21,11 @@ second text encoder) and `time_ids` ([orig_h, orig_w, crop_top, crop_left, targe
 graph inputs: diffusers' `added_cond_kwargs`.
 
 Zeros in every `adapter_residual_i` are exactly "no adapter".
+
+A set with ControlNets adds their residuals as inputs (`controlnet.py`): diffusers'
+`down_block_additional_residuals` and `mid_block_additional_residual`, added to the skip connections
+and the mid block's output after the adapter residuals, as in `UNet2DConditionModel.forward`. Both
+kinds go into the one graph, so any combination of adapters and ControlNets runs on one engine.
 """
 
 from __future__ import annotations
@@ -114,18 +119,25 @@ def pooled_dim(config) -> int:
 
 class UNetGraph(torch.nn.Module):
     """`unet` graph: (sample, timestep, encoder_hidden_states, [text_embeds, time_ids,]
-    adapter_residual_0..n-1) -> noise_pred."""
+    adapter_residual_0..n-1, [control_down_0..k-1, control_mid]) -> noise_pred.
 
-    def __init__(self, unet: UNet2DConditionModel):
+    `control`: how many ControlNet residual inputs come last (0: the set has no ControlNet)."""
+
+    def __init__(self, unet: UNet2DConditionModel, control: int = 0):
         super().__init__()
         self.unet = unet
         self.text_time = has_text_time(unet.config)
+        self.control = control
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         added = None
         if self.text_time:
             text_embeds, time_ids, *rest = rest
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        down, mid = None, None
+        if self.control:
+            rest, control = rest[: len(rest) - self.control], rest[len(rest) - self.control :]
+            down, mid = list(control[:-1]), control[-1]
         # diffusers pops from this list: give it a fresh one each call.
         return self.unet(
             sample,
@@ -133,11 +145,15 @@ class UNetGraph(torch.nn.Module):
             encoder_hidden_states=encoder_hidden_states,
             added_cond_kwargs=added,
             down_intrablock_additional_residuals=list(rest),
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
 
 
-def io_spec(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int) -> tuple[list[TensorIO], list[TensorIO]]:
+def io_spec(
+    unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, control: list[ResidualSlot] = ()
+) -> tuple[list[TensorIO], list[TensorIO]]:
     c = unet.config.in_channels
     inputs = [
         TensorIO("sample", ["batch", c, "latent_height", "latent_width"]),
@@ -146,12 +162,14 @@ def io_spec(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int)
     ]
     if has_text_time(unet.config):
         inputs += [TensorIO("text_embeds", ["batch", pooled_dim(unet.config)]), TensorIO("time_ids", ["batch", TIME_ID_COUNT])]
-    inputs += [TensorIO(s.input, ["batch", s.channels, s.height, s.width]) for s in slots]
+    inputs += [TensorIO(s.input, ["batch", s.channels, s.height, s.width]) for s in [*slots, *control]]
     outputs = [TensorIO("noise_pred", ["batch", unet.config.out_channels, "latent_height", "latent_width"])]
     return inputs, outputs
 
 
-def example_inputs(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, latent_hw=(8, 16)) -> tuple:
+def example_inputs(
+    unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, latent_hw=(8, 16), control: list[ResidualSlot] = ()
+) -> tuple:
     """Batch 2, a non-square latent and fractional timesteps, so that no dim is traced as a constant."""
     g = torch.Generator().manual_seed(0)
     h, w = latent_hw
@@ -162,7 +180,7 @@ def example_inputs(unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_le
     if has_text_time(unet.config):
         time_ids = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w], [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0]])
         added = (torch.randn(2, pooled_dim(unet.config), generator=g), time_ids)
-    res = [torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g) for s in slots]
+    res = [torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g) for s in [*slots, *control]]
     return (sample, timestep, ehs, *added, *res)
 
 
@@ -174,16 +192,18 @@ def export_unet(
     size_multiple_latent: int,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     precision: str = "fp32",
+    control: list[ResidualSlot] = (),
 ) -> list[Path]:
-    inputs, outputs = io_spec(unet, slots, seq_len)
+    """`control`: the ControlNet residual inputs (`controlnet.control_slots`), when the set has ControlNets."""
+    inputs, outputs = io_spec(unet, slots, seq_len, control)
     # A latent of (1, 2) × the latent size multiple: valid, and height != width.
-    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent))
+    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent), control)
     # fp16: the timestep stays float32, as diffusers' fp16 pipelines pass it (the scheduler's
     # timesteps; fractional ones would round in fp16); the UNet computes its sinusoidal embedding in
     # float32 and casts that to the weights' dtype (`UNet2DConditionModel.get_time_embed`).
     with _upcast_attention(unet, precision == "fp16"):
         return export_graph(
-            UNetGraph(unet), args, path, inputs, outputs, external_data_threshold, precision, keep_float32=["timestep"]
+            UNetGraph(unet, len(control)), args, path, inputs, outputs, external_data_threshold, precision, keep_float32=["timestep"]
         )
 
 

@@ -33,6 +33,7 @@ class Zoo:
     fixtures_dir: Path
     model_dir: Path
     adapter_dirs: dict[str, Path]
+    controlnet_dirs: dict[str, Path]
 
     def manifest(self) -> dict:
         return json.loads((self.set_dir / "manifest.json").read_text(encoding="utf-8"))
@@ -53,12 +54,13 @@ def zoo_all(tmp_path_factory) -> dict[str, tuple[Path, Path | None]]:
 def zoo(zoo_all) -> Zoo:
     set_dir, fixtures_dir = zoo_all["sd1"]
     work = zoo_all["work"][0] / "sd1"
-    return Zoo(set_dir, fixtures_dir, work / "tiny-sd1", {n: work / "adapters" / n for n in ("sketch", "color")})
+    adapters = {n: work / "adapters" / n for n in ("sketch", "color")}
+    return Zoo(set_dir, fixtures_dir, work / "tiny-sd1", adapters, {"canny": work / "controlnets" / "canny"})
 
 
 @pytest.fixture(scope="session")
 def oracle(zoo) -> Oracle:
-    return Oracle.load(zoo.model_dir, zoo.adapter_dirs)
+    return Oracle.load(zoo.model_dir, zoo.adapter_dirs, zoo.controlnet_dirs)
 
 
 def graph_specs(manifest: dict) -> dict[str, dict]:
@@ -66,6 +68,7 @@ def graph_specs(manifest: dict) -> dict[str, dict]:
     specs = {e["name"]: e["graph"] for e in manifest["text_encoders"]}
     specs.update(manifest["graphs"])
     specs.update({f"adapter_{a['name']}": a["graph"] for a in manifest["adapters"]})
+    specs.update({f"controlnet_{c['name']}": c["graph"] for c in manifest.get("controlnets", [])})
     return specs
 
 

@@ -98,3 +98,40 @@ def test_cli_pipeline_happy_path(capsys, zoo, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["name"] == "set" and [a["name"] for a in m["adapters"]] == ["sk"]
     assert main(["verify", str(out)]) == 0
+
+
+def test_controlnet_arg_errors(capsys, zoo, tmp_path):
+    base = ["pipeline", "--model", zoo.model_dir, "--out", tmp_path / "o"]
+    err = run_cli(capsys, *base, "--controlnet", f"c={tmp_path / 'none'}")
+    assert "--controlnet c=" in err and "not a directory" in err
+    err = run_cli(capsys, *base, "--controlnet", f"c={zoo.adapter_dirs['sketch']}")
+    assert "is a 'T2IAdapter', expected 'ControlNetModel'" in err
+    c = f"c={zoo.controlnet_dirs['canny']}"
+    err = run_cli(capsys, *base, "--controlnet", c, "--controlnet", c)
+    assert "controlnet name 'c' is given twice" in err
+    err = run_cli(capsys, *base, "--controlnet", f"a b={zoo.controlnet_dirs['canny']}")
+    assert "controlnet name 'a b' is invalid" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_controlnet_of_another_base_model(capsys, zoo, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from t2i_export.tiny import SDXL_UNET_CONFIG, UNET_CONFIG, build_controlnet
+
+    # SD 2.x-like: another text width.
+    other = UNet2DConditionModel(**dict(UNET_CONFIG, cross_attention_dim=8))
+    build_controlnet(other, 0).save_pretrained(str(tmp_path / "wide"))
+    err = run_cli(capsys, "pipeline", "--model", zoo.model_dir, "--controlnet", f"c={tmp_path / 'wide'}", "--out", tmp_path / "o")
+    assert "cross_attention_dim 8 != the UNet's 4" in err
+    # Same text width, other blocks.
+    other = UNet2DConditionModel(**dict(UNET_CONFIG, block_out_channels=(8, 8, 16, 32)))
+    build_controlnet(other, 0).save_pretrained(str(tmp_path / "blocks"))
+    err = run_cli(capsys, "pipeline", "--model", zoo.model_dir, "--controlnet", f"c={tmp_path / 'blocks'}", "--out", tmp_path / "o")
+    assert "residual control_down_" in err and "block_out_channels" in err
+    # An SDXL ControlNet (text_time conditioning) for an SD 1.x model.
+    xl = UNet2DConditionModel(**dict(SDXL_UNET_CONFIG, cross_attention_dim=4, projection_class_embeddings_input_dim=52))
+    build_controlnet(xl, 0).save_pretrained(str(tmp_path / "xl"))
+    err = run_cli(capsys, "pipeline", "--model", zoo.model_dir, "--controlnet", f"c={tmp_path / 'xl'}", "--out", tmp_path / "o")
+    assert "SDXL ControlNet needs an SDXL base model" in err
+    assert not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import onnxruntime as ort
 import pytest
+from diffusers import ControlNetModel
 
 from conftest import COMMITTED_FP16_SET, COMMITTED_SET, graph_specs, load_graph_fixture
 
@@ -22,6 +23,7 @@ TOP_KEYS = [
     "added_cond", "latent", "size_multiple",
     "default_size", "vae", "scheduler", "residual_slots", "graphs", "adapters",
 ]
+CONTROL_KEYS = ["control_slots", "controlnets"]  # only in sets with ControlNets
 
 
 def _sha(path):
@@ -30,7 +32,7 @@ def _sha(path):
 
 def test_manifest_contract(zoo):
     m = zoo.manifest()
-    assert list(m) == TOP_KEYS
+    assert list(m) == TOP_KEYS + CONTROL_KEYS
     assert m["format_version"] == 4 and m["family"] == "sd1" and m["name"] == "tiny-sd1" and m["precision"] == "fp32"
     assert m["exporter"] == {"t2i_export": "0.1.0", "torch": "2.15.0", "diffusers": "0.42.1", "opset": 17}
     (te,) = m["text_encoders"]
@@ -61,9 +63,25 @@ def test_manifest_contract(zoo):
         for o, slot in zip(a["graph"]["outputs"], m["residual_slots"]):
             assert o["dims"][1] == slot["channels"]
     unet = m["graphs"]["unet"]
+    control = [f"control_down_{i}" for i in range(12)] + ["control_mid"]
     assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"] + [
         f"adapter_residual_{i}" for i in range(4)
+    ] + control
+    # conv_in, 4 blocks x (2 resnets + a downsampler but the last), then the mid block
+    assert [(s["channels"], s["downscale"]) for s in m["control_slots"]] == [
+        (8, 1), (8, 1), (8, 1), (8, 2), (8, 2), (8, 2), (8, 4), (16, 4), (16, 4), (16, 8), (16, 8), (16, 8), (16, 8)
     ]
+    assert [s["input"] for s in m["control_slots"]] == control
+    (cn,) = m["controlnets"]
+    assert list(cn) == ["name", "conditioning_channels", "guess_mode_scales", "graph"]
+    assert cn["name"] == "canny" and cn["conditioning_channels"] == 3 and cn["graph"]["file"] == "controlnet_canny.onnx"
+    scales = np.float32(cn["guess_mode_scales"])
+    assert len(scales) == 13 and scales[0] == np.float32(0.1) and scales[-1] == 1.0 and np.all(np.diff(scales) > 0)
+    assert [i["name"] for i in cn["graph"]["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states", "controlnet_cond", "scales"
+    ]
+    assert cn["graph"]["inputs"][-1] == {"name": "scales", "dtype": "float32", "dims": [13]}
+    assert [o["name"] for o in cn["graph"]["outputs"]] == control
     assert unet["inputs"][1] == {"name": "timestep", "dtype": "float32", "dims": ["batch"]}
     assert te["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "dims": ["batch", 77]}]
     assert te["graph"]["outputs"][0]["dims"] == ["batch", 77, 4]
@@ -80,6 +98,7 @@ def test_manifest_contract(zoo):
         "vae_encoder": "one",
         "adapter_sketch": "one",
         "adapter_color": "one",
+        "controlnet_canny": "guided_samples",
     }
     for name, spec in graph_specs(m).items():
         assert list(spec) == ["file", "sha256", "external_data", "precision", "batch", "inputs", "outputs"], name
@@ -131,11 +150,13 @@ def test_verify_rejects_a_tampered_set(zoo, tmp_path):
 
 @pytest.fixture(scope="module")
 def external_set(zoo, tmp_path_factory):
-    """The tiny model exported with the external-data threshold at 0: every graph gets a .data file."""
+    """The tiny model exported with the external-data threshold at 0: every graph gets a .data file.
+    With its ControlNet, so that the UNet takes the control inputs its fixture has."""
     comps = load_checkpoint(zoo.model_dir)
     adapters = [("sketch", load_adapter("sketch", zoo.adapter_dirs["sketch"]))]
+    controlnets = [("canny", ControlNetModel.from_pretrained(str(zoo.controlnet_dirs["canny"])).eval())]
     out = tmp_path_factory.mktemp("ext") / "set"
-    export_components(comps, adapters, out, "tiny-external", external_data_threshold=0)
+    export_components(comps, adapters, out, "tiny-external", external_data_threshold=0, controlnets=controlnets)
     return out
 
 

@@ -22,7 +22,7 @@ from t2i_export.unet import UNetGraph
 
 RTOL = 1e-4
 
-GRAPHS = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "adapter_sketch", "adapter_color"]
+GRAPHS = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "adapter_sketch", "adapter_color", "controlnet_canny"]
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> float:
@@ -102,7 +102,8 @@ def test_unet_reproduces_inplace_skip_aliasing(zoo, oracle):
 @torch.no_grad()
 def test_zero_residuals_are_no_adapter(zoo, oracle):
     spec, inputs, _ = _unet_feeds(zoo)
-    feeds = {k: (np.zeros_like(v) if k.startswith("adapter_residual_") else v) for k, v in inputs.items()}
+    residual = ("adapter_residual_", "control_down_", "control_mid")
+    feeds = {k: (np.zeros_like(v) if k.startswith(residual) else v) for k, v in inputs.items()}
     got = run_ort(zoo.set_dir / spec["file"], feeds)[0]
     want = oracle.unet(
         torch.from_numpy(inputs["sample"]),
@@ -111,6 +112,34 @@ def test_zero_residuals_are_no_adapter(zoo, oracle):
         return_dict=False,
     )[0].numpy()
     assert_close(got, want, "unet.noise_pred (zero residuals vs no adapter)")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_scales_are_diffusers_conditioning_scale(zoo, oracle, guess_mode):
+    """The `scales` input the runtime fills (every entry the scale; in guess mode the manifest's
+    `guess_mode_scales` times it, in float32) gives what ControlNetModel gives with
+    `conditioning_scale` and `guess_mode`."""
+    m = zoo.manifest()
+    entry = m["controlnets"][0]
+    spec = entry["graph"]
+    inputs, _ = load_graph_fixture(zoo.fixtures_dir, "controlnet_canny", spec)
+    scale = 0.8
+    n = len(m["control_slots"])
+    scales = np.float32(entry["guess_mode_scales"]) * np.float32(scale) if guess_mode else np.full(n, scale, np.float32)
+    got = run_ort(zoo.set_dir / spec["file"], {**inputs, "scales": scales})
+    down, mid = oracle.controlnets[entry["name"]](
+        torch.from_numpy(inputs["sample"]),
+        torch.from_numpy(inputs["timestep"]),
+        encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]),
+        controlnet_cond=torch.from_numpy(inputs["controlnet_cond"]),
+        conditioning_scale=scale,
+        guess_mode=guess_mode,
+        return_dict=False,
+    )
+    assert len(got) == len(down) + 1 == n
+    for slot, g, w in zip(m["control_slots"], got, [*down, mid]):
+        assert_close(g, w.numpy(), f"controlnet_canny.{slot['input']} (guess_mode={guess_mode})")
 
 
 def test_graphs_take_other_sizes_and_batches(zoo, oracle):

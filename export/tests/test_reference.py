@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from t2i_export.fixtures import CASES, CASES_BY_FAMILY, _make_case, condition_images
+from t2i_export.fixtures import CASES, CASES_BY_FAMILY, SD1_CONTROL_CASES, _make_case, condition_images
 from t2i_export.reference import Oracle, run_image, run_image_pipeline, run_img2img_loop, run_loop, run_pipeline
 
 
@@ -131,3 +131,35 @@ def test_init_image_and_mask_are_not_negligible(oracle, inpaint_oracle, images, 
     if c.mask is not None:
         change = _rel_change(run_image(o, dataclasses.replace(c, mask=ImageOps.mirror(c.mask)))[0], ref)
         assert change > 0.1, f"mask: final latents move only {change:.4g} (relative)"
+
+
+def control_case(oracle, images, name, **changes):
+    spec = next(c for c in SD1_CONTROL_CASES if c["name"] == name)
+    return dataclasses.replace(_make_case(spec, images, oracle), **changes)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ca_controlnet_euler_pipeline", "cb_multi_controlnet_heun_start_end_pipeline", "cc_controlnet_guess_mode_dpmpp_2m_pipeline"],
+)
+def test_control_loop_equals_the_controlnet_pipeline(oracle, images, name):
+    """The loop's ControlNet residuals (used for ControlNet + T2I-Adapter, which no diffusers pipeline
+    runs) are StableDiffusionControlNetPipeline's: single, multi with start/end under Heun, guess mode."""
+    c = control_case(oracle, images, name)
+    from_pipeline, t_pipe = run_pipeline(oracle, c)
+    from_loop, t_loop = run_loop(oracle, c)
+    assert t_pipe == t_loop
+    assert torch.equal(from_loop, from_pipeline), float((from_loop - from_pipeline).abs().max())
+
+
+def test_controlnet_moves_the_result_and_scale_0_is_none(oracle, images):
+    c = control_case(oracle, images, "ca_controlnet_euler_pipeline")
+    with_control, _ = run_loop(oracle, c)
+    without, _ = run_loop(oracle, dataclasses.replace(c, controls=[]))
+    zero_scale, _ = run_loop(oracle, dataclasses.replace(c, controls=[dict(c.controls[0], scale=0.0)]))
+    assert _rel_change(with_control, without) > 0.1
+    # Residuals of scale 0 are (±)0: adding them changes nothing.
+    assert torch.equal(zero_scale, without)
+    # control_guidance_end 0.5 keeps the ControlNet for half the calls: in between.
+    half, _ = run_loop(oracle, dataclasses.replace(c, control_end=0.5))
+    assert 0.01 < _rel_change(half, without) and 0.01 < _rel_change(half, with_control)

@@ -6,7 +6,9 @@ mod common;
 
 use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::scheduler::SchedulerKind;
-use t2i_rt::{AdapterRequest, BackendKind, ConditionSource, Error, LoadOptions, Model, Pipeline, Request};
+use t2i_rt::{
+    AdapterRequest, BackendKind, ConditionSource, ControlRequest, Error, LoadOptions, Model, Pipeline, Request,
+};
 
 fn request(seed: u64) -> Request {
     let mut request = Request::new("a lighthouse at dusk");
@@ -136,4 +138,41 @@ fn missing_size_comes_from_the_first_condition_image_as_in_diffusers() {
     let err = r.size(&manifest).unwrap_err().to_string();
     assert!(err.contains("first condition image") && err.contains("(100x90)"), "{err}");
     assert!(err.contains("give a width and height (e.g. 128x64)"), "{err}");
+}
+
+/// The seam's promise for per-step conditioners: a ControlNet at scale 0 (or outside its
+/// start..end range) is exactly no ControlNet, bit for bit (the UNet adds zeros), and at scale 1 it
+/// moves the result.
+#[test]
+fn controlnet_at_scale_0_is_exactly_none() {
+    let control = common::tiny_fixtures("tiny-sd1").join("conditions/control.png");
+    for backend in BackendKind::CPU {
+        let mut pipeline = Pipeline::load(
+            &common::tiny_sd1(),
+            &LoadOptions { backend, verify_checksums: false, ..LoadOptions::default() },
+        )
+        .unwrap();
+        let with = |scale: f32, start: f32| {
+            let mut r = request(3);
+            r.width = Some(64);
+            r.height = Some(64);
+            r.controls =
+                vec![ControlRequest { name: "canny".into(), image: ConditionSource::File(control.clone()), scale }];
+            r.control_start = start;
+            r
+        };
+        let mut none = request(3);
+        (none.width, none.height) = (Some(64), Some(64));
+        let none = pipeline.run(&none, &mut |_| true).unwrap();
+        let zero = pipeline.run(&with(0.0, 0.0), &mut |_| true).unwrap();
+        // 3 calls, start 0.9: i / 3 < 0.9 for every call, so the ControlNet never applies.
+        let outside = pipeline.run(&with(1.0, 0.9), &mut |_| true).unwrap();
+        let one = pipeline.run(&with(1.0, 0.0), &mut |_| true).unwrap();
+        assert_eq!(zero.latents, none.latents, "{backend}: scale 0 is not exactly no ControlNet");
+        assert_eq!(outside.latents, none.latents, "{backend}: outside start..end is not exactly no ControlNet");
+        let diff = common::rel_l2(&one.latents.clone().into_dyn(), &none.latents.clone().into_dyn());
+        assert!(diff > 0.05, "{backend}: the ControlNet barely moved the result (rel L2 {diff:.2e})");
+        assert_eq!(one.timings.controlnet.len(), 3, "{backend}: one ControlNet time per call");
+        assert!(none.timings.controlnet.is_empty());
+    }
 }
