@@ -627,7 +627,7 @@ unsafe fn request(p: &t2i_request_params) -> Result<Request, Failure> {
         for (i, a) in adapters.iter().enumerate() {
             let name = unsafe { string(a.name, &format!("params.adapters[{i}].name")) }?;
             let image = unsafe { image_source(&a.image, &format!("params.adapters[{i}].image")) }?;
-            r.adapters.push(AdapterRequest { name, image, weight: a.weight });
+            r.adapters.push(AdapterRequest { name, image, weight: a.weight, preprocess: Vec::new() });
         }
     }
     r.cond_tau = p.cond_tau;

@@ -39,6 +39,7 @@ fn end_to_end(c: &mut Criterion) {
                     name,
                     image: ConditionSource::File(sketch.clone()),
                     weight: 1.0,
+                    preprocess: Vec::new(),
                 });
                 group.bench_function("10_steps_adapter", |b| {
                     b.iter(|| pipeline.run(&with_adapter, &mut |_| true).unwrap())

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use ndarray::{Array4, ArrayD};
 
 use crate::backend::{GraphSession, TensorView};
-use crate::condition::{load_condition_within, ConditionImage, ConditionKind};
+use crate::condition::{ConditionImage, ConditionKind};
 use crate::error::{check_finite, Error, Field, Result, Stage};
 use crate::limits::Limits;
 use crate::manifest::{ConditionChannels, Manifest};
+use crate::preprocess::{apply_all, Preprocess};
 
 /// Where a condition image comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +34,9 @@ pub struct AdapterRequest {
     pub image: ConditionSource,
     /// Multiplies this adapter's features (diffusers' `adapter_conditioning_scale`).
     pub weight: f32,
+    /// Applied in order to the condition image once it has the output size (canny, palette,
+    /// invert: [`Preprocess`]); empty for an image that already is the condition.
+    pub preprocess: Vec<Preprocess>,
 }
 
 impl std::str::FromStr for AdapterRequest {
@@ -53,7 +57,12 @@ impl std::str::FromStr for AdapterRequest {
         if name.is_empty() || image.is_empty() {
             return Err(Error::request(Field::Adapters, format!("adapter {s:?} must look like NAME=IMAGE[:WEIGHT]")));
         }
-        Ok(AdapterRequest { name: name.to_string(), image: ConditionSource::File(PathBuf::from(image)), weight })
+        Ok(AdapterRequest {
+            name: name.to_string(),
+            image: ConditionSource::File(PathBuf::from(image)),
+            weight,
+            preprocess: Vec::new(),
+        })
     }
 }
 
@@ -120,8 +129,13 @@ impl AdapterSet {
                 ConditionChannels::Gray => ConditionKind::Gray,
             };
             let condition = match &request.image {
-                ConditionSource::File(path) => load_condition_within(path, kind, width, height, limits)?,
-                ConditionSource::Pixels(image) if image.kind() == kind => image.resized(width, height).to_tensor(),
+                ConditionSource::File(path) => {
+                    let image = ConditionImage::open_within(path, kind, limits)?.resized(width, height);
+                    apply_all(&request.preprocess, image)?.to_tensor()
+                }
+                ConditionSource::Pixels(image) if image.kind() == kind => {
+                    apply_all(&request.preprocess, image.resized(width, height))?.to_tensor()
+                }
                 ConditionSource::Pixels(image) => {
                     return Err(Error::request(
                         Field::Adapters,
@@ -137,6 +151,11 @@ impl AdapterSet {
             entries.push(AdapterEntry { index, weight: request.weight, condition });
         }
         Ok(AdapterSet { entries })
+    }
+
+    /// Each entry's manifest index and condition tensor ([1, C, H, W] in [0, 1]), in request order.
+    pub(crate) fn conditions(&self) -> impl Iterator<Item = (usize, &Array4<f32>)> {
+        self.entries.iter().map(|e| (e.index, &e.condition))
     }
 
     /// True when the request uses no adapter.

@@ -15,11 +15,12 @@ use ndarray::{concatenate, Array4, ArrayD, ArrayViewD, Axis, IxDyn};
 
 use crate::adapter::ConditionSource;
 use crate::backend::TensorView;
-use crate::condition::{load_condition_within, ConditionKind};
+use crate::condition::{ConditionImage, ConditionKind};
 use crate::conditioning::{python_float, Call, Conditioner, ConditionerSessions, Feed};
 use crate::error::{check_finite, Error, Field, Result, Stage};
 use crate::limits::Limits;
 use crate::manifest::{Manifest, ResidualSlot};
+use crate::preprocess::{apply_all, Preprocess};
 use crate::text::TextConditioning;
 
 /// One ControlNet a request asks for: `--control NAME=IMAGE[:SCALE]`.
@@ -32,6 +33,9 @@ pub struct ControlRequest {
     pub image: ConditionSource,
     /// Multiplies this ControlNet's residuals (diffusers' `controlnet_conditioning_scale`).
     pub scale: f32,
+    /// Applied in order to the control image once it has the output size (e.g. canny edges from a
+    /// photo: [`Preprocess`]); empty for an image that already is the condition.
+    pub preprocess: Vec<Preprocess>,
 }
 
 impl std::str::FromStr for ControlRequest {
@@ -54,7 +58,12 @@ impl std::str::FromStr for ControlRequest {
         if name.is_empty() || image.is_empty() {
             return Err(malformed());
         }
-        Ok(ControlRequest { name: name.to_string(), image: ConditionSource::File(PathBuf::from(image)), scale })
+        Ok(ControlRequest {
+            name: name.to_string(),
+            image: ConditionSource::File(PathBuf::from(image)),
+            scale,
+            preprocess: Vec::new(),
+        })
     }
 }
 
@@ -100,9 +109,12 @@ impl ControlSet {
                 ));
             }
             let image = match &request.image {
-                ConditionSource::File(path) => load_condition_within(path, ConditionKind::Rgb, width, height, limits)?,
+                ConditionSource::File(path) => {
+                    let image = ConditionImage::open_within(path, ConditionKind::Rgb, limits)?.resized(width, height);
+                    apply_all(&request.preprocess, image)?.to_tensor()
+                }
                 ConditionSource::Pixels(image) if image.kind() == ConditionKind::Rgb => {
-                    image.resized(width, height).to_tensor()
+                    apply_all(&request.preprocess, image.resized(width, height))?.to_tensor()
                 }
                 ConditionSource::Pixels(image) => {
                     return Err(Error::request(
@@ -122,6 +134,11 @@ impl ControlSet {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Each entry's manifest index and control tensor ([1, 3, H, W] in [0, 1]), in request order.
+    pub(crate) fn conditions(&self) -> impl Iterator<Item = (usize, &Array4<f32>)> {
+        self.entries.iter().map(|e| (e.index, &e.image))
     }
 }
 

@@ -148,6 +148,8 @@ pub enum Field {
     /// `control_start` and `control_end`.
     ControlRange,
     GuessMode,
+    /// `--preprocess`: the operation, or which condition it applies to.
+    Preprocess,
     SizeConditioning,
     InitImage,
     Mask,
@@ -173,6 +175,7 @@ impl std::fmt::Display for Field {
             Field::Controls => "controls",
             Field::ControlRange => "control_start/control_end",
             Field::GuessMode => "guess_mode",
+            Field::Preprocess => "preprocess",
             Field::SizeConditioning => "size_cond",
             Field::InitImage => "init_image",
             Field::Mask => "mask",

@@ -37,6 +37,7 @@ pub mod model;
 pub mod npy;
 pub mod output;
 pub mod pipeline;
+pub mod preprocess;
 pub mod request;
 pub mod resample;
 pub mod rng;

@@ -15,6 +15,7 @@ use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
 use t2i_rt::engine::Profile;
 use t2i_rt::manifest::{Manifest, TensorSpec, TokenizerSource, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
+use t2i_rt::preprocess::Preprocess;
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
 use t2i_rt::size::{Offset, Size};
@@ -143,6 +144,18 @@ struct RunArgs {
     /// Write the final latents as .npy (what diffusers returns with output_type="latent").
     #[arg(long, value_name = "FILE")]
     save_latents: Option<PathBuf>,
+    /// Make a condition from a photo: apply OPS to the image of every --adapter and --control named
+    /// NAME, after it is resized to the output size. OPS is one or more of canny[:LOW:HIGH] (edges,
+    /// default 100:200 as controlnet_aux), palette (TencentARC's color palette: bicubic down by 64,
+    /// nearest up), invert (for sketches drawn dark on light), comma-separated, applied in order.
+    /// E.g. --control canny=photo.jpg --preprocess canny=canny; --adapter color=photo.jpg
+    /// --preprocess color=palette.
+    #[arg(long = "preprocess", value_name = "NAME=OPS", value_parser = parse_preprocess)]
+    preprocess: Vec<(String, Vec<Preprocess>)>,
+    /// Write every condition image exactly as the adapter and ControlNet graphs see it (converted,
+    /// resized, preprocessed) into DIR as adapter_NAME.png / controlnet_NAME.png, before generating.
+    #[arg(long, value_name = "DIR")]
+    save_conditions: Option<PathBuf>,
     /// Output PNG. With --n-samples > 1 this is a grid, and each sample is written as NAME-i.png.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -426,6 +439,51 @@ fn graph_set_dir(graphs: Option<PathBuf>, graph: Option<PathBuf>) -> Result<Path
     Ok(dir)
 }
 
+/// `--preprocess NAME=OPS`.
+fn parse_preprocess(text: &str) -> std::result::Result<(String, Vec<Preprocess>), String> {
+    let (name, ops) = text
+        .split_once('=')
+        .filter(|(name, ops)| !name.is_empty() && !ops.is_empty())
+        .ok_or_else(|| format!("{text:?} must look like NAME=OPS, e.g. canny=canny:100:200 or color=palette"))?;
+    let ops =
+        ops.split(',').map(str::parse::<Preprocess>).collect::<t2i_rt::Result<Vec<_>>>().map_err(|e| e.to_string())?;
+    Ok((name.to_string(), ops))
+}
+
+/// Gives each `--preprocess NAME=OPS` to the request's adapters and ControlNets named NAME.
+fn attach_preprocessing(request: &mut Request, preprocess: Vec<(String, Vec<Preprocess>)>) -> Result<()> {
+    for (name, ops) in preprocess {
+        let mut found = false;
+        for adapter in request.adapters.iter_mut().filter(|a| a.name == name) {
+            adapter.preprocess.extend(ops.iter().copied());
+            found = true;
+        }
+        for control in request.controls.iter_mut().filter(|c| c.name == name) {
+            control.preprocess.extend(ops.iter().copied());
+            found = true;
+        }
+        if !found {
+            bail!("--preprocess {name}=...: this request has no --adapter or --control named {name:?}");
+        }
+    }
+    Ok(())
+}
+
+/// `--save-conditions DIR`.
+fn save_conditions(dir: &Path, checked: &t2i_rt::CheckedRequest, manifest: &Manifest) -> Result<()> {
+    let images = checked.condition_images(manifest);
+    if images.is_empty() {
+        bail!("--save-conditions {}: this request has no --adapter or --control", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, image) in images {
+        let path = dir.join(format!("{name}.png"));
+        t2i_rt::output::write_condition_png(&path, &image)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let dir = graph_set_dir(args.source.graphs, args.source.graph)?;
     let mut request = Request::new(args.prompt);
@@ -433,6 +491,7 @@ fn run(args: RunArgs) -> Result<()> {
     request.adapters = args.adapters;
     request.cond_tau = args.cond_tau;
     args.control.apply(&mut request);
+    attach_preprocessing(&mut request, args.preprocess)?;
     request.steps = args.steps;
     request.guidance = args.guidance;
     request.guidance_rescale = args.guidance_rescale;
@@ -476,6 +535,9 @@ fn run(args: RunArgs) -> Result<()> {
     let start = Instant::now();
     let manifest = Manifest::load(&dir, !args.no_verify)?;
     let checked = request.check(&manifest, &options.limits)?;
+    if let Some(dir) = &args.save_conditions {
+        save_conditions(dir, &checked, &manifest)?;
+    }
     let calls = checked.model_calls();
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     eprintln!("loaded {} on {} in {:.1}s", dir.display(), pipeline.backend_name(), start.elapsed().as_secs_f64());

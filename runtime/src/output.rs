@@ -74,6 +74,24 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically(path, |out| out.write_all(bytes).map_err(|e| e.to_string()))
 }
 
+/// Writes a condition image as an 8-bit PNG (gray or RGB, as it is) at `path`, atomically.
+pub fn write_condition_png(path: &Path, image: &crate::condition::ConditionImage) -> Result<()> {
+    let color = match image.kind() {
+        crate::condition::ConditionKind::Gray => image::ExtendedColorType::L8,
+        crate::condition::ConditionKind::Rgb => image::ExtendedColorType::Rgb8,
+    };
+    let mut bytes = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut bytes),
+        image.pixels(),
+        image.width(),
+        image.height(),
+        color,
+    )
+    .map_err(|e| crate::error::Error::Io { path: path.to_path_buf(), message: format!("cannot encode PNG: {e}") })?;
+    write_file_atomic(path, &bytes)
+}
+
 /// Tiles images left to right, top to bottom, `columns` per row, like diffusers'
 /// `utils.make_image_grid(images, rows, cols)`. Cells take the largest width and height among the
 /// images; smaller images sit at the cell's top-left on black. `columns` is clamped to

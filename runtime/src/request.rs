@@ -180,6 +180,40 @@ impl CheckedRequest {
     pub fn request(&self) -> &Request {
         &self.request
     }
+
+    /// What the adapter and ControlNet graphs will see, as 8-bit images (the tensors are these
+    /// values / 255): after channel conversion, resizing and preprocessing. Named
+    /// `adapter_NAME` / `controlnet_NAME`, in request order, with `_2`, `_3`, ... on a name the
+    /// request uses again.
+    pub fn condition_images(&self, m: &Manifest) -> Vec<(String, ConditionImage)> {
+        let adapters = self.adapters.conditions().map(|(i, t)| (format!("adapter_{}", m.adapters[i].name), t));
+        let controls = self.controls.conditions().map(|(i, t)| (format!("controlnet_{}", m.controlnets[i].name), t));
+        let mut seen: Vec<String> = Vec::new();
+        adapters
+            .chain(controls)
+            .filter_map(|(name, tensor)| {
+                let repeat = seen.iter().filter(|n| **n == name).count();
+                seen.push(name.clone());
+                let name = if repeat == 0 { name } else { format!("{name}_{}", repeat + 1) };
+                Some((name, tensor_image(tensor)?))
+            })
+            .collect()
+    }
+}
+
+/// A [1, C, H, W] tensor of 8-bit values / 255 back as the image (C = 1 or 3).
+fn tensor_image(tensor: &Array4<f32>) -> Option<ConditionImage> {
+    let (_, c, h, w) = tensor.dim();
+    let kind = match c {
+        1 => ConditionKind::Gray,
+        3 => ConditionKind::Rgb,
+        _ => return None,
+    };
+    let pixels = (0..h)
+        .flat_map(|y| (0..w).flat_map(move |x| (0..c).map(move |ch| (y, x, ch))))
+        .map(|(y, x, ch)| (tensor[[0, ch, y, x]] * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    ConditionImage::from_pixels(w as u32, h as u32, kind, pixels)
 }
 
 /// The init image and mask as the pipeline uses them.

@@ -64,6 +64,10 @@ fn fails(name: &str, graphs: &Path, extra: &[&str], env: &[(&str, &str)], expect
     }
 }
 
+fn sketch_arg() -> String {
+    format!("--adapter=sketch={}", fixture("conditions/sketch.png"))
+}
+
 fn fixture(path: &str) -> String {
     common::tiny_sd1_fixtures().join(path).to_string_lossy().into_owned()
 }
@@ -90,9 +94,32 @@ fn request_errors_are_one_line_and_write_nothing() {
         "unknown ControlNet \"softedge\"; this graph set has: ",
     );
     fails("bad-control-arg", &set, &["--control", "canny"], &[], "must look like NAME=IMAGE[:SCALE]");
+    fails("unreadable-control-image", &set, &["--control", "canny=/nonexistent.png"], &[], "/nonexistent.png");
     fails("control-range", &set, &["--control-start", "0.5", "--control-end", "0.5"], &[], "0 ≤ start < end ≤ 1");
     fails("control-end-above-1", &set, &["--control-end", "1.5"], &[], "control_start 0 and control_end 1.5");
     fails("guess-mode-alone", &set, &["--guess-mode"], &[], "attach a control or drop guess_mode");
+    fails(
+        "preprocess-no-such-condition",
+        &set,
+        &["--preprocess", "canny=canny"],
+        &[],
+        "no --adapter or --control named \"canny\"",
+    );
+    fails("preprocess-bad-op", &set, &[&sketch_arg(), "--preprocess", "sketch=blur"], &[], "is not one of canny");
+    fails(
+        "preprocess-bad-thresholds",
+        &set,
+        &[&sketch_arg(), "--preprocess", "sketch=canny:200:100"],
+        &[],
+        "need 0 ≤ LOW ≤ HIGH",
+    );
+    fails(
+        "save-conditions-none",
+        &set,
+        &["--save-conditions", "/tmp"],
+        &[],
+        "this request has no --adapter or --control",
+    );
     let not_image = temp_dir("not-image").join("x.png");
     std::fs::write(&not_image, b"not a png").unwrap();
     fails("not-an-image", &set, &["--adapter", &format!("sketch={}", not_image.display())], &[], "x.png");

@@ -200,3 +200,53 @@ fn bench_writes_stage_statistics() {
     }
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
+
+/// A ControlNet condition made from a photo: `--preprocess canny=canny` turns the photo into edges
+/// (imageproc's Canny), `--save-conditions` writes exactly what the graphs see; a palette for the
+/// color adapter, an inverted sketch. The run itself draws.
+#[test]
+fn conditions_from_photos_are_saved_as_the_graphs_see_them() {
+    let out_dir = std::env::temp_dir().join(format!("t2i-cli-conditions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let photo = common::graphs_dir().join("fixtures/conditions/photo.png");
+    let sketch = common::tiny_sd1_fixtures().join("conditions/sketch.png");
+    let saved = out_dir.join("conditions");
+    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+        .args(["run", "--graphs"])
+        .arg(common::tiny_sd1())
+        .args(["--prompt", "a town", "--steps", "2", "--seed", "1", "--width", "128", "--height", "64"])
+        .arg("--control")
+        .arg(format!("canny={}", photo.display()))
+        .arg("--adapter")
+        .arg(format!("color={}", photo.display()))
+        .arg("--adapter")
+        .arg(format!("sketch={}", sketch.display()))
+        .args(["--preprocess", "canny=canny", "--preprocess", "color=palette", "--preprocess", "sketch=invert"])
+        .arg("--save-conditions")
+        .arg(&saved)
+        .arg("--out")
+        .arg(out_dir.join("out.png"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "run failed: {}", String::from_utf8_lossy(&output.stderr));
+    let open = |name: &str| image::open(saved.join(name)).unwrap();
+    let canny = open("controlnet_canny.png").to_rgb8();
+    assert_eq!(canny.dimensions(), (128, 64));
+    assert!(canny.pixels().all(|p| p[0] == p[1] && p[1] == p[2] && (p[0] == 0 || p[0] == 255)), "not an edge map");
+    let edges = canny.pixels().filter(|p| p[0] == 255).count();
+    assert!(edges > 100 && edges < 128 * 64 / 4, "{edges} edge pixels");
+    // 128x64 at one color per 64x64 cell: two colors.
+    let palette = open("adapter_color.png").to_rgb8();
+    let colors: std::collections::BTreeSet<[u8; 3]> = palette.pixels().map(|p| p.0).collect();
+    assert_eq!(colors.len(), 2, "{colors:?}");
+    // The sketch adapter is gray: inverted, white-on-black becomes black-on-white.
+    let inverted = open("adapter_sketch.png");
+    assert_eq!(inverted.color(), image::ColorType::L8);
+    let original =
+        image::open(&sketch).unwrap().resize_exact(128, 64, image::imageops::FilterType::Lanczos3).to_luma8();
+    let mean = |img: &image::GrayImage| img.pixels().map(|p| f64::from(p[0])).sum::<f64>() / f64::from(128 * 64);
+    assert!(mean(&inverted.to_luma8()) > 200.0 && mean(&original) < 55.0);
+    assert!(out_dir.join("out.png").is_file());
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

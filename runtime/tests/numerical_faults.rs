@@ -44,7 +44,12 @@ fn non_finite_inputs_are_refused_before_the_run() {
 
         let mut r = request();
         let pixels = ConditionImage::from_pixels(64, 64, ConditionKind::Gray, vec![0; 64 * 64]).unwrap();
-        r.adapters.push(AdapterRequest { name: "sketch".into(), image: ConditionSource::Pixels(pixels), weight: bad });
+        r.adapters.push(AdapterRequest {
+            name: "sketch".into(),
+            image: ConditionSource::Pixels(pixels),
+            weight: bad,
+            preprocess: Vec::new(),
+        });
         refused(&r, "is not a number");
 
         let mut r = request();

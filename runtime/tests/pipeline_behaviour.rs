@@ -124,7 +124,12 @@ fn missing_size_comes_from_the_first_condition_image_as_in_diffusers() {
     let manifest = t2i_rt::Manifest::load(&common::tiny_sd1(), false).unwrap();
     let gray = |w: u32, h: u32| {
         let image = ConditionImage::from_pixels(w, h, ConditionKind::Gray, vec![128; (w * h) as usize]).unwrap();
-        AdapterRequest { name: "sketch".into(), image: ConditionSource::Pixels(image), weight: 1.0 }
+        AdapterRequest {
+            name: "sketch".into(),
+            image: ConditionSource::Pixels(image),
+            weight: 1.0,
+            preprocess: Vec::new(),
+        }
     };
     let mut r = request(0);
     assert_eq!(r.size(&manifest).unwrap(), (manifest.default_size[0], manifest.default_size[1]));
@@ -156,8 +161,12 @@ fn controlnet_at_scale_0_is_exactly_none() {
             let mut r = request(3);
             r.width = Some(64);
             r.height = Some(64);
-            r.controls =
-                vec![ControlRequest { name: "canny".into(), image: ConditionSource::File(control.clone()), scale }];
+            r.controls = vec![ControlRequest {
+                name: "canny".into(),
+                image: ConditionSource::File(control.clone()),
+                scale,
+                preprocess: Vec::new(),
+            }];
             r.control_start = start;
             r
         };

@@ -211,7 +211,7 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
                 } else {
                     ConditionSource::File(fixture(&a.image))
                 };
-                AdapterRequest { name: a.name.clone(), image, weight: a.weight }
+                AdapterRequest { name: a.name.clone(), image, weight: a.weight, preprocess: Vec::new() }
             })
             .collect();
         request.cond_tau = case.cond_tau;
@@ -258,6 +258,7 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
                 name: c.name.clone(),
                 image: ConditionSource::File(fixture(&c.image)),
                 scale: c.scale,
+                preprocess: Vec::new(),
             })
             .collect();
         if let Some(start) = case.control_start {

@@ -104,7 +104,12 @@ fn requests_are_checked_against_the_limits_before_anything_runs() {
         ("max_prompt_bytes", &|r| r.negative_prompt = Some("b".repeat(100_000))),
         ("max_adapters", &|r| {
             let pixels = ConditionImage::from_pixels(1, 1, ConditionKind::Gray, vec![0]).unwrap();
-            let adapter = AdapterRequest { name: "sketch".into(), image: ConditionSource::Pixels(pixels), weight: 1.0 };
+            let adapter = AdapterRequest {
+                name: "sketch".into(),
+                image: ConditionSource::Pixels(pixels),
+                weight: 1.0,
+                preprocess: Vec::new(),
+            };
             r.adapters = vec![adapter; 100];
         }),
     ];

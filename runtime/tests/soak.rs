@@ -60,11 +60,13 @@ fn mix() -> Vec<Request> {
                     name: "sketch".into(),
                     image: ConditionSource::Pixels(sketch.clone()),
                     weight: 0.5 + i as f32 * 0.1,
+                    preprocess: Vec::new(),
                 });
                 r.adapters.push(AdapterRequest {
                     name: "color".into(),
                     image: ConditionSource::File(conditions.join("color.png")),
                     weight: 1.0,
+                    preprocess: Vec::new(),
                 });
                 r.cond_tau = 0.5;
             }
