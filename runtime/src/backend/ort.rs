@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ndarray::{ArrayD, CowArray, IxDyn};
-use ort::environment::Environment;
+use ort::environment::{Environment, GlobalThreadPoolOptions};
 #[cfg(feature = "ort-trt")]
 use ort::ep::TensorRT;
 #[cfg(feature = "ort-cuda")]
@@ -105,7 +105,7 @@ impl OrtBackend {
     /// the GPU, and (TensorRT) that TensorRT 10 is installed.
     pub fn new(options: OrtOptions) -> Result<Self> {
         let gpu = options.provider != Provider::Cpu;
-        let (environment, library) = environment(options.library.as_deref(), gpu)?;
+        let (environment, library) = environment(options.library.as_deref(), gpu, options.intra_threads)?;
         let mut backend =
             OrtBackend { environment, library, provider: options.provider, options, hardware: Vec::new() };
         match backend.check_provider() {
@@ -177,8 +177,14 @@ impl OrtBackend {
             .map_err(|e| err(e.to_string()))?
             .with_optimization_level(level)
             .map_err(|e| err(e.to_string()))?;
-        if let Some(threads) = self.options.intra_threads {
-            builder = builder.with_intra_threads(threads).map_err(|e| err(e.to_string()))?;
+        // Sessions share the environment's one intra-op thread pool when they ask for its thread
+        // count: a pipeline alternates graphs (a ControlNet and the UNet at every step), and with a
+        // pool per session the idle pool's spinning threads slow the busy one down.
+        if self.options.intra_threads != global_pool_threads() {
+            builder = builder.with_independent_thread_pool().map_err(|e| err(e.to_string()))?;
+            if let Some(threads) = self.options.intra_threads {
+                builder = builder.with_intra_threads(threads).map_err(|e| err(e.to_string()))?;
+            }
         }
         let provider_error = |e: String, what: &str| {
             err(format!(
@@ -678,8 +684,9 @@ fn real_tensor(name: &str, dtype: &ValueType) -> RealTensor {
 /// the first successful load wins; a failed load is reported again to every caller.
 /// With `gpu`, an `.ort-gpu/` library (scripts/setup-ort.sh --gpu) is preferred to `.ort/`.
 /// Returns the environment and the library's path.
-fn environment(explicit: Option<&Path>, gpu: bool) -> Result<(Environment, PathBuf)> {
-    static ENVIRONMENT: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+/// Its global intra-op thread pool has the thread count the first backend asked for (`None`: one
+/// per core, ONNX Runtime's default); sessions asking for that count share it, others get their own.
+fn environment(explicit: Option<&Path>, gpu: bool, threads: Option<usize>) -> Result<(Environment, PathBuf)> {
     ENVIRONMENT
         .get_or_init(|| {
             let library = match explicit {
@@ -688,12 +695,28 @@ fn environment(explicit: Option<&Path>, gpu: bool) -> Result<(Environment, PathB
             };
             let builder = ort::init_from(&library)
                 .map_err(|e| format!("cannot load {} ({e}); {}", library.display(), install_hint()))?;
-            let environment =
-                builder.with_name("t2i-rt").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
-            Ok((environment, library))
+            let pool = GlobalThreadPoolOptions::default()
+                .with_intra_threads(threads.unwrap_or(0))
+                .and_then(|pool| pool.with_inter_threads(1))
+                .map_err(|e| format!("cannot set up ONNX Runtime's thread pool: {e}"))?;
+            let environment = builder
+                .with_name("t2i-rt")
+                .with_global_thread_pool(pool)
+                .build()
+                .map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
+            Ok((environment, library, threads))
         })
         .clone()
+        .map(|(environment, library, _)| (environment, library))
         .map_err(Error::RuntimeLibrary)
+}
+
+type EnvironmentSlot = std::result::Result<(Environment, PathBuf, Option<usize>), String>;
+static ENVIRONMENT: OnceLock<EnvironmentSlot> = OnceLock::new();
+
+/// The thread count of the environment's global pool.
+fn global_pool_threads() -> Option<usize> {
+    ENVIRONMENT.get().and_then(|slot| slot.as_ref().ok()).and_then(|(_, _, threads)| *threads)
 }
 
 fn install_hint() -> String {
