@@ -18,6 +18,15 @@ counts, and writes a markdown section into RESULTS.md (between markers) and a la
 
     .venv/bin/python benches/compare.py                       # small preset, steps 5 10 20 30
     .venv/bin/python benches/compare.py --quick --binary target/debug/t2i-rt   # smoke run, tiny set
+    .venv/bin/python benches/compare.py --conditioning        # adapter vs ControlNet, 30 steps
+
+`--conditioning` measures the case for adapters instead: the small preset with a T2I-Adapter and a
+ControlNet of the same UNet (`ControlNetModel.from_unet`), end-to-end time at 30 steps for no
+conditioning, the adapter, the ControlNet and both, for t2i-rt and diffusers
+(StableDiffusionPipeline, StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline, and for
+both the reference loop over diffusers' components: no diffusers pipeline runs both); and what the
+ControlNet inputs cost the UNet when unused (plain text-to-image on the set with ControlNet inputs vs
+the set without). An adapter runs once per image, a ControlNet at every step.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 
 BEGIN, END = "<!-- compare.py:begin -->", "<!-- compare.py:end -->"
+CONDITIONING_BEGIN, CONDITIONING_END = "<!-- compare.py:conditioning:begin -->", "<!-- compare.py:conditioning:end -->"
+CONTROL_SCALE = 1.0
 PROMPT = "a red house on a hill, oil painting"
 NEGATIVE = ""
 GUIDANCE = 7.5
@@ -67,6 +78,7 @@ class Source:
     model_dir: Path
     adapter_dirs: dict[str, Path]
     description: str
+    controlnet_dirs: dict[str, Path] = field(default_factory=dict)
 
 
 def _open_clip_wheel_env() -> None:
@@ -91,25 +103,28 @@ def prepare_tiny(work: Path) -> Source:
     return Source(REPO / "graphs" / "tiny-sd1", model_dir, adapters, "tiny-sd1 (committed tiny set, random weights)")
 
 
-def prepare_small(work: Path, adapter_preset: str, seed: int) -> Source:
-    """`python -m t2i_export random --preset small --save-diffusers`, reused when already there."""
+def prepare_small(work: Path, adapter_preset: str, seed: int, controlnet: bool = False) -> Source:
+    """`python -m t2i_export random --preset small --save-diffusers`, reused when already there; with
+    `controlnet`, a separate set whose UNet also takes ControlNet residuals, and the ControlNet."""
     from t2i_export.random_preset import export_random
 
-    graphs, ckpt = work / "small-graphs", work / "small-diffusers"
+    tag = "small-control" if controlnet else "small"
+    graphs, ckpt = work / f"{tag}-graphs", work / f"{tag}-diffusers"
     model_dir = ckpt / "random-small"
-    stamp = work / "small-preset.json"
+    stamp = work / f"{tag}-preset.json"
     # Regenerate when the preset's code changes, not only its arguments.
     code = hashlib.sha256((REPO / "export" / "t2i_export" / "random_preset.py").read_bytes()).hexdigest()
-    want = {"adapter_preset": adapter_preset, "seed": seed, "random_preset.py": code}
+    want = {"adapter_preset": adapter_preset, "seed": seed, "random_preset.py": code, "controlnet": controlnet}
     fresh = stamp.is_file() and json.loads(stamp.read_text()) == want
     if not (fresh and (graphs / "manifest.json").is_file() and (model_dir / "model_index.json").is_file()):
         _open_clip_wheel_env()
         print(f"exporting the small preset into {graphs} (+ diffusers checkpoint {ckpt}) ...", flush=True)
         stamp.unlink(missing_ok=True)
-        export_random("small", [adapter_preset], graphs, None, seed, save_diffusers=ckpt)
+        export_random("small", [adapter_preset], graphs, None, seed, save_diffusers=ckpt, controlnet=controlnet)
         stamp.write_text(json.dumps(want))
+    controlnets = {"control": ckpt / "controlnets" / "control"} if controlnet else {}
     return Source(graphs, model_dir, {adapter_preset: ckpt / "adapters" / adapter_preset},
-                  f"random-small (SD 1.5 architecture scaled down, random weights, seed {seed})")
+                  f"random-small (SD 1.5 architecture scaled down, random weights, seed {seed})", controlnets)
 
 
 @dataclass(frozen=True)
@@ -118,12 +133,19 @@ class Case:
     adapter: str | None  # adapter name, or None for a plain text-to-image run
     width: int
     height: int
+    control: str | None = None  # ControlNet name (--conditioning)
+
+    @property
+    def label(self) -> str:
+        return {(False, False): "none", (True, False): "adapter", (False, True): "ControlNet",
+                (True, True): "adapter + ControlNet"}[(self.adapter is not None, self.control is not None)]
 
 
 @dataclass
 class Inputs:
     latents: Path  # [1, C, h, w] float32 .npy
     condition: dict[str, Path]  # adapter name -> PNG at the output size
+    control: Path | None = None  # RGB PNG at the output size, for ControlNets
 
 
 def write_inputs(work: Path, manifest: dict, width: int, height: int) -> Inputs:
@@ -148,7 +170,11 @@ def write_inputs(work: Path, manifest: dict, width: int, height: int) -> Inputs:
         path = work / f"condition-{a['name']}-{width}x{height}.png"
         (image if a["condition"] == "gray" else image.convert("RGB")).save(path)
         conditions[a["name"]] = path
-    return Inputs(lat_path, conditions)
+    control = None
+    if manifest.get("controlnets"):
+        control = work / f"control-{width}x{height}.png"
+        image.convert("RGB").save(control)
+    return Inputs(lat_path, conditions, control)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,9 +198,10 @@ class Diffusers:
         from t2i_export.reference import Oracle, load_condition
 
         torch.set_num_threads(threads)
-        self.oracle = Oracle.load(source.model_dir, source.adapter_dirs)
+        self.oracle = Oracle.load(source.model_dir, source.adapter_dirs, source.controlnet_dirs)
         self.inputs = inputs
         self.images = {n: load_condition(p) for n, p in inputs.condition.items()}
+        self.control_image = load_condition(inputs.control) if inputs.control else None
 
     def _case(self, case: Case):
         import torch
@@ -182,16 +209,19 @@ class Diffusers:
         from t2i_export import reference
 
         adapters = [] if case.adapter is None else [{"name": case.adapter, "image": self.images[case.adapter], "weight": ADAPTER_WEIGHT}]
+        controls = [] if case.control is None else [{"name": case.control, "image": self.control_image, "scale": CONTROL_SCALE}]
         return reference.Case(
             name="compare", prompt=PROMPT, negative_prompt=NEGATIVE, adapters=adapters, cond_tau=1.0, steps=case.steps,
             guidance=GUIDANCE, scheduler="ddim", width=case.width, height=case.height, n_samples=1,
-            latents=torch.from_numpy(np.load(self.inputs.latents)), reference="pipeline",
+            latents=torch.from_numpy(np.load(self.inputs.latents)),
+            # adapter + ControlNet: no diffusers pipeline runs both; the loop over its components does
+            reference="loop" if adapters and controls else "pipeline", controls=controls,
         )
 
     def _run(self, case: Case) -> Result:
-        from t2i_export.reference import decode_images, run_pipeline
+        from t2i_export.reference import decode_images, run
 
-        latents, _ = run_pipeline(self.oracle, self._case(case))  # output_type="latent" ...
+        latents, _ = run(self.oracle, self._case(case))  # output_type="latent" ...
         pixels = decode_images(self.oracle, latents)  # ... + the pipeline's own decode and postprocess
         return Result(latents.numpy(), pixels[0])
 
@@ -200,11 +230,11 @@ class Diffusers:
 
     def sample(self, case: Case) -> tuple[float, dict]:
         c = self._case(case)  # inputs ready before the clock starts, as for the other systems
-        from t2i_export.reference import decode_images, run_pipeline
+        from t2i_export.reference import decode_images, run
 
         gc.collect()
         t0 = time.perf_counter()
-        latents, _ = run_pipeline(self.oracle, c)
+        latents, _ = run(self.oracle, c)
         decode_images(self.oracle, latents)
         return time.perf_counter() - t0, {}
 
@@ -298,9 +328,12 @@ class T2iRt:
                          if self.has_bench else "`t2i-rt run` wall time (process start, model load and PNG write included, checksums skipped; threads: the backend's default, this binary has no `bench`)")
 
     def _adapter_args(self, case: Case) -> list[str]:
-        if case.adapter is None:
-            return []
-        return ["--adapter", f"{case.adapter}={self.inputs.condition[case.adapter]}:{ADAPTER_WEIGHT}"]
+        args = []
+        if case.adapter is not None:
+            args += ["--adapter", f"{case.adapter}={self.inputs.condition[case.adapter]}:{ADAPTER_WEIGHT}"]
+        if case.control is not None:
+            args += ["--control", f"{case.control}={self.inputs.control}:{CONTROL_SCALE}"]
+        return args
 
     def _run_cmd(self, case: Case, stem: str) -> list[str]:
         return [
@@ -319,7 +352,7 @@ class T2iRt:
     def generate(self, case: Case) -> Result:
         from PIL import Image
 
-        stem = f"{self.backend}-{case.steps}-{case.adapter or 'none'}"
+        stem = f"{self.backend}-{case.steps}-{case.adapter or 'none'}-{case.control or 'none'}"
         self._call(self._run_cmd(case, stem))
         pixels = np.asarray(Image.open(self.out / f"{stem}.png").convert("RGB"))
         return Result(np.load(self.out / f"{stem}.npy"), pixels)
@@ -347,7 +380,7 @@ class T2iRt:
         stages = {k: v["median"] for k, v in report["stages_ms"].items()}
         details = {"stages_ms": stages, "startup_ms": report.get("startup_ms"), "peak_rss_mb": report.get("peak_rss_mb")}
         without = report.get("without_adapters", {}).get("stages_ms", {}).get("total")
-        if case.adapter is not None and without:
+        if case.adapter is not None and case.control is None and without:
             details["plain_s"] = without["median"] / 1000.0
         return stages["total"] / 1000.0, details
 
@@ -368,6 +401,8 @@ def check_parity(systems: list, reference: Diffusers, cases: list[Case]) -> list
         for s in systems:
             if s is reference or (case.adapter is None and not s.name.startswith("t2i-rt")):
                 continue
+            if case.control is not None and not s.name.startswith("t2i-rt"):  # python-ort has no ControlNet loop
+                continue
             got = s.generate(case)
             if got.latents.shape != want.latents.shape or got.pixels.shape != want.pixels.shape:
                 raise CompareError(f"{s.name}, {case}: shapes {got.latents.shape}/{got.pixels.shape}, "
@@ -375,16 +410,16 @@ def check_parity(systems: list, reference: Diffusers, cases: list[Case]) -> list
             rel = rel_l2(got.latents, want.latents)
             px = int(np.abs(got.pixels.astype(int) - want.pixels.astype(int)).max())
             ok = rel <= s.tolerance and px <= MAX_PIXEL_DIFF
-            row = {"system": s.name, "steps": case.steps, "adapter": case.adapter, "rel_l2": rel, "tolerance": s.tolerance,
-                   "max_pixel_diff": px, "ok": ok}
+            row = {"system": s.name, "steps": case.steps, "adapter": case.adapter, "control": case.control, "rel_l2": rel,
+                   "tolerance": s.tolerance, "max_pixel_diff": px, "ok": ok}
             rows.append(row)
-            print(f"  parity {s.name:15s} steps {case.steps:3d} adapter {case.adapter or '-':8s} rel L2 {rel:.2e} "
+            print(f"  parity {s.name:15s} steps {case.steps:3d} {case.label:20s} rel L2 {rel:.2e} "
                   f"(<= {s.tolerance:g}) max px {px} (<= {MAX_PIXEL_DIFF}) {'ok' if ok else 'FAIL'}", flush=True)
             if not ok:
                 failures.append(row)
     if failures:
         raise CompareError("not the same image as diffusers, so no times are reported: " + "; ".join(
-            f"{r['system']} steps {r['steps']} adapter {r['adapter']}: rel L2 {r['rel_l2']:.3g} (max {r['tolerance']:g}), "
+            f"{r['system']} steps {r['steps']} adapter {r['adapter']} control {r.get('control')}: rel L2 {r['rel_l2']:.3g} (max {r['tolerance']:g}), "
             f"max pixel diff {r['max_pixel_diff']} (max {MAX_PIXEL_DIFF})" for r in failures))
     return rows
 
@@ -409,7 +444,7 @@ def time_round_robin(jobs: list[tuple], rounds: int) -> dict:
             samples[(s.name, c)].append(sec)
             details[(s.name, c)].append(d)
             if "plain_s" in d:
-                plain = replace(c, adapter=None)
+                plain = replace(c, adapter=None, control=None)
                 if (s.name, plain) in samples:
                     samples[(s.name, plain)].append(d["plain_s"])
                     details[(s.name, plain)].append({})
@@ -519,6 +554,167 @@ def markdown(rows: list[dict], parity: list[dict], meta: dict) -> str:
             out.append(f"| {r['system']} | {r['steps']} | {cells} | {su} | {rss} |")
     out += ["", f"![latency vs steps]({meta['plot_rel']})", "", END]
     return "\n".join(out) + "\n"
+
+
+def conditioning_rows(timing: dict, systems: list, cases: list[Case], plain_rt) -> list[dict]:
+    """Per system and conditioning: median and p90, relative to the same system without conditioning
+    and to diffusers with the same conditioning."""
+    rows = []
+    for s in systems:
+        for c in cases:
+            xs = timing["samples"].get((s.name, c))
+            if not xs:
+                continue
+            none = timing["samples"].get((s.name, replace(c, adapter=None, control=None)))
+            ref = timing["samples"].get(("diffusers", c))
+            med = float(np.median(xs))
+            row = {"system": s.name, "conditioning": c.label, "steps": c.steps, "median_s": med, "p90_s": percentile(xs, 90),
+                   "n": len(xs), "vs_none": med / float(np.median(none)) if none else None,
+                   "vs_diffusers": med / float(np.median(ref)) if ref else None}
+            ds = [d for d in timing["details"][(s.name, c)] if d.get("stages_ms")]
+            if ds:
+                row["stages_ms"] = {k: float(np.median([d["stages_ms"][k] for d in ds])) for k in ds[0]["stages_ms"]}
+            rows.append(row)
+    if plain_rt is not None:
+        for c in cases:
+            xs = timing["samples"].get((plain_rt.name, c))
+            if xs:
+                ds = [d for d in timing["details"][(plain_rt.name, c)] if d.get("stages_ms")]
+                rows.append({"system": plain_rt.name, "conditioning": c.label, "steps": c.steps, "median_s": float(np.median(xs)),
+                             "p90_s": percentile(xs, 90), "n": len(xs), "vs_none": 1.0, "vs_diffusers": None,
+                             **({"stages_ms": {k: float(np.median([d["stages_ms"][k] for d in ds])) for k in ds[0]["stages_ms"]}}
+                                if ds else {})})
+    return rows
+
+
+def conditioning_markdown(rows: list[dict], parity: list[dict], meta: dict) -> str:
+    m, v = meta["machine"], meta["versions"]
+    w, h = meta["size"]
+    out = [
+        CONDITIONING_BEGIN,
+        "## The case for adapters: T2I-Adapter vs ControlNet (`benches/compare.py --conditioning`)",
+        "",
+        f"Written by `{meta['command']}` on {m['date']}.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} logical cores; **threads: {m['threads']}** per system.",
+        f"- Model: {meta['source']}, {w}×{h}, DDIM, {meta['steps']} steps, CFG {GUIDANCE}; adapter `{meta['adapter']}`"
+        f" (weight {ADAPTER_WEIGHT}); ControlNet `ControlNetModel.from_unet` of the same UNet (scale {CONTROL_SCALE}).",
+        f"- Versions: t2i-rt {v['t2i-rt']} (commit {v['commit']}), torch {v['torch']}, diffusers {v['diffusers']},"
+        f" onnxruntime {v['onnxruntime']}.",
+        f"- t2i-rt timed by {meta['timed_by']}; diffusers: one whole generation in-process (StableDiffusionPipeline,"
+        " StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline; adapter + ControlNet: the reference loop"
+        " over diffusers' components, `reference._denoise`, as no diffusers pipeline runs both).",
+        f"- {meta['rounds']} rounds, round-robin; median and p90 over rounds. Parity first (latents rel L2 ≤"
+        f" {REL_L2['ort']:g}, pixels within {MAX_PIXEL_DIFF}/255); worst measured:"
+        + "".join(f" {name} {max(p['rel_l2'] for p in parity if p['system'] == name):.1e} /"
+                  f" {max(p['max_pixel_diff'] for p in parity if p['system'] == name)} px;"
+                  for name in dict.fromkeys(p["system"] for p in parity)).rstrip(";") + ".",
+        "",
+        "| system | conditioning | median s | p90 s | × same system, none | × diffusers, same conditioning |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        vs_none = f"{r['vs_none']:.2f}" if r.get("vs_none") is not None else "–"
+        vs_ref = f"{r['vs_diffusers']:.2f}" if r.get("vs_diffusers") is not None else "–"
+        out.append(f"| {r['system']} | {r['conditioning']} | {r['median_s']:.3f} | {r['p90_s']:.3f} | {vs_none} | {vs_ref} |")
+    unused = meta.get("unused_control_inputs")
+    if unused:
+        out += ["", f"Unused ControlNet inputs (t2i-rt ort-cpu, no conditioning, the set with ControlNet inputs vs the same"
+                    f" weights exported without them): total {unused['total']:+.1f} %, UNet stage {unused['unet']:+.1f} %"
+                    f" (medians over {meta['rounds']} rounds; the target is ≤ 1 %)."]
+    out += ["", f"![conditioning cost]({meta['plot_rel']})", "", CONDITIONING_END]
+    return "\n".join(out) + "\n"
+
+
+def conditioning_plot(path: Path, rows: list[dict], title: str) -> None:
+    """Grouped bars: seconds per image for each conditioning, one bar per system (PIL only)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H, left, right, top, bottom = 900, 520, 80, 30, 70, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=14)
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    labels = list(dict.fromkeys(r["conditioning"] for r in rows))
+    ymax = max(r["p90_s"] for r in rows) * 1.35  # room for the legend above the bars
+    group = (W - left - right) / len(labels)
+    bar = group * 0.8 / len(systems)
+
+    def Y(v: float) -> float:
+        return H - bottom - v / ymax * (H - top - bottom)
+
+    d.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
+    d.text((W / 2, 16), title, fill="black", font=font, anchor="mm")
+    d.text((12, top - 24), "seconds per image (median; line: p90)", fill="black", font=font, anchor="lm")
+    for gi, label in enumerate(labels):
+        d.text((left + group * (gi + 0.5), H - bottom + 10), label, fill="black", font=font, anchor="mt")
+        for si, name in enumerate(systems):
+            r = next((r for r in rows if r["system"] == name and r["conditioning"] == label), None)
+            if r is None:
+                continue
+            x0 = left + group * gi + group * 0.1 + bar * si
+            color = COLORS.get(name, (150, 150, 150))
+            d.rectangle([x0, Y(r["median_s"]), x0 + bar * 0.9, Y(0)], fill=color)
+            d.line([(x0 + bar * 0.45, Y(r["median_s"])), (x0 + bar * 0.45, Y(r["p90_s"]))], fill="black")
+            d.text((x0 + bar * 0.45, Y(r["p90_s"]) - 4), f"{r['median_s']:.2f}", fill="black", font=font, anchor="mb")
+    for si, name in enumerate(systems):
+        ly = top + 8 + si * 18
+        d.rectangle([left + 10, ly - 6, left + 25, ly + 6], fill=COLORS.get(name, (150, 150, 150)))
+        d.text((left + 32, ly), name, fill="black", font=font, anchor="lm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def run_conditioning(args, work: Path, binary: Path, results: Path, argv) -> None:
+    """`--conditioning`: see the module docstring."""
+    steps = args.steps or [30]
+    rounds = args.rounds or 5
+    plot_path = args.plot or REPO / "benches" / "conditioning.png"
+    source = prepare_small(work, args.adapter_preset, args.seed, controlnet=True)
+    plain_source = prepare_small(work, args.adapter_preset, args.seed)
+    manifest = json.loads((source.graphs / "manifest.json").read_text(encoding="utf-8"))
+    width, height = args.size or tuple(manifest["default_size"])
+    adapter, control = manifest["adapters"][0]["name"], manifest["controlnets"][0]["name"]
+    inputs = write_inputs(work, manifest, width, height)
+    print(f"loading systems (threads {args.threads}) ...", flush=True)
+    reference = Diffusers(source, inputs, args.threads)
+    systems: list = [reference] + [T2iRt(binary, source, inputs, args.threads, b, work) for b in ("ort-cpu", "tract")
+                                   if b in args.systems]
+    rt = [s for s in systems if isinstance(s, T2iRt)]
+    (work / "plain").mkdir(parents=True, exist_ok=True)
+    plain_rt = T2iRt(binary, plain_source, write_inputs(work / "plain", json.loads(
+        (plain_source.graphs / "manifest.json").read_text(encoding="utf-8")), width, height), args.threads, "ort-cpu", work / "plain")
+    plain_rt.name = "t2i-rt ort-cpu, UNet without ControlNet inputs"
+    cases = [Case(st, a, width, height, c) for st in steps for a, c in
+             [(None, None), (adapter, None), (None, control), (adapter, control)]]
+    print("checking that every system draws diffusers' image ...", flush=True)
+    parity = check_parity(systems, reference, cases)
+    parity += check_parity([reference, plain_rt], reference, [c for c in cases if c.label == "none"])
+    jobs = [(s, c) for c in cases for s in systems] + [(plain_rt, c) for c in cases if c.label == "none"]
+    print(f"timing {rounds} rounds of {len(jobs)} jobs ...", flush=True)
+    timing = time_round_robin(jobs, rounds)
+    rows = conditioning_rows(timing, systems, cases, plain_rt)
+    for r in rows:
+        print(f"  {r['system']:48s} {r['conditioning']:20s} median {r['median_s']:.3f} s, p90 {r['p90_s']:.3f} s")
+    meta = {
+        "command": "python benches/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(args.threads), "versions": versions(binary), "size": [width, height], "adapter": adapter,
+        "source": source.description, "rounds": rounds, "steps": steps[0] if len(steps) == 1 else steps,
+        "timed_by": rt[0].timed_by if rt else "–", "plot_rel": os.path.relpath(plot_path, results.parent),
+    }
+    with_inputs = next((r for r in rows if r["system"] == "t2i-rt ort-cpu" and r["conditioning"] == "none"), None)
+    without = next((r for r in rows if r["system"] == plain_rt.name), None)
+    if with_inputs and without:
+        unet = [r.get("stages_ms", {}).get("unet_step") for r in (with_inputs, without)]
+        meta["unused_control_inputs"] = {
+            "total": (with_inputs["median_s"] / without["median_s"] - 1) * 100,
+            "unet": (unet[0] / unet[1] - 1) * 100 if all(unet) else float("nan"),
+        }
+    conditioning_plot(plot_path, rows, f"{source.graphs.name} {width}x{height}, {meta['steps']} steps, {args.threads} threads")
+    write_section(results, conditioning_markdown(rows, parity, meta), CONDITIONING_BEGIN, CONDITIONING_END)
+    (work / "conditioning.json").write_text(json.dumps({"meta": meta, "parity": parity, "rows": rows}, indent=2) + "\n",
+                                            encoding="utf-8")
+    print(f"wrote {results}, {plot_path} and {work / 'conditioning.json'}")
 
 
 def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
@@ -642,6 +838,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(default benches/RESULTS.md; --quick: WORK/RESULTS.md)")
     p.add_argument("--plot", type=Path, help="PNG plot (default benches/compare.png; --quick: WORK/compare.png)")
     p.add_argument("--quick", action="store_true", help="smoke run on the committed tiny set (graphs/tiny-sd1)")
+    p.add_argument("--conditioning", action="store_true",
+                   help="adapter vs ControlNet vs both vs none at 30 steps on the small preset (module docstring; "
+                   "default plot benches/conditioning.png)")
     return p
 
 
@@ -662,6 +861,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         _ort_library_env()
+        if args.conditioning:
+            run_conditioning(args, work, binary, results, argv)
+            return 0
         if args.graphs_dir:
             if not args.diffusers_model:
                 raise CompareError("--graphs-dir needs --diffusers-model (and --diffusers-adapter NAME=DIR per adapter)")

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .pipeline import Components, export_components
-from .tiny import SD15_SCHEDULER_CONFIG, save_checkpoint, write_clip_tokenizer_dir
+from .tiny import SD15_SCHEDULER_CONFIG, build_controlnet, save_checkpoint, write_clip_tokenizer_dir
 from .tokenizer import load_tokenizer
 
 SD15_UNET = dict(
@@ -172,19 +172,27 @@ def export_random(
     seed: int,
     save_diffusers: Path | None = None,
     precision: str = "fp32",
+    controlnet: bool = False,
 ) -> Path:
     """Export the preset to `out_dir` in `precision`; with `save_diffusers`, also save the same (fp32)
-    modules there in diffusers format: `save_diffusers/random-PRESET` (pipeline) and `save_diffusers/adapters/NAME`."""
+    modules there in diffusers format: `save_diffusers/random-PRESET` (pipeline), `save_diffusers/adapters/NAME`
+    and, with `controlnet`, `save_diffusers/controlnets/control`: a ControlNet of the UNet
+    (`ControlNetModel.from_unet`, diffusers' default conditioning embedding, its zero convolutions
+    drawn from seed + 1000 so that it does something)."""
     if preset not in PRESETS:
         raise ValueError(preset)
     comps = build_random(preset, adapter_presets, seed)
+    if controlnet:
+        comps["controlnets"] = {"control": build_controlnet(comps["unet"], seed + 1000, (16, 32, 96, 256))}
     if save_diffusers is not None:
         save_checkpoint(comps, save_diffusers, f"random-{preset}")
     text_encoder, unet, vae = comps["text_encoder"], comps["unet"], comps["vae"]
     adapters = list(comps["adapters"].items())
+    comps_controlnets = comps.get("controlnets", {})
     with tempfile.TemporaryDirectory(prefix="t2i-tok-") as tmp:
         write_clip_tokenizer_dir(Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))
     comps = Components.single_encoder(tokenizer, text_encoder, unet, vae, dict(SD15_SCHEDULER_CONFIG), precision=precision)
     default_name = f"random-{preset}" if precision == "fp32" else f"random-{preset}-{precision}"
-    return export_components(comps, adapters, out_dir, name or default_name)
+    controlnets = list(comps_controlnets.items())
+    return export_components(comps, adapters, out_dir, name or default_name, controlnets=controlnets)
