@@ -356,9 +356,9 @@ SD1_INPAINT_CASES = [
 # ControlNet, for two (MultiControlNetModel: the same net on two images, summed) with
 # control_guidance_start/end under Heun (whose two calls per step count separately), and in guess mode;
 # with a T2I-Adapter through the loop (`reference._denoise`: no diffusers pipeline runs both);
-# StableDiffusionControlNetImg2ImgPipeline; and no size given (the control image's, 128x64), two
-# images, a stochastic sampler and every draw from the seed. "controls" entries are (name, scale,
-# condition image key).
+# StableDiffusionControlNetImg2ImgPipeline; no size given (the control image's, 128x64), two
+# images, a stochastic sampler and every draw from the seed; StableDiffusionControlNetInpaintPipeline.
+# "controls" entries are (name, scale, condition image key).
 _CONTROL_CASE = dict(negative_prompt="blurry, low quality", adapters=[], cond_tau=1.0, guidance=7.5, width=64, height=64,
                      n_samples=1, reference="pipeline")
 SD1_CONTROL_CASES = [
@@ -378,6 +378,10 @@ SD1_CONTROL_CASES = [
     dict(_CONTROL_CASE, name="cf_controlnet_default_size_euler_a_generator_pipeline", prompt="a mountain landscape",
          negative_prompt=None, controls=[("canny", 0.9, "control")], width=None, height=None, n_samples=2, steps=5,
          scheduler="euler-a", generator=True, seed=136),
+    # StableDiffusionControlNetInpaintPipeline with the 4-channel UNet: the kept area blended back
+    dict(_CONTROL_CASE, name="cg_controlnet_inpaint_euler_strength075_pipeline", prompt="a bowl of fruit on a wooden table",
+         controls=[("canny", 0.8, "control")], steps=6, scheduler="euler", strength=0.75, init_image="init", mask="mask",
+         generator=True, seed=137),
 ]
 
 # SDXL: StableDiffusionXLControlNetPipeline with tiny-sdxl's "edges" ControlNet (it also takes

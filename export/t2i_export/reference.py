@@ -28,6 +28,7 @@ from diffusers import (
     MultiControlNetModel,
     StableDiffusionAdapterPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -622,8 +623,8 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
     `generator=torch.Generator("cpu").manual_seed(seed)` and `output_type="latent"`."""
     if case.init_image is None or case.latents is not None or case.adapters:
         raise ValueError(f"case {case.name}: an image pipeline case has an init image, no latents and no adapters")
-    if case.controls and (oracle.xl or case.mask is not None):
-        raise ValueError(f"case {case.name}: ControlNet image cases are SD 1.x/2.x img2img")
+    if case.controls and oracle.xl:
+        raise ValueError(f"case {case.name}: ControlNet image cases are SD 1.x/2.x")
     scheduler = oracle.scheduler(case.scheduler, case.scheduler_options)
     inpaint = case.mask is not None
     if oracle.xl:
@@ -642,7 +643,8 @@ def run_image_pipeline(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[f
             add_watermarker=False,
         )
     elif case.controls:
-        pipe = StableDiffusionControlNetImg2ImgPipeline(controlnet=_controlnet_model(oracle, case), **_sd1_components(oracle, scheduler))
+        cls = StableDiffusionControlNetInpaintPipeline if inpaint else StableDiffusionControlNetImg2ImgPipeline
+        pipe = cls(controlnet=_controlnet_model(oracle, case), **_sd1_components(oracle, scheduler))
     else:
         cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
         pipe = cls(**_sd1_components(oracle, scheduler))
@@ -688,7 +690,7 @@ def reference_pipeline_name(oracle: Oracle, case: Case) -> str:
             return "StableDiffusionControlNetPipeline"
         return "StableDiffusionAdapterPipeline" if case.adapters else "StableDiffusionPipeline"
     if case.controls:
-        return "StableDiffusionControlNetImg2ImgPipeline"
+        return f"StableDiffusionControlNet{'Inpaint' if case.mask is not None else 'Img2Img'}Pipeline"
     xl = "XL" if oracle.xl else ""
     return f"StableDiffusion{xl}{'Inpaint' if case.mask is not None else 'Img2Img'}Pipeline"
 
