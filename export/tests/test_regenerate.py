@@ -10,9 +10,9 @@ inputs that are draws or constants (input_ids, sample, timestep, time_ids, adapt
 latent_sample, the vae_encoder's image, condition).
 
 Within a tolerance: what a torch kernel computes. expected_latents.npy, every graph_*/out_*.npy, the
-two graph inputs that are a text encoder's output (graph_unet/in_encoder_hidden_states.npy and
-in_text_embeds.npy), the decoded images (cases/*/image_*.png) and the img2img / inpainting cases'
-debug_*.npy (posterior samples through the VAE encoder, the latents after add_noise; the latent mask
+graph inputs that are a text encoder's output (in_encoder_hidden_states.npy and in_text_embeds.npy
+of graph_unet and graph_controlnet_*), the decoded images (cases/*/image_*.png) and the img2img /
+inpainting cases' debug_*.npy (posterior samples through the VAE encoder, the latents after add_noise; the latent mask
 is 0s and 1s, so within the latents' tolerance means equal). The img2img / inpainting cases and
 graph_vae_encoder were computed on an AMD EPYC, the older files as said below. The committed ones were computed
 on an Intel Xeon; on another CPU PyTorch's kernels (MKL / oneDNN dispatch) sum in another order and
@@ -108,8 +108,8 @@ COMPUTED = [
     (re.compile(r"cases/[^/]+/debug_[a-z_]+\.npy"), LATENTS),
     (re.compile(r"cases/[^/]+/image_\d+\.png"), PIXELS),
     (re.compile(r"graph_[^/]+/out_[^/]+\.npy"), GRAPH_TENSORS),
-    # the text encoders' outputs, fed to the UNet graph (fixtures.graph_fixtures)
-    (re.compile(r"graph_unet/in_(encoder_hidden_states|text_embeds)\.npy"), GRAPH_TENSORS),
+    # the text encoders' outputs, fed to the UNet and ControlNet graphs (fixtures.graph_fixtures)
+    (re.compile(r"graph_(unet|controlnet_[a-z0-9_]+)/in_(encoder_hidden_states|text_embeds)\.npy"), GRAPH_TENSORS),
 ]
 
 
@@ -279,7 +279,7 @@ def test_every_file_kind_has_its_rule():
                 assert tol is LATENTS, rel
             elif rel.startswith("cases/") and rel.endswith(".png"):
                 assert tol is PIXELS, rel
-            elif "/out_" in rel or rel in ("graph_unet/in_encoder_hidden_states.npy", "graph_unet/in_text_embeds.npy"):
+            elif "/out_" in rel or re.fullmatch(r"graph_(unet|controlnet_\w+)/in_(encoder_hidden_states|text_embeds)\.npy", rel):
                 assert tol is GRAPH_TENSORS, rel
             else:  # seeded draws, constants, tokenizer ids, condition images, cases.json
                 assert tol is None, rel
