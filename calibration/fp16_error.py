@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from dataclasses import replace
@@ -49,7 +50,7 @@ sys.path[:0] = [str(REPO / "export"), str(REPO / "export" / "tests")]
 
 from t2i_export.fixtures import CASES_BY_FAMILY, CONDITIONS_BY_FAMILY, _make_case  # noqa: E402
 from t2i_export.reference import Oracle, decode_images, load_condition, run, run_image  # noqa: E402
-from t2i_export.tiny import write_checkpoint  # noqa: E402
+from t2i_export.tiny import controlnet_dirs, write_checkpoint  # noqa: E402
 from test_end_to_end import GraphPipeline  # noqa: E402
 
 FIXTURES = REPO / "graphs" / "fixtures" / "tiny-sd1"
@@ -92,6 +93,7 @@ def graph_pipeline(set_dir: Path, level: str) -> GraphPipeline:
     m = pipe.m
     files = {k: g["file"] for k, g in m["graphs"].items()}
     files.update({"adapter_" + a["name"]: a["graph"]["file"] for a in m["adapters"]})
+    files.update({"controlnet_" + c["name"]: c["graph"]["file"] for c in m.get("controlnets", [])})
     files.update({te["name"]: te["graph"]["file"] for te in m["text_encoders"]})
     options = ort.SessionOptions()
     options.graph_optimization_level = ORT_LEVELS[level]
@@ -100,9 +102,9 @@ def graph_pipeline(set_dir: Path, level: str) -> GraphPipeline:
     return pipe
 
 
-def half_oracle(model_dir: Path, adapter_dirs: dict[str, Path]) -> Oracle:
-    oracle = Oracle.load(model_dir, adapter_dirs)
-    for m in [oracle.text_encoder, oracle.unet, oracle.vae, *oracle.adapters.values()]:
+def half_oracle(model_dir: Path, adapter_dirs: dict[str, Path], controlnets: dict[str, Path]) -> Oracle:
+    oracle = Oracle.load(model_dir, adapter_dirs, controlnets)
+    for m in [oracle.text_encoder, oracle.unet, oracle.vae, *oracle.adapters.values(), *oracle.controlnets.values()]:
         m.half()
     return oracle
 
@@ -149,7 +151,7 @@ def main() -> None:
             p.error(f"no such case: {', '.join(sorted(unknown))}")
         cases = [c for c in cases if c["name"] in args.case]
     elif not args.all:
-        cases = [c for c in cases if c["name"][0] in "abcdef"]
+        cases = [c for c in cases if re.match(r"[a-f]_", c["name"])]
 
     pipes = {k: graph_pipeline(d, args.ort_level) for k, d in SETS.items()}
     sessions = {k: dict(pipe.sess) for k, pipe in pipes.items()}
@@ -158,7 +160,7 @@ def main() -> None:
     columns.insert(0, columns.pop(columns.index("fp16 set")))
     rows = []
     with tempfile.TemporaryDirectory(prefix="t2i-fp16-") as tmp:
-        oracle = None if args.no_diffusers else half_oracle(*write_checkpoint(Path(tmp)))
+        oracle = None if args.no_diffusers else half_oracle(*write_checkpoint(Path(tmp)), controlnet_dirs(Path(tmp)))
         for case in cases:
             ref = np.load(FIXTURES / case["expected_latents"])
             row = {"case": case["name"], "ort_level": args.ort_level}

@@ -208,7 +208,8 @@ def control_state(oracle: Oracle, case: Case) -> ControlState | None:
     processor = VaeImageProcessor(vae_scale_factor=_vae_scale_factor(oracle), do_convert_rgb=True, do_normalize=False)
     images = []
     for c in case.controls:
-        image = processor.preprocess(c["image"], height=height, width=width).to(dtype=torch.float32)
+        # (in the net's dtype, as prepare_image's `dtype=controlnet.dtype`)
+        image = processor.preprocess(c["image"], height=height, width=width).to(dtype=oracle.controlnets[c["name"]].dtype)
         image = image.repeat_interleave(case.n_samples, dim=0)
         if case.guidance > 1.0 and not case.guess_mode:
             image = torch.cat([image] * 2)

@@ -546,7 +546,7 @@ def build_tiny_zoo(
                 if fam in FP16_SETS:
                     fp16 = f"{name}-fp16"
                     fp16_dir = export_pipeline(model_dir, list(adapter_dirs.items()), out_root / fp16, name=fp16, precision="fp16",
-                                               strip_names=True)
+                                               strip_names=True, controlnets=list(controlnets.items()))
                     written.append((fp16_dir, None))
     finally:
         torch.set_num_threads(threads)

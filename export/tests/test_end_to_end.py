@@ -42,6 +42,10 @@ class GraphPipeline:
         self.adapters = {a["name"]: a for a in self.m["adapters"]}
         for a in self.m["adapters"]:
             self.sess["adapter_" + a["name"]] = ort.InferenceSession(str(set_dir / a["graph"]["file"]))
+        self.controlnets = {c["name"]: c for c in self.m.get("controlnets", [])}
+        for c in self.controlnets.values():
+            self.sess["controlnet_" + c["name"]] = ort.InferenceSession(str(set_dir / c["graph"]["file"]))
+        self.control_slots = self.m.get("control_slots", [])
         self.toks = {}
         for te in self.m["text_encoders"]:
             self.sess[te["name"]] = ort.InferenceSession(str(set_dir / te["graph"]["file"]))
@@ -108,6 +112,40 @@ class GraphPipeline:
         return np.ascontiguousarray(a)
 
     @staticmethod
+    def control_image(path, width, height) -> np.ndarray:
+        """The ControlNet pipelines' control_image_processor (VaeImageProcessor, do_convert_rgb,
+        no normalisation): RGB resized with PIL Lanczos when the size differs, / 255: [1, 3, H, W]."""
+        image = Image.open(path).convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        return np.ascontiguousarray((np.asarray(image).astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
+
+    def control_residuals(self, case, controls, i, calls, t, model_input, text_feeds, n, cfg):
+        """The summed ControlNet residuals for UNet call i of `calls` (StableDiffusion[XL]ControlNet
+        pipelines, MultiControlNetModel): each net at `scale * controlnet_keep[i]` on the call's scaled
+        latents; in guess mode with guidance, on the conditional half only, zeros for the other."""
+        start, end, guess = case["control_start"], case["control_end"], case["guess_mode"]
+        keep = 1.0 - float(i / calls < start or (i + 1) / calls > end)
+        half = guess and cfg
+        rows = slice(n, None) if half else slice(None)
+        total = None
+        for c, image in controls:
+            spec = self.controlnets[c["name"]]
+            cond_scale = np.float32(c["scale"] * keep)
+            gm = np.asarray(spec["guess_mode_scales"], np.float32)
+            scales = gm * cond_scale if guess else np.full(gm.shape, cond_scale, np.float32)
+            sample = model_input[rows]
+            feeds = {"sample": sample, "timestep": np.full(sample.shape[0], t, np.float32)}
+            feeds.update({k: v[rows] for k, v in text_feeds.items()})
+            feeds["controlnet_cond"] = np.ascontiguousarray(np.broadcast_to(image, (sample.shape[0], *image.shape[1:])))
+            feeds["scales"] = scales
+            out = self.sess["controlnet_" + c["name"]].run(None, feeds)
+            if half:
+                out = [np.concatenate([np.zeros_like(o), o]) for o in out]
+            total = out if total is None else [a + b for a, b in zip(total, out)]
+        return total
+
+    @staticmethod
     def init_image(path) -> np.ndarray:
         """VaeImageProcessor.preprocess: RGB / 255 in float32, then 2x - 1: [1, 3, H, W] in [-1, 1]."""
         a = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0
@@ -131,6 +169,11 @@ class GraphPipeline:
     def run_traced(self, case, fixtures_dir):
         """(final latents, uint8 images, {debug name: tensor}) for one case of cases.json."""
         n, cfg = case["n_samples"], case["guidance"] > 1.0
+        controls = case.get("controls", [])
+        if case["width"] is None:  # the ControlNet pipelines' default: the control image's size, floored
+            w, h = Image.open(fixtures_dir / controls[0]["image"]).size
+            case = {**case, "width": w // self.downscale * self.downscale, "height": h // self.downscale * self.downscale}
+        controls = [(c, self.control_image(fixtures_dir / c["image"], case["width"], case["height"])) for c in controls]
         text_feeds = self.conditioning(case, n, cfg)
 
         slots = self.m["residual_slots"]
@@ -148,6 +191,8 @@ class GraphPipeline:
         batch = (2 if cfg else 1) * n
         h, w = case["height"] // self.downscale, case["width"] // self.downscale
         zeros = [np.zeros((batch, s["channels"], h // s["downscale"], w // s["downscale"]), np.float32) for s in slots]
+        control_zeros = [np.zeros((batch, s["channels"], h // s["downscale"], w // s["downscale"]), np.float32)
+                         for s in self.control_slots]
         if state is not None:
             state = [np.concatenate([np.repeat(f, n, axis=0)] * (2 if cfg else 1)) for f in state]
 
@@ -210,11 +255,15 @@ class GraphPipeline:
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            control = control_zeros
+            if controls:  # on the scaled latents, before an inpainting UNet's extra channels
+                control = self.control_residuals(case, controls, i, len(timesteps), float(t), model_input.numpy(), text_feeds, n, cfg)
             if inpaint is not None:  # after scale_model_input: the mask and masked latents are not scaled
                 model_input = torch.cat([model_input, *inpaint], dim=1)
             feeds = {"sample": model_input.numpy(), "timestep": np.full(batch, float(t), np.float32), **text_feeds}
             residuals = state if state is not None and i < cond_steps else zeros
             feeds.update({s["input"]: r for s, r in zip(slots, residuals)})
+            feeds.update({s["input"]: r for s, r in zip(self.control_slots, control)})
             noise = torch.from_numpy(self.sess["unet"].run(None, feeds)[0])
             if cfg:
                 uncond, text = noise.chunk(2)

@@ -191,13 +191,11 @@ fn check_graphs(backend: BackendKind, latent_tolerance: f64, graphs: &str, set: 
             "{set} has ControlNets but no ControlNet case"
         );
     }
-    // A variant export of the same weights (the fp16 set) may ship without the ControlNets; their
-    // cases are then the full-precision set's alone.
-    let has_controlnets = !pipeline.manifest().controlnets.is_empty();
-    for case in cases.iter().filter(|c| {
-        !(graphs.ends_with("-fp16") && FP16_ROUNDING_BOUND.contains(&c.name.as_str()))
-            && (c.controls.is_empty() || has_controlnets || graphs == set)
-    }) {
+    // A variant export of the same weights (the fp16 set) ships the same ControlNets and runs
+    // their cases too.
+    for case in
+        cases.iter().filter(|c| !(graphs.ends_with("-fp16") && FP16_ROUNDING_BOUND.contains(&c.name.as_str())))
+    {
         let mut request = Request::new(case.prompt.clone());
         request.negative_prompt = case.negative_prompt.clone();
         request.adapters = case
