@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("pipeline", help="export a local diffusers SD 1.x/2.x/XL pipeline directory (+ T2I-Adapter directories)")
     pp.add_argument("--model", type=Path, required=True, help="diffusers pipeline dir (model_index.json, unet/, vae/, ...)")
-    pp.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=DIR",
-                    help="a diffusers T2IAdapter dir, exported as adapter_NAME.onnx (repeatable)")
+    pp.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=PATH",
+                    help="a diffusers T2IAdapter dir or an original TencentARC .pth (full or light adapter; also "
+                    ".pt/.ckpt/.safetensors of that layout), exported as adapter_NAME.onnx (repeatable)")
     pp.add_argument("--controlnet", type=_controlnet_arg, action="append", default=[], metavar="NAME=DIR",
                     help="a diffusers ControlNetModel dir of the same base model, exported as controlnet_NAME.onnx; the "
                     "UNet then also takes ControlNet residuals, so adapters and ControlNets combine on one UNet graph "

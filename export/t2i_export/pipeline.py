@@ -1,4 +1,5 @@
-"""Export a local diffusers SD 1.x, SD 2.x or SDXL pipeline directory (+ T2I-Adapter directories) to a graph set.
+"""Export a local diffusers SD 1.x, SD 2.x or SDXL pipeline directory (+ T2I-Adapters: diffusers directories or
+TencentARC's original .pth files) to a graph set.
 
 One code path for every family: what differs (one or two text encoders and which of their outputs the
 UNet sees, SDXL's added conditioning, an extra mid-block residual slot for T2I-Adapter-XL) is derived
@@ -29,6 +30,7 @@ from .compact import compact_graph
 from .controlnet import check_controlnet, check_controlnet_dir, control_slots, export_controlnet, guess_mode_scales
 from .errors import ExportError
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
+from .original_adapter import SUFFIXES as ORIGINAL_SUFFIXES, is_original_checkpoint, load_original_adapter
 from .precision import check_precision
 from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
@@ -175,13 +177,25 @@ def check_adapter_args(adapters: list[tuple[str, Path]]) -> None:
         if name in seen:
             raise ExportError(f"adapter name {name!r} is given twice")
         seen.add(name)
+        if is_original_checkpoint(path):
+            continue  # read and checked by `load_original_adapter`
+        if path.is_file():
+            raise ExportError(
+                f"--adapter {name}={path}: a file but not {'/'.join(ORIGINAL_SUFFIXES)} "
+                "(expected a diffusers T2IAdapter directory or TencentARC's original .pth)"
+            )
         if not path.is_dir():
-            raise ExportError(f"--adapter {name}={path}: not a directory (expected a diffusers T2IAdapter directory)")
+            raise ExportError(
+                f"--adapter {name}={path}: not a directory or checkpoint file "
+                "(expected a diffusers T2IAdapter directory or TencentARC's original .pth)"
+            )
         if not (path / "config.json").is_file():
             raise ExportError(f"--adapter {name}={path}: no config.json (expected a diffusers T2IAdapter directory)")
 
 
 def load_adapter(name: str, path: Path) -> T2IAdapter:
+    if is_original_checkpoint(path):
+        return load_original_adapter(name, path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if config.get("_class_name") != "T2IAdapter":
         raise ExportError(f"--adapter {name}={path}: config.json is a {config.get('_class_name')!r}, expected 'T2IAdapter'")

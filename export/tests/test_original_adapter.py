@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
 
+from t2i_export.cli import main
 from t2i_export.errors import ExportError
 from t2i_export.original_adapter import full_key, light_key, load_original_adapter
 
@@ -289,3 +292,60 @@ def test_unreadable_files(tmp_path):
     assert "cannot read it" in one_line_error(tmp_path / "corrupt.safetensors")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     assert "not a state dict of tensors" in one_line_error(tmp_path / "list.pth")
+
+
+def cli_error(capsys, *argv) -> str:
+    code = main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_bad_pth_is_one_line(capsys, zoo, tmp_path):
+    base = ["pipeline", "--model", zoo.model_dir, "--out", tmp_path / "o"]
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
+    err = cli_error(capsys, *base, "--adapter", f"s={tmp_path / 'corrupt.pth'}")
+    assert f"--adapter s={tmp_path / 'corrupt.pth'}: cannot read it" in err
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "foo.pth")
+    err = cli_error(capsys, *base, "--adapter", f"s={tmp_path / 'foo.pth'}")
+    assert "unknown checkpoint layout" in err
+    err = cli_error(capsys, *base, "--adapter", f"s={tmp_path / 'gone.pth'}")
+    assert "not a directory or checkpoint file" in err
+    (tmp_path / "notes.txt").write_text("hi")
+    err = cli_error(capsys, *base, "--adapter", f"s={tmp_path / 'notes.txt'}")
+    assert "a file but not .pth/.pt/.ckpt/.safetensors" in err
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+# --- End to end: original checkpoints in, adapter graphs out, computing what the originals do
+
+
+def test_pipeline_exports_original_checkpoints(capsys, zoo, tmp_path):
+    originals = {"sk": tiny_full().eval(), "co": tiny_light().eval()}
+    paths = {n: save(m, tmp_path / f"{n}.pth", seed=7) for n, m in originals.items()}
+    out = tmp_path / "set"
+    argv = ["pipeline", "--model", str(zoo.model_dir), "--out", str(out)]
+    for n, p in paths.items():
+        argv += ["--adapter", f"{n}={p}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(["verify", str(out)]) == 0
+
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    entries = {a["name"]: a for a in manifest["adapters"]}
+    assert {n: (a["adapter_type"], a["condition"], a["residual_slots"]) for n, a in entries.items()} == {
+        "sk": ("full_adapter", "gray", [0, 1, 2, 3]),
+        "co": ("light_adapter", "rgb", [0, 1, 2, 3]),
+    }
+    torch.manual_seed(3)
+    for n, original in originals.items():
+        graph = entries[n]["graph"]
+        session = ort.InferenceSession(str(out / graph["file"]), providers=["CPUExecutionProvider"])
+        x = torch.rand(1, entries[n]["in_channels"], 64, 128)
+        got = session.run([o["name"] for o in graph["outputs"]], {graph["inputs"][0]["name"]: x.numpy()})
+        with torch.no_grad():
+            want = original(x)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            # ONNX Runtime's convolutions are not PyTorch's: same numbers up to float32 rounding.
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
