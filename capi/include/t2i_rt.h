@@ -150,6 +150,21 @@ typedef struct t2i_adapter_input {
   float weight;
 } t2i_adapter_input;
 
+// One ControlNet of a request: its name in the graph set, its control image (RGB), its
+// conditioning scale, and how to make the condition from the image.
+typedef struct t2i_control_input {
+  const char *name;
+  struct t2i_image_input image;
+  // Multiplies the ControlNet's residuals (diffusers' `controlnet_conditioning_scale`; 1.0 is
+  // the usual strength).
+  float scale;
+  // Conditions made from the image after it is resized to the output size, comma-separated
+  // and applied in order, as `t2i-rt run --preprocess` takes them: `"canny"`,
+  // `"canny:50:150"`, `"palette"`, `"invert"`, `"invert,canny"`; NULL or "": the image already
+  // is the condition.
+  const char *preprocess;
+} t2i_control_input;
+
 // One generation request. Fill it with `t2i_request_params_init` (diffusers' defaults), then set
 // at least `prompt`.
 typedef struct t2i_request_params {
@@ -195,6 +210,16 @@ typedef struct t2i_request_params {
   float strength;
   // Keep the final latents in the result (`t2i_result_latents`).
   bool want_latents;
+  // `n_controls` ControlNets (NULL when 0), run at every step and summed.
+  const struct t2i_control_input *controls;
+  uint32_t n_controls;
+  // The fraction of the steps in which the ControlNets act: from `control_start` to
+  // `control_end` (diffusers' `control_guidance_start` / `_end`; defaults 0 and 1).
+  float control_start;
+  float control_end;
+  // diffusers' guess mode: with guidance the ControlNets see only the conditional half, and
+  // their residuals ramp from 0.1 (shallowest) to 1.0 (deepest) (default false).
+  bool guess_mode;
 } t2i_request_params;
 
 // An image the library holds: RGB8, rows top to bottom, `width × 3` bytes per row. Valid until

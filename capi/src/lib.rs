@@ -28,8 +28,10 @@ use ndarray::Array4;
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::{BackendKind, BackendSettings};
 use t2i_rt::condition::{ConditionImage, ConditionKind};
+use t2i_rt::preprocess::Preprocess;
 use t2i_rt::{
-    EngineCache, Error, ErrorCode, LoadOptions, LogLevel, Logger, Model, Pipeline, Request, RngKind, SchedulerKind,
+    ControlRequest, EngineCache, Error, ErrorCode, LoadOptions, LogLevel, Logger, Model, Pipeline, Request, RngKind,
+    SchedulerKind,
 };
 
 /// What a call returned. The values 1–15 are the library's error kinds (`t2i_rt::ErrorCode`);
@@ -157,6 +159,23 @@ pub struct t2i_adapter_input {
     pub weight: f32,
 }
 
+/// One ControlNet of a request: its name in the graph set, its control image (RGB), its
+/// conditioning scale, and how to make the condition from the image.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct t2i_control_input {
+    pub name: *const c_char,
+    pub image: t2i_image_input,
+    /// Multiplies the ControlNet's residuals (diffusers' `controlnet_conditioning_scale`; 1.0 is
+    /// the usual strength).
+    pub scale: f32,
+    /// Conditions made from the image after it is resized to the output size, comma-separated
+    /// and applied in order, as `t2i-rt run --preprocess` takes them: `"canny"`,
+    /// `"canny:50:150"`, `"palette"`, `"invert"`, `"invert,canny"`; NULL or "": the image already
+    /// is the condition.
+    pub preprocess: *const c_char,
+}
+
 /// One generation request. Fill it with `t2i_request_params_init` (diffusers' defaults), then set
 /// at least `prompt`.
 #[repr(C)]
@@ -204,6 +223,16 @@ pub struct t2i_request_params {
     pub strength: f32,
     /// Keep the final latents in the result (`t2i_result_latents`).
     pub want_latents: bool,
+    /// `n_controls` ControlNets (NULL when 0), run at every step and summed.
+    pub controls: *const t2i_control_input,
+    pub n_controls: u32,
+    /// The fraction of the steps in which the ControlNets act: from `control_start` to
+    /// `control_end` (diffusers' `control_guidance_start` / `_end`; defaults 0 and 1).
+    pub control_start: f32,
+    pub control_end: f32,
+    /// diffusers' guess mode: with guidance the ControlNets see only the conditional half, and
+    /// their residuals ramp from 0.1 (shallowest) to 1.0 (deepest) (default false).
+    pub guess_mode: bool,
 }
 
 /// An image the library holds: RGB8, rows top to bottom, `width × 3` bytes per row. Valid until
@@ -609,6 +638,11 @@ pub unsafe extern "C" fn t2i_request_params_init(params: *mut t2i_request_params
         mask: std::ptr::null(),
         strength: -1.0,
         want_latents: false,
+        controls: std::ptr::null(),
+        n_controls: 0,
+        control_start: 0.0,
+        control_end: 1.0,
+        guess_mode: false,
     };
     // SAFETY: non-NULL and writable (the contract above).
     unsafe { params.write_unaligned(defaults) };
@@ -630,6 +664,27 @@ unsafe fn request(p: &t2i_request_params) -> Result<Request, Failure> {
             r.adapters.push(AdapterRequest { name, image, weight: a.weight, preprocess: Vec::new() });
         }
     }
+    if p.n_controls > 0 {
+        if p.controls.is_null() {
+            return Err(invalid("params.controls is NULL but n_controls is not 0"));
+        }
+        let controls = unsafe { std::slice::from_raw_parts(p.controls, p.n_controls as usize) };
+        for (i, c) in controls.iter().enumerate() {
+            let what = format!("params.controls[{i}]");
+            let name = unsafe { string(c.name, &format!("{what}.name")) }?;
+            let image = unsafe { image_source(&c.image, &format!("{what}.image")) }?;
+            let preprocess = match unsafe { optional_string(c.preprocess, &format!("{what}.preprocess")) }? {
+                Some(ops) if !ops.is_empty() => {
+                    ops.split(',').map(str::parse::<Preprocess>).collect::<t2i_rt::Result<_>>()?
+                }
+                _ => Vec::new(),
+            };
+            r.controls.push(ControlRequest { name, image, scale: c.scale, preprocess });
+        }
+    }
+    r.control_start = p.control_start;
+    r.control_end = p.control_end;
+    r.guess_mode = p.guess_mode;
     r.cond_tau = p.cond_tau;
     r.steps = p.steps as usize;
     r.guidance = p.guidance;

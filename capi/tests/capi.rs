@@ -10,7 +10,7 @@ use std::ptr::{null, null_mut};
 use ndarray::{ArrayD, IxDyn};
 use t2i_rt::adapter::ConditionSource;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
-use t2i_rt::{LoadOptions, Pipeline, Request, RngKind};
+use t2i_rt::{ControlRequest, LoadOptions, Pipeline, Request, RngKind};
 use t2i_rt_c::*;
 
 fn graphs() -> PathBuf {
@@ -126,6 +126,134 @@ fn generate_equals_the_library_and_diffusers() {
     // SAFETY: each freed once, ctx before its model.
     unsafe {
         t2i_result_free(result);
+        t2i_ctx_free(ctx);
+        t2i_model_free(model);
+    }
+}
+
+/// ControlNets through the C API: fixture case cf (no size given, so the control image's; euler-a,
+/// two images, seeded torch-cpu generator) against diffusers, then every control field (two nets,
+/// one from a photo through canny, start/end, guess mode) against the library, bit for bit.
+#[test]
+fn controlnets_equal_the_library_and_diffusers() {
+    let fixtures = graphs().join("fixtures/tiny-sd1");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let case = cases.iter().find(|c| c["name"] == "cf_controlnet_default_size_euler_a_generator_pipeline").unwrap();
+    let control = &case["controls"][0];
+    let control_path = fixtures.join(control["image"].as_str().unwrap());
+    let photo_path = graphs().join("fixtures/conditions/photo.png");
+
+    let model = load("tiny-sd1");
+    let mut ctx = null_mut();
+    // SAFETY: a live model and an out pointer.
+    assert_eq!(unsafe { t2i_ctx_new(model, &mut ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    let (prompt, scheduler) = (c(case["prompt"].as_str().unwrap()), c(case["scheduler"].as_str().unwrap()));
+    let (name, control_file, photo, canny) =
+        (c("canny"), c(control_path.to_str().unwrap()), c(photo_path.to_str().unwrap()), c("canny:80:160"));
+    let file =
+        |path: &CString| t2i_image_input { path: path.as_ptr(), pixels: null(), width: 0, height: 0, channels: 0 };
+    let mut controls = vec![t2i_control_input {
+        name: name.as_ptr(),
+        image: file(&control_file),
+        scale: control["scale"].as_f64().unwrap() as f32,
+        preprocess: null(),
+    }];
+    let mut params = request_params();
+    params.prompt = prompt.as_ptr();
+    params.steps = case["steps"].as_u64().unwrap() as u32;
+    params.guidance = case["guidance"].as_f64().unwrap() as f32;
+    params.scheduler = scheduler.as_ptr();
+    params.seed = case["seed"].as_u64().unwrap();
+    params.rng = T2I_RNG_TORCH_CPU;
+    params.n_samples = case["n_samples"].as_u64().unwrap() as u32;
+    params.controls = controls.as_ptr();
+    params.n_controls = 1;
+    params.want_latents = true;
+
+    let mut pipeline = Pipeline::load(&graphs().join("tiny-sd1"), &LoadOptions::default()).unwrap();
+    let mut request = Request::new(case["prompt"].as_str().unwrap());
+    request.steps = params.steps as usize;
+    request.guidance = params.guidance;
+    request.scheduler = Some(case["scheduler"].as_str().unwrap().parse().unwrap());
+    request.seed = params.seed;
+    request.rng = RngKind::TorchCpu;
+    request.n_samples = params.n_samples as usize;
+    request.controls = vec![ControlRequest {
+        name: "canny".into(),
+        image: ConditionSource::File(control_path),
+        scale: controls[0].scale,
+        preprocess: Vec::new(),
+    }];
+    let mut generate = |params: &t2i_request_params| {
+        let mut result = null_mut();
+        // SAFETY: live ctx, params filled by init, pointers valid for the call.
+        assert_eq!(unsafe { t2i_generate(ctx, params, &mut result) }, t2i_status::T2I_OK, "{}", last_error());
+        let mut latents = t2i_latents_view { shape: [0; 4], data: null() };
+        // SAFETY: a live result.
+        assert_eq!(unsafe { t2i_result_latents(result, &mut latents) }, t2i_status::T2I_OK);
+        let shape: Vec<usize> = latents.shape.iter().map(|&d| d as usize).collect();
+        // SAFETY: the view holds product(shape) floats while the result lives.
+        let data = unsafe { std::slice::from_raw_parts(latents.data, shape.iter().product()) };
+        let ours = ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap();
+        // SAFETY: a live result, freed once.
+        unsafe { t2i_result_free(result) };
+        ours
+    };
+
+    let ours = generate(&params);
+    let expected: ArrayD<f32> =
+        ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
+    assert_eq!(ours.shape(), expected.shape(), "the size is not the control image's");
+    let diff = (&ours - &expected).mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    let rel = diff / expected.mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");
+    assert_eq!(ours, pipeline.run(&request, &mut |_| true).unwrap().latents.into_dyn());
+
+    // Every other control field: a second net from a photo through canny, start/end, guess mode.
+    controls.push(t2i_control_input {
+        name: name.as_ptr(),
+        image: file(&photo),
+        scale: 0.6,
+        preprocess: canny.as_ptr(),
+    });
+    params.controls = controls.as_ptr();
+    params.n_controls = 2;
+    params.control_start = 0.2;
+    params.control_end = 0.8;
+    params.guess_mode = true;
+    request.controls.push(ControlRequest {
+        name: "canny".into(),
+        image: ConditionSource::File(photo_path),
+        scale: 0.6,
+        preprocess: vec!["canny:80:160".parse().unwrap()],
+    });
+    request.control_start = 0.2;
+    request.control_end = 0.8;
+    request.guess_mode = true;
+    let both = generate(&params);
+    assert_ne!(both, ours, "the control fields changed nothing");
+    assert_eq!(
+        both,
+        pipeline.run(&request, &mut |_| true).unwrap().latents.into_dyn(),
+        "the C API and the library differ"
+    );
+
+    // A preprocessing the library does not know: a request error naming it.
+    let bad = c("canny:9");
+    controls[1].preprocess = bad.as_ptr();
+    params.controls = controls.as_ptr();
+    let mut result = null_mut();
+    // SAFETY: as above.
+    assert_eq!(unsafe { t2i_generate(ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_REQUEST);
+    assert!(last_error().contains("\"canny:9\""), "{}", last_error());
+    params.controls = null();
+    // SAFETY: as above; NULL controls with n_controls 2 is the misuse under test.
+    assert_eq!(unsafe { t2i_generate(ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("params.controls is NULL"), "{}", last_error());
+
+    // SAFETY: each freed once, ctx before its model.
+    unsafe {
         t2i_ctx_free(ctx);
         t2i_model_free(model);
     }
