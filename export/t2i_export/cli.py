@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="a diffusers ControlNetModel dir of the same base model, exported as controlnet_NAME.onnx; the "
                     "UNet then also takes ControlNet residuals, so adapters and ControlNets combine on one UNet graph "
                     "(repeatable: t2i-rt run --control NAME=IMAGE sums several, as MultiControlNet)")
+    pp.add_argument("--ip-adapter", type=Path, metavar="FILE",
+                    help="an h94/IP-Adapter weights file (.safetensors or .bin; plain or Plus) of the same base model: "
+                    "exported as image_encoder.onnx and image_projection.onnx, and the UNet takes ip_tokens and ip_scale")
+    pp.add_argument("--image-encoder", type=Path, metavar="DIR",
+                    help="the IP-Adapter's CLIPVisionModelWithProjection dir (h94: models/image_encoder or "
+                    "sdxl_models/image_encoder); needed with --ip-adapter")
     pp.add_argument("--out", type=Path, required=True, help="graph-set directory to write")
     pp.add_argument("--name", help="manifest name (default: the --out directory's name)")
     pp.add_argument("--vae", type=Path, metavar="DIR",
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 compact_weights=args.compact_weights,
                 strip_names=args.strip_names,
                 controlnets=args.controlnet,
+                ip_adapter=args.ip_adapter,
+                image_encoder=args.image_encoder,
             )
             print(f"wrote {out}")
         elif args.command == "tiny":

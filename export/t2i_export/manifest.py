@@ -50,9 +50,11 @@ def build(
     adapters: list[dict],
     control_slots: list[dict] | None = None,
     controlnets: list[dict] | None = None,
+    ip_adapter: dict | None = None,
 ) -> dict:
     """The manifest, keys in the order of docs/manifest.md. `control_slots` and `controlnets` are
-    written only for a set with ControlNets (a set without stays byte for byte what it was)."""
+    written only for a set with ControlNets, `ip_adapter` only for a set with one (a set without
+    stays byte for byte what it was)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
@@ -74,6 +76,8 @@ def build(
     if controlnets:
         manifest["control_slots"] = control_slots
         manifest["controlnets"] = controlnets
+    if ip_adapter:
+        manifest["ip_adapter"] = ip_adapter
     return manifest
 
 
@@ -90,6 +94,8 @@ def listed_files(manifest: dict) -> list[tuple[str, str]]:
     encoders = manifest["text_encoders"]
     specs = [e["graph"] for e in encoders] + list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
     specs += [c["graph"] for c in manifest.get("controlnets", [])]
+    if "ip_adapter" in manifest:
+        specs += [manifest["ip_adapter"]["image_encoder"], manifest["ip_adapter"]["image_projection"]]
     files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders if "file" in e["tokenizer"]]
     for spec in specs:
         files.append((spec["file"], spec["sha256"]))

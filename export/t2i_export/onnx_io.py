@@ -219,8 +219,10 @@ def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
 # "prompts": one row per distinct prompt text (the text encoders: [negative,] positive);
 # "guided_samples": CFG's [unconditional; conditional] halves of n_samples each, or n_samples (unet);
 # "samples": n_samples (vae_decoder); "one": a single row, its result shared by every sample and both
-# CFG halves (adapters: one condition image; vae_encoder: one init or masked image).
-BATCH_KINDS = ("prompts", "guided_samples", "samples", "one")
+# CFG halves (adapters: one condition image; vae_encoder: one init or masked image);
+# "images": an IP-Adapter's image rows, [negative, positive] with guidance, [positive] without (image_encoder,
+# image_projection).
+BATCH_KINDS = ("prompts", "guided_samples", "samples", "one", "images")
 
 
 def graph_spec(set_dir: Path, files: list[Path], precision: str, batch: str) -> dict:

@@ -1,5 +1,5 @@
 """Export a local diffusers SD 1.x, SD 2.x or SDXL pipeline directory (+ T2I-Adapters: diffusers directories or
-TencentARC's original .pth files) to a graph set.
+TencentARC's original .pth files; ControlNets; an h94-layout IP-Adapter) to a graph set.
 
 One code path for every family: what differs (one or two text encoders and which of their outputs the
 UNet sees, SDXL's added conditioning, an extra mid-block residual slot for T2I-Adapter-XL) is derived
@@ -29,6 +29,7 @@ from .adapter import check_name, condition_kind, export_adapter, feature_count, 
 from .compact import compact_graph
 from .controlnet import check_controlnet, check_controlnet_dir, control_slots, export_controlnet, guess_mode_scales
 from .errors import ExportError
+from .ip_adapter import IPAdapter, UNetIPInputs, export_image_encoder, export_image_projection, load_ip_adapter, manifest_entry
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
 from .original_adapter import SUFFIXES as ORIGINAL_SUFFIXES, is_original_checkpoint, load_original_adapter
 from .precision import check_precision
@@ -215,6 +216,8 @@ def export_pipeline(
     compact_weights: bool = False,
     strip_names: bool = False,
     controlnets: list[tuple[str, Path]] = (),
+    ip_adapter: Path | None = None,
+    image_encoder: Path | None = None,
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
@@ -228,11 +231,14 @@ def export_pipeline(
     for n, p in controlnets:
         check_controlnet_dir(n, p)
     check_out_dir(out_dir)
+    if image_encoder is not None and ip_adapter is None:
+        raise ExportError("--image-encoder is only used with --ip-adapter")
+    ip = load_ip_adapter(ip_adapter, image_encoder, model_dir) if ip_adapter is not None else None
     comps = load_checkpoint(model_dir, vae_dir, vae_precision, precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
     nets = [(n, ControlNetModel.from_pretrained(str(p), torch_dtype=torch.float32, variant=_variant(p)).eval())
             for n, p in controlnets]
-    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names, nets)
+    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names, nets, ip)
 
 
 def check_names(adapters: list[str], controlnets: list[str]) -> None:
@@ -327,11 +333,13 @@ def export_components(
     compact_weights: bool = False,
     strip_names: bool = False,
     controlnets: list[tuple[str, ControlNetModel]] = (),
+    ip_adapter: IPAdapter | None = None,
 ) -> Path:
     """Validate, export every graph into `out_dir/.tmp-*`, then move the set into `out_dir`.
 
     `compact_weights`: store the graphs' weights losslessly in fewer bytes; `strip_names`: drop the
-    graphs' debug names (both in compact.py).
+    graphs' debug names (both in compact.py). `ip_adapter`: adds the image_encoder and image_projection
+    graphs and the UNet's ip_tokens/ip_scale inputs (ip_adapter.py).
     """
     check_names([n for n, _ in adapters], [n for n, _ in controlnets])
     check_out_dir(out_dir)
@@ -346,6 +354,7 @@ def export_components(
     for n, c in controlnets:
         check_controlnet(n, c, comps.unet.config, control, geo.vae_downscale, geo.size_multiple)
     seq_len = comps.text_encoders[0].tokenizer.model_max_length
+    ip_inputs = UNetIPInputs(ip_adapter, comps.unet) if ip_adapter is not None else None
 
     if notice:
         print(notice, file=sys.stderr)
@@ -382,7 +391,8 @@ def export_components(
         graphs = {
             "unet": spec(
                 export_unet(
-                    comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision, control
+                    comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision, control,
+                    ip_inputs,
                 ),
                 comps.precision,
                 "guided_samples",
@@ -430,6 +440,16 @@ def export_components(
                     "graph": spec(files, comps.precision, "guided_samples"),
                 }
             )
+        ip_entry = None
+        if ip_adapter is not None:
+            # [negative,] positive image rows (batch "images"); see ip_adapter.py for the negative's semantics.
+            ip_entry = manifest_entry(
+                ip_adapter,
+                spec(export_image_encoder(ip_adapter, tmp / "image_encoder.onnx", external_data_threshold, comps.precision),
+                     comps.precision, "images"),
+                spec(export_image_projection(ip_adapter, comps.unet, tmp / "image_projection.onnx", external_data_threshold,
+                                             comps.precision), comps.precision, "images"),
+            )
         manifest = mf.build(
             family=family(comps),
             name=name or out_dir.resolve().name,
@@ -449,6 +469,7 @@ def export_components(
             adapters=adapter_entries,
             control_slots=[s.manifest() for s in control],
             controlnets=controlnet_entries,
+            ip_adapter=ip_entry,
         )
         _install(tmp, out_dir, manifest)
     finally:

@@ -22,6 +22,9 @@ graph inputs: diffusers' `added_cond_kwargs`.
 
 Zeros in every `adapter_residual_i` are exactly "no adapter".
 
+A set with an IP-Adapter adds `ip_tokens` [batch, tokens, cross_attention_dim] and `ip_scale` [1]
+after the added conditioning (`ip_adapter.py`); zeros in `ip_scale` are exactly "no IP-Adapter".
+
 A set with ControlNets adds their residuals as inputs (`controlnet.py`): diffusers'
 `down_block_additional_residuals` and `mid_block_additional_residual`, added to the skip connections
 and the mid block's output after the adapter residuals, as in `UNet2DConditionModel.forward`. Both
@@ -30,7 +33,7 @@ kinds go into the one graph, so any combination of adapters and ControlNets runs
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +43,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from .errors import ExportError
+from .ip_adapter import SCALE_INPUT, TOKENS_INPUT, UNetIPInputs
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, TensorIO, export_graph
 
 SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -118,22 +122,27 @@ def pooled_dim(config) -> int:
 
 
 class UNetGraph(torch.nn.Module):
-    """`unet` graph: (sample, timestep, encoder_hidden_states, [text_embeds, time_ids,]
-    adapter_residual_0..n-1, [control_down_0..k-1, control_mid]) -> noise_pred.
+    """`unet` graph: (sample, timestep, encoder_hidden_states, [text_embeds, time_ids,] [ip_tokens,
+    ip_scale,] adapter_residual_0..n-1, [control_down_0..k-1, control_mid]) -> noise_pred.
 
-    `control`: how many ControlNet residual inputs come last (0: the set has no ControlNet)."""
+    `control`: how many ControlNet residual inputs come last (0: the set has no ControlNet); `ip`: the
+    IP-Adapter's inputs (its processors must be `ip.attached` to the UNet while this runs)."""
 
-    def __init__(self, unet: UNet2DConditionModel, control: int = 0):
+    def __init__(self, unet: UNet2DConditionModel, control: int = 0, ip: UNetIPInputs | None = None):
         super().__init__()
         self.unet = unet
         self.text_time = has_text_time(unet.config)
         self.control = control
+        self.ip = ip
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         added = None
         if self.text_time:
             text_embeds, time_ids, *rest = rest
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        if self.ip is not None:
+            ip_tokens, ip_scale, *rest = rest
+            self.ip.feed(ip_tokens, ip_scale)
         down, mid = None, None
         if self.control:
             rest, control = rest[: len(rest) - self.control], rest[len(rest) - self.control :]
@@ -152,7 +161,8 @@ class UNetGraph(torch.nn.Module):
 
 
 def io_spec(
-    unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, control: list[ResidualSlot] = ()
+    unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, control: list[ResidualSlot] = (),
+    ip: UNetIPInputs | None = None,
 ) -> tuple[list[TensorIO], list[TensorIO]]:
     c = unet.config.in_channels
     inputs = [
@@ -162,13 +172,16 @@ def io_spec(
     ]
     if has_text_time(unet.config):
         inputs += [TensorIO("text_embeds", ["batch", pooled_dim(unet.config)]), TensorIO("time_ids", ["batch", TIME_ID_COUNT])]
+    if ip is not None:
+        inputs += [TensorIO(TOKENS_INPUT, ["batch", ip.num_tokens, unet.config.cross_attention_dim]), TensorIO(SCALE_INPUT, [1])]
     inputs += [TensorIO(s.input, ["batch", s.channels, s.height, s.width]) for s in [*slots, *control]]
     outputs = [TensorIO("noise_pred", ["batch", unet.config.out_channels, "latent_height", "latent_width"])]
     return inputs, outputs
 
 
 def example_inputs(
-    unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, latent_hw=(8, 16), control: list[ResidualSlot] = ()
+    unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, latent_hw=(8, 16), control: list[ResidualSlot] = (),
+    ip: UNetIPInputs | None = None,
 ) -> tuple:
     """Batch 2, a non-square latent and fractional timesteps, so that no dim is traced as a constant."""
     g = torch.Generator().manual_seed(0)
@@ -181,7 +194,10 @@ def example_inputs(
         time_ids = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w], [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0]])
         added = (torch.randn(2, pooled_dim(unet.config), generator=g), time_ids)
     res = [torch.randn(2, s.channels, h // s.downscale, w // s.downscale, generator=g) for s in [*slots, *control]]
-    return (sample, timestep, ehs, *added, *res)
+    ip_args = ()
+    if ip is not None:  # drawn last: the other inputs stay what they were without an IP-Adapter
+        ip_args = (torch.randn(2, ip.num_tokens, unet.config.cross_attention_dim, generator=g), torch.tensor([0.625]))
+    return (sample, timestep, ehs, *added, *ip_args, *res)
 
 
 def export_unet(
@@ -193,17 +209,21 @@ def export_unet(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     precision: str = "fp32",
     control: list[ResidualSlot] = (),
+    ip: UNetIPInputs | None = None,
 ) -> list[Path]:
-    """`control`: the ControlNet residual inputs (`controlnet.control_slots`), when the set has ControlNets."""
-    inputs, outputs = io_spec(unet, slots, seq_len, control)
+    """`control`: the ControlNet residual inputs (`controlnet.control_slots`), when the set has ControlNets;
+    `ip`: the IP-Adapter's inputs, when the set has one."""
+    inputs, outputs = io_spec(unet, slots, seq_len, control, ip)
     # A latent of (1, 2) × the latent size multiple: valid, and height != width.
-    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent), control)
+    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent), control, ip)
+    if ip is not None and precision == "fp16" and ip.upcasts(unet):
+        raise ExportError("--ip-adapter: not supported with --precision fp16 for a UNet with upcast_attention (SD 2.x) yet")
     # fp16: the timestep stays float32, as diffusers' fp16 pipelines pass it (the scheduler's
     # timesteps; fractional ones would round in fp16); the UNet computes its sinusoidal embedding in
     # float32 and casts that to the weights' dtype (`UNet2DConditionModel.get_time_embed`).
-    with _upcast_attention(unet, precision == "fp16"):
+    with _upcast_attention(unet, precision == "fp16"), ip.attached(unet) if ip is not None else nullcontext():
         return export_graph(
-            UNetGraph(unet, len(control)), args, path, inputs, outputs, external_data_threshold, precision, keep_float32=["timestep"]
+            UNetGraph(unet, len(control), ip), args, path, inputs, outputs, external_data_threshold, precision, keep_float32=["timestep"]
         )
 
 

@@ -1,0 +1,238 @@
+"""IP-Adapter export (ip_adapter.py) against diffusers, graph by graph.
+
+The oracle is diffusers' own path: `StableDiffusionPipeline.load_ip_adapter` on the tiny h94-layout
+files (tiny_ip_adapter.py), the UNet then called with `added_cond_kwargs={"image_embeds": ...}` after
+`set_ip_adapter_scale`.
+
+Tolerance: relative L2 error ||onnx - torch|| / ||torch|| <= 1e-5. Both sides compute in float32;
+onnxruntime reorders MatMul/Softmax/LayerNorm accumulation, a few ulps per op (measured here: ~1e-7
+to 1e-6). An IP-Adapter semantic error (a missing layer, the scale applied twice, the wrong encoder
+output) moves the result by >= 1e-2 relative, checked in each test against the IP effect itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from conftest import EXPORT_DIR
+
+from t2i_export.errors import ExportError
+from t2i_export.manifest import verify
+from t2i_export.pipeline import export_pipeline
+from t2i_export.tiny import write_checkpoint
+from t2i_export.tiny_ip_adapter import VISION_CONFIG, build_ip_adapter, build_projection, save_ip_adapter, write_tiny_ip_adapters
+
+RTOL_L2 = 1e-5
+SCALE = 0.6
+KINDS = ["plain", "plus"]
+
+
+def rel_l2(got: np.ndarray, want: np.ndarray, what: str) -> float:
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
+    assert err <= RTOL_L2, f"{what}: relative L2 error {err:.3g} > {RTOL_L2}"
+    return err
+
+
+def run(path, feeds: dict) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def ip_work(tmp_path_factory):
+    """The tiny SD 1 checkpoint, its IP-Adapter files and image encoder, and one graph set per kind."""
+    root = tmp_path_factory.mktemp("ip")
+    model_dir, _ = write_checkpoint(root / "work")
+    unet = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False).unet
+    encoder_dir, files = write_tiny_ip_adapters(root / "ip", unet)
+    sets = {k: export_pipeline(model_dir, [], root / f"set-{k}", ip_adapter=files[k], image_encoder=encoder_dir) for k in KINDS}
+    return {"root": root, "model": model_dir, "encoder": encoder_dir, "files": files, "sets": sets, "unet": unet}
+
+
+def oracle_pipe(ip_work, kind: str | None):
+    pipe = StableDiffusionPipeline.from_pretrained(str(ip_work["model"]), safety_checker=None, requires_safety_checker=False)
+    if kind:
+        f = ip_work["files"][kind]
+        pipe.load_ip_adapter(str(f.parent), subfolder="", weight_name=f.name, image_encoder_folder=str(ip_work["encoder"]))
+    return pipe
+
+
+def manifest_of(ip_work, kind):
+    return verify(ip_work["sets"][kind])
+
+
+def unet_inputs(m: dict, batch: int = 2, seed: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, 8, 16, generator=g),
+        "timestep": torch.tensor([981.0, 17.25][:batch]),
+        "encoder_hidden_states": torch.randn(batch, 77, 4, generator=g),
+        **{s["input"]: torch.zeros(batch, s["channels"], 8 // s["downscale"], 16 // s["downscale"]) for s in m["residual_slots"]},
+    }
+
+
+def pixels(batch: int = 3, seed: int = 7) -> torch.Tensor:
+    size = VISION_CONFIG["image_size"]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_manifest_entry(ip_work, kind):
+    m = manifest_of(ip_work, kind)
+    ip = m["ip_adapter"]
+    assert ip["kind"] == kind and ip["num_tokens"] == (4 if kind == "plain" else 8)
+    assert ip["image_encoder_output"] == ("image_embeds" if kind == "plain" else "penultimate_hidden_states")
+    assert ip["negative"] == ("zero_embeds" if kind == "plain" else "zero_pixel_values")
+    assert ip["preprocess"] == {
+        "convert_rgb": True, "shortest_edge": 224, "resample": "bicubic", "crop": [224, 224], "rescale_factor": 1 / 255,
+        "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    assert ip["image_encoder"]["batch"] == ip["image_projection"]["batch"] == "images"
+    names = [i["name"] for i in m["graphs"]["unet"]["inputs"]]
+    assert names[3:5] == ["ip_tokens", "ip_scale"]
+    dims = {i["name"]: i["dims"] for i in m["graphs"]["unet"]["inputs"]}
+    assert dims["ip_tokens"] == ["batch", ip["num_tokens"], 4] and dims["ip_scale"] == [1]
+    assert ip["image_projection"]["outputs"][0]["dims"] == ["batch", ip["num_tokens"], 4]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_and_projection_match_diffusers(ip_work, kind):
+    """At batch 3 (exported at 2): diffusers' `encode_image` output, then its `encoder_hid_proj` layer."""
+    pipe = oracle_pipe(ip_work, kind)
+    ip = manifest_of(ip_work, kind)["ip_adapter"]
+    x = pixels()
+    want, _ = pipe.encode_image(x, "cpu", 1, output_hidden_states=kind == "plus")
+    got = run(ip_work["sets"][kind] / ip["image_encoder"]["file"], {"pixel_values": x.numpy()})[0]
+    rel_l2(got, want.numpy(), f"{kind} image_encoder")
+    tokens = pipe.unet.encoder_hid_proj([want[:, None]])[0][:, 0]
+    got_tokens = run(ip_work["sets"][kind] / ip["image_projection"]["file"], {"image_embeds": want.numpy()})[0]
+    rel_l2(got_tokens, tokens.numpy(), f"{kind} image_projection")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_unet_matches_diffusers_ip_adapter(ip_work, kind):
+    """image_encoder -> image_projection -> unet (onnxruntime) == diffusers' UNet with the IP-Adapter
+    loaded, `image_embeds` in `added_cond_kwargs`, at scale 0.6, as a CFG pair (negative as the
+    manifest says)."""
+    pipe = oracle_pipe(ip_work, kind)
+    pipe.set_ip_adapter_scale(SCALE)
+    set_dir = ip_work["sets"][kind]
+    m = manifest_of(ip_work, kind)
+    ip = m["ip_adapter"]
+    x = pixels(1)
+    embeds, negative = pipe.encode_image(x, "cpu", 1, output_hidden_states=kind == "plus")
+    image_embeds = torch.cat([negative, embeds])[:, None]  # prepare_ip_adapter_image_embeds' [negative; positive]
+    inputs = unet_inputs(m)
+    want = pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                     added_cond_kwargs={"image_embeds": [image_embeds]}, return_dict=False)[0].numpy()
+
+    rows = np.concatenate([np.zeros_like(x.numpy()), x.numpy()]) if ip["negative"] == "zero_pixel_values" else x.numpy()
+    enc = run(set_dir / ip["image_encoder"]["file"], {"pixel_values": rows})[0]
+    if ip["negative"] == "zero_embeds":
+        enc = np.concatenate([np.zeros_like(enc), enc])
+    tokens = run(set_dir / ip["image_projection"]["file"], {"image_embeds": enc})[0]
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    got = run(set_dir / m["graphs"]["unet"]["file"], {**feeds, "ip_tokens": tokens, "ip_scale": np.float32([SCALE])})[0]
+    rel_l2(got, want, f"{kind} unet at scale {SCALE}")
+
+    plain = oracle_pipe(ip_work, None).unet
+    without = plain(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                    return_dict=False)[0].numpy()
+    effect = float(np.linalg.norm(want - without) / np.linalg.norm(without))
+    assert effect > 1e-2, f"{kind}: the IP-Adapter moves the tiny UNet by only {effect:.3g}: the test would not see an error"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_scale_zero_is_no_ip_adapter(ip_work, kind):
+    """ip_scale 0: bit for bit the same output whatever ip_tokens hold, and diffusers' UNet without an
+    IP-Adapter within tolerance."""
+    set_dir = ip_work["sets"][kind]
+    m = manifest_of(ip_work, kind)
+    n = m["ip_adapter"]["num_tokens"]
+    feeds = {k: v.numpy() for k, v in unet_inputs(m).items()}
+    g = np.random.default_rng(0)
+    unet_file = set_dir / m["graphs"]["unet"]["file"]
+    zero = np.float32([0.0])
+    a = run(unet_file, {**feeds, "ip_tokens": g.standard_normal((2, n, 4), np.float32) * 10, "ip_scale": zero})[0]
+    b = run(unet_file, {**feeds, "ip_tokens": np.zeros((2, n, 4), np.float32), "ip_scale": zero})[0]
+    assert np.array_equal(a, b)
+    plain = oracle_pipe(ip_work, None).unet
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    want = plain(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"], return_dict=False)[0].numpy()
+    rel_l2(a, want, f"{kind} unet at ip_scale 0 vs no IP-Adapter")
+
+
+def test_tiny_files_roundtrip_through_diffusers_converter(ip_work):
+    """The h94-layout files hold exactly the weights of the diffusers modules they were built from:
+    diffusers' converter maps them back key for key (strict load), value for value."""
+    for kind in KINDS:
+        state = build_ip_adapter(ip_work["unet"], kind)
+        back = ip_work["unet"]._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
+        want = build_projection(ip_work["unet"], kind).state_dict()
+        got = back.state_dict()
+        assert sorted(got) == sorted(want), kind
+        assert all(torch.equal(got[k], want[k]) for k in want), kind
+
+
+# ---- errors: one ExportError line each
+
+
+def test_error_weights_without_ip_parts(ip_work, tmp_path):
+    bad = tmp_path / "nothing.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(2)}, str(bad))
+    with pytest.raises(ExportError, match="no image_proj and ip_adapter weights"):
+        export_pipeline(ip_work["model"], [], tmp_path / "out", ip_adapter=bad, image_encoder=ip_work["encoder"])
+
+
+def test_error_other_base_model(ip_work, tmp_path):
+    """An adapter for a UNet of another cross-attention width, and one with a layer missing."""
+    state = build_ip_adapter(ip_work["unet"], "plain")
+    state["image_proj"]["proj.weight"] = torch.zeros(4 * 8, VISION_CONFIG["projection_dim"])
+    state["image_proj"]["norm.weight"], state["image_proj"]["norm.bias"] = torch.ones(8), torch.zeros(8)
+    wide = save_ip_adapter(state, tmp_path / "wide.safetensors")
+    with pytest.raises(ExportError, match="tokens are 8 wide but the UNet's cross_attention_dim is 4"):
+        export_pipeline(ip_work["model"], [], tmp_path / "out", ip_adapter=wide, image_encoder=ip_work["encoder"])
+    state = build_ip_adapter(ip_work["unet"], "plus")
+    last = max(int(k.split(".")[0]) for k in state["ip_adapter"])
+    state["ip_adapter"] = {k: v for k, v in state["ip_adapter"].items() if not k.startswith(f"{last}.")}
+    short = save_ip_adapter(state, tmp_path / "short.bin")
+    with pytest.raises(ExportError, match=r"weights for \d+ cross-attention layers, the UNet has \d+"):
+        export_pipeline(ip_work["model"], [], tmp_path / "out", ip_adapter=short, image_encoder=ip_work["encoder"])
+
+
+def test_error_encoder_width(ip_work, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    other = tmp_path / "encoder"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**{**VISION_CONFIG, "projection_dim": 6})).save_pretrained(str(other))
+    with pytest.raises(ExportError, match="projection_dim .* is 6 but the plain IP-Adapter"):
+        export_pipeline(ip_work["model"], [], tmp_path / "out", ip_adapter=ip_work["files"]["plain"], image_encoder=other)
+
+
+def test_error_lines_from_cli(ip_work, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "t2i_export", "pipeline", "--model", str(ip_work["model"]), "--out", str(tmp_path / "o"),
+         "--ip-adapter", str(ip_work["files"]["plain"])],
+        cwd=EXPORT_DIR, capture_output=True, text=True,
+    )
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "needs --image-encoder" in r.stderr
+
+
+def test_cli_help_mentions_flags():
+    r = subprocess.run([sys.executable, "-m", "t2i_export", "pipeline", "--help"], cwd=EXPORT_DIR, capture_output=True, text=True)
+    assert r.returncode == 0 and "--ip-adapter" in r.stdout and "--image-encoder" in r.stdout
