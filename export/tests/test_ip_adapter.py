@@ -236,3 +236,58 @@ def test_error_lines_from_cli(ip_work, tmp_path):
 def test_cli_help_mentions_flags():
     r = subprocess.run([sys.executable, "-m", "t2i_export", "pipeline", "--help"], cwd=EXPORT_DIR, capture_output=True, text=True)
     assert r.returncode == 0 and "--ip-adapter" in r.stdout and "--image-encoder" in r.stdout
+
+
+def feeds_from_spec(spec: dict, dims: dict, seed: int = 11) -> dict:
+    """Random float32 inputs for a GraphSpec, symbolic dims from `dims` (`latent_height_divN` derived)."""
+    g = np.random.default_rng(seed)
+
+    def size(d):
+        if isinstance(d, int):
+            return d
+        base, _, div = d.partition("_div")
+        return dims[base] // int(div) if div else dims[base]
+
+    return {i["name"]: g.standard_normal([size(d) for d in i["dims"]]).astype(np.float32) for i in spec["inputs"]}
+
+
+@torch.no_grad()
+def test_sdxl_unet_matches_diffusers_ip_adapter(tmp_path):
+    """SDXL: the IP inputs come after text_embeds/time_ids; the rest as for SD 1 (plain adapter)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from t2i_export.tiny import write_checkpoint_sdxl
+
+    model_dir, _ = write_checkpoint_sdxl(tmp_path / "work")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir))
+    encoder_dir, files = write_tiny_ip_adapters(tmp_path / "ip", pipe.unet)
+    set_dir = export_pipeline(model_dir, [], tmp_path / "set", ip_adapter=files["plain"], image_encoder=encoder_dir)
+    m = verify(set_dir)
+    spec = m["graphs"]["unet"]
+    names = [i["name"] for i in spec["inputs"]]
+    assert names[3:7] == ["text_embeds", "time_ids", "ip_tokens", "ip_scale"]
+    lat = m["size_multiple"] // m["latent"]["downscale"]
+    feeds = feeds_from_spec(spec, {"batch": 2, "latent_height": lat, "latent_width": 2 * lat})
+    feeds["timestep"] = np.float32([981.0, 17.25])
+    feeds["time_ids"] = np.float32([[64, 128, 0, 0, 64, 128]] * 2)
+    feeds["ip_scale"] = np.float32([SCALE])
+    for k in feeds:
+        if k.startswith("adapter_residual_"):
+            feeds[k][:] = 0
+    embeds = torch.from_numpy(feeds_from_spec(m["ip_adapter"]["image_projection"], {"batch": 2})["image_embeds"])
+    feeds["ip_tokens"] = run(set_dir / m["ip_adapter"]["image_projection"]["file"], {"image_embeds": embeds.numpy()})[0]
+    got = run(set_dir / spec["file"], feeds)[0]
+
+    f = files["plain"]
+    pipe.load_ip_adapter(str(f.parent), subfolder="", weight_name=f.name, image_encoder_folder=str(encoder_dir))
+    pipe.set_ip_adapter_scale(SCALE)
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    want = pipe.unet(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
+                     added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"], "image_embeds": [embeds[:, None]]},
+                     return_dict=False)[0].numpy()
+    rel_l2(got, want, "sdxl unet at scale 0.6")
+    pipe.set_ip_adapter_scale(0.0)
+    without = pipe.unet(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
+                        added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"], "image_embeds": [embeds[:, None]]},
+                        return_dict=False)[0].numpy()
+    assert float(np.linalg.norm(want - without) / np.linalg.norm(without)) > 1e-2
