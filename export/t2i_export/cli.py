@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a diffusers ControlNetModel dir of the same base model, exported as controlnet_NAME.onnx; the "
                     "UNet then also takes ControlNet residuals, so adapters and ControlNets combine on one UNet graph "
                     "(repeatable: t2i-rt run --control NAME=IMAGE sums several, as MultiControlNet)")
-    pp.add_argument("--ip-adapter", type=Path, metavar="FILE",
+    pp.add_argument("--ip-adapter", type=Path, action="append", default=[], metavar="FILE",
                     help="an h94/IP-Adapter weights file (.safetensors or .bin; plain or Plus) of the same base model: "
                     "exported as image_encoder.onnx and image_projection.onnx, and the UNet takes ip_tokens and ip_scale")
     pp.add_argument("--image-encoder", type=Path, metavar="DIR",
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pipeline":
             from .pipeline import export_pipeline
 
+            if len(args.ip_adapter) > 1:
+                raise ExportError("--ip-adapter is given more than once; a graph set holds one IP-Adapter")
             out = export_pipeline(
                 args.model,
                 args.adapter,
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 compact_weights=args.compact_weights,
                 strip_names=args.strip_names,
                 controlnets=args.controlnet,
-                ip_adapter=args.ip_adapter,
+                ip_adapter=args.ip_adapter[0] if args.ip_adapter else None,
                 image_encoder=args.image_encoder,
             )
             print(f"wrote {out}")

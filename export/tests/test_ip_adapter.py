@@ -291,3 +291,86 @@ def test_sdxl_unet_matches_diffusers_ip_adapter(tmp_path):
                         added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"], "image_embeds": [embeds[:, None]]},
                         return_dict=False)[0].numpy()
     assert float(np.linalg.norm(want - without) / np.linalg.norm(without)) > 1e-2
+
+
+def preprocess_like_manifest(path, pre: dict) -> np.ndarray:
+    """What the runtime is to do with `ip_adapter.preprocess` (transformers' CLIPImageProcessor steps:
+    shortest edge to `shortest_edge`, the long one floor(shortest_edge * long / short), PIL resample;
+    center crop at ((h - ch) // 2, (w - cw) // 2); × rescale_factor; (x - mean) / std)."""
+    from PIL import Image
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[pre["resample"]]
+    image = Image.open(path)
+    if pre["convert_rgb"]:
+        image = image.convert("RGB")
+    w, h = image.size
+    s = pre["shortest_edge"]
+    size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    x = np.asarray(image.resize(size, resample)).astype(np.float32)
+    cw, ch = pre["crop"]
+    top, left = (x.shape[0] - ch) // 2, (x.shape[1] - cw) // 2
+    x = x[top:top + ch, left:left + cw] * np.float32(pre["rescale_factor"])
+    x = (x - np.float32(pre["mean"])) / np.float32(pre["std"])
+    return x.transpose(2, 0, 1)[None]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_fixture_reproduced_by_graphs(ip_work, kind, tmp_path):
+    """ip_adapter_fixtures.py's diffusers pipeline run, redone from the manifest: preprocessing as the
+    manifest describes it, image_encoder + image_projection graphs with the manifest's negative, then
+    the denoising loop on the UNet graph (prompt embeddings and scheduler from diffusers)."""
+    from t2i_export.ip_adapter_fixtures import CASE, load_pipeline, write_fixtures
+
+    fx = write_fixtures(ip_work["model"], ip_work["files"][kind], ip_work["encoder"], tmp_path / "fx")
+    set_dir = ip_work["sets"][kind]
+    m = manifest_of(ip_work, kind)
+    ip = m["ip_adapter"]
+    want_pixels = np.load(fx / "pixel_values.npy")
+    got_pixels = preprocess_like_manifest(fx / "image.png", ip["preprocess"])
+    assert np.abs(got_pixels - want_pixels).max() <= 1e-5
+
+    rows = want_pixels if ip["negative"] == "zero_embeds" else np.concatenate([np.zeros_like(want_pixels), want_pixels])
+    enc = run(set_dir / ip["image_encoder"]["file"], {"pixel_values": rows})[0]
+    rel_l2(enc[-1:], np.load(fx / "image_embeds.npy"), f"{kind} fixture image_embeds")
+    neg = np.zeros_like(enc) if ip["negative"] == "zero_embeds" else enc[:1]
+    if ip["negative"] == "zero_pixel_values":
+        rel_l2(neg, np.load(fx / "negative_image_embeds.npy"), f"{kind} fixture negative_image_embeds")
+    tokens = run(set_dir / ip["image_projection"]["file"], {"image_embeds": np.concatenate([neg, enc[-1:]])})[0]
+    rel_l2(tokens, np.load(fx / "ip_tokens.npy"), f"{kind} fixture ip_tokens")
+
+    pipe = load_pipeline(ip_work["model"], ip_work["files"][kind], ip_work["encoder"])
+    prompt, negative = pipe.encode_prompt(CASE["prompt"], "cpu", 1, True, CASE["negative_prompt"])
+    ehs = torch.cat([negative, prompt]).numpy()
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(CASE["steps"])
+    latents = torch.from_numpy(np.load(fx / "latents_init.npy")) * scheduler.init_noise_sigma
+    session = ort.InferenceSession(str(set_dir / m["graphs"]["unet"]["file"]), providers=["CPUExecutionProvider"])
+    h, w = latents.shape[2:]
+    zeros = {s["input"]: np.zeros((2, s["channels"], h // s["downscale"], w // s["downscale"]), np.float32)
+             for s in m["residual_slots"]}
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise = session.run(None, {"sample": model_input.numpy(), "timestep": np.full(2, float(t), np.float32),
+                                   "encoder_hidden_states": ehs, "ip_tokens": tokens, "ip_scale": np.float32([CASE["ip_scale"]]),
+                                   **zeros})[0]
+        uncond, text = torch.from_numpy(noise).chunk(2)
+        latents = scheduler.step(uncond + CASE["guidance_scale"] * (text - uncond), t, latents).prev_sample
+    rel_l2(latents.numpy(), np.load(fx / "latents.npy"), f"{kind} fixture final latents")
+
+
+def test_error_unsupported_kinds(ip_work, tmp_path):
+    """Full-face and FaceID projections load in diffusers but are not plain or Plus: refused by name;
+    and one IP-Adapter per set."""
+    state = build_ip_adapter(ip_work["unet"], "plain")
+    state["image_proj"] = {"proj.0.weight": torch.zeros(8, 8), "proj.3.weight": torch.zeros(4)}
+    full = save_ip_adapter(state, tmp_path / "full.bin")
+    with pytest.raises(ExportError, match="a Full/FaceID image projection"):
+        export_pipeline(ip_work["model"], [], tmp_path / "out", ip_adapter=full, image_encoder=ip_work["encoder"])
+    f = str(ip_work["files"]["plain"])
+    r = subprocess.run(
+        [sys.executable, "-m", "t2i_export", "pipeline", "--model", str(ip_work["model"]), "--out", str(tmp_path / "o"),
+         "--ip-adapter", f, "--ip-adapter", f, "--image-encoder", str(ip_work["encoder"])],
+        cwd=EXPORT_DIR, capture_output=True, text=True,
+    )
+    assert r.returncode == 2 and "given more than once" in r.stderr, r.stderr
