@@ -435,17 +435,7 @@ def run_pipeline_xl(oracle: Oracle, case: Case) -> tuple[torch.Tensor, list[floa
     else:
         adapter = MultiAdapter([oracle.adapters[a["name"]] for a in case.adapters])
         image, scale = [a["image"] for a in case.adapters], [a["weight"] for a in case.adapters]
-    pipe = StableDiffusionXLAdapterPipeline(
-        vae=oracle.vae,
-        text_encoder=oracle.text_encoder,
-        text_encoder_2=oracle.text_encoder_2,
-        tokenizer=oracle.tokenizer,
-        tokenizer_2=oracle.tokenizer_2,
-        unet=oracle.unet,
-        adapter=adapter,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=oracle.force_zeros_for_empty_prompt,
-    )
+    pipe = StableDiffusionXLAdapterPipeline(adapter=adapter, **_xl_components(oracle, scheduler))
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(
         prompt=case.prompt,
