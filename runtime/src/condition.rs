@@ -140,84 +140,8 @@ impl ConditionImage {
     }
 
     fn decode_at(bytes: &[u8], kind: ConditionKind, limits: &Limits, path: &Path) -> Result<Self> {
-        let image_error = |message: String| Error::Image { path: path.to_path_buf(), message };
-        exceeds(
-            &format!("the size in bytes of condition image {}", path.display()),
-            bytes.len() as u64,
-            limits.max_image_file_bytes,
-            "max_image_file_bytes",
-            "use a smaller file",
-        )?;
-
-        let format = image::guess_format(bytes).map_err(|_| {
-            image_error(
-                "not a PNG or JPEG image (unrecognized file signature); \
-                 condition images must be PNG or JPEG"
-                    .into(),
-            )
-        })?;
-        let name = match format {
-            ImageFormat::Png => "PNG",
-            ImageFormat::Jpeg => "JPEG",
-            other => {
-                let ext = other.extensions_str().first().copied().unwrap_or("this format");
-                return Err(image_error(format!(
-                    "{} images are not supported; convert it to PNG (or JPEG)",
-                    ext.to_uppercase()
-                )));
-            }
-        };
-        let corrupt = |e: image::ImageError| {
-            image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)"))
-        };
-        // The header's size first: a decompression bomb is refused before its pixels are allocated.
-        let (declared_width, declared_height) =
-            image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;
-        limits.check_image_pixels(&path.display().to_string(), declared_width, declared_height)?;
-        // 16-bit RGBA is the widest pixel the decoders make; the slack covers their working buffers.
-        let budget = u64::from(declared_width) * u64::from(declared_height) * 8 + (64 << 20);
-        let mut decoder_limits = image::Limits::default();
-        decoder_limits.max_image_width = Some(declared_width);
-        decoder_limits.max_image_height = Some(declared_height);
-        decoder_limits.max_alloc = Some(budget);
-        let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-        reader.limits(decoder_limits);
-        let decoded = reader.decode().map_err(|e| match e {
-            image::ImageError::Limits(limit) => image_error(format!(
-                "cannot decode {name}: it needs more memory than its {declared_width}x{declared_height} size \
-                 allows ({limit}); re-save the image"
-            )),
-            other => corrupt(other),
-        })?;
-
-        let (width, height) = (decoded.width(), decoded.height());
-        // PNG colour type from IHDR (after signature 8, length 4, "IHDR" 4, width 4, height 4,
-        // depth 1): the `image` crate reports 16-bit gray with a tRNS chunk as gray+alpha, Pillow
-        // opens it as "I;16".
-        let png_gray16 = format == ImageFormat::Png && bytes.get(25) == Some(&0);
-        let native = match decoded {
-            DynamicImage::ImageLuma8(im) => Native::L(im.into_raw()),
-            DynamicImage::ImageLumaA8(im) => Native::L(im.into_raw().chunks_exact(2).map(|p| p[0]).collect()),
-            DynamicImage::ImageRgb8(im) => Native::Rgb(im.into_raw()),
-            DynamicImage::ImageRgba8(im) => Native::Rgb(drop_alpha(&im.into_raw(), 4, |v| v)),
-            // "I;16" -> L / RGB clips (Convert.c I16_L, I16_RGB).
-            DynamicImage::ImageLuma16(im) => Native::L(im.into_raw().iter().map(|&v| clip_u16(v)).collect()),
-            DynamicImage::ImageLumaA16(im) if png_gray16 => {
-                Native::L(im.into_raw().chunks_exact(2).map(|p| clip_u16(p[0])).collect())
-            }
-            // Pillow opens 16-bit gray+alpha as RGBA through raw mode "LA;16B" (high bytes).
-            DynamicImage::ImageLumaA16(im) => {
-                Native::L(im.into_raw().chunks_exact(2).map(|p| high_byte(p[0])).collect())
-            }
-            DynamicImage::ImageRgb16(im) => Native::Rgb(im.into_raw().iter().map(|&v| high_byte(v)).collect()),
-            DynamicImage::ImageRgba16(im) => Native::Rgb(drop_alpha(&im.into_raw(), 4, high_byte)),
-            other => {
-                return Err(image_error(format!(
-                    "unsupported pixel format {:?}; save the image as an 8-bit RGB or grayscale PNG",
-                    other.color()
-                )))
-            }
-        };
+        // Condition images drop alpha: diffusers calls `convert(mode)`, which ignores it.
+        let Decoded { width, height, native, .. } = decode_pillow(bytes, limits, path, "condition image")?;
         let pixels = match (native, kind) {
             (Native::L(px), ConditionKind::Gray) | (Native::Rgb(px), ConditionKind::Rgb) => px,
             (Native::L(px), ConditionKind::Rgb) => px.iter().flat_map(|&v| [v, v, v]).collect(),
@@ -260,10 +184,151 @@ impl ConditionImage {
     }
 }
 
-/// Pixels as Pillow holds them after `Image.open`, with alpha already dropped.
-enum Native {
+/// Pixels as Pillow holds them after `Image.open`, alpha apart.
+pub(crate) enum Native {
     L(Vec<u8>),
     Rgb(Vec<u8>),
+}
+
+/// A decoded image: Pillow's "L" or "RGB" samples, and the alpha that `convert("RGBA")` would give.
+pub(crate) struct Decoded {
+    pub width: u32,
+    pub height: u32,
+    pub native: Native,
+    /// One sample per pixel; `None` where Pillow's image has neither an alpha band nor a
+    /// `transparency` entry in `info`.
+    pub alpha: Option<Vec<u8>>,
+}
+
+/// Decodes a PNG or JPEG the way Pillow's `Image.open` holds it (see [`ConditionImage::open`] for
+/// the conversions), within `limits`. `what` names the image in messages ("condition image").
+///
+/// The alpha is what `image.convert("RGBA")` yields: the alpha band of RGBA, LA and palette images
+/// (16-bit: its high byte), and for gray and RGB images with a tRNS colour Pillow's
+/// `convert_transparent`, which compares the *converted 8-bit* samples with the tRNS value's low
+/// byte (`rgbT2rgba` in `libImaging/Convert.c`; Pillow keeps 1/2/4/16-bit tRNS values unscaled).
+pub(crate) fn decode_pillow(bytes: &[u8], limits: &Limits, path: &Path, what: &str) -> Result<Decoded> {
+    let image_error = |message: String| Error::Image { path: path.to_path_buf(), message };
+    exceeds(
+        &format!("the size in bytes of {what} {}", path.display()),
+        bytes.len() as u64,
+        limits.max_image_file_bytes,
+        "max_image_file_bytes",
+        "use a smaller file",
+    )?;
+
+    let format = image::guess_format(bytes).map_err(|_| {
+        image_error(format!("not a PNG or JPEG image (unrecognized file signature); {what}s must be PNG or JPEG"))
+    })?;
+    let name = match format {
+        ImageFormat::Png => "PNG",
+        ImageFormat::Jpeg => "JPEG",
+        other => {
+            let ext = other.extensions_str().first().copied().unwrap_or("this format");
+            return Err(image_error(format!(
+                "{} images are not supported; convert it to PNG (or JPEG)",
+                ext.to_uppercase()
+            )));
+        }
+    };
+    let corrupt =
+        |e: image::ImageError| image_error(format!("cannot decode {name}: {e} (is the file truncated or corrupt?)"));
+    // The header's size first: a decompression bomb is refused before its pixels are allocated.
+    let (declared_width, declared_height) =
+        image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;
+    limits.check_image_pixels(&path.display().to_string(), declared_width, declared_height)?;
+    // 16-bit RGBA is the widest pixel the decoders make; the slack covers their working buffers.
+    let budget = u64::from(declared_width) * u64::from(declared_height) * 8 + (64 << 20);
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(declared_width);
+    decoder_limits.max_image_height = Some(declared_height);
+    decoder_limits.max_alloc = Some(budget);
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(decoder_limits);
+    let decoded = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(limit) => image_error(format!(
+            "cannot decode {name}: it needs more memory than its {declared_width}x{declared_height} size \
+             allows ({limit}); re-save the image"
+        )),
+        other => corrupt(other),
+    })?;
+
+    let (width, height) = (decoded.width(), decoded.height());
+    // PNG colour type from IHDR (after signature 8, length 4, "IHDR" 4, width 4, height 4,
+    // depth 1): the `image` crate reports 16-bit gray with a tRNS chunk as gray+alpha, Pillow
+    // opens it as "I;16".
+    let colour_type = if format == ImageFormat::Png { bytes.get(25).copied() } else { None };
+    let png_gray16 = colour_type == Some(0);
+    let alpha_of = |samples: &[u8], stride: usize| samples.chunks_exact(stride).map(|p| p[stride - 1]).collect();
+    let alpha16_of =
+        |samples: &[u16], stride: usize| samples.chunks_exact(stride).map(|p| high_byte(p[stride - 1])).collect();
+    let (native, alpha): (Native, Option<Vec<u8>>) = match decoded {
+        DynamicImage::ImageLuma8(im) => (Native::L(im.into_raw()), None),
+        DynamicImage::ImageLumaA8(im) => {
+            let raw = im.into_raw();
+            (Native::L(raw.chunks_exact(2).map(|p| p[0]).collect()), Some(alpha_of(&raw, 2)))
+        }
+        DynamicImage::ImageRgb8(im) => (Native::Rgb(im.into_raw()), None),
+        DynamicImage::ImageRgba8(im) => {
+            let raw = im.into_raw();
+            (Native::Rgb(drop_alpha(&raw, 4, |v| v)), Some(alpha_of(&raw, 4)))
+        }
+        // "I;16" -> L / RGB clips (Convert.c I16_L, I16_RGB).
+        DynamicImage::ImageLuma16(im) => (Native::L(im.into_raw().iter().map(|&v| clip_u16(v)).collect()), None),
+        DynamicImage::ImageLumaA16(im) if png_gray16 => {
+            (Native::L(im.into_raw().chunks_exact(2).map(|p| clip_u16(p[0])).collect()), None)
+        }
+        // Pillow opens 16-bit gray+alpha as RGBA through raw mode "LA;16B" (high bytes).
+        DynamicImage::ImageLumaA16(im) => {
+            let raw = im.into_raw();
+            (Native::L(raw.chunks_exact(2).map(|p| high_byte(p[0])).collect()), Some(alpha16_of(&raw, 2)))
+        }
+        DynamicImage::ImageRgb16(im) => (Native::Rgb(im.into_raw().iter().map(|&v| high_byte(v)).collect()), None),
+        DynamicImage::ImageRgba16(im) => {
+            let raw = im.into_raw();
+            (Native::Rgb(drop_alpha(&raw, 4, high_byte)), Some(alpha16_of(&raw, 4)))
+        }
+        other => {
+            return Err(image_error(format!(
+                "unsupported pixel format {:?}; save the image as an 8-bit RGB or grayscale PNG",
+                other.color()
+            )))
+        }
+    };
+    // Gray and RGB PNGs hold transparency as one tRNS colour, which the `image` crate expands by
+    // its own rule (exact 16-bit match, unscaled low-depth gray); Pillow's rule is applied instead.
+    let alpha = match colour_type {
+        Some(0 | 2) => png_trns_colour(bytes).map(|trns| match &native {
+            Native::L(px) => px.iter().map(|&v| if v == trns[0] { 0 } else { 255 }).collect(),
+            Native::Rgb(px) => px.chunks_exact(3).map(|p| if p == &trns[..] { 0 } else { 255 }).collect(),
+        }),
+        _ => alpha,
+    };
+    Ok(Decoded { width, height, native, alpha })
+}
+
+/// The low bytes of a gray (colour type 0) or RGB (2) PNG's tRNS colour, as Pillow's `rgbT2rgba`
+/// compares them (`r & 0xff`, ...); gray fills all three. `None` without a well-formed tRNS chunk
+/// before the image data.
+fn png_trns_colour(png: &[u8]) -> Option<[u8; 3]> {
+    let mut at = 8; // PNG signature
+    while let Some(header) = png.get(at..at + 8) {
+        let len = u32::from_be_bytes(header[..4].try_into().ok()?) as usize;
+        let data = png.get(at + 8..(at + 8).checked_add(len)?)?;
+        match &header[4..] {
+            b"tRNS" => {
+                let low = |i: usize| data.get(2 * i + 1).copied();
+                return match data.len() {
+                    2 => low(0).map(|g| [g; 3]),
+                    6 => Some([low(0)?, low(1)?, low(2)?]),
+                    _ => None,
+                };
+            }
+            b"IDAT" | b"IEND" => return None,
+            _ => at = at + 12 + len,
+        }
+    }
+    None
 }
 
 /// Pillow's `L24(rgb) >> 16`: ITU-R 601-2 luma, weights summing to 65536, rounding half up.
