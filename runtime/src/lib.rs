@@ -23,6 +23,7 @@ pub mod adapter;
 mod atomic_file;
 pub mod backend;
 pub mod bench;
+pub mod clip_image;
 pub mod condition;
 mod conditioning;
 mod controlnet;
