@@ -2,8 +2,12 @@
 //! transformers' PIL-backed `CLIPImageProcessor`.
 //!
 //! diffusers encodes an IP-Adapter's image with `self.feature_extractor(image,
-//! return_tensors="pt").pixel_values` (`encode_image` in `pipelines/pipeline_utils`'s IP-Adapter
-//! mixin; `load_ip_adapter` builds a default `CLIPImageProcessor()` when the encoder ships none).
+//! return_tensors="pt").pixel_values` (`encode_image`, e.g. in
+//! `pipelines/stable_diffusion/pipeline_stable_diffusion.py`). The feature extractor is the
+//! pipeline's own (`feature_extractor/preprocessor_config.json` of the SD repository:
+//! [`ClipImageConfig::from_file`]) or, when the pipeline has none, the one `load_ip_adapter`
+//! (`loaders/ip_adapter.py`) builds: `CLIPImageProcessor(size=image_encoder.config.image_size,
+//! crop_size=...)` ([`ClipImageConfig::for_image_size`]).
 //! Without torchvision, transformers 5 gives `CLIPImageProcessorPil` (`PilBackend` in
 //! `transformers/image_processing_backends.py`), whose steps are reproduced here:
 //!
@@ -119,6 +123,18 @@ struct RawConfig {
 }
 
 impl ClipImageConfig {
+    /// What diffusers' `load_ip_adapter` builds for an image encoder of `image_size` (224 for the
+    /// ViT-H/14 and ViT-bigG/14 encoders of IP-Adapter, which equals [`Default`]):
+    /// `CLIPImageProcessor(size=image_size, crop_size=image_size)`, a shortest-edge resize and a
+    /// square crop.
+    pub fn for_image_size(image_size: u32) -> Self {
+        ClipImageConfig {
+            size: ClipResize::ShortestEdge(image_size),
+            crop_size: Size { width: image_size, height: image_size },
+            ..ClipImageConfig::default()
+        }
+    }
+
     /// Reads a `preprocessor_config.json` (as IP-Adapter image encoders ship).
     ///
     /// Errors: [`Error::Io`] if it cannot be read, [`Error::GraphSet`] (naming the file) if it is
@@ -475,6 +491,16 @@ mod tests {
         assert_eq!(c.size, ClipResize::Exact(Size { width: 20, height: 10 }));
         assert_eq!(c.image_mean, [0.5; 3]);
         assert_eq!(ClipImageConfig::from_json("{}").unwrap(), ClipImageConfig::default());
+        assert_eq!(ClipImageConfig::for_image_size(224), ClipImageConfig::default());
+        // The legacy CLIPFeatureExtractor form SD 1.x repositories ship in feature_extractor/
+        // (int sizes, extra keys); transformers reads it as the default (checked in Python).
+        let legacy = r#"{
+          "crop_size": 224, "do_center_crop": true, "do_convert_rgb": true, "do_normalize": true,
+          "do_resize": true, "feature_extractor_type": "CLIPFeatureExtractor",
+          "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+          "resample": 3, "size": 224
+        }"#;
+        assert_eq!(ClipImageConfig::from_json(legacy).unwrap(), ClipImageConfig::default());
         for bad in [
             r#"{"resample": 0}"#,
             r#"{"size": {"shortest_edge": 0}}"#,
