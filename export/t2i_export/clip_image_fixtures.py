@@ -18,8 +18,8 @@ run with any other class. Writes deterministic source images (seeded) and, for e
   for the default processor (OpenAI CLIP: shortest edge 224, crop 224) and for small configurations
   saved next to the fixtures with ``save_pretrained`` (``<config>/preprocessor_config.json``), so
   that the outputs stay small while the same code paths run: downscale, upscale, same size,
-  truncated long side, 1-pixel-wide source, non-square crop, and a crop larger than the resized
-  image (zero padding).
+  truncated long side, 1-pixel-wide source, non-square crop, a crop larger than the resized
+  image (zero padding), no crop, no resize.
 
 A 224x224 float32 tensor is 588 KiB, so expected arrays over 32 KiB are stored gzipped (``.npy.gz``,
 deterministic: no file name or time stamp in the gzip header).
@@ -61,6 +61,10 @@ CONFIGS: dict[str, dict] = {
         "resample": 1,
         "rescale_factor": 1 / 127.5,
     },
+    # No center crop: the output is the resized image, its size varies with the source.
+    "nocrop": {"size": {"shortest_edge": 40}, "do_center_crop": False},
+    # No resize: the crop alone, padding or cropping each axis of the source.
+    "noresize": {"do_resize": False, "crop_size": {"height": 40, "width": 44}},
 }
 
 # (width, height) targets for the BICUBIC checks on the 100x75 source (as image_fixtures' LANCZOS).
@@ -211,6 +215,10 @@ def main() -> None:
         pixels_case(name, "pad")
     for name in ("portrait_97x301.png", "odd_27x20.png", "p_trns_36x30.png"):
         pixels_case(name, "exact")
+    for name in ("odd_27x20.png", "wide_1x3.png", "l_40x33.png"):
+        pixels_case(name, "nocrop")
+    for name in ("odd_27x20.png", "rgba_61x19.png", "l_40x33.png"):
+        pixels_case(name, "noresize")
 
     import PIL
 
