@@ -185,7 +185,7 @@ fn controlnets_equal_the_library_and_diffusers() {
         scale: controls[0].scale,
         preprocess: Vec::new(),
     }];
-    let mut generate = |params: &t2i_request_params| {
+    let generate = |params: &t2i_request_params| {
         let mut result = null_mut();
         // SAFETY: live ctx, params filled by init, pointers valid for the call.
         assert_eq!(unsafe { t2i_generate(ctx, params, &mut result) }, t2i_status::T2I_OK, "{}", last_error());

@@ -181,10 +181,12 @@ fn resize_cubic_cv(src: &[u8], cn: usize, (sw, sh): (u32, u32), (dw, dh): (u32, 
         .collect();
     let mut out = Vec::with_capacity(dw_us * dh as usize * cn);
     for (first, weights) in &ys {
-        for i in 0..dw_us * cn {
-            let acc: i64 = weights.iter().enumerate().map(|(k, w)| rows[clamp(first + k as i64, sh)][i] * w).sum();
-            out.push(((acc + (1 << 21)) >> 22).clamp(0, 255) as u8);
-        }
+        let taps: Vec<(&[i64], i64)> =
+            weights.iter().enumerate().map(|(k, &w)| (rows[clamp(first + k as i64, sh)].as_slice(), w)).collect();
+        out.extend((0..dw_us * cn).map(|i| {
+            let acc: i64 = taps.iter().map(|(row, w)| row[i] * w).sum();
+            ((acc + (1 << 21)) >> 22).clamp(0, 255) as u8
+        }));
     }
     out
 }
