@@ -162,13 +162,15 @@ class UNetGraph(torch.nn.Module):
 
 def io_spec(
     unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, control: list[ResidualSlot] = (),
-    ip: UNetIPInputs | None = None,
+    ip: UNetIPInputs | None = None, sequence: tuple[str, int] | None = None,
 ) -> tuple[list[TensorIO], list[TensorIO]]:
+    """`sequence`: (dim name, example length) when encoder_hidden_states' length is dynamic (a set with
+    a style adapter: the text's `seq_len` tokens plus any style tokens); else it is fixed to `seq_len`."""
     c = unet.config.in_channels
     inputs = [
         TensorIO("sample", ["batch", c, "latent_height", "latent_width"]),
         TensorIO("timestep", ["batch"]),
-        TensorIO("encoder_hidden_states", ["batch", seq_len, unet.config.cross_attention_dim]),
+        TensorIO("encoder_hidden_states", ["batch", sequence[0] if sequence else seq_len, unet.config.cross_attention_dim]),
     ]
     if has_text_time(unet.config):
         inputs += [TensorIO("text_embeds", ["batch", pooled_dim(unet.config)]), TensorIO("time_ids", ["batch", TIME_ID_COUNT])]
@@ -181,14 +183,14 @@ def io_spec(
 
 def example_inputs(
     unet: UNet2DConditionModel, slots: list[ResidualSlot], seq_len: int, latent_hw=(8, 16), control: list[ResidualSlot] = (),
-    ip: UNetIPInputs | None = None,
+    ip: UNetIPInputs | None = None, sequence: tuple[str, int] | None = None,
 ) -> tuple:
     """Batch 2, a non-square latent and fractional timesteps, so that no dim is traced as a constant."""
     g = torch.Generator().manual_seed(0)
     h, w = latent_hw
     sample = torch.randn(2, unet.config.in_channels, h, w, generator=g)
     timestep = torch.tensor([999.0, 17.25])
-    ehs = torch.randn(2, seq_len, unet.config.cross_attention_dim, generator=g)
+    ehs = torch.randn(2, sequence[1] if sequence else seq_len, unet.config.cross_attention_dim, generator=g)
     added = ()
     if has_text_time(unet.config):
         time_ids = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w], [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0]])
@@ -210,12 +212,14 @@ def export_unet(
     precision: str = "fp32",
     control: list[ResidualSlot] = (),
     ip: UNetIPInputs | None = None,
+    sequence: tuple[str, int] | None = None,
 ) -> list[Path]:
     """`control`: the ControlNet residual inputs (`controlnet.control_slots`), when the set has ControlNets;
-    `ip`: the IP-Adapter's inputs, when the set has one."""
-    inputs, outputs = io_spec(unet, slots, seq_len, control, ip)
+    `ip`: the IP-Adapter's inputs, when the set has one; `sequence`: (dim name, traced length) for a
+    dynamic context length (`io_spec`). A set without it keeps the fixed `seq_len` and its graph bytes."""
+    inputs, outputs = io_spec(unet, slots, seq_len, control, ip, sequence)
     # A latent of (1, 2) × the latent size multiple: valid, and height != width.
-    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent), control, ip)
+    args = example_inputs(unet, slots, seq_len, (size_multiple_latent, 2 * size_multiple_latent), control, ip, sequence)
     if ip is not None and precision == "fp16" and ip.upcasts(unet):
         raise ExportError("--ip-adapter: not supported with --precision fp16 for a UNet with upcast_attention (SD 2.x) yet")
     # fp16: the timestep stays float32, as diffusers' fp16 pipelines pass it (the scheduler's
