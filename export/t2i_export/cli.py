@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--image-encoder", type=Path, metavar="DIR",
                     help="the IP-Adapter's CLIPVisionModelWithProjection dir (h94: models/image_encoder or "
                     "sdxl_models/image_encoder); needed with --ip-adapter")
+    pp.add_argument("--style-adapter", type=Path, metavar="FILE",
+                    help="TencentARC's T2I style adapter (t2iadapter_style_sd14v1.pth, SD 1.x): exported as style_encoder.onnx "
+                    "and style_adapter.onnx, and the UNet's encoder_hidden_states takes the text plus 8 style tokens per image")
+    pp.add_argument("--style-encoder", type=Path, metavar="DIR",
+                    help="the style adapter's CLIPVisionModel dir with preprocessor_config.json "
+                    "(openai/clip-vit-large-patch14); needed with --style-adapter")
     pp.add_argument("--out", type=Path, required=True, help="graph-set directory to write")
     pp.add_argument("--name", help="manifest name (default: the --out directory's name)")
     pp.add_argument("--vae", type=Path, metavar="DIR",
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 controlnets=args.controlnet,
                 ip_adapter=args.ip_adapter[0] if args.ip_adapter else None,
                 image_encoder=args.image_encoder,
+                style_adapter=args.style_adapter,
+                style_encoder=args.style_encoder,
             )
             print(f"wrote {out}")
         elif args.command == "tiny":

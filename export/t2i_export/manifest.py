@@ -51,10 +51,11 @@ def build(
     control_slots: list[dict] | None = None,
     controlnets: list[dict] | None = None,
     ip_adapter: dict | None = None,
+    style_adapter: dict | None = None,
 ) -> dict:
     """The manifest, keys in the order of docs/manifest.md. `control_slots` and `controlnets` are
-    written only for a set with ControlNets, `ip_adapter` only for a set with one (a set without
-    stays byte for byte what it was)."""
+    written only for a set with ControlNets, `ip_adapter` and `style_adapter` only for a set with one (a
+    set without stays byte for byte what it was)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
@@ -78,6 +79,8 @@ def build(
         manifest["controlnets"] = controlnets
     if ip_adapter:
         manifest["ip_adapter"] = ip_adapter
+    if style_adapter:
+        manifest["style_adapter"] = style_adapter
     return manifest
 
 
@@ -96,6 +99,8 @@ def listed_files(manifest: dict) -> list[tuple[str, str]]:
     specs += [c["graph"] for c in manifest.get("controlnets", [])]
     if "ip_adapter" in manifest:
         specs += [manifest["ip_adapter"]["image_encoder"], manifest["ip_adapter"]["image_projection"]]
+    if "style_adapter" in manifest:
+        specs += [manifest["style_adapter"]["style_encoder"], manifest["style_adapter"]["style_adapter"]]
     files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders if "file" in e["tokenizer"]]
     for spec in specs:
         files.append((spec["file"], spec["sha256"]))

@@ -33,6 +33,9 @@ from .ip_adapter import IPAdapter, UNetIPInputs, export_image_encoder, export_im
 from .onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES, graph_spec, sha256_file
 from .original_adapter import SUFFIXES as ORIGINAL_SUFFIXES, is_original_checkpoint, load_original_adapter
 from .precision import check_precision
+from .style_adapter import Style, export_style_encoder, export_style_tokens, load_style_adapter
+from .style_adapter import check_unet_fit as check_style_fit
+from .style_adapter import manifest_entry as style_manifest_entry
 from .text_encoder import POOLED_OUTPUT, EncoderUse, export_text_encoder
 from .tokenizer import export_tokenizer, load_tokenizer
 from .unet import check_unet, export_unet, has_text_time, pooled_dim, residual_slots
@@ -51,6 +54,8 @@ EXPECTED_CLASSES = {
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 # SDXL's add_time_ids, in diffusers' order (`_get_add_time_ids`): each a (height, width) or (top, left) pair.
 TIME_IDS = ["original_size", "crops_coords_top_left", "target_size"]
+# A set with a style adapter: the UNet's encoder_hidden_states length is this dynamic dim (text + style tokens).
+CONTEXT_DIM = "context_length"
 
 
 @dataclass
@@ -218,6 +223,8 @@ def export_pipeline(
     controlnets: list[tuple[str, Path]] = (),
     ip_adapter: Path | None = None,
     image_encoder: Path | None = None,
+    style_adapter: Path | None = None,
+    style_encoder: Path | None = None,
 ) -> Path:
     """`python -m t2i_export pipeline`: load the directories, then `export_components`."""
     check_model_dir(model_dir)
@@ -233,12 +240,28 @@ def export_pipeline(
     check_out_dir(out_dir)
     if image_encoder is not None and ip_adapter is None:
         raise ExportError("--image-encoder is only used with --ip-adapter")
+    if style_encoder is not None and style_adapter is None:
+        raise ExportError("--style-encoder is only used with --style-adapter")
+    check_style_args(style_adapter, precision, controlnets)
     ip = load_ip_adapter(ip_adapter, image_encoder, model_dir) if ip_adapter is not None else None
+    style = load_style_adapter(style_adapter, style_encoder) if style_adapter is not None else None
     comps = load_checkpoint(model_dir, vae_dir, vae_precision, precision)
     loaded = [(n, load_adapter(n, p)) for n, p in adapters]
     nets = [(n, ControlNetModel.from_pretrained(str(p), torch_dtype=torch.float32, variant=_variant(p)).eval())
             for n, p in controlnets]
-    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names, nets, ip)
+    return export_components(comps, loaded, out_dir, name, external_data_threshold, compact_weights, strip_names, nets, ip, style)
+
+
+def check_style_args(style_adapter, precision: str, controlnets) -> None:
+    """What the style adapter's export does not cover yet, refused before anything loads."""
+    if style_adapter is None:
+        return
+    if precision != "fp32":
+        # The original's LayerNorm computes in float32 on fp16 inputs; its fp16 graph is not verified yet.
+        raise ExportError("--style-adapter: only --precision fp32 is supported for now")
+    if controlnets:
+        # TencentARC's style adapter never ran beside a ControlNet: what context a ControlNet should see is undefined.
+        raise ExportError("--style-adapter: cannot be combined with --controlnet (the original defines no such combination)")
 
 
 def check_names(adapters: list[str], controlnets: list[str]) -> None:
@@ -334,12 +357,14 @@ def export_components(
     strip_names: bool = False,
     controlnets: list[tuple[str, ControlNetModel]] = (),
     ip_adapter: IPAdapter | None = None,
+    style: Style | None = None,
 ) -> Path:
     """Validate, export every graph into `out_dir/.tmp-*`, then move the set into `out_dir`.
 
     `compact_weights`: store the graphs' weights losslessly in fewer bytes; `strip_names`: drop the
     graphs' debug names (both in compact.py). `ip_adapter`: adds the image_encoder and image_projection
-    graphs and the UNet's ip_tokens/ip_scale inputs (ip_adapter.py).
+    graphs and the UNet's ip_tokens/ip_scale inputs (ip_adapter.py). `style`: adds the style_encoder and
+    style_adapter graphs, and the UNet's encoder_hidden_states gets a dynamic length (style_adapter.py).
     """
     check_names([n for n, _ in adapters], [n for n, _ in controlnets])
     check_out_dir(out_dir)
@@ -355,6 +380,12 @@ def export_components(
         check_controlnet(n, c, comps.unet.config, control, geo.vae_downscale, geo.size_multiple)
     seq_len = comps.text_encoders[0].tokenizer.model_max_length
     ip_inputs = UNetIPInputs(ip_adapter, comps.unet) if ip_adapter is not None else None
+    sequence = None
+    if style is not None:
+        check_style_args(style.path, comps.precision, controlnets)
+        check_style_fit(style, comps.unet.config.cross_attention_dim)
+        # Traced at text + one image's tokens (85 for SD 1.x), so that no length is baked in as 77.
+        sequence = (CONTEXT_DIM, seq_len + style.num_tokens)
 
     if notice:
         print(notice, file=sys.stderr)
@@ -392,7 +423,7 @@ def export_components(
             "unet": spec(
                 export_unet(
                     comps.unet, slots, seq_len, unet_file, latent_multiple, external_data_threshold, comps.precision, control,
-                    ip_inputs,
+                    ip_inputs, sequence,
                 ),
                 comps.precision,
                 "guided_samples",
@@ -450,6 +481,16 @@ def export_components(
                 spec(export_image_projection(ip_adapter, comps.unet, tmp / "image_projection.onnx", external_data_threshold,
                                              comps.precision), comps.precision, "images"),
             )
+        style_entry = None
+        if style is not None:
+            # One row per style image (their tokens are weighted and concatenated afterwards, style_adapter.py).
+            style_entry = style_manifest_entry(
+                style, seq_len, CONTEXT_DIM,
+                spec(export_style_encoder(style, tmp / "style_encoder.onnx", external_data_threshold, comps.precision),
+                     comps.precision, "images"),
+                spec(export_style_tokens(style, tmp / "style_adapter.onnx", external_data_threshold, comps.precision),
+                     comps.precision, "images"),
+            )
         manifest = mf.build(
             family=family(comps),
             name=name or out_dir.resolve().name,
@@ -470,6 +511,7 @@ def export_components(
             control_slots=[s.manifest() for s in control],
             controlnets=controlnet_entries,
             ip_adapter=ip_entry,
+            style_adapter=style_entry,
         )
         _install(tmp, out_dir, manifest)
     finally:
