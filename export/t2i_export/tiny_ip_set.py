@@ -1,0 +1,65 @@
+"""The committed IP-Adapter graph set and its pipeline fixtures: graphs/tiny-sd1-ip (the tiny SD 1
+checkpoint of the zoo + the tiny plain IP-Adapter and image encoder of tiny_ip_adapter.py) and
+graphs/fixtures/tiny-sd1-ip (ip_adapter_fixtures.py's diffusers run), which the runtime's
+runtime/tests/ip_adapter_parity.rs holds itself to.
+
+Run from ``export/``::
+
+    python -m t2i_export.tiny_ip_set --out ../graphs
+
+Deterministic like `python -m t2i_export tiny` (seeded weights, one intra-op thread); the tiny zoo
+builder does not call it yet, so test_regenerate.py does not cover these files. text_encoder.onnx,
+vae_decoder.onnx and vae_encoder.onnx come out byte-identical to graphs/tiny-sd1's (git stores them
+once); ``pixel_values.npy`` is not kept (see below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+NAME = "tiny-sd1-ip"
+
+
+def build_tiny_ip_set(out_root: Path) -> tuple[Path, Path]:
+    """OUT/tiny-sd1-ip (graph set, plain IP-Adapter, names stripped) and OUT/fixtures/tiny-sd1-ip."""
+    from diffusers import StableDiffusionPipeline
+
+    from .ip_adapter_fixtures import write_fixtures
+    from .pipeline import export_pipeline
+    from .tiny import write_checkpoint
+    from .tiny_ip_adapter import write_tiny_ip_adapters
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="t2i-tiny-ip-") as tmp:
+            model_dir, _ = write_checkpoint(Path(tmp) / "work")
+            unet = StableDiffusionPipeline.from_pretrained(
+                str(model_dir), safety_checker=None, requires_safety_checker=False).unet
+            encoder_dir, files = write_tiny_ip_adapters(Path(tmp) / "ip", unet)
+            set_dir = export_pipeline(model_dir, [], out_root / NAME, name=NAME, strip_names=True,
+                                      ip_adapter=files["plain"], image_encoder=encoder_dir)
+            fixtures = write_fixtures(model_dir, files["plain"], encoder_dir, out_root / "fixtures" / NAME)
+            # 0.6 MB of float32 that clip_image's own fixtures already pin bit for bit; the runtime's
+            # test checks the preprocessing through image_embeds instead.
+            (fixtures / "pixel_values.npy").unlink()
+    finally:
+        torch.set_num_threads(threads)
+    return set_dir, fixtures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="the repository's graphs/ folder")
+    args = p.parse_args(argv)
+    for path in build_tiny_ip_set(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
