@@ -82,7 +82,7 @@ impl fmt::Display for Profile {
 /// (guidance on, fewest images).
 fn rows(rule: BatchRule, profile: &Profile) -> (usize, usize, usize) {
     match rule {
-        BatchRule::Prompts => (1, 2, 2),
+        BatchRule::Prompts | BatchRule::Images => (1, 2, 2),
         BatchRule::One => (1, 1, 1),
         BatchRule::GuidedSamples => (profile.batch_min, 2 * profile.batch_min, 2 * profile.batch_max),
         BatchRule::Samples => (profile.batch_min, profile.batch_min, profile.batch_max),

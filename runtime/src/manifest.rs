@@ -69,6 +69,10 @@ pub struct Manifest {
     /// The set's ControlNets (per-step conditioners); their outputs feed [`Manifest::control_slots`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controlnets: Vec<ControlNetSpec>,
+    /// The set's IP-Adapter (a once-per-request image conditioner); absent in sets exported
+    /// without `--ip-adapter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter: Option<IpAdapterSpec>,
     /// The directory the manifest was loaded from; every path above is relative to it.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -206,6 +210,10 @@ pub enum Role {
     VaeDecoder,
     /// Image → latent distribution (img2img, inpainting).
     VaeEncoder,
+    /// The IP-Adapter's CLIP image encoder: `pixel_values` → `image_embeds`, once per request.
+    ImageEncoder,
+    /// The IP-Adapter's image projection: `image_embeds` → the UNet's image tokens.
+    ImageProjection,
 }
 
 impl Role {
@@ -216,6 +224,7 @@ impl Role {
             Role::Adapter | Role::VaeEncoder => BatchRule::One,
             Role::Unet | Role::ControlNet => BatchRule::GuidedSamples,
             Role::VaeDecoder => BatchRule::Samples,
+            Role::ImageEncoder | Role::ImageProjection => BatchRule::Images,
         }
     }
 }
@@ -233,6 +242,9 @@ pub enum BatchRule {
     GuidedSamples,
     /// VAE decoder: `n` rows.
     Samples,
+    /// IP-Adapter graphs: one row per image row, `[negative, positive]` with guidance, `[positive]`
+    /// without (1 or 2 rows, any `n`).
+    Images,
 }
 
 /// One graph of a set as the pipeline addresses it: its role, a display name unique in the set
@@ -254,6 +266,7 @@ impl SetGraph<'_> {
         match self.role {
             Role::Adapter => format!("adapter_{}", self.key),
             Role::ControlNet => format!("controlnet_{}", self.key),
+            Role::ImageEncoder | Role::ImageProjection => format!("ip_adapter_{}", self.key),
             _ => self.key.to_string(),
         }
     }
@@ -301,6 +314,70 @@ pub struct ControlNetSpec {
     /// slot (the mid-block residual's last).
     pub guess_mode_scales: Vec<f32>,
     pub graph: GraphSpec,
+}
+
+/// One h94-layout IP-Adapter (diffusers' `load_ip_adapter` semantics; docs/manifest.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IpAdapterSpec {
+    pub kind: IpAdapterKind,
+    /// Image tokens per image (the projection's second output dimension).
+    pub num_tokens: usize,
+    /// What `image_encoder` computes (informational: the graph output is `image_embeds` either way).
+    pub image_encoder_output: String,
+    /// What the guidance row's image embedding is.
+    pub negative: IpNegative,
+    /// How the image becomes `pixel_values` (transformers' `CLIPImageProcessor`).
+    pub preprocess: IpPreprocess,
+    /// The UNet inputs the image tokens and the scale feed.
+    pub unet_inputs: IpUnetInputs,
+    /// `pixel_values` [b, 3, H, W] → `image_embeds`.
+    pub image_encoder: GraphSpec,
+    /// `image_embeds` → `ip_tokens` [b, num_tokens, cross_attention_dim].
+    pub image_projection: GraphSpec,
+}
+
+/// Which image projection an IP-Adapter has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpAdapterKind {
+    /// diffusers' `ImageProjection` on the projected CLIP embedding.
+    Plain,
+    /// IP-Adapter Plus: a Resampler on the penultimate hidden states.
+    Plus,
+}
+
+/// The image embedding of the guidance (unconditional) row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IpNegative {
+    /// Zeros in place of the image encoder's output (plain IP-Adapters).
+    ZeroEmbeds,
+    /// The image encoder run on all-zero `pixel_values` (Plus).
+    ZeroPixelValues,
+}
+
+/// `CLIPImageProcessor`'s steps as the manifest states them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IpPreprocess {
+    pub convert_rgb: bool,
+    /// Resize so the shorter side is this; `None`: no resize.
+    pub shortest_edge: Option<u32>,
+    /// Pillow filter name: `bicubic` or `lanczos`.
+    pub resample: String,
+    /// Center crop `[width, height]`; `None`: none.
+    pub crop: Option<[u32; 2]>,
+    pub rescale_factor: f64,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+/// The UNet graph's IP-Adapter inputs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IpUnetInputs {
+    /// `[batch, num_tokens, cross_attention_dim]`, rows like the UNet's.
+    pub tokens: String,
+    /// `[1]`: 0 is exactly no IP-Adapter.
+    pub scale: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -470,7 +547,8 @@ impl Manifest {
     }
 
     /// Every graph of the set, by role: the text encoders in manifest order, the UNet, the VAE
-    /// decoder and encoder, the adapters, then the ControlNets, in manifest order. The one place
+    /// decoder and encoder, the adapters, then the ControlNets, in manifest order, then the
+    /// IP-Adapter's image encoder and image projection. The one place
     /// that knows where each role lives in the manifest.
     pub fn set_graphs(&self) -> Vec<SetGraph<'_>> {
         let mut graphs: Vec<SetGraph<'_>> = self
@@ -489,6 +567,10 @@ impl Manifest {
             key: &c.name,
             spec: &c.graph,
         }));
+        if let Some(ip) = &self.ip_adapter {
+            graphs.push(SetGraph { role: Role::ImageEncoder, key: "image_encoder", spec: &ip.image_encoder });
+            graphs.push(SetGraph { role: Role::ImageProjection, key: "image_projection", spec: &ip.image_projection });
+        }
         graphs
     }
 
@@ -685,7 +767,70 @@ impl Manifest {
                 }
             }
         }
-        self.check_controlnets()
+        self.check_controlnets()?;
+        self.check_ip_adapter()
+    }
+
+    /// The IP-Adapter: the UNet takes its named inputs (tokens of `num_tokens` rows, a `[1]`
+    /// scale), its graphs have the inputs and outputs the pipeline feeds and reads, and its
+    /// preprocessing is one this runtime reproduces.
+    fn check_ip_adapter(&self) -> std::result::Result<(), String> {
+        let unet = &self.graphs.unet.inputs;
+        let Some(ip) = &self.ip_adapter else {
+            return Ok(());
+        };
+        let fix = "re-export the graph set with --ip-adapter";
+        let tokens = unet.iter().find(|t| t.name == ip.unet_inputs.tokens).ok_or_else(|| {
+            format!(
+                "ip_adapter.unet_inputs.tokens {:?} is not an input of the unet graph; {fix}",
+                ip.unet_inputs.tokens
+            )
+        })?;
+        let scale = unet.iter().find(|t| t.name == ip.unet_inputs.scale).ok_or_else(|| {
+            format!("ip_adapter.unet_inputs.scale {:?} is not an input of the unet graph; {fix}", ip.unet_inputs.scale)
+        })?;
+        if scale.dims != [Dim::Fixed(1)] {
+            return Err(format!("the unet's {} input has dims {:?}, expected [1]; {fix}", scale.name, scale.dims));
+        }
+        if ip.num_tokens == 0 || ip.num_tokens > 4096 {
+            return Err(format!("ip_adapter.num_tokens {} must be in 1..=4096; {fix}", ip.num_tokens));
+        }
+        if tokens.dims.len() != 3 || matches!(tokens.dims[1], Dim::Fixed(n) if n != ip.num_tokens as i64) {
+            return Err(format!(
+                "the unet's {} input has dims {:?}, expected [batch, {}, cross_attention_dim]; {fix}",
+                tokens.name, tokens.dims, ip.num_tokens
+            ));
+        }
+        let has = |tensors: &[TensorSpec], name: &str| tensors.iter().any(|t| t.name == name);
+        for (graph, spec, input, output) in [
+            ("image_encoder", &ip.image_encoder, "pixel_values", "image_embeds"),
+            ("image_projection", &ip.image_projection, "image_embeds", tokens.name.as_str()),
+        ] {
+            if !has(&spec.inputs, input) || !has(&spec.outputs, output) {
+                return Err(format!("the ip_adapter {graph} graph must map {input} to {output}; {fix}"));
+            }
+        }
+        let pre = &ip.preprocess;
+        if !["bicubic", "lanczos"].contains(&pre.resample.as_str()) {
+            return Err(format!(
+                "ip_adapter.preprocess.resample {:?}: this runtime reproduces bicubic and lanczos",
+                pre.resample
+            ));
+        }
+        let zero = pre.shortest_edge == Some(0) || pre.crop.is_some_and(|[w, h]| w == 0 || h == 0);
+        if zero || pre.shortest_edge.is_some_and(|e| e > 4096) || pre.crop.is_some_and(|[w, h]| w > 4096 || h > 4096) {
+            return Err(format!(
+                "ip_adapter.preprocess sizes {:?} / {:?} must be in 1..=4096",
+                pre.shortest_edge, pre.crop
+            ));
+        }
+        let finite = pre.rescale_factor.is_finite() && pre.mean.iter().chain(&pre.std).all(|v| v.is_finite());
+        if !finite || pre.std.contains(&0.0) {
+            return Err(
+                "ip_adapter.preprocess has a rescale_factor, mean or std that is not a number (or a zero std)".into()
+            );
+        }
+        Ok(())
     }
 
     /// ControlNets and their slots: valid unique names, slots that are UNet inputs, graphs that
@@ -976,6 +1121,7 @@ mod tests {
             adapters: vec![],
             control_slots: vec![],
             controlnets: vec![],
+            ip_adapter: None,
             dir: dir.to_path_buf(),
         }
     }
@@ -1163,6 +1309,47 @@ mod tests {
             e.outputs.push(tensor("latent_std", vec![]));
         }
         assert!(m.check_consistency().is_ok());
+    }
+
+    /// The committed IP-Adapter set's manifest, and what its checks refuse.
+    #[test]
+    fn ip_adapter_entries_are_checked() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-ip");
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let m = Manifest::parse(&text, &dir).unwrap();
+        let ip = m.ip_adapter.as_ref().unwrap();
+        assert_eq!((ip.kind, ip.negative, ip.num_tokens), (IpAdapterKind::Plain, IpNegative::ZeroEmbeds, 4));
+        assert_eq!(ip.preprocess.crop, Some([224, 224]));
+        let names: Vec<String> = m.set_graphs().iter().map(|g| g.name()).collect();
+        assert!(names.ends_with(&["ip_adapter_image_encoder".into(), "ip_adapter_image_projection".into()]));
+        assert!(m.set_graphs().iter().rev().take(2).all(|g| g.batch() == BatchRule::Images));
+        let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            edit(&mut json);
+            Manifest::parse(&json.to_string(), &dir).unwrap_err().to_string()
+        };
+        let e = refused(&|j| j["ip_adapter"]["unet_inputs"]["tokens"] = "nope".into());
+        assert!(e.contains("\"nope\" is not an input of the unet graph"), "{e}");
+        let e = refused(&|j| j["ip_adapter"]["num_tokens"] = 16.into());
+        assert!(e.contains("expected [batch, 16, cross_attention_dim]"), "{e}");
+        let e = refused(&|j| j["ip_adapter"]["image_encoder"]["outputs"][0]["name"] = "x".into());
+        assert!(e.contains("image_encoder graph must map pixel_values to image_embeds"), "{e}");
+        let e = refused(&|j| j["ip_adapter"]["preprocess"]["resample"] = "nearest".into());
+        assert!(e.contains("bicubic and lanczos"), "{e}");
+        let e = refused(&|j| j["ip_adapter"]["negative"] = "zero".into());
+        assert!(e.contains("malformed"), "{e}");
+        // Paths are resolved inside the set like every graph's.
+        let mut outside = m.clone();
+        outside.ip_adapter.as_mut().unwrap().image_encoder.file = "../tiny-sd1/unet.onnx".into();
+        assert!(outside.files().iter().any(|f| outside.resolve(f.file).is_err()));
+        // Without the entry nothing changes.
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json.as_object_mut().unwrap().remove("ip_adapter");
+        json["graphs"]["unet"]["inputs"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| !t["name"].as_str().unwrap().starts_with("ip_"));
+        assert!(Manifest::parse(&json.to_string(), &dir).unwrap().ip_adapter.is_none());
     }
 
     #[test]
