@@ -1,5 +1,6 @@
 //! The seam every kind of conditioning plugs into. A [`Conditioner`] is prepared once per request
-//! (running whatever graphs it needs then: T2I-Adapters today; IP-Adapter's image encoder next)
+//! (running whatever graphs it needs then: T2I-Adapters, the IP-Adapter's image encoder and
+//! projection, [`crate::ip_adapter`])
 //! and is asked, before every UNet call, which UNet inputs it feeds ([`Feed`]); a per-step
 //! conditioner ([`ControlNets`](crate::controlnet::ControlNets)) runs its own graph there on the
 //! call's [`Call::sample`]. The denoising loop knows none of them: it binds what they return and
@@ -42,6 +43,25 @@ pub(crate) struct ConditionerSessions {
     pub adapters: Vec<Box<dyn GraphSession>>,
     /// The manifest's ControlNets, in manifest order.
     pub controlnets: Vec<Box<dyn GraphSession>>,
+    /// The IP-Adapter's image encoder and image projection (sets with an IP-Adapter).
+    pub image_encoder: Option<Box<dyn GraphSession>>,
+    pub image_projection: Option<Box<dyn GraphSession>>,
+    /// Image embeddings of recent IP-Adapter images, so a repeated image skips the encoder.
+    pub ip_cache: crate::ip_adapter::EmbedCache,
+}
+
+impl ConditionerSessions {
+    /// No conditioner graphs (unit tests).
+    #[cfg(test)]
+    pub(crate) fn empty() -> ConditionerSessions {
+        ConditionerSessions {
+            adapters: Vec::new(),
+            controlnets: Vec::new(),
+            image_encoder: None,
+            image_projection: None,
+            ip_cache: Default::default(),
+        }
+    }
 }
 
 /// A source of UNet inputs for one request.
@@ -151,7 +171,7 @@ mod tests {
         let slot = ResidualSlot { input: "r0".into(), channels: 1, downscale: 1 };
         let residual = ArrayD::from_elem(IxDyn(&[1, 1, 1, 1]), 2.0f32);
         let mut t2i = T2iAdapters { slots: vec![slot], residuals: vec![residual], calls };
-        let mut sessions = ConditionerSessions { adapters: Vec::new(), controlnets: Vec::new() };
+        let mut sessions = ConditionerSessions::empty();
         let sample = ArrayD::zeros(IxDyn(&[1, 1, 1, 1]));
         (0..total)
             .map(|index| {

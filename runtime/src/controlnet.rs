@@ -502,8 +502,8 @@ mod tests {
             graph_time: Duration::ZERO,
         };
         let sessions = ConditionerSessions {
-            adapters: Vec::new(),
             controlnets: vec![Box::new(FakeNet { calls: log.clone() }), Box::new(FakeNet { calls: log.clone() })],
+            ..ConditionerSessions::empty()
         };
         (nets, sessions, log)
     }

@@ -154,6 +154,10 @@ pub enum Field {
     InitImage,
     Mask,
     Strength,
+    /// `ip_image`: the IP-Adapter reference image, or a set without an IP-Adapter.
+    IpImage,
+    /// `ip_scale`.
+    IpScale,
 }
 
 impl std::fmt::Display for Field {
@@ -180,6 +184,8 @@ impl std::fmt::Display for Field {
             Field::InitImage => "init_image",
             Field::Mask => "mask",
             Field::Strength => "strength",
+            Field::IpImage => "ip_image",
+            Field::IpScale => "ip_scale",
         })
     }
 }
@@ -212,6 +218,8 @@ pub enum Stage {
     VaeDecoder,
     /// The VAE encoder graph (img2img and inpainting).
     VaeEncoder,
+    /// The named IP-Adapter graph (`image_encoder`, `image_projection`).
+    IpAdapter(String),
 }
 
 impl Stage {
@@ -239,6 +247,7 @@ impl Stage {
             }
             Stage::VaeDecoder => "keep the decoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
             Stage::VaeEncoder => "keep the encoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
+            Stage::IpAdapter(_) => "the IP-Adapter graph is broken or overflows in fp16; export it in fp32",
         }
     }
 }
@@ -256,6 +265,7 @@ impl std::fmt::Display for Stage {
             Stage::Sampler { step, total } => write!(f, "the sampler (step {step} of {total})"),
             Stage::VaeDecoder => f.write_str("the VAE decoder"),
             Stage::VaeEncoder => f.write_str("the VAE encoder"),
+            Stage::IpAdapter(graph) => write!(f, "the IP-Adapter's {graph}"),
         }
     }
 }

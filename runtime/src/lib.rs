@@ -30,6 +30,7 @@ mod controlnet;
 pub mod engine;
 pub mod error;
 mod guidance;
+mod ip_adapter;
 mod latents;
 pub mod limits;
 pub mod log;

@@ -256,6 +256,9 @@ impl Model {
             conditioners: ConditionerSessions {
                 adapters: open(Role::Adapter)?.into_iter().map(|(_, s)| s).collect(),
                 controlnets: open(Role::ControlNet)?.into_iter().map(|(_, s)| s).collect(),
+                image_encoder: single(Role::ImageEncoder)?,
+                image_projection: single(Role::ImageProjection)?,
+                ip_cache: Default::default(),
             },
         })
     }

@@ -20,6 +20,7 @@ use crate::conditioning::{adapter_calls, Call, Conditioner, Feed, T2iAdapters};
 use crate::controlnet::{ControlNets, ControlParams};
 use crate::error::{check_finite, Error, Result, Stage};
 use crate::guidance::Guidance;
+use crate::ip_adapter::IpAdapter;
 use crate::latents::{start, Inpainting, StartParams};
 use crate::manifest::Manifest;
 use crate::model::{LoadOptions, Model, Sessions};
@@ -51,6 +52,8 @@ pub struct Timings {
     pub text_encoder: Duration,
     /// The adapter graphs, and summing their weighted features.
     pub adapters: Duration,
+    /// The IP-Adapter's image encoder and projection (zero when the set has no IP-Adapter).
+    pub ip_adapter: Duration,
     /// The VAE encoder (img2img, inpainting) and the initial latents.
     pub vae_encode: Duration,
     /// The UNet graph, per model call.
@@ -172,7 +175,8 @@ impl Pipeline {
     fn prepare(&mut self, checked: CheckedRequest, timings: &mut Timings) -> Result<Prepared> {
         let model = self.model.clone();
         let manifest = model.manifest();
-        let CheckedRequest { request, width, height, adapters, controls, scheduler, first_step, init } = checked;
+        let CheckedRequest { request, width, height, adapters, controls, scheduler, first_step, init, ip_pixels } =
+            checked;
         let guidance = Guidance { scale: request.guidance, rescale: request.guidance_rescale };
         let n = request.n_samples;
         let batch = if guidance.on() { 2 * n } else { n };
@@ -195,6 +199,13 @@ impl Pipeline {
         let t2i = T2iAdapters::prepare(manifest, &adapters, &mut self.sessions.conditioners, batch, latent_hw, calls)?;
         let mut conditioners: Vec<Box<dyn Conditioner>> = vec![Box::new(t2i)];
         timings.adapters = clock.elapsed();
+        if let Some(ip) = &manifest.ip_adapter {
+            let clock = Instant::now();
+            let scale = if ip_pixels.is_some() { request.ip_scale } else { 0.0 };
+            let sessions = &mut self.sessions.conditioners;
+            conditioners.push(Box::new(IpAdapter::prepare(ip, ip_pixels.as_ref(), scale, sessions, guidance.on(), n)?));
+            timings.ip_adapter = clock.elapsed();
+        }
         if !manifest.control_slots.is_empty() {
             let params = ControlParams {
                 start: request.control_start,

@@ -96,6 +96,14 @@ pub struct Request {
     /// `int(steps × strength)` of its `steps` (diffusers' `get_timesteps`). `None`:
     /// [`DEFAULT_IMG2IMG_STRENGTH`], or [`DEFAULT_INPAINT_STRENGTH`] with a mask.
     pub strength: Option<f32>,
+    /// An IP-Adapter reference image (diffusers' `ip_adapter_image`): encoded once with the graph
+    /// set's CLIP image encoder, its tokens attended to by every cross-attention layer. Needs a
+    /// graph set exported with an IP-Adapter ([`Manifest::ip_adapter`]).
+    pub ip_image: Option<ConditionSource>,
+    /// How strongly the reference image steers (diffusers' `set_ip_adapter_scale`): 0 is exactly no
+    /// IP-Adapter, 1 the adapter as trained (default), 0.5-0.7 keeps more of the prompt. Finite;
+    /// unused without `ip_image`.
+    pub ip_scale: f32,
 }
 
 /// SDXL's micro-conditioning, with diffusers' names and defaults
@@ -163,6 +171,8 @@ pub struct CheckedRequest {
     /// The first step index the sampler runs: 0 for txt2img, later with an init image.
     pub first_step: usize,
     pub(crate) init: Option<InitImage>,
+    /// The IP-Adapter image as the image encoder's `pixel_values` [1, 3, H, W].
+    pub(crate) ip_pixels: Option<Array4<f32>>,
 }
 
 impl CheckedRequest {
@@ -251,6 +261,8 @@ impl Request {
             init_image: None,
             mask: None,
             strength: None,
+            ip_image: None,
+            ip_scale: 1.0,
         }
     }
 
@@ -371,7 +383,18 @@ impl Request {
         let init = self.init_image(m, limits, width, height)?;
         let adapters = AdapterSet::build_within(m, &self.adapters, width, height, limits)?;
         let controls = ControlSet::build(m, &self.controls, width, height, limits)?;
-        Ok(CheckedRequest { request: self.clone(), width, height, adapters, controls, scheduler, first_step, init })
+        let ip_pixels = crate::ip_adapter::pixel_values(m, self.ip_image.as_ref(), limits)?;
+        Ok(CheckedRequest {
+            request: self.clone(),
+            width,
+            height,
+            adapters,
+            controls,
+            scheduler,
+            first_step,
+            init,
+            ip_pixels,
+        })
     }
 
     /// The scalar fields' ranges.
@@ -405,6 +428,12 @@ impl Request {
                     "control_start {start} and control_end {end} must satisfy 0 ≤ start < end ≤ 1 (the fractions of \
                      the steps where the ControlNets apply; defaults 0 and 1)"
                 ),
+            ));
+        }
+        if !self.ip_scale.is_finite() {
+            return Err(Error::request(
+                Field::IpScale,
+                format!("ip_scale {} is not a number; give a finite scale (1 is the default, 0 is off)", self.ip_scale),
             ));
         }
         if self.guess_mode && self.controls.is_empty() {
