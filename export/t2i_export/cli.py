@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
     pt.add_argument("--out", type=Path, required=True,
-                    help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16)")
-    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint"],
+                    help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16; "
+                         "sd1-ip: tiny-sd1 with the tiny plain IP-Adapter, tiny_ip_set.py)")
+    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint", "sd1-ip"],
                     help="only these members of the tiny zoo (repeatable; default: all)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
             for set_dir, fixtures_dir in build_tiny_zoo(args.out, args.work, args.family):
                 print(f"wrote {set_dir}" + (f" and {fixtures_dir}" if fixtures_dir else ""))
+            if args.family is None or "sd1-ip" in args.family:
+                from .tiny_ip_set import build_tiny_ip_set
+
+                set_dir, fixtures_dir = build_tiny_ip_set(args.out)
+                print(f"wrote {set_dir} and {fixtures_dir}")
         elif args.command == "random":
             from .random_preset import export_random
 

@@ -5,10 +5,11 @@ runtime/tests/ip_adapter_parity.rs holds itself to.
 
 Run from ``export/``::
 
-    python -m t2i_export.tiny_ip_set --out ../graphs
+    python -m t2i_export.tiny_ip_set --out ../graphs     # or: python -m t2i_export tiny --out ../graphs
 
-Deterministic like `python -m t2i_export tiny` (seeded weights, one intra-op thread); the tiny zoo
-builder does not call it yet, so test_regenerate.py does not cover these files. text_encoder.onnx,
+Deterministic like the rest of `python -m t2i_export tiny` (which calls it last; `--family sd1-ip`
+alone), with seeded weights and one intra-op thread; test_regenerate.py holds the committed files to
+a fresh build (`build_tiny_zoo` itself does not call it). text_encoder.onnx,
 vae_decoder.onnx and vae_encoder.onnx come out byte-identical to graphs/tiny-sd1's (git stores them
 once); ``pixel_values.npy`` is not kept (see below).
 """

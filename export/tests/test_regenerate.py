@@ -1,5 +1,6 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
-graphs/fixtures/tiny-*, and graphs/tiny-sd1-fp16.
+graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and graphs/tiny-sd1-ip with graphs/fixtures/tiny-sd1-ip
+(test_ip_set_regenerates).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
 built-in tokenizers: weights come from seeded CPU RNGs and the export is deterministic; the PNG bytes
@@ -110,6 +111,10 @@ COMPUTED = [
     (re.compile(r"graph_[^/]+/out_[^/]+\.npy"), GRAPH_TENSORS),
     # the text encoders' outputs, fed to the UNet and ControlNet graphs (fixtures.graph_fixtures)
     (re.compile(r"graph_(unet|controlnet_[a-z0-9_]+)/in_(encoder_hidden_states|text_embeds)\.npy"), GRAPH_TENSORS),
+    # fixtures/tiny-sd1-ip (ip_adapter_fixtures.py): the pipeline's final latents, and the image
+    # encoder's / projection's outputs
+    (re.compile(r"latents\.npy"), LATENTS),
+    (re.compile(r"(negative_)?image_embeds\.npy|ip_tokens\.npy"), GRAPH_TENSORS),
 ]
 
 
@@ -232,6 +237,24 @@ def test_fixtures_regenerate(zoo_all, family):
     assert _files(fixtures_dir) == _files(committed_dir)
     problems = [p for r in _files(committed_dir) if (p := compare_fixture(fixtures_dir / r, committed_dir / r, r))]
     assert not problems, f"tiny-{family}: regenerated fixtures differ from the committed ones:\n" + "\n".join(problems)
+
+
+def test_ip_set_regenerates(tmp_path):
+    """graphs/tiny-sd1-ip bit for bit, graphs/fixtures/tiny-sd1-ip as the zoo's fixtures (exact files
+    byte for byte: case.json, image.png, latents_init.npy; computed ones within the tolerances above)."""
+    from t2i_export.tiny_ip_set import build_tiny_ip_set
+
+    fresh_set, fresh_fixtures = build_tiny_ip_set(tmp_path)
+    committed = REPO / "graphs" / "tiny-sd1-ip"
+    assert _files(fresh_set) == _files(committed)
+    for rel in _files(committed):
+        if _sha(fresh_set / rel) != _sha(committed / rel):
+            pytest.fail(f"tiny-sd1-ip/{rel}: {_exact_problem(fresh_set / rel, committed / rel, rel)}")
+    committed_fixtures = REPO / "graphs" / "fixtures" / "tiny-sd1-ip"
+    assert _files(fresh_fixtures) == _files(committed_fixtures)
+    problems = [p for r in _files(committed_fixtures)
+                if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
+    assert not problems, "tiny-sd1-ip: regenerated fixtures differ from the committed ones:\n" + "\n".join(problems)
 
 
 # The comparison itself, on the committed files (no regeneration): it must keep failing on real changes.
