@@ -47,6 +47,7 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
         .map(|t| {
             let graphs = t.text_encoder
                 + t.adapters
+                + t.ip_adapter
                 + t.vae_encode
                 + t.unet.iter().sum::<Duration>()
                 + t.controlnet.iter().sum::<Duration>()
@@ -54,11 +55,14 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
             t.total.saturating_sub(graphs) / t.unet.len() as u32
         })
         .collect();
-    let stages: [(&'static str, Vec<Duration>); 13] = [
+    // Only runs on a set with an IP-Adapter spend time there.
+    let ip_adapter: Vec<Duration> = runs.iter().map(|t| t.ip_adapter).filter(|d| !d.is_zero()).collect();
+    let stages: [(&'static str, Vec<Duration>); 14] = [
         ("prepare", once(|t| t.prepare)),
         ("tokenize", once(|t| t.tokenize)),
         ("text_encoder", once(|t| t.text_encoder)),
         ("adapters", once(|t| t.adapters)),
+        ("ip_adapter", ip_adapter),
         ("vae_encode", once(|t| t.vae_encode)),
         ("unet_step", per_step(|t| &t.unet)),
         ("controlnet_step", per_step(|t| &t.controlnet)),
