@@ -232,3 +232,120 @@ impl Conditioner for IpAdapter {
         Ok(self.inputs.take().map_or(Feed::Keep, Feed::Bind))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    fn spec(negative: IpNegative) -> IpAdapterSpec {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-ip");
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        let mut ip = Manifest::parse(&text, &dir).unwrap().ip_adapter.unwrap();
+        ip.negative = negative;
+        ip
+    }
+
+    /// The first value of each row of each call a fake graph saw.
+    type Log = Arc<Mutex<Vec<Vec<f32>>>>;
+
+    /// Encoder: each row's first pixel value + 1, as a [rows, 2] embedding. Projection: 4 tokens
+    /// of width 4 holding the embedding's first value. Both log the rows they saw.
+    struct Fake {
+        rows: Log,
+        projection: bool,
+    }
+
+    impl GraphSession for Fake {
+        fn run(&mut self, inputs: &[(&str, TensorView<'_>)]) -> Result<Vec<ArrayD<f32>>> {
+            let TensorView::F32(x) = &inputs[0].1 else { panic!("f32 input") };
+            let firsts: Vec<f32> = x.outer_iter().map(|r| r.iter().next().copied().unwrap()).collect();
+            self.rows.lock().unwrap().push(firsts.clone());
+            let n = firsts.len();
+            Ok(vec![if self.projection {
+                ArrayD::from_shape_fn(IxDyn(&[n, 4, 4]), |ix| firsts[ix[0]])
+            } else {
+                ArrayD::from_shape_fn(IxDyn(&[n, 2]), |ix| firsts[ix[0]] + 1.0)
+            }])
+        }
+        fn bind(&mut self, _: &[(&str, TensorView<'_>)]) -> Result<()> {
+            Ok(())
+        }
+        fn unbind(&mut self) {}
+    }
+
+    fn sessions() -> (ConditionerSessions, Log, Log) {
+        let (enc, proj) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        let sessions = ConditionerSessions {
+            image_encoder: Some(Box::new(Fake { rows: enc.clone(), projection: false })),
+            image_projection: Some(Box::new(Fake { rows: proj.clone(), projection: true })),
+            ..ConditionerSessions::empty()
+        };
+        (sessions, enc, proj)
+    }
+
+    fn bound(ip: &mut IpAdapter) -> (Vec<f32>, Vec<usize>, f32) {
+        let sample = ArrayD::zeros(IxDyn(&[1]));
+        let call = Call { index: 0, timestep: 0.0, sample: sample.view() };
+        let Feed::Bind(inputs) = ip.feed(&call, &mut ConditionerSessions::empty()).unwrap() else { panic!("bind") };
+        assert!(matches!(ip.feed(&call, &mut ConditionerSessions::empty()).unwrap(), Feed::Keep));
+        assert_eq!((inputs[0].0.as_str(), inputs[1].0.as_str()), ("ip_tokens", "ip_scale"));
+        let rows = inputs[0].1.outer_iter().map(|r| r.iter().next().copied().unwrap()).collect();
+        (rows, inputs[0].1.shape().to_vec(), inputs[1].1[[0]])
+    }
+
+    #[test]
+    fn the_manifest_preprocess_is_clip_image_processor_default() {
+        assert_eq!(clip_config(&spec(IpNegative::ZeroEmbeds)), ClipImageConfig::for_image_size(224));
+    }
+
+    #[test]
+    fn rows_are_negative_times_n_then_image_times_n() {
+        let pixels = Array4::from_elem((1, 3, 224, 224), 5.0f32);
+        let (mut s, enc, proj) = sessions();
+        let mut ip = IpAdapter::prepare(&spec(IpNegative::ZeroEmbeds), Some(&pixels), 0.6, &mut s, true, 2).unwrap();
+        assert_eq!(bound(&mut ip), (vec![0.0, 0.0, 6.0, 6.0], vec![4, 4, 4], 0.6));
+        // zero_embeds: the encoder sees the image only; the projection [zeros; embeds].
+        assert_eq!(
+            (enc.lock().unwrap().clone(), proj.lock().unwrap().clone()),
+            (vec![vec![5.0]], vec![vec![0.0, 6.0]])
+        );
+        // Without guidance: the image rows only.
+        let mut ip = IpAdapter::prepare(&spec(IpNegative::ZeroEmbeds), Some(&pixels), 1.0, &mut s, false, 3).unwrap();
+        assert_eq!(bound(&mut ip).0, vec![6.0, 6.0, 6.0]);
+        // The second and third requests found the embeds in the cache.
+        assert_eq!(enc.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn plus_encodes_zero_pixel_values_for_the_negative() {
+        let pixels = Array4::from_elem((1, 3, 224, 224), 5.0f32);
+        let (mut s, enc, proj) = sessions();
+        let mut ip =
+            IpAdapter::prepare(&spec(IpNegative::ZeroPixelValues), Some(&pixels), 0.5, &mut s, true, 1).unwrap();
+        assert_eq!(bound(&mut ip).0, vec![1.0, 6.0]);
+        assert_eq!(
+            (enc.lock().unwrap().clone(), proj.lock().unwrap().clone()),
+            (vec![vec![0.0, 5.0]], vec![vec![1.0, 6.0]])
+        );
+    }
+
+    #[test]
+    fn no_image_is_zero_tokens_and_scale_zero_without_running_graphs() {
+        let (mut s, enc, proj) = sessions();
+        let mut ip = IpAdapter::prepare(&spec(IpNegative::ZeroEmbeds), None, 1.0, &mut s, true, 2).unwrap();
+        assert_eq!(bound(&mut ip), (vec![0.0; 4], vec![4, 4, 4], 0.0));
+        assert!(enc.lock().unwrap().is_empty() && proj.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_image_for_a_set_without_ip_adapter_names_the_export_flag() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1");
+        let m = Manifest::load(&dir, false).unwrap();
+        let e = pixel_values(&m, Some(&ConditionSource::File("x.png".into())), &Limits::default()).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidRequest { field: Field::IpImage, message } if message.contains("--ip-adapter"))
+        );
+    }
+}
