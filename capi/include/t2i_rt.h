@@ -220,6 +220,13 @@ typedef struct t2i_request_params {
   // diffusers' guess mode: with guidance the ControlNets see only the conditional half, and
   // their residuals ramp from 0.1 (shallowest) to 1.0 (deepest) (default false).
   bool guess_mode;
+  // The IP-Adapter's reference image (RGB or gray; NULL: none), for a graph set exported with
+  // `--ip-adapter`. A context keeps the embeddings of its last 8 reference images, keyed by
+  // content, so a service that reuses reference images runs the image encoder once per image.
+  const struct t2i_image_input *ip_image;
+  // How strongly the reference image steers the result (diffusers' `set_ip_adapter_scale`;
+  // default 1.0; 0 is exactly no IP-Adapter).
+  float ip_scale;
 } t2i_request_params;
 
 // An image the library holds: RGB8, rows top to bottom, `width × 3` bytes per row. Valid until

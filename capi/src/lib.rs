@@ -233,6 +233,13 @@ pub struct t2i_request_params {
     /// diffusers' guess mode: with guidance the ControlNets see only the conditional half, and
     /// their residuals ramp from 0.1 (shallowest) to 1.0 (deepest) (default false).
     pub guess_mode: bool,
+    /// The IP-Adapter's reference image (RGB or gray; NULL: none), for a graph set exported with
+    /// `--ip-adapter`. A context keeps the embeddings of its last 8 reference images, keyed by
+    /// content, so a service that reuses reference images runs the image encoder once per image.
+    pub ip_image: *const t2i_image_input,
+    /// How strongly the reference image steers the result (diffusers' `set_ip_adapter_scale`;
+    /// default 1.0; 0 is exactly no IP-Adapter).
+    pub ip_scale: f32,
 }
 
 /// An image the library holds: RGB8, rows top to bottom, `width × 3` bytes per row. Valid until
@@ -643,6 +650,8 @@ pub unsafe extern "C" fn t2i_request_params_init(params: *mut t2i_request_params
         control_start: 0.0,
         control_end: 1.0,
         guess_mode: false,
+        ip_image: std::ptr::null(),
+        ip_scale: 1.0,
     };
     // SAFETY: non-NULL and writable (the contract above).
     unsafe { params.write_unaligned(defaults) };
@@ -716,6 +725,10 @@ unsafe fn request(p: &t2i_request_params) -> Result<Request, Failure> {
     if let Some(mask) = unsafe { p.mask.as_ref() } {
         r.mask = Some(unsafe { image_source(mask, "params.mask") }?);
     }
+    if let Some(ip) = unsafe { p.ip_image.as_ref() } {
+        r.ip_image = Some(unsafe { image_source(ip, "params.ip_image") }?);
+    }
+    r.ip_scale = p.ip_scale;
     r.strength = (p.strength >= 0.0 || p.strength.is_nan()).then_some(p.strength);
     Ok(r)
 }

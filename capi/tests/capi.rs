@@ -44,6 +44,23 @@ fn request_params() -> t2i_request_params {
     }
 }
 
+/// Runs `params` (with `want_latents`) on a live `ctx` and returns the final latents.
+fn generate_latents(ctx: *mut t2i_ctx, params: &t2i_request_params) -> ArrayD<f32> {
+    let mut result = null_mut();
+    // SAFETY: live ctx, params filled by init, pointers valid for the call.
+    assert_eq!(unsafe { t2i_generate(ctx, params, &mut result) }, t2i_status::T2I_OK, "{}", last_error());
+    let mut latents = t2i_latents_view { shape: [0; 4], data: null() };
+    // SAFETY: a live result.
+    assert_eq!(unsafe { t2i_result_latents(result, &mut latents) }, t2i_status::T2I_OK);
+    let shape: Vec<usize> = latents.shape.iter().map(|&d| d as usize).collect();
+    // SAFETY: the view holds product(shape) floats while the result lives.
+    let data = unsafe { std::slice::from_raw_parts(latents.data, shape.iter().product()) };
+    let ours = ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap();
+    // SAFETY: a live result, freed once.
+    unsafe { t2i_result_free(result) };
+    ours
+}
+
 /// The fixture case z2 (inpainting a regular UNet, Euler, strength 0.75, seeded torch-cpu
 /// generator) through the C API, with the init image as pixels in memory and the mask as a file.
 #[test]
@@ -94,8 +111,7 @@ fn generate_equals_the_library_and_diffusers() {
     let ours = ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap();
     let expected: ArrayD<f32> =
         ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
-    let diff = (&ours - &expected).mapv(|v| f64::from(v).powi(2)).sum().sqrt();
-    let rel = diff / expected.mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    let rel = rel_l2(&ours, &expected);
     assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");
 
     // The same request through the library on the same backend: the same bits.
@@ -185,28 +201,13 @@ fn controlnets_equal_the_library_and_diffusers() {
         scale: controls[0].scale,
         preprocess: Vec::new(),
     }];
-    let generate = |params: &t2i_request_params| {
-        let mut result = null_mut();
-        // SAFETY: live ctx, params filled by init, pointers valid for the call.
-        assert_eq!(unsafe { t2i_generate(ctx, params, &mut result) }, t2i_status::T2I_OK, "{}", last_error());
-        let mut latents = t2i_latents_view { shape: [0; 4], data: null() };
-        // SAFETY: a live result.
-        assert_eq!(unsafe { t2i_result_latents(result, &mut latents) }, t2i_status::T2I_OK);
-        let shape: Vec<usize> = latents.shape.iter().map(|&d| d as usize).collect();
-        // SAFETY: the view holds product(shape) floats while the result lives.
-        let data = unsafe { std::slice::from_raw_parts(latents.data, shape.iter().product()) };
-        let ours = ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap();
-        // SAFETY: a live result, freed once.
-        unsafe { t2i_result_free(result) };
-        ours
-    };
+    let generate = |params: &t2i_request_params| generate_latents(ctx, params);
 
     let ours = generate(&params);
     let expected: ArrayD<f32> =
         ndarray_npy::read_npy(fixtures.join(case["expected_latents"].as_str().unwrap())).unwrap();
     assert_eq!(ours.shape(), expected.shape(), "the size is not the control image's");
-    let diff = (&ours - &expected).mapv(|v| f64::from(v).powi(2)).sum().sqrt();
-    let rel = diff / expected.mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    let rel = rel_l2(&ours, &expected);
     assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");
     assert_eq!(ours, pipeline.run(&request, &mut |_| true).unwrap().latents.into_dyn());
 
@@ -257,6 +258,80 @@ fn controlnets_equal_the_library_and_diffusers() {
         t2i_ctx_free(ctx);
         t2i_model_free(model);
     }
+}
+
+/// The IP-Adapter through the C API: the reference image as a file and as pixels in memory give
+/// the library's latents bit for bit, and move them; `ip_scale` 0 is exactly no image; a
+/// reference image for a set without an IP-Adapter is a request error. (The pipeline against
+/// diffusers is runtime/tests/ip_adapter_parity.rs.)
+#[test]
+fn ip_adapter_equals_the_library() {
+    let fixtures = graphs().join("fixtures/tiny-sd1-ip");
+    let image_path = fixtures.join("image.png");
+    let image = ConditionImage::open(&image_path, ConditionKind::Rgb).unwrap();
+    let model = load("tiny-sd1-ip");
+    let mut ctx = null_mut();
+    // SAFETY: a live model and an out pointer.
+    assert_eq!(unsafe { t2i_ctx_new(model, &mut ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    let (prompt, path) = (c("a red house by the sea"), c(image_path.to_str().unwrap()));
+    let file = t2i_image_input { path: path.as_ptr(), pixels: null(), width: 0, height: 0, channels: 0 };
+    let pixels = t2i_image_input {
+        path: null(),
+        pixels: image.pixels().as_ptr(),
+        width: image.width(),
+        height: image.height(),
+        channels: 3,
+    };
+    let mut params = request_params();
+    params.prompt = prompt.as_ptr();
+    params.steps = 3;
+    params.seed = 7;
+    params.rng = T2I_RNG_TORCH_CPU;
+    params.want_latents = true;
+    let plain = generate_latents(ctx, &params);
+    params.ip_image = &file;
+    params.ip_scale = 0.6;
+    let from_file = generate_latents(ctx, &params);
+    params.ip_image = &pixels;
+    let from_pixels = generate_latents(ctx, &params);
+    params.ip_scale = 0.0;
+    let scale_zero = generate_latents(ctx, &params);
+
+    let mut pipeline = Pipeline::load(&graphs().join("tiny-sd1-ip"), &LoadOptions::default()).unwrap();
+    let mut request = Request::new("a red house by the sea");
+    request.steps = 3;
+    request.seed = 7;
+    request.rng = RngKind::TorchCpu;
+    request.ip_image = Some(ConditionSource::File(image_path.clone()));
+    request.ip_scale = 0.6;
+    let library = pipeline.run(&request, &mut |_| true).unwrap().latents.into_dyn();
+    assert_eq!(from_file, library, "the C API and the library differ");
+    assert_eq!(from_pixels, library, "pixels in memory and the file differ");
+    assert!(rel_l2(&from_file, &plain) > 1e-2, "the reference image changed nothing");
+    assert_eq!(scale_zero, plain, "ip_scale 0 is not exactly no IP-Adapter");
+
+    let other = load("tiny-sd1");
+    let mut other_ctx = null_mut();
+    // SAFETY: as above.
+    assert_eq!(unsafe { t2i_ctx_new(other, &mut other_ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    params.ip_image = &file;
+    let mut result = null_mut();
+    // SAFETY: as above; the set has no IP-Adapter, the error under test.
+    assert_eq!(unsafe { t2i_generate(other_ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_REQUEST);
+    assert!(last_error().contains("--ip-adapter"), "{}", last_error());
+    // SAFETY: each freed once, contexts before their models.
+    unsafe {
+        t2i_ctx_free(other_ctx);
+        t2i_model_free(other);
+        t2i_ctx_free(ctx);
+        t2i_model_free(model);
+    }
+}
+
+/// Relative L2 distance of `a` from `b`.
+fn rel_l2(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    let diff = (a - b).mapv(|v| f64::from(v).powi(2)).sum().sqrt();
+    diff / b.mapv(|v| f64::from(v).powi(2)).sum().sqrt()
 }
 
 unsafe extern "C" fn cancel_at_two(user_data: *mut c_void, step: u32, _total: u32) -> bool {
