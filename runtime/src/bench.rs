@@ -76,21 +76,32 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
     stages.into_iter().filter_map(|(name, samples)| Stats::of(&samples).map(|s| (name, s))).collect()
 }
 
+/// One request of a benchmark.
+pub struct BenchRequest<'a> {
+    pub request: &'a Request,
+    /// Clear the worker's caches ([`Pipeline::clear_caches`]) before each of its runs, so that it
+    /// measures a first request for its reference images, not a repeat.
+    pub cold: bool,
+}
+
 /// Runs each request `warmup` times unmeasured, then `iters` times, alternating between the
 /// requests in every round so that machine noise (other load, frequency changes) falls on all of
 /// them alike. Returns each request's measured timings, in `requests` order. `on_run` is called
 /// after every run (warm-up included) for progress display.
 pub fn measure(
     pipeline: &mut Pipeline,
-    requests: &[&Request],
+    requests: &[BenchRequest<'_>],
     warmup: usize,
     iters: usize,
     on_run: &mut dyn FnMut(),
 ) -> Result<Vec<Vec<Timings>>> {
     let mut timings = vec![Vec::with_capacity(iters); requests.len()];
     for round in 0..warmup + iters {
-        for (request, measured) in requests.iter().zip(&mut timings) {
-            let generation = pipeline.run(request, &mut |_| true)?;
+        for (bench, measured) in requests.iter().zip(&mut timings) {
+            if bench.cold {
+                pipeline.clear_caches();
+            }
+            let generation = pipeline.run(bench.request, &mut |_| true)?;
             if round >= warmup {
                 measured.push(generation.timings);
             }

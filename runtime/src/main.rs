@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::{BackendKind, BackendSettings};
-use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, Stats};
+use t2i_rt::bench::{measure, peak_rss_mb, stage_stats, BenchRequest, Stats};
 use t2i_rt::engine::Profile;
 use t2i_rt::manifest::{Manifest, TensorSpec, TokenizerSource, MANIFEST_FILE};
 use t2i_rt::output::{grid, write_png};
@@ -200,7 +200,8 @@ request), unet_step, scheduler_step and loop_other_step (per model call), orches
 outside graph execution, per model call), vae_decode, total.\n\n\
 With --adapter (or --control) the same request also runs without adapters (and ControlNets), alternating \
 run by run, and the overhead is printed as a ratio of the median totals. controlnet_step (per model call) \
-appears with --control.\n\n\
+appears with --control. With --ip-image alone, the request runs with the image embedding cached (warm) and \
+with the cache cleared (cold), alternating; ip_adapter is the IP-Adapter's once-per-request stage.\n\n\
 Example:\n  t2i-rt bench --graphs graphs/tiny-sd1 --steps 30 --adapter sketch=edges.png --iters 10 --json bench.json"
 )]
 struct BenchArgs {
@@ -219,6 +220,14 @@ struct BenchArgs {
     adapters: Vec<AdapterRequest>,
     #[command(flatten)]
     control: ControlArgs,
+    /// An IP-Adapter reference image, as for `run`. The request then runs twice per round: with
+    /// the image embedding cached from the previous run (warm: what a service reusing reference
+    /// images pays) and with the cache cleared first (cold: a new image).
+    #[arg(long, value_name = "IMG")]
+    ip_image: Option<PathBuf>,
+    /// The IP-Adapter scale, as for `run`.
+    #[arg(long, value_name = "F", default_value_t = 1.0, requires = "ip_image")]
+    ip_scale: f32,
     /// Sampler, as for `run` (default: the graph set's own; `t2i-rt run --help` lists them).
     #[arg(long, value_name = "NAME")]
     scheduler: Option<SchedulerKind>,
@@ -606,6 +615,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     request.scheduler = args.scheduler;
     request.rng = args.rng;
     request.adapters = args.adapters;
+    request.ip_image = args.ip_image.map(ConditionSource::File);
+    request.ip_scale = args.ip_scale;
     args.control.apply(&mut request);
     request.width = args.size.map(|s| s.width);
     request.height = args.size.map(|s| s.height);
@@ -621,7 +632,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut pipeline = Model::from_manifest(manifest, &options)?.pipeline()?;
     let startup = start.elapsed();
 
+    let ip = request.ip_image.is_some();
     let configs: Vec<(&str, Request)> = match (request.adapters.is_empty(), request.controls.is_empty()) {
+        (true, true) if ip => vec![("IP image, cache warm", request.clone()), ("IP image, cache cold", request)],
         (true, true) => vec![("", request)],
         (false, true) => {
             let mut bare = request.clone();
@@ -643,7 +656,8 @@ fn bench(args: BenchArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let requests: Vec<&Request> = configs.iter().map(|(_, r)| r).collect();
+    let requests: Vec<BenchRequest> =
+        configs.iter().map(|(label, request)| BenchRequest { request, cold: label.ends_with("cache cold") }).collect();
     let timings = measure(&mut pipeline, &requests, args.warmup, args.iters, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     let results: Vec<_> = configs.iter().zip(&timings).map(|((label, _), t)| (*label, stage_stats(t))).collect();
@@ -678,6 +692,17 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
     }
     let overhead = match results.as_slice() {
+        [(_, warm), (_, cold)] if configs[1].0.ends_with("cache cold") => {
+            let stage =
+                |stats: &std::collections::BTreeMap<&str, Stats>| stats.get("ip_adapter").map_or(0.0, |s| s.median);
+            println!(
+                "\nIP image: ip_adapter stage {:.3} ms cold, {:.3} ms warm (median); total cold / warm = {:.4}",
+                stage(cold),
+                stage(warm),
+                cold["total"].median / warm["total"].median
+            );
+            None
+        }
         [(_, with), (_, without)] => {
             let ratio = with["total"].median / without["total"].median;
             let (what, dropped) = if configs[0].1.controls.is_empty() {
@@ -707,6 +732,9 @@ fn bench(args: BenchArgs) -> Result<()> {
             "startup_ms": startup.as_secs_f64() * 1e3,
             "peak_rss_mb": peak_rss,
         });
+        if ip && configs.len() == 2 && configs[1].0.ends_with("cache cold") {
+            json["ip_cache_cold"] = serde_json::json!({ "stages_ms": stages(&results[1].1) });
+        }
         if let (Some(ratio), Some((_, without))) = (overhead, results.get(1)) {
             json["without_adapters"] = serde_json::json!({ "stages_ms": stages(without) });
             json["adapter_overhead"] = ratio.into();

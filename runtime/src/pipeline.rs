@@ -125,6 +125,12 @@ impl Pipeline {
         self.model.backend_name()
     }
 
+    /// Forgets what this worker cached across requests (the IP-Adapter's image embeddings), so the
+    /// next request pays for everything again: what a benchmark of a cold cache needs.
+    pub fn clear_caches(&mut self) {
+        self.sessions.conditioners.ip_cache = Default::default();
+    }
+
     /// Token ids for `prompt` with the first text encoder's tokenizer, padded and truncated to the
     /// manifest's `max_length`.
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<i64>> {

@@ -201,6 +201,34 @@ fn bench_writes_stage_statistics() {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
+/// `t2i-rt bench --ip-image` runs the request with the image embedding cached and with the cache
+/// cleared, and reports the IP-Adapter's stage for both.
+#[test]
+fn bench_reports_the_ip_adapter_cold_and_warm() {
+    let out_dir = std::env::temp_dir().join(format!("t2i-cli-bench-ip-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let json = out_dir.join("ip.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+        .args(["bench", "--graphs"])
+        .arg(common::graphs_dir().join("tiny-sd1-ip"))
+        .args(["--steps", "2", "--warmup", "1", "--iters", "2", "--threads", "1", "--ip-scale", "0.6", "--ip-image"])
+        .arg(common::graphs_dir().join("fixtures/tiny-sd1-ip/image.png"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("IP image, cache warm:") && stdout.contains("IP image, cache cold:"), "{stdout}");
+    assert!(stdout.contains("IP image: ip_adapter stage "), "{stdout}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for stats in [&report["stages_ms"], &report["ip_cache_cold"]["stages_ms"]] {
+        assert!(stats["ip_adapter"]["median"].as_f64().unwrap() > 0.0, "{stats}");
+        assert!(stats["total"]["median"].as_f64().unwrap() > 0.0, "{stats}");
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
 /// A ControlNet condition made from a photo: `--preprocess canny=canny` turns the photo into edges
 /// (imageproc's Canny), `--save-conditions` writes exactly what the graphs see; a palette for the
 /// color adapter, an inverted sketch. The run itself draws.
