@@ -337,8 +337,19 @@ def package(checkpoint: Path, out: Path) -> Path:
     if ckpt.resolve() != checkpoint.resolve():
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.copytree(checkpoint, ckpt)
+    # The tokenizer is the standard CLIP one, which `write_clip_tokenizer_dir` writes byte for byte from
+    # the open_clip wheel: 1.5 MB the committed set leaves out (`loadable_checkpoint` puts it back).
+    shutil.rmtree(ckpt / "model" / "tokenizer", ignore_errors=True)
     ds.write_examples(out / "examples")
     return out
+
+
+def loadable_checkpoint(demo: Path, dst: Path) -> Path:
+    """`demo/diffusers` (a packaged set's checkpoint) copied to `dst` with its CLIP tokenizer written
+    back into `model/tokenizer`, so that diffusers' `from_pretrained` loads `dst / "model"`."""
+    shutil.copytree(demo / "diffusers", dst)
+    write_clip_tokenizer_dir(dst / "model" / "tokenizer")
+    return dst
 
 
 def train(out: Path, plan: Plan, work: Path) -> Path:

@@ -28,6 +28,7 @@ from PIL import Image
 from t2i_export import demo_shapes as ds
 from t2i_export.compact import compact_graph, strip_names
 from t2i_export.eval_demo import GUIDANCE, MODES, draw, evaluate, held_out, run_args, score, write_conditions
+from t2i_export.train_demo import loadable_checkpoint
 
 COMMITTED_DEMO = REPO / "graphs" / "demo-shapes"
 
@@ -171,7 +172,7 @@ def test_demo_graphs_compute_what_a_plain_export_of_their_checkpoint_computes(de
     from t2i_export.pipeline import export_pipeline
 
     verify(demo)
-    ckpt = demo / "diffusers"
+    ckpt = loadable_checkpoint(demo, tmp_path / "checkpoint")
     examples = json.loads((demo / "examples" / "examples.json").read_text(encoding="utf-8"))
     assert len(examples) == 4 and all((demo / "examples" / e["sketch"]).is_file() for e in examples)
     plain = export_pipeline(ckpt / "model", [(n, ckpt / "adapters" / n) for n in ("sketch", "color")], tmp_path / "plain")
@@ -198,7 +199,7 @@ def test_demo_draws_what_diffusers_draws(demo, tmp_path, backend, tolerance):
     scene = held_out(1)[0]
     conditions = write_conditions(scene, tmp_path)
     out = tmp_path / "out.png"
-    ckpt = demo / "diffusers"
+    ckpt = loadable_checkpoint(demo, tmp_path / "checkpoint")
     args = run_args(demo, scene, "sketch+color", conditions, seed=3, samples=1, backend=backend, out=out, steps=8)
     args += ["--rng", "torch-cpu", "--save-latents", str(tmp_path / "latents.npy")]
     r = subprocess.run([str(_binary()), *args], capture_output=True, text=True)
