@@ -1,5 +1,6 @@
 """The committed IP-Adapter graph set and its pipeline fixtures: graphs/tiny-sd1-ip (the tiny SD 1
-checkpoint of the zoo + the tiny plain IP-Adapter and image encoder of tiny_ip_adapter.py) and
+checkpoint of the zoo + the tiny plain IP-Adapter and image encoder of tiny_ip_adapter.py, with
+tiny-sd1's "sketch" T2I-Adapter and "canny" ControlNet, for the combined cases) and
 graphs/fixtures/tiny-sd1-ip (ip_adapter_fixtures.py's diffusers run), which the runtime's
 runtime/tests/ip_adapter_parity.rs holds itself to.
 
@@ -9,9 +10,9 @@ Run from ``export/``::
 
 Deterministic like the rest of `python -m t2i_export tiny` (which calls it last; `--family sd1-ip`
 alone), with seeded weights and one intra-op thread; test_regenerate.py holds the committed files to
-a fresh build (`build_tiny_zoo` itself does not call it). text_encoder.onnx,
-vae_decoder.onnx and vae_encoder.onnx come out byte-identical to graphs/tiny-sd1's (git stores them
-once); ``pixel_values.npy`` is not kept (see below).
+a fresh build (`build_tiny_zoo` itself does not call it). text_encoder.onnx, vae_decoder.onnx,
+vae_encoder.onnx, adapter_sketch.onnx and controlnet_canny.onnx come out byte-identical to
+graphs/tiny-sd1's (git stores them once); ``pixel_values.npy`` is not kept (see below).
 """
 
 from __future__ import annotations
@@ -31,18 +32,20 @@ def build_tiny_ip_set(out_root: Path) -> tuple[Path, Path]:
 
     from .ip_adapter_fixtures import write_fixtures
     from .pipeline import export_pipeline
-    from .tiny import write_checkpoint
+    from .tiny import controlnet_dirs, write_checkpoint
     from .tiny_ip_adapter import write_tiny_ip_adapters
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory(prefix="t2i-tiny-ip-") as tmp:
-            model_dir, _ = write_checkpoint(Path(tmp) / "work")
+            model_dir, adapter_dirs = write_checkpoint(Path(tmp) / "work")
+            controlnet_dir = controlnet_dirs(Path(tmp) / "work")["canny"]
             unet = StableDiffusionPipeline.from_pretrained(
                 str(model_dir), safety_checker=None, requires_safety_checker=False).unet
             encoder_dir, files = write_tiny_ip_adapters(Path(tmp) / "ip", unet)
-            set_dir = export_pipeline(model_dir, [], out_root / NAME, name=NAME, strip_names=True,
+            set_dir = export_pipeline(model_dir, [("sketch", adapter_dirs["sketch"])], out_root / NAME, name=NAME,
+                                      strip_names=True, controlnets=[("canny", controlnet_dir)],
                                       ip_adapter=files["plain"], image_encoder=encoder_dir)
             fixtures = write_fixtures(model_dir, files["plain"], encoder_dir, out_root / "fixtures" / NAME)
             # 0.6 MB of float32 that clip_image's own fixtures already pin bit for bit; the runtime's
