@@ -1,8 +1,8 @@
 """The committed IP-Adapter graph set and its pipeline fixtures: graphs/tiny-sd1-ip (the tiny SD 1
 checkpoint of the zoo + the tiny plain IP-Adapter and image encoder of tiny_ip_adapter.py, with
-tiny-sd1's "sketch" T2I-Adapter and "canny" ControlNet, for the combined cases) and
-graphs/fixtures/tiny-sd1-ip (ip_adapter_fixtures.py's diffusers run), which the runtime's
-runtime/tests/ip_adapter_parity.rs holds itself to.
+tiny-sd1's "sketch" T2I-Adapter and "canny" ControlNet) and graphs/fixtures/tiny-sd1-ip
+(ip_adapter_fixtures.py's diffusers run, and ip_adapter_cases.py's IP-Adapter + ControlNet / img2img /
+T2I-Adapter cases), which the runtime's runtime/tests/ip_adapter_parity.rs holds itself to.
 
 Run from ``export/``::
 
@@ -12,7 +12,8 @@ Deterministic like the rest of `python -m t2i_export tiny` (which calls it last;
 alone), with seeded weights and one intra-op thread; test_regenerate.py holds the committed files to
 a fresh build (`build_tiny_zoo` itself does not call it). text_encoder.onnx, vae_decoder.onnx,
 vae_encoder.onnx, adapter_sketch.onnx and controlnet_canny.onnx come out byte-identical to
-graphs/tiny-sd1's (git stores them once); ``pixel_values.npy`` is not kept (see below).
+graphs/tiny-sd1's (git stores them once), and so do conditions/*.png to graphs/fixtures/tiny-sd1's;
+``pixel_values.npy`` is not kept (see below).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def build_tiny_ip_set(out_root: Path) -> tuple[Path, Path]:
     """OUT/tiny-sd1-ip (graph set, plain IP-Adapter, names stripped) and OUT/fixtures/tiny-sd1-ip."""
     from diffusers import StableDiffusionPipeline
 
-    from .ip_adapter_fixtures import write_fixtures
+    from .ip_adapter_cases import write_cases
+    from .ip_adapter_fixtures import load_pipeline, write_fixtures
     from .pipeline import export_pipeline
     from .tiny import controlnet_dirs, write_checkpoint
     from .tiny_ip_adapter import write_tiny_ip_adapters
@@ -48,6 +50,8 @@ def build_tiny_ip_set(out_root: Path) -> tuple[Path, Path]:
                                       strip_names=True, controlnets=[("canny", controlnet_dir)],
                                       ip_adapter=files["plain"], image_encoder=encoder_dir)
             fixtures = write_fixtures(model_dir, files["plain"], encoder_dir, out_root / "fixtures" / NAME)
+            write_cases(load_pipeline(model_dir, files["plain"], encoder_dir), adapter_dirs["sketch"], controlnet_dir,
+                        fixtures)
             # 0.6 MB of float32 that clip_image's own fixtures already pin bit for bit; the runtime's
             # test checks the preprocessing through image_embeds instead.
             (fixtures / "pixel_values.npy").unlink()

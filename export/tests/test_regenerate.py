@@ -241,7 +241,10 @@ def test_fixtures_regenerate(zoo_all, family):
 
 def test_ip_set_regenerates(tmp_path):
     """graphs/tiny-sd1-ip bit for bit, graphs/fixtures/tiny-sd1-ip as the zoo's fixtures (exact files
-    byte for byte: case.json, image.png, latents_init.npy; computed ones within the tolerances above)."""
+    byte for byte: case.json, cases.json, image.png, conditions/*.png, latents_init.npy and the loop
+    case's seeded cases/*/latents.npy; computed ones within the tolerances above: latents.npy and
+    ip_adapter_cases.py's cases/*/expected_latents.npy as expected_latents, the embeds and tokens as
+    graph tensors)."""
     from t2i_export.tiny_ip_set import build_tiny_ip_set
 
     fresh_set, fresh_fixtures = build_tiny_ip_set(tmp_path)
