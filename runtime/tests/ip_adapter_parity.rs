@@ -9,6 +9,15 @@
 //! image.png, within 1e-5 relative L2 (graph_parity.rs's graph bound): preprocessing that is off by
 //! one uint8 level anywhere moves the CLIP embedding by more than that.
 //! `ip_scale` 0 must equal the run without an image bit for bit: the UNet adds `0 × attention`.
+//!
+//! The IP-Adapter in combination (graphs/fixtures/tiny-sd1-ip/cases.json, written by
+//! `export/t2i_export/ip_adapter_cases.py`), final latents within the same 1e-4 relative L2 on both
+//! backends: with the set's "canny" ControlNet against `StableDiffusionControlNetPipeline`, with
+//! img2img (strength 0.7) against `StableDiffusionImg2ImgPipeline`, both from a seed alone
+//! (`RngKind::TorchCpu`: the runtime draws diffusers' `torch.Generator("cpu")` noise and VAE sample
+//! itself), and with the "sketch" T2I-Adapter against a loop over diffusers' components
+//! (`StableDiffusionAdapterPipeline` has no IP-Adapter support). Each case must also land far from
+//! its own run without the IP image, and without its ControlNet / T2I-Adapter, so both take part.
 
 mod common;
 
@@ -17,11 +26,12 @@ use std::path::PathBuf;
 use common::{graphs_dir, rel_l2};
 use ndarray::{concatenate, Array4, ArrayD, Axis};
 use serde::Deserialize;
-use t2i_rt::adapter::ConditionSource;
+use t2i_rt::adapter::{AdapterRequest, ConditionSource};
 use t2i_rt::backend::{BackendKind, TensorView};
 use t2i_rt::clip_image::{clip_pixel_values, load_clip_image, ClipImageConfig};
 use t2i_rt::manifest::Manifest;
-use t2i_rt::{Error, Field, Limits, LoadOptions, Pipeline, Request};
+use t2i_rt::rng::RngKind;
+use t2i_rt::{ControlRequest, Error, Field, Limits, LoadOptions, Pipeline, Request};
 
 #[derive(Deserialize)]
 struct Case {
@@ -30,6 +40,39 @@ struct Case {
     steps: usize,
     guidance_scale: f32,
     ip_scale: f32,
+}
+
+/// One entry of cases.json: an IP-Adapter request combined with ControlNets, an init image or
+/// T2I-Adapters.
+#[derive(Deserialize)]
+struct ComboCase {
+    name: String,
+    prompt: String,
+    negative_prompt: String,
+    steps: usize,
+    guidance: f32,
+    ip_scale: f32,
+    width: u32,
+    height: u32,
+    adapters: Vec<ComboCondition>,
+    controls: Vec<ComboCondition>,
+    init_image: Option<String>,
+    strength: Option<f32>,
+    /// `null`: diffusers drew everything from `torch.Generator(rng).manual_seed(seed)`.
+    latents: Option<String>,
+    rng: Option<String>,
+    seed: u64,
+    reference: String,
+    expected_latents: String,
+}
+
+/// A T2I-Adapter (`weight`) or a ControlNet (`scale`) and its condition image.
+#[derive(Deserialize)]
+struct ComboCondition {
+    name: String,
+    image: String,
+    #[serde(alias = "scale")]
+    weight: f32,
 }
 
 fn set() -> PathBuf {
@@ -82,6 +125,92 @@ fn check_final_latents(backend: BackendKind) {
     without.ip_image = None;
     let off = rel_l2(&run(&mut p, &without).into_dyn(), &want);
     assert!(off > 1e-2, "{backend}: the IP image moves the result by only {off:.3e}");
+}
+
+fn combo_cases() -> Vec<ComboCase> {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap()
+}
+
+fn combo_request(case: &ComboCase) -> Request {
+    let file = |rel: &str| ConditionSource::File(fixtures().join(rel));
+    let mut r = Request::new(case.prompt.clone());
+    r.negative_prompt = Some(case.negative_prompt.clone());
+    r.steps = case.steps;
+    r.guidance = case.guidance;
+    r.width = Some(case.width);
+    r.height = Some(case.height);
+    r.ip_image = Some(file("image.png"));
+    r.ip_scale = case.ip_scale;
+    r.adapters = case
+        .adapters
+        .iter()
+        .map(|a| AdapterRequest {
+            name: a.name.clone(),
+            image: file(&a.image),
+            weight: a.weight,
+            preprocess: Vec::new(),
+        })
+        .collect();
+    r.controls = case
+        .controls
+        .iter()
+        .map(|c| ControlRequest {
+            name: c.name.clone(),
+            image: file(&c.image),
+            scale: c.weight,
+            preprocess: Vec::new(),
+        })
+        .collect();
+    r.init_image = case.init_image.as_deref().map(file);
+    r.strength = case.strength;
+    match (&case.latents, &case.rng) {
+        (Some(latents), _) => r.latents = Some(ndarray_npy::read_npy(fixtures().join(latents)).unwrap()),
+        (None, Some(rng)) => {
+            r.seed = case.seed;
+            r.rng = rng.parse::<RngKind>().unwrap();
+        }
+        (None, None) => panic!("{}: neither latents nor a generator", case.name),
+    }
+    r
+}
+
+fn check_combinations(backend: BackendKind) {
+    let cases = combo_cases();
+    let has = |what: &str, f: &dyn Fn(&ComboCase) -> bool| assert!(cases.iter().any(f), "no IP-Adapter case {what}");
+    has("with a ControlNet through diffusers' pipeline", &|c| !c.controls.is_empty() && c.reference == "pipeline");
+    has("with img2img through diffusers' pipeline", &|c| c.init_image.is_some() && c.reference == "pipeline");
+    has("with a T2I-Adapter", &|c| !c.adapters.is_empty());
+    has("from a torch-cpu seed alone", &|c| c.latents.is_none() && c.rng.as_deref() == Some("torch-cpu"));
+    let mut p = pipeline(backend);
+    for case in &cases {
+        let want: ArrayD<f32> = ndarray_npy::read_npy(fixtures().join(&case.expected_latents)).unwrap();
+        let request = combo_request(case);
+        let err = rel_l2(&run(&mut p, &request).into_dyn(), &want);
+        eprintln!("{backend} tiny-sd1-ip {} ({}): final latents rel L2 {err:.3e}", case.name, case.reference);
+        assert!(err <= 1e-4, "{backend} {}: final latents rel L2 {err:.3e} > 1e-4", case.name);
+        let mut without = request.clone();
+        without.ip_image = None;
+        let off = rel_l2(&run(&mut p, &without).into_dyn(), &want);
+        assert!(off > 1e-2, "{backend} {}: the IP image moves the result by only {off:.3e}", case.name);
+        // and so do the ControlNet / T2I-Adapter beside it
+        if !(request.controls.is_empty() && request.adapters.is_empty()) {
+            let mut alone = request;
+            alone.controls.clear();
+            alone.adapters.clear();
+            let off = rel_l2(&run(&mut p, &alone).into_dyn(), &want);
+            assert!(off > 1e-2, "{backend} {}: the ControlNet / adapter moves the result by only {off:.3e}", case.name);
+        }
+    }
+}
+
+#[test]
+fn combinations_match_diffusers_on_ort_cpu() {
+    check_combinations(BackendKind::OrtCpu);
+}
+
+#[test]
+fn combinations_match_diffusers_on_tract() {
+    check_combinations(BackendKind::Tract);
 }
 
 #[test]
