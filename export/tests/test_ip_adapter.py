@@ -23,7 +23,10 @@ from diffusers import StableDiffusionPipeline
 
 from conftest import EXPORT_DIR
 
+from t2i_export.condition_fixtures import photo
 from t2i_export.errors import ExportError
+from t2i_export.fixtures import condition_images
+from t2i_export.ip_adapter_cases import CASES, run_loop
 from t2i_export.manifest import verify
 from t2i_export.pipeline import export_pipeline
 from t2i_export.tiny import write_checkpoint
@@ -51,11 +54,12 @@ def run(path, feeds: dict) -> list[np.ndarray]:
 def ip_work(tmp_path_factory):
     """The tiny SD 1 checkpoint, its IP-Adapter files and image encoder, and one graph set per kind."""
     root = tmp_path_factory.mktemp("ip")
-    model_dir, _ = write_checkpoint(root / "work")
+    model_dir, adapter_dirs = write_checkpoint(root / "work")
     unet = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False).unet
     encoder_dir, files = write_tiny_ip_adapters(root / "ip", unet)
     sets = {k: export_pipeline(model_dir, [], root / f"set-{k}", ip_adapter=files[k], image_encoder=encoder_dir) for k in KINDS}
-    return {"root": root, "model": model_dir, "encoder": encoder_dir, "files": files, "sets": sets, "unet": unet}
+    return {"root": root, "model": model_dir, "encoder": encoder_dir, "files": files, "sets": sets, "unet": unet,
+            "adapters": adapter_dirs}
 
 
 def oracle_pipe(ip_work, kind: str | None):
@@ -374,3 +378,28 @@ def test_error_unsupported_kinds(ip_work, tmp_path):
         cwd=EXPORT_DIR, capture_output=True, text=True,
     )
     assert r.returncode == 2 and "given more than once" in r.stderr, r.stderr
+
+
+@torch.no_grad()
+def test_ip_adapter_loop_equals_the_pipeline_at_adapter_weight_0(ip_work, tmp_path):
+    """ip_adapter_cases.run_loop (StableDiffusionAdapterPipeline's loop with StableDiffusionPipeline's
+    IP-Adapter embeds) with the adapter's weight at 0 is StableDiffusionPipeline with the same
+    ip_adapter_image bit for bit: its text, IP and CFG paths and its scheduler are the pipeline's own,
+    the adapter residuals the only addition; and at the case's weight the adapter moves the result."""
+    from diffusers import T2IAdapter
+
+    pipe = oracle_pipe(ip_work, "plain")
+    pipe.set_ip_adapter_scale(SCALE)
+    case = next(c for c in CASES if c["reference"] == "loop")
+    (spec,) = case["adapters"]
+    (tmp_path / spec["image"]).parent.mkdir(parents=True)
+    condition_images()["sketch"].save(tmp_path / spec["image"])
+    adapter = T2IAdapter.from_pretrained(str(ip_work["adapters"][spec["name"]])).eval()
+    cdir = tmp_path / "cases" / case["name"]
+    off = run_loop(pipe, adapter, dict(case, adapters=[dict(spec, weight=0.0)]), photo(), cdir)
+    want = pipe(case["prompt"], negative_prompt=case["negative_prompt"], ip_adapter_image=photo(),
+                num_inference_steps=case["steps"], guidance_scale=case["guidance"],
+                latents=torch.from_numpy(np.load(cdir / "latents.npy")), output_type="latent").images
+    assert torch.equal(off, want)
+    on = run_loop(pipe, adapter, case, photo(), cdir)
+    assert float((on - want).norm() / want.norm()) > 1e-2
