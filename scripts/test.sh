@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
 bash scripts/setup-python.sh
+# Graph sets the tests use that are generated, not committed (graphs/generated: the IP-Adapter set).
+bash scripts/generate-sets.sh
 cargo test --workspace --locked
 # The C API from C++: 4 threads on one model, a cancel, img2img from pixels in memory, equal to
 # `t2i-rt run`, under AddressSanitizer with leak checking.

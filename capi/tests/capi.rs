@@ -266,10 +266,11 @@ fn controlnets_equal_the_library_and_diffusers() {
 /// diffusers is runtime/tests/ip_adapter_parity.rs.)
 #[test]
 fn ip_adapter_equals_the_library() {
-    let fixtures = graphs().join("fixtures/tiny-sd1-ip");
+    // Generated, not committed: scripts/generate-sets.sh.
+    let fixtures = graphs().join("generated/fixtures/tiny-sd1-ip");
     let image_path = fixtures.join("image.png");
     let image = ConditionImage::open(&image_path, ConditionKind::Rgb).unwrap();
-    let model = load("tiny-sd1-ip");
+    let model = load("generated/tiny-sd1-ip");
     let mut ctx = null_mut();
     // SAFETY: a live model and an out pointer.
     assert_eq!(unsafe { t2i_ctx_new(model, &mut ctx) }, t2i_status::T2I_OK, "{}", last_error());
@@ -297,7 +298,7 @@ fn ip_adapter_equals_the_library() {
     params.ip_scale = 0.0;
     let scale_zero = generate_latents(ctx, &params);
 
-    let mut pipeline = Pipeline::load(&graphs().join("tiny-sd1-ip"), &LoadOptions::default()).unwrap();
+    let mut pipeline = Pipeline::load(&graphs().join("generated/tiny-sd1-ip"), &LoadOptions::default()).unwrap();
     let mut request = Request::new("a red house by the sea");
     request.steps = 3;
     request.seed = 7;

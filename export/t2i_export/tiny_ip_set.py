@@ -1,19 +1,20 @@
-"""The committed IP-Adapter graph set and its pipeline fixtures: graphs/tiny-sd1-ip (the tiny SD 1
+"""The generated IP-Adapter graph set and its pipeline fixtures: graphs/generated/tiny-sd1-ip (the tiny SD 1
 checkpoint of the zoo + the tiny plain IP-Adapter and image encoder of tiny_ip_adapter.py, with
-tiny-sd1's "sketch" T2I-Adapter and "canny" ControlNet) and graphs/fixtures/tiny-sd1-ip
+tiny-sd1's "sketch" T2I-Adapter and "canny" ControlNet) and graphs/generated/fixtures/tiny-sd1-ip
 (ip_adapter_fixtures.py's diffusers run, and ip_adapter_cases.py's IP-Adapter + ControlNet / img2img /
 T2I-Adapter cases), which the runtime's runtime/tests/ip_adapter_parity.rs holds itself to.
 
-Run from ``export/``::
+Generated, not committed (3.3 MB, most of it copies of tiny-sd1's graphs, would push the tree past
+30 MiB): ``bash scripts/generate-sets.sh`` writes it, and scripts/test.sh does before the tests
+(about 20 s). By hand, from ``export/``::
 
-    python -m t2i_export.tiny_ip_set --out ../graphs     # or: python -m t2i_export tiny --out ../graphs
+    python -m t2i_export.tiny_ip_set --out ../graphs/generated   # or: python -m t2i_export tiny --family sd1-ip --out ...
 
-Deterministic like the rest of `python -m t2i_export tiny` (which calls it last; `--family sd1-ip`
-alone), with seeded weights and one intra-op thread; test_regenerate.py holds the committed files to
-a fresh build (`build_tiny_zoo` itself does not call it). text_encoder.onnx, vae_decoder.onnx,
-vae_encoder.onnx, adapter_sketch.onnx and controlnet_canny.onnx come out byte-identical to
-graphs/tiny-sd1's (git stores them once), and so do conditions/*.png to graphs/fixtures/tiny-sd1's;
-``pixel_values.npy`` is not kept (see below).
+Deterministic like the rest of `python -m t2i_export tiny`, with seeded weights and one intra-op
+thread; test_regenerate.py holds a fresh build to the generated files (`build_tiny_zoo` itself does
+not call it). text_encoder.onnx, vae_decoder.onnx, vae_encoder.onnx, adapter_sketch.onnx and
+controlnet_canny.onnx come out byte-identical to graphs/tiny-sd1's, and conditions/*.png to
+graphs/fixtures/tiny-sd1's; ``pixel_values.npy`` is not kept (see below).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def build_tiny_ip_set(out_root: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="the repository's graphs/ folder")
+    p.add_argument("--out", type=Path, required=True, help="where to write tiny-sd1-ip/ and fixtures/tiny-sd1-ip/ (the repository's graphs/generated)")
     args = p.parse_args(argv)
     for path in build_tiny_ip_set(args.out):
         print(f"wrote {path}")

@@ -1,6 +1,6 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
-graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and graphs/tiny-sd1-ip with graphs/fixtures/tiny-sd1-ip
-(test_ip_set_regenerates).
+graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and `--family sd1-ip` the generated (not committed)
+graphs/generated/tiny-sd1-ip with graphs/generated/fixtures/tiny-sd1-ip (test_ip_set_regenerates).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
 built-in tokenizers: weights come from seeded CPU RNGs and the export is deterministic; the PNG bytes
@@ -240,24 +240,31 @@ def test_fixtures_regenerate(zoo_all, family):
 
 
 def test_ip_set_regenerates(tmp_path):
-    """graphs/tiny-sd1-ip bit for bit, graphs/fixtures/tiny-sd1-ip as the zoo's fixtures (exact files
-    byte for byte: case.json, cases.json, image.png, conditions/*.png, latents_init.npy and the loop
-    case's seeded cases/*/latents.npy; computed ones within the tolerances above: latents.npy and
-    ip_adapter_cases.py's cases/*/expected_latents.npy as expected_latents, the embeds and tokens as
-    graph tensors)."""
+    """The IP-Adapter set is generated, not committed (scripts/generate-sets.sh writes
+    graphs/generated, scripts/test.sh before the tests): a fresh build equals it, the set bit for
+    bit, the fixtures as the zoo's are held (exact files byte for byte: case.json, cases.json,
+    image.png, conditions/*.png, latents_init.npy and the loop case's seeded cases/*/latents.npy;
+    computed ones within the tolerances above: latents.npy and ip_adapter_cases.py's
+    cases/*/expected_latents.npy as expected_latents, the embeds and tokens as graph tensors).
+    Its graphs shared with tiny-sd1 equal the committed ones byte for byte."""
     from t2i_export.tiny_ip_set import build_tiny_ip_set
 
+    generated = REPO / "graphs" / "generated"
+    if not (generated / "tiny-sd1-ip" / "manifest.json").is_file():
+        pytest.fail(f"{generated}: no tiny-sd1-ip; run `bash scripts/generate-sets.sh` first (scripts/test.sh does)")
     fresh_set, fresh_fixtures = build_tiny_ip_set(tmp_path)
-    committed = REPO / "graphs" / "tiny-sd1-ip"
+    for name in ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx", "controlnet_canny.onnx"]:
+        assert _sha(fresh_set / name) == _sha(REPO / "graphs" / "tiny-sd1" / name), name
+    committed = generated / "tiny-sd1-ip"
     assert _files(fresh_set) == _files(committed)
     for rel in _files(committed):
         if _sha(fresh_set / rel) != _sha(committed / rel):
             pytest.fail(f"tiny-sd1-ip/{rel}: {_exact_problem(fresh_set / rel, committed / rel, rel)}")
-    committed_fixtures = REPO / "graphs" / "fixtures" / "tiny-sd1-ip"
+    committed_fixtures = generated / "fixtures" / "tiny-sd1-ip"
     assert _files(fresh_fixtures) == _files(committed_fixtures)
     problems = [p for r in _files(committed_fixtures)
                 if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
-    assert not problems, "tiny-sd1-ip: regenerated fixtures differ from the committed ones:\n" + "\n".join(problems)
+    assert not problems, "tiny-sd1-ip: regenerated fixtures differ from the generated ones:\n" + "\n".join(problems)
 
 
 # The comparison itself, on the committed files (no regeneration): it must keep failing on real changes.

@@ -240,8 +240,9 @@ mod tests {
     use super::*;
 
     fn spec(negative: IpNegative) -> IpAdapterSpec {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-ip");
-        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/generated/tiny-sd1-ip");
+        let text = std::fs::read_to_string(dir.join("manifest.json"))
+            .expect("graphs/generated/tiny-sd1-ip is generated, not committed: run bash scripts/generate-sets.sh");
         let mut ip = Manifest::parse(&text, &dir).unwrap().ip_adapter.unwrap();
         ip.negative = negative;
         ip

@@ -1314,8 +1314,9 @@ mod tests {
     /// The committed IP-Adapter set's manifest, and what its checks refuse.
     #[test]
     fn ip_adapter_entries_are_checked() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-ip");
-        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/generated/tiny-sd1-ip");
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+            .expect("graphs/generated/tiny-sd1-ip is generated, not committed: run bash scripts/generate-sets.sh");
         let m = Manifest::parse(&text, &dir).unwrap();
         let ip = m.ip_adapter.as_ref().unwrap();
         assert_eq!((ip.kind, ip.negative, ip.num_tokens), (IpAdapterKind::Plain, IpNegative::ZeroEmbeds, 4));

@@ -210,9 +210,9 @@ fn bench_reports_the_ip_adapter_cold_and_warm() {
     let json = out_dir.join("ip.json");
     let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
         .args(["bench", "--graphs"])
-        .arg(common::graphs_dir().join("tiny-sd1-ip"))
+        .arg(common::generated_dir().join("tiny-sd1-ip"))
         .args(["--steps", "2", "--warmup", "1", "--iters", "2", "--threads", "1", "--ip-scale", "0.6", "--ip-image"])
-        .arg(common::graphs_dir().join("fixtures/tiny-sd1-ip/image.png"))
+        .arg(common::generated_dir().join("fixtures/tiny-sd1-ip/image.png"))
         .arg("--json")
         .arg(&json)
         .output()

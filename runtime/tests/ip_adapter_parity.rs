@@ -1,7 +1,7 @@
-//! IP-Adapter end to end against diffusers: `graphs/tiny-sd1-ip` (the tiny SD 1 with the tiny plain
-//! IP-Adapter and CLIP image encoder) must reproduce `StableDiffusionPipeline.load_ip_adapter` +
-//! `ip_adapter_image` (graphs/fixtures/tiny-sd1-ip, written by
-//! `python -m t2i_export.tiny_ip_set --out ../graphs` from `export/`).
+//! IP-Adapter end to end against diffusers: `graphs/generated/tiny-sd1-ip` (the tiny SD 1 with the
+//! tiny plain IP-Adapter and CLIP image encoder) must reproduce `StableDiffusionPipeline.load_ip_adapter`
+//! + `ip_adapter_image` (graphs/generated/fixtures/tiny-sd1-ip). Both are generated, not committed:
+//! `bash scripts/generate-sets.sh` (scripts/test.sh runs it first) writes them on this machine.
 //!
 //! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu and on tract (the project's pipeline
 //! bound; the case runs 3 PNDM steps, so kernel-order differences have little room to compound).
@@ -10,7 +10,7 @@
 //! one uint8 level anywhere moves the CLIP embedding by more than that.
 //! `ip_scale` 0 must equal the run without an image bit for bit: the UNet adds `0 × attention`.
 //!
-//! The IP-Adapter in combination (graphs/fixtures/tiny-sd1-ip/cases.json, written by
+//! The IP-Adapter in combination (graphs/generated/fixtures/tiny-sd1-ip/cases.json, written by
 //! `export/t2i_export/ip_adapter_cases.py`), final latents within the same 1e-4 relative L2 on both
 //! backends: with the set's "canny" ControlNet against `StableDiffusionControlNetPipeline`, with
 //! img2img (strength 0.7) against `StableDiffusionImg2ImgPipeline`, both from a seed alone
@@ -23,7 +23,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{graphs_dir, rel_l2};
+use common::{generated_dir, graphs_dir, rel_l2};
 use ndarray::{concatenate, Array4, ArrayD, Axis};
 use serde::Deserialize;
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
@@ -76,11 +76,11 @@ struct ComboCondition {
 }
 
 fn set() -> PathBuf {
-    graphs_dir().join("tiny-sd1-ip")
+    generated_dir().join("tiny-sd1-ip")
 }
 
 fn fixtures() -> PathBuf {
-    graphs_dir().join("fixtures/tiny-sd1-ip")
+    generated_dir().join("fixtures/tiny-sd1-ip")
 }
 
 fn case() -> Case {

@@ -10,6 +10,18 @@ pub fn graphs_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("graphs")
 }
 
+/// `graphs/generated`: the sets and fixtures `scripts/generate-sets.sh` writes (not committed).
+pub fn generated_dir() -> PathBuf {
+    let dir = graphs_dir().join("generated");
+    assert!(
+        dir.join("tiny-sd1-ip/manifest.json").is_file(),
+        "{} has no tiny-sd1-ip: the IP-Adapter set is generated, not committed; run `bash scripts/generate-sets.sh` \
+         (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
 /// The tiny SD 1.x graph set.
 pub fn tiny_sd1() -> PathBuf {
     graphs_dir().join("tiny-sd1")
