@@ -1,6 +1,7 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
-graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and `--family sd1-ip` the generated (not committed)
-graphs/generated/tiny-sd1-ip with graphs/generated/fixtures/tiny-sd1-ip (test_ip_set_regenerates).
+graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and (`--family sd1-ip`, `--family sd1-style`) the
+generated, not committed graphs/generated/tiny-sd1-{ip,style} with graphs/generated/fixtures/tiny-sd1-*
+(test_ip_set_regenerates, test_style_set_regenerates).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
 built-in tokenizers: weights come from seeded CPU RNGs and the export is deterministic; the PNG bytes
@@ -115,6 +116,10 @@ COMPUTED = [
     # encoder's / projection's outputs
     (re.compile(r"latents\.npy"), LATENTS),
     (re.compile(r"(negative_)?image_embeds\.npy|ip_tokens\.npy"), GRAPH_TENSORS),
+    # fixtures/tiny-sd1-style (style_fixtures.py): each case's final latents of the reference loop,
+    # and the weighted style tokens (latents_init.npy, seeded, stays exact)
+    (re.compile(r"latents_tau[0-9]+\.npy"), LATENTS),
+    (re.compile(r"style_tokens\.npy"), GRAPH_TENSORS),
 ]
 
 
@@ -265,6 +270,25 @@ def test_ip_set_regenerates(tmp_path):
     problems = [p for r in _files(committed_fixtures)
                 if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
     assert not problems, "tiny-sd1-ip: regenerated fixtures differ from the generated ones:\n" + "\n".join(problems)
+
+
+def test_style_set_regenerates(tmp_path):
+    """graphs/tiny-sd1-style bit for bit, graphs/fixtures/tiny-sd1-style as the zoo's fixtures (exact
+    files byte for byte: case.json, style_*.png, latents_init.npy; computed ones within the tolerances
+    above)."""
+    from t2i_export.tiny_style_set import build_tiny_style_set
+
+    fresh_set, fresh_fixtures = build_tiny_style_set(tmp_path)
+    committed = REPO / "graphs" / "tiny-sd1-style"
+    assert _files(fresh_set) == _files(committed)
+    for rel in _files(committed):
+        if _sha(fresh_set / rel) != _sha(committed / rel):
+            pytest.fail(f"tiny-sd1-style/{rel}: {_exact_problem(fresh_set / rel, committed / rel, rel)}")
+    committed_fixtures = REPO / "graphs" / "fixtures" / "tiny-sd1-style"
+    assert _files(fresh_fixtures) == _files(committed_fixtures)
+    problems = [p for r in _files(committed_fixtures)
+                if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
+    assert not problems, "tiny-sd1-style: regenerated fixtures differ from the committed ones:\n" + "\n".join(problems)
 
 
 # The comparison itself, on the committed files (no regeneration): it must keep failing on real changes.
