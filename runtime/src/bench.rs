@@ -48,6 +48,7 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
             let graphs = t.text_encoder
                 + t.adapters
                 + t.ip_adapter
+                + t.style_adapter
                 + t.vae_encode
                 + t.unet.iter().sum::<Duration>()
                 + t.controlnet.iter().sum::<Duration>()

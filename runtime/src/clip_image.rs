@@ -293,26 +293,37 @@ fn parse_channels(name: &str, value: &Value) -> std::result::Result<[f64; 3], St
 ///
 /// Errors: [`Error::Io`], [`Error::Image`], [`Error::LimitExceeded`] as for condition images.
 pub fn load_clip_image(path: &Path, config: &ClipImageConfig, limits: &Limits) -> Result<RgbImage> {
+    load_clip_image_as(path, config, limits, "IP-Adapter image")
+}
+
+/// [`load_clip_image`], its errors calling the image `what` ("style image").
+pub fn load_clip_image_as(path: &Path, config: &ClipImageConfig, limits: &Limits, what: &str) -> Result<RgbImage> {
     let io_error = |e: std::io::Error| Error::Io {
         path: path.to_path_buf(),
         message: match e.kind() {
-            ErrorKind::NotFound => "IP-Adapter image not found; check the path".to_string(),
-            _ => format!("cannot read IP-Adapter image: {e}"),
+            ErrorKind::NotFound => format!("{what} not found; check the path"),
+            _ => format!("cannot read {what}: {e}"),
         },
     };
-    let what = format!("IP-Adapter image {}", path.display());
-    let bytes =
-        read_bounded(path, limits.max_image_file_bytes, &what, "max_image_file_bytes", "use a smaller file", io_error)?;
-    decode_at(&bytes, config, limits, path)
+    let label = format!("{what} {}", path.display());
+    let bytes = read_bounded(
+        path,
+        limits.max_image_file_bytes,
+        &label,
+        "max_image_file_bytes",
+        "use a smaller file",
+        io_error,
+    )?;
+    decode_at(&bytes, config, limits, path, what)
 }
 
 /// [`load_clip_image`] for a PNG or JPEG held in memory; errors name the image "(in memory)".
 pub fn decode_clip_image(bytes: &[u8], config: &ClipImageConfig, limits: &Limits) -> Result<RgbImage> {
-    decode_at(bytes, config, limits, Path::new("(in memory)"))
+    decode_at(bytes, config, limits, Path::new("(in memory)"), "IP-Adapter image")
 }
 
-fn decode_at(bytes: &[u8], config: &ClipImageConfig, limits: &Limits, path: &Path) -> Result<RgbImage> {
-    let Decoded { width, height, native, alpha } = decode_pillow(bytes, limits, path, "IP-Adapter image")?;
+fn decode_at(bytes: &[u8], config: &ClipImageConfig, limits: &Limits, path: &Path, what: &str) -> Result<RgbImage> {
+    let Decoded { width, height, native, alpha } = decode_pillow(bytes, limits, path, what)?;
     if !config.do_convert_rgb && (alpha.is_some() || matches!(native, Native::L(_))) {
         return Err(Error::Image {
             path: path.to_path_buf(),

@@ -1,6 +1,6 @@
 //! The seam every kind of conditioning plugs into. A [`Conditioner`] is prepared once per request
 //! (running whatever graphs it needs then: T2I-Adapters, the IP-Adapter's image encoder and
-//! projection, [`crate::ip_adapter`])
+//! projection, [`crate::ip_adapter`], the style adapter's, [`crate::style_adapter`])
 //! and is asked, before every UNet call, which UNet inputs it feeds ([`Feed`]); a per-step
 //! conditioner ([`ControlNets`](crate::controlnet::ControlNets)) runs its own graph there on the
 //! call's [`Call::sample`]. The denoising loop knows none of them: it binds what they return and
@@ -46,6 +46,9 @@ pub(crate) struct ConditionerSessions {
     /// The IP-Adapter's image encoder and image projection (sets with an IP-Adapter).
     pub image_encoder: Option<Box<dyn GraphSession>>,
     pub image_projection: Option<Box<dyn GraphSession>>,
+    /// The style adapter's CLIP vision encoder and adapter (sets with a style adapter).
+    pub style_encoder: Option<Box<dyn GraphSession>>,
+    pub style_adapter: Option<Box<dyn GraphSession>>,
     /// Image embeddings of recent IP-Adapter images, so a repeated image skips the encoder.
     pub ip_cache: crate::ip_adapter::EmbedCache,
 }
@@ -59,6 +62,8 @@ impl ConditionerSessions {
             controlnets: Vec::new(),
             image_encoder: None,
             image_projection: None,
+            style_encoder: None,
+            style_adapter: None,
             ip_cache: Default::default(),
         }
     }

@@ -158,6 +158,10 @@ pub enum Field {
     IpImage,
     /// `ip_scale`.
     IpScale,
+    /// An entry of `styles`: its image or weight, their count, or a set without a style adapter.
+    Styles,
+    /// `style_cond_tau`.
+    StyleCondTau,
 }
 
 impl std::fmt::Display for Field {
@@ -186,6 +190,8 @@ impl std::fmt::Display for Field {
             Field::Strength => "strength",
             Field::IpImage => "ip_image",
             Field::IpScale => "ip_scale",
+            Field::Styles => "styles",
+            Field::StyleCondTau => "style_cond_tau",
         })
     }
 }
@@ -220,6 +226,8 @@ pub enum Stage {
     VaeEncoder,
     /// The named IP-Adapter graph (`image_encoder`, `image_projection`).
     IpAdapter(String),
+    /// The named style-adapter graph (`style_encoder`, `style_adapter`).
+    StyleAdapter(String),
 }
 
 impl Stage {
@@ -248,6 +256,7 @@ impl Stage {
             Stage::VaeDecoder => "keep the decoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
             Stage::VaeEncoder => "keep the encoder fp32 or export an fp16-safe VAE (e.g. sdxl-vae-fp16-fix)",
             Stage::IpAdapter(_) => "the IP-Adapter graph is broken or overflows in fp16; export it in fp32",
+            Stage::StyleAdapter(_) => "the style adapter graph is broken or overflows in fp16; export it in fp32",
         }
     }
 }
@@ -266,6 +275,7 @@ impl std::fmt::Display for Stage {
             Stage::VaeDecoder => f.write_str("the VAE decoder"),
             Stage::VaeEncoder => f.write_str("the VAE encoder"),
             Stage::IpAdapter(graph) => write!(f, "the IP-Adapter's {graph}"),
+            Stage::StyleAdapter(graph) => write!(f, "the style adapter's {graph}"),
         }
     }
 }

@@ -16,12 +16,12 @@ use sha2::{Digest, Sha256};
 
 use crate::adapter::ConditionSource;
 use crate::backend::{GraphSession, TensorView};
-use crate::clip_image::{clip_pixel_values, load_clip_image, ClipImageConfig, ClipResize};
+use crate::clip_image::{clip_pixel_values, load_clip_image_as, ClipImageConfig, ClipResize};
 use crate::condition::ConditionKind;
 use crate::conditioning::{Call, Conditioner, ConditionerSessions, Feed};
 use crate::error::{check_finite, Error, Field, Result, Stage};
 use crate::limits::Limits;
-use crate::manifest::{Dim, IpAdapterSpec, IpNegative, Manifest};
+use crate::manifest::{Dim, IpAdapterSpec, IpNegative, IpPreprocess, Manifest};
 use crate::resample::Filter;
 use crate::size::Size;
 
@@ -32,12 +32,17 @@ const CACHE_ENTRIES: usize = 8;
 
 /// The manifest's `preprocess` as the [`ClipImageConfig`] that reproduces it.
 pub(crate) fn clip_config(ip: &IpAdapterSpec) -> ClipImageConfig {
-    let pre = &ip.preprocess;
+    preprocess_config(&ip.preprocess)
+}
+
+/// A manifest `preprocess` entry (IP-Adapter or style adapter) as the [`ClipImageConfig`] that
+/// reproduces it.
+pub(crate) fn preprocess_config(pre: &IpPreprocess) -> ClipImageConfig {
     ClipImageConfig {
         do_convert_rgb: pre.convert_rgb,
         do_resize: pre.shortest_edge.is_some(),
         size: ClipResize::ShortestEdge(pre.shortest_edge.unwrap_or(1)),
-        // manifest::check_ip_adapter admits bicubic and lanczos only.
+        // manifest::check_preprocess admits bicubic and lanczos only.
         resample: if pre.resample == "lanczos" { Filter::Lanczos } else { Filter::Bicubic },
         do_center_crop: pre.crop.is_some(),
         crop_size: pre.crop.map_or(Size { width: 1, height: 1 }, |[width, height]| Size { width, height }),
@@ -67,20 +72,30 @@ pub(crate) fn pixel_values(
              reference image",
         )
     })?;
-    let config = clip_config(ip);
+    source_pixel_values(source, &clip_config(ip), limits, Field::IpImage, "IP-Adapter image").map(Some)
+}
+
+/// `source` loaded and preprocessed by `config` into `pixel_values` [1, 3, H, W]; errors call it
+/// `what` and name `field`.
+pub(crate) fn source_pixel_values(
+    source: &ConditionSource,
+    config: &ClipImageConfig,
+    limits: &Limits,
+    field: Field,
+    what: &str,
+) -> Result<Array4<f32>> {
     let rgb = match source {
-        ConditionSource::File(path) => load_clip_image(path, &config, limits)?,
+        ConditionSource::File(path) => load_clip_image_as(path, config, limits, what)?,
         ConditionSource::Pixels(image) => {
             let (w, h) = (image.width(), image.height());
             let px = match image.kind() {
                 ConditionKind::Rgb => image.pixels().to_vec(),
                 ConditionKind::Gray => image.pixels().iter().flat_map(|&v| [v, v, v]).collect(),
             };
-            RgbImage::from_raw(w, h, px)
-                .ok_or_else(|| Error::request(Field::IpImage, "IP-Adapter pixels do not match their size"))?
+            RgbImage::from_raw(w, h, px).ok_or_else(|| Error::request(field, "image pixels do not match their size"))?
         }
     };
-    Ok(Some(clip_pixel_values(&rgb, &config)?))
+    clip_pixel_values(&rgb, config)
 }
 
 /// Image encoder outputs by the SHA-256 of the `pixel_values` bytes and the row layout, oldest

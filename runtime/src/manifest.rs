@@ -73,6 +73,10 @@ pub struct Manifest {
     /// without `--ip-adapter`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_adapter: Option<IpAdapterSpec>,
+    /// The set's TencentARC style adapter (a once-per-request conditioner that lengthens the UNet's
+    /// text context); absent in sets exported without `--style-adapter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style_adapter: Option<StyleAdapterSpec>,
     /// The directory the manifest was loaded from; every path above is relative to it.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -214,6 +218,10 @@ pub enum Role {
     ImageEncoder,
     /// The IP-Adapter's image projection: `image_embeds` → the UNet's image tokens.
     ImageProjection,
+    /// The style adapter's CLIP vision encoder: `pixel_values` → `last_hidden_state`, per request.
+    StyleEncoder,
+    /// The style adapter: `last_hidden_state` → `style_tokens`, appended to the text context.
+    StyleAdapter,
 }
 
 impl Role {
@@ -224,7 +232,7 @@ impl Role {
             Role::Adapter | Role::VaeEncoder => BatchRule::One,
             Role::Unet | Role::ControlNet => BatchRule::GuidedSamples,
             Role::VaeDecoder => BatchRule::Samples,
-            Role::ImageEncoder | Role::ImageProjection => BatchRule::Images,
+            Role::ImageEncoder | Role::ImageProjection | Role::StyleEncoder | Role::StyleAdapter => BatchRule::Images,
         }
     }
 }
@@ -369,6 +377,51 @@ pub struct IpPreprocess {
     pub rescale_factor: f64,
     pub mean: [f64; 3],
     pub std: [f64; 3],
+}
+
+/// TencentARC's T2I style adapter (its original code's semantics; docs/manifest.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StyleAdapterSpec {
+    /// Style tokens per style image (the adapter output's second dimension).
+    pub num_tokens: usize,
+    /// The most style images a request may use: the negative context pads itself with its own last
+    /// `num_tokens × images` tokens, so at most text length / `num_tokens`.
+    pub max_images: usize,
+    /// Where and how the tokens join the UNet's context.
+    pub context: StyleContext,
+    /// How a style image becomes `pixel_values` (as the IP-Adapter's).
+    pub preprocess: IpPreprocess,
+    /// `pixel_values` [b, 3, H, W] → `last_hidden_state` [b, L, W].
+    pub style_encoder: GraphSpec,
+    /// `last_hidden_state` → `style_tokens` [b, num_tokens, cross_attention_dim].
+    pub style_adapter: GraphSpec,
+}
+
+/// How style tokens extend the UNet's text context.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StyleContext {
+    /// The UNet input the tokens join (`encoder_hidden_states`).
+    pub unet_input: String,
+    /// The symbolic name of that input's token axis (text + style tokens).
+    pub sequence_dim: String,
+    pub append: StyleAppend,
+    pub negative_padding: StyleNegativePadding,
+}
+
+/// What is appended to the conditional context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StyleAppend {
+    /// Each image's tokens times its weight, concatenated in request order.
+    WeightedTokens,
+}
+
+/// What pads the unconditional context to the conditional one's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StyleNegativePadding {
+    /// Its own last P tokens (`uncond[:, -P:]`), P the style tokens appended.
+    OwnLastTokens,
 }
 
 /// The UNet graph's IP-Adapter inputs.
@@ -571,6 +624,10 @@ impl Manifest {
             graphs.push(SetGraph { role: Role::ImageEncoder, key: "image_encoder", spec: &ip.image_encoder });
             graphs.push(SetGraph { role: Role::ImageProjection, key: "image_projection", spec: &ip.image_projection });
         }
+        if let Some(style) = &self.style_adapter {
+            graphs.push(SetGraph { role: Role::StyleEncoder, key: "style_encoder", spec: &style.style_encoder });
+            graphs.push(SetGraph { role: Role::StyleAdapter, key: "style_adapter", spec: &style.style_adapter });
+        }
         graphs
     }
 
@@ -768,7 +825,66 @@ impl Manifest {
             }
         }
         self.check_controlnets()?;
-        self.check_ip_adapter()
+        self.check_ip_adapter()?;
+        self.check_style_adapter()
+    }
+
+    /// The style adapter: the UNet's context input really has a symbolic token axis (sets without a
+    /// style adapter fix it at the text length), the graphs map what the conditioner feeds to what
+    /// it reads, and the preprocessing is one this runtime reproduces.
+    fn check_style_adapter(&self) -> std::result::Result<(), String> {
+        let Some(style) = &self.style_adapter else {
+            return Ok(());
+        };
+        let fix = "re-export the graph set with --style-adapter";
+        let input = &style.context.unet_input;
+        let context = self.graphs.unet.inputs.iter().find(|t| &t.name == input).ok_or_else(|| {
+            format!("style_adapter.context.unet_input {input:?} is not an input of the unet graph; {fix}")
+        })?;
+        if context.dims.len() != 3 || context.dims[1] != Dim::Symbolic(style.context.sequence_dim.clone()) {
+            return Err(format!(
+                "the unet's {input} input has dims {:?}, expected [batch, {:?}, cross_attention_dim] (a symbolic \
+                 token axis for text + style tokens); {fix}",
+                context.dims, style.context.sequence_dim
+            ));
+        }
+        if style.num_tokens == 0 || style.num_tokens > 4096 {
+            return Err(format!("style_adapter.num_tokens {} must be in 1..=4096; {fix}", style.num_tokens));
+        }
+        if style.max_images == 0 || style.max_images.saturating_mul(style.num_tokens) > 4096 {
+            return Err(format!(
+                "style_adapter.max_images {} must be at least 1 and allow at most 4096 style tokens; {fix}",
+                style.max_images
+            ));
+        }
+        fn has<'a>(tensors: &'a [TensorSpec], name: &str) -> Option<&'a TensorSpec> {
+            tensors.iter().find(|t| t.name == name)
+        }
+        for (graph, spec, input, output) in [
+            ("style_encoder", &style.style_encoder, "pixel_values", "last_hidden_state"),
+            ("style_adapter", &style.style_adapter, "last_hidden_state", "style_tokens"),
+        ] {
+            if has(&spec.inputs, input).is_none() || has(&spec.outputs, output).is_none() {
+                return Err(format!("the style_adapter {graph} graph must map {input} to {output}; {fix}"));
+            }
+        }
+        let tokens = has(&style.style_adapter.outputs, "style_tokens").map(|t| &t.dims);
+        let fits = |dims: &Vec<Dim>| {
+            dims.len() == 3
+                && !matches!(dims[1], Dim::Fixed(n) if n != style.num_tokens as i64)
+                && match (&dims[2], &context.dims[2]) {
+                    (Dim::Fixed(a), Dim::Fixed(b)) => a == b,
+                    _ => true,
+                }
+        };
+        if !tokens.is_some_and(fits) {
+            return Err(format!(
+                "the style_adapter graph's style_tokens have dims {:?}, expected [batch, {}, {:?}] like the unet's \
+                 context; {fix}",
+                tokens, style.num_tokens, context.dims[2]
+            ));
+        }
+        check_preprocess("style_adapter", &style.preprocess)
     }
 
     /// The IP-Adapter: the UNet takes its named inputs (tokens of `num_tokens` rows, a `[1]`
@@ -810,27 +926,7 @@ impl Manifest {
                 return Err(format!("the ip_adapter {graph} graph must map {input} to {output}; {fix}"));
             }
         }
-        let pre = &ip.preprocess;
-        if !["bicubic", "lanczos"].contains(&pre.resample.as_str()) {
-            return Err(format!(
-                "ip_adapter.preprocess.resample {:?}: this runtime reproduces bicubic and lanczos",
-                pre.resample
-            ));
-        }
-        let zero = pre.shortest_edge == Some(0) || pre.crop.is_some_and(|[w, h]| w == 0 || h == 0);
-        if zero || pre.shortest_edge.is_some_and(|e| e > 4096) || pre.crop.is_some_and(|[w, h]| w > 4096 || h > 4096) {
-            return Err(format!(
-                "ip_adapter.preprocess sizes {:?} / {:?} must be in 1..=4096",
-                pre.shortest_edge, pre.crop
-            ));
-        }
-        let finite = pre.rescale_factor.is_finite() && pre.mean.iter().chain(&pre.std).all(|v| v.is_finite());
-        if !finite || pre.std.contains(&0.0) {
-            return Err(
-                "ip_adapter.preprocess has a rescale_factor, mean or std that is not a number (or a zero std)".into()
-            );
-        }
-        Ok(())
+        check_preprocess("ip_adapter", &ip.preprocess)
     }
 
     /// ControlNets and their slots: valid unique names, slots that are UNet inputs, graphs that
@@ -1082,6 +1178,27 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A `CLIPImageProcessor` configuration this runtime reproduces (`owner`: the manifest entry).
+fn check_preprocess(owner: &str, pre: &IpPreprocess) -> std::result::Result<(), String> {
+    if !["bicubic", "lanczos"].contains(&pre.resample.as_str()) {
+        return Err(format!(
+            "{owner}.preprocess.resample {:?}: this runtime reproduces bicubic and lanczos",
+            pre.resample
+        ));
+    }
+    let zero = pre.shortest_edge == Some(0) || pre.crop.is_some_and(|[w, h]| w == 0 || h == 0);
+    if zero || pre.shortest_edge.is_some_and(|e| e > 4096) || pre.crop.is_some_and(|[w, h]| w > 4096 || h > 4096) {
+        return Err(format!("{owner}.preprocess sizes {:?} / {:?} must be in 1..=4096", pre.shortest_edge, pre.crop));
+    }
+    let finite = pre.rescale_factor.is_finite() && pre.mean.iter().chain(&pre.std).all(|v| v.is_finite());
+    if !finite || pre.std.contains(&0.0) {
+        return Err(format!(
+            "{owner}.preprocess has a rescale_factor, mean or std that is not a number (or a zero std)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1122,6 +1239,7 @@ mod tests {
             control_slots: vec![],
             controlnets: vec![],
             ip_adapter: None,
+            style_adapter: None,
             dir: dir.to_path_buf(),
         }
     }
@@ -1351,6 +1469,45 @@ mod tests {
             .unwrap()
             .retain(|t| !t["name"].as_str().unwrap().starts_with("ip_"));
         assert!(Manifest::parse(&json.to_string(), &dir).unwrap().ip_adapter.is_none());
+    }
+
+    /// The committed style-adapter set's manifest, and what its checks refuse.
+    #[test]
+    fn style_adapter_entries_are_checked() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-style");
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let m = Manifest::parse(&text, &dir).unwrap();
+        let style = m.style_adapter.as_ref().unwrap();
+        assert_eq!((style.num_tokens, style.max_images), (8, 9));
+        assert_eq!(style.context.sequence_dim, "context_length");
+        assert_eq!(style.preprocess.crop, Some([224, 224]));
+        let names: Vec<String> = m.set_graphs().iter().map(|g| g.name()).collect();
+        assert!(names.ends_with(&["style_encoder".into(), "style_adapter".into()]));
+        assert!(m.set_graphs().iter().rev().take(2).all(|g| g.batch() == BatchRule::Images));
+        let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            edit(&mut json);
+            Manifest::parse(&json.to_string(), &dir).unwrap_err().to_string()
+        };
+        let e = refused(&|j| j["style_adapter"]["context"]["unet_input"] = "nope".into());
+        assert!(e.contains("\"nope\" is not an input of the unet graph"), "{e}");
+        // A fixed 77-token context cannot take the style tokens.
+        let e = refused(&|j| j["graphs"]["unet"]["inputs"][2]["dims"][1] = 77.into());
+        assert!(e.contains("symbolic token axis"), "{e}");
+        let e = refused(&|j| j["style_adapter"]["num_tokens"] = 4.into());
+        assert!(e.contains("expected [batch, 4,"), "{e}");
+        let e = refused(&|j| j["style_adapter"]["max_images"] = 0.into());
+        assert!(e.contains("max_images 0"), "{e}");
+        let e = refused(&|j| j["style_adapter"]["style_encoder"]["outputs"][0]["name"] = "x".into());
+        assert!(e.contains("style_encoder graph must map pixel_values to last_hidden_state"), "{e}");
+        let e = refused(&|j| j["style_adapter"]["preprocess"]["resample"] = "nearest".into());
+        assert!(e.contains("style_adapter.preprocess.resample"), "{e}");
+        let e = refused(&|j| j["style_adapter"]["context"]["negative_padding"] = "zeros".into());
+        assert!(e.contains("malformed"), "{e}");
+        // Paths are resolved inside the set like every graph's.
+        let mut outside = m.clone();
+        outside.style_adapter.as_mut().unwrap().style_adapter.file = "../tiny-sd1/unet.onnx".into();
+        assert!(outside.files().iter().any(|f| outside.resolve(f.file).is_err()));
     }
 
     #[test]

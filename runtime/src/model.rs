@@ -258,6 +258,8 @@ impl Model {
                 controlnets: open(Role::ControlNet)?.into_iter().map(|(_, s)| s).collect(),
                 image_encoder: single(Role::ImageEncoder)?,
                 image_projection: single(Role::ImageProjection)?,
+                style_encoder: single(Role::StyleEncoder)?,
+                style_adapter: single(Role::StyleAdapter)?,
                 ip_cache: Default::default(),
             },
         })

@@ -26,6 +26,7 @@ use crate::manifest::Manifest;
 use crate::model::{LoadOptions, Model, Sessions};
 use crate::request::{CheckedRequest, Request};
 use crate::scheduler::{NoiseSource, Scheduler, SchedulerKind};
+use crate::style_adapter::{style_calls, StyleAdapter};
 use crate::text::{encode_ids, encode_request, token_ids, TextConditioning, TextEmbeddings};
 use crate::vae;
 
@@ -54,6 +55,8 @@ pub struct Timings {
     pub adapters: Duration,
     /// The IP-Adapter's image encoder and projection (zero when the set has no IP-Adapter).
     pub ip_adapter: Duration,
+    /// The style adapter's encoder and adapter graphs (zero when the request has no style image).
+    pub style_adapter: Duration,
     /// The VAE encoder (img2img, inpainting) and the initial latents.
     pub vae_encode: Duration,
     /// The UNet graph, per model call.
@@ -181,8 +184,18 @@ impl Pipeline {
     fn prepare(&mut self, checked: CheckedRequest, timings: &mut Timings) -> Result<Prepared> {
         let model = self.model.clone();
         let manifest = model.manifest();
-        let CheckedRequest { request, width, height, adapters, controls, scheduler, first_step, init, ip_pixels } =
-            checked;
+        let CheckedRequest {
+            request,
+            width,
+            height,
+            adapters,
+            controls,
+            scheduler,
+            first_step,
+            init,
+            ip_pixels,
+            styles,
+        } = checked;
         let guidance = Guidance { scale: request.guidance, rescale: request.guidance_rescale };
         let n = request.n_samples;
         let batch = if guidance.on() { 2 * n } else { n };
@@ -211,6 +224,14 @@ impl Pipeline {
             let sessions = &mut self.sessions.conditioners;
             conditioners.push(Box::new(IpAdapter::prepare(ip, ip_pixels.as_ref(), scale, sessions, guidance.on(), n)?));
             timings.ip_adapter = clock.elapsed();
+        }
+        if let (Some(spec), false) = (&manifest.style_adapter, styles.is_empty()) {
+            let clock = Instant::now();
+            let calls = style_calls(scheduler.num_steps(), first_step, request.style_cond_tau);
+            let sessions = &mut self.sessions.conditioners;
+            let style = StyleAdapter::prepare(spec, &styles, sessions, &text.hidden, guidance.on(), n, calls)?;
+            conditioners.push(Box::new(style));
+            timings.style_adapter = clock.elapsed();
         }
         if !manifest.control_slots.is_empty() {
             let params = ControlParams {

@@ -15,6 +15,7 @@ use crate::limits::Limits;
 use crate::manifest::Manifest;
 use crate::rng::RngKind;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::style_adapter::{StylePixels, StyleRequest};
 
 /// img2img's default strength (diffusers' `StableDiffusionImg2ImgPipeline`; its SDXL pipeline
 /// defaults to 0.3, pass that for SDXL parity).
@@ -104,6 +105,14 @@ pub struct Request {
     /// IP-Adapter, 1 the adapter as trained (default), 0.5-0.7 keeps more of the prompt. Finite;
     /// unused without `ip_image`.
     pub ip_scale: f32,
+    /// Style images for TencentARC's style adapter, in order (each image's tokens times its
+    /// weight join the text context). Needs a graph set exported with a style adapter
+    /// ([`Manifest::style_adapter`]); at most its `max_images`.
+    pub styles: Vec<StyleRequest>,
+    /// The fraction of the steps, from the first (noisiest), that see the style tokens: step `i` of
+    /// `T` does when `T - i - 1 >= int((1 - style_cond_tau) × T)` (TencentARC's `style_cond_tau`).
+    /// In [0, 1]; 1 (default) styles every step. Unused without `styles`.
+    pub style_cond_tau: f32,
 }
 
 /// SDXL's micro-conditioning, with diffusers' names and defaults
@@ -173,6 +182,8 @@ pub struct CheckedRequest {
     pub(crate) init: Option<InitImage>,
     /// The IP-Adapter image as the image encoder's `pixel_values` [1, 3, H, W].
     pub(crate) ip_pixels: Option<Array4<f32>>,
+    /// The style images as the style encoder's `pixel_values`, with their weights.
+    pub(crate) styles: Vec<StylePixels>,
 }
 
 impl CheckedRequest {
@@ -263,6 +274,8 @@ impl Request {
             strength: None,
             ip_image: None,
             ip_scale: 1.0,
+            styles: Vec::new(),
+            style_cond_tau: 1.0,
         }
     }
 
@@ -384,6 +397,7 @@ impl Request {
         let adapters = AdapterSet::build_within(m, &self.adapters, width, height, limits)?;
         let controls = ControlSet::build(m, &self.controls, width, height, limits)?;
         let ip_pixels = crate::ip_adapter::pixel_values(m, self.ip_image.as_ref(), limits)?;
+        let styles = crate::style_adapter::style_pixels(m, &self.styles, limits)?;
         Ok(CheckedRequest {
             request: self.clone(),
             width,
@@ -394,6 +408,7 @@ impl Request {
             first_step,
             init,
             ip_pixels,
+            styles,
         })
     }
 
@@ -434,6 +449,16 @@ impl Request {
             return Err(Error::request(
                 Field::IpScale,
                 format!("ip_scale {} is not a number; give a finite scale (1 is the default, 0 is off)", self.ip_scale),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.style_cond_tau) {
+            return Err(Error::request(
+                Field::StyleCondTau,
+                format!(
+                    "style_cond_tau {} must be in [0, 1] (the fraction of the steps, from the first, that see the \
+                     style; 1 is every step)",
+                    self.style_cond_tau
+                ),
             ));
         }
         if self.guess_mode && self.controls.is_empty() {
