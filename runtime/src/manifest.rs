@@ -824,9 +824,10 @@ impl Manifest {
                 }
             }
         }
+        // The style adapter first: it refuses any ControlNet, however well-formed.
+        self.check_style_adapter()?;
         self.check_controlnets()?;
-        self.check_ip_adapter()?;
-        self.check_style_adapter()
+        self.check_ip_adapter()
     }
 
     /// The style adapter: the UNet's context input really has a symbolic token axis (sets without a
@@ -837,6 +838,13 @@ impl Manifest {
             return Ok(());
         };
         let fix = "re-export the graph set with --style-adapter";
+        if !self.controlnets.is_empty() {
+            // TencentARC's style adapter never ran beside a ControlNet: which context a ControlNet
+            // should see is undefined (the exporter refuses the combination too).
+            return Err("a set with a style_adapter cannot have controlnets (the original defines no such \
+                        combination); export them as separate sets"
+                .into());
+        }
         let input = &style.context.unet_input;
         let context = self.graphs.unet.inputs.iter().find(|t| &t.name == input).ok_or_else(|| {
             format!("style_adapter.context.unet_input {input:?} is not an input of the unet graph; {fix}")
@@ -1504,6 +1512,15 @@ mod tests {
         assert!(e.contains("style_adapter.preprocess.resample"), "{e}");
         let e = refused(&|j| j["style_adapter"]["context"]["negative_padding"] = "zeros".into());
         assert!(e.contains("malformed"), "{e}");
+        let mut with_controlnet = m.clone();
+        let graph = m.graphs.unet.clone();
+        with_controlnet.controlnets.push(ControlNetSpec {
+            name: "canny".into(),
+            conditioning_channels: 3,
+            guess_mode_scales: vec![],
+            graph,
+        });
+        assert!(with_controlnet.check_consistency().unwrap_err().contains("cannot have controlnets"));
         // Paths are resolved inside the set like every graph's.
         let mut outside = m.clone();
         outside.style_adapter.as_mut().unwrap().style_adapter.file = "../tiny-sd1/unet.onnx".into();
