@@ -19,7 +19,7 @@ use t2i_rt::preprocess::Preprocess;
 use t2i_rt::rng::RngKind;
 use t2i_rt::scheduler::SchedulerKind;
 use t2i_rt::size::{Offset, Size};
-use t2i_rt::{ControlRequest, EngineCache, LoadOptions, Logger, Model, Request, SizeConditioning};
+use t2i_rt::{ControlRequest, EngineCache, LoadOptions, Logger, Model, Request, SizeConditioning, StyleRequest};
 
 #[derive(Parser)]
 #[command(
@@ -147,6 +147,19 @@ struct RunArgs {
     /// adapter as trained, 0.5-0.7 leaves more room for the prompt, 0 ignores the image.
     #[arg(long, value_name = "F", default_value_t = 1.0, requires = "ip_image")]
     ip_scale: f32,
+    /// Style adapter (TencentARC's T2I style adapter): a style image (PNG/JPEG, any size) whose
+    /// look the result takes on, with an optional weight (default 1.0; 0.5 is a lighter touch).
+    /// Repeat to blend styles, up to the set's max_images (9 for the released adapter); each image
+    /// adds 8 tokens to the text context. Images are resized and center-cropped for the set's CLIP
+    /// vision encoder. Needs a graph set exported with
+    /// `python -m t2i_export pipeline --style-adapter FILE --style-encoder DIR`.
+    #[arg(long = "style", value_name = "IMG[:WEIGHT]")]
+    styles: Vec<StyleRequest>,
+    /// Fraction of the steps, from the first (noisiest), that see the style (TencentARC's
+    /// style_cond_tau): 1.0 (default) styles every step; 0.5 styles the first half, fixing the
+    /// composition's style early and leaving the details to the prompt.
+    #[arg(long, value_name = "F", default_value_t = 1.0, requires = "styles")]
+    style_cond_tau: f32,
     #[command(flatten)]
     exec: ExecArgs,
     /// Initial noise as .npy [n_samples, 4, H/8, W/8], exactly like diffusers' `latents=`.
@@ -537,6 +550,8 @@ fn run(args: RunArgs) -> Result<()> {
     request.strength = args.strength;
     request.ip_image = args.ip_image.map(ConditionSource::File);
     request.ip_scale = args.ip_scale;
+    request.styles = args.styles;
+    request.style_cond_tau = args.style_cond_tau;
     request.rng = args.rng;
     request.seed = args
         .seed
@@ -864,6 +879,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
         println!(
             "ip_adapter  {:?}, {} tokens per image, negative {:?} (use --ip-image IMG --ip-scale F)",
             ip.kind, ip.num_tokens, ip.negative
+        );
+    }
+    if let Some(style) = &manifest.style_adapter {
+        println!(
+            "style       {} tokens per image, at most {} images (use --style IMG[:WEIGHT] --style-cond-tau F)",
+            style.num_tokens, style.max_images
         );
     }
     let backend = args.backend.create(None)?;

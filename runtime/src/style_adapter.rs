@@ -36,6 +36,26 @@ pub struct StyleRequest {
     pub weight: f32,
 }
 
+impl std::str::FromStr for StyleRequest {
+    type Err = Error;
+
+    /// Parses `IMAGE[:WEIGHT]`; the weight defaults to 1.0 (a trailing `:x` that is not a number
+    /// stays part of the path).
+    fn from_str(s: &str) -> Result<Self> {
+        let (image, weight) = match s.rsplit_once(':').map(|(image, w)| (image, w.parse::<f32>())) {
+            Some((image, Ok(weight))) => (image, weight),
+            _ => (s, 1.0),
+        };
+        if image.is_empty() {
+            return Err(Error::request(
+                Field::Styles,
+                format!("style {s:?} must look like IMAGE[:WEIGHT], e.g. painting.png:0.5"),
+            ));
+        }
+        Ok(StyleRequest { image: ConditionSource::File(image.into()), weight })
+    }
+}
+
 /// A checked style image: its `pixel_values` [1, 3, H, W] and weight.
 #[derive(Debug, Clone)]
 pub(crate) struct StylePixels {
@@ -233,6 +253,16 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-style");
         let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
         Manifest::parse(&text, &dir).unwrap().style_adapter.unwrap()
+    }
+
+    #[test]
+    fn style_arguments_are_image_and_optional_weight() {
+        let parse = |s: &str| s.parse::<StyleRequest>().map(|r| (r.image, r.weight));
+        let file = |p: &str| ConditionSource::File(p.into());
+        assert!(matches!(parse("a.png"), Ok((f, w)) if f == file("a.png") && w == 1.0));
+        assert!(matches!(parse("a.png:0.5"), Ok((f, w)) if f == file("a.png") && w == 0.5));
+        assert!(matches!(parse("C:/x.png"), Ok((f, w)) if f == file("C:/x.png") && w == 1.0));
+        assert!(matches!(parse(":0.5"), Err(Error::InvalidRequest { field: Field::Styles, .. })));
     }
 
     #[test]

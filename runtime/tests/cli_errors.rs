@@ -211,6 +211,21 @@ fn request_errors_are_one_line_and_write_nothing() {
     }
 }
 
+/// --style: a set without a style adapter names the export flag; a missing image, too many images,
+/// a tau outside [0, 1] and --style-cond-tau without --style are refused in one line.
+#[test]
+fn style_errors_are_one_line_and_write_nothing() {
+    let style = common::tiny_set("tiny-sd1-style");
+    let image = common::tiny_fixtures("tiny-sd1-style").join("style_0.png");
+    let image = image.to_string_lossy().to_string();
+    fails("style-no-adapter", &common::tiny_sd1(), &["--style", &image], &[], "--style-adapter");
+    fails("style-missing", &style, &["--style", "/nonexistent/style.png:0.5"], &[], "style image not found");
+    let ten: Vec<&str> = (0..10).flat_map(|_| ["--style", image.as_str()]).collect();
+    fails("style-too-many", &style, &ten, &[], "at most 9");
+    fails("style-tau", &style, &["--style", &image, "--style-cond-tau", "1.5"], &[], "style_cond_tau 1.5");
+    fails("style-tau-alone", &style, &["--style-cond-tau", "0.5"], &[], "required arguments were not provided");
+}
+
 /// The CPU build of ONNX Runtime that scripts/setup-ort.sh puts in `.ort/` (a checkout may also
 /// have the GPU build in `.ort-gpu/`, which the GPU backends would prefer).
 fn cpu_library() -> String {
