@@ -5,9 +5,11 @@ reference loop), which the runtime's runtime/tests/style_adapter_parity.rs holds
 
 Run from ``export/``::
 
-    python -m t2i_export.tiny_style_set --out ../graphs
+    python -m t2i_export.tiny_style_set --out ../graphs     # or: python -m t2i_export tiny --out ../graphs
 
-Deterministic like tiny_ip_set.py: seeded weights, one intra-op thread. text_encoder.onnx,
+Deterministic like tiny_ip_set.py (`python -m t2i_export tiny` calls it last; `--family sd1-style`
+alone): seeded weights, one intra-op thread; test_regenerate.py holds the committed files to a fresh
+build. text_encoder.onnx,
 vae_decoder.onnx and vae_encoder.onnx come out byte-identical to graphs/tiny-sd1's (git stores
 them once).
 """
