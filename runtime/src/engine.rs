@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 pub use crate::manifest::BatchRule;
-use crate::manifest::{Dim, GraphSpec};
+use crate::manifest::{ContextRange, Dim, GraphSpec};
 use crate::size::Size;
 
 /// The cache directory inside a graph set when none is given.
@@ -107,32 +107,37 @@ pub struct ShapeRanges {
 
 impl ShapeRanges {
     /// The graph's profiles from the user's, resolving the manifest's symbolic dimensions (`batch`,
-    /// `latent_height`, `latent_width`, `latent_height_divK`, `image_height`, `image_width`).
+    /// `latent_height`, `latent_width`, `latent_height_divK`, `image_height`, `image_width`, and a
+    /// style set's context length from `context`: [`Manifest::context_range`](crate::Manifest::context_range)).
     pub fn for_graph(
         graph: &str,
         spec: &GraphSpec,
         rule: BatchRule,
         latent_downscale: u32,
         profiles: &[Profile],
+        context: Option<&ContextRange>,
     ) -> Result<ShapeRanges> {
         let mut out = Vec::with_capacity(profiles.len());
         for profile in profiles {
             let (bmin, bopt, bmax) = rows(rule, profile);
             let mut inputs = Vec::with_capacity(spec.inputs.len());
             for input in &spec.inputs {
-                let shape = |batch: usize| -> Result<Vec<i64>> {
+                let shape = |batch: usize, length: Option<i64>| -> Result<Vec<i64>> {
                     input
                         .dims
                         .iter()
-                        .map(|d| resolve_dim(d, batch, profile, latent_downscale))
+                        .map(|d| match (d, context, length) {
+                            (Dim::Symbolic(name), Some(c), Some(length)) if *name == c.dim => Ok(length),
+                            _ => resolve_dim(d, batch, profile, latent_downscale),
+                        })
                         .collect::<std::result::Result<_, String>>()
                         .map_err(|why| Error::InvalidOptions(format!("graph {graph}, input {}: {why}", input.name)))
                 };
                 inputs.push(InputRange {
                     input: input.name.clone(),
-                    min: shape(bmin)?,
-                    opt: shape(bopt)?,
-                    max: shape(bmax)?,
+                    min: shape(bmin, context.map(|c| c.min))?,
+                    opt: shape(bopt, context.map(|c| c.opt))?,
+                    max: shape(bmax, context.map(|c| c.max))?,
                 });
             }
             out.push(inputs);
@@ -379,7 +384,7 @@ mod tests {
             ),
         ]);
         let profiles = ["512x768:1-2".parse().unwrap()];
-        let ranges = ShapeRanges::for_graph("unet", &unet, BatchRule::GuidedSamples, 8, &profiles).unwrap();
+        let ranges = ShapeRanges::for_graph("unet", &unet, BatchRule::GuidedSamples, 8, &profiles, None).unwrap();
         let (min, opt, max) = ranges.trt_option_strings();
         assert_eq!(min, "sample:1x4x96x64,encoder_hidden_states:1x77x768,adapter_residual_2:1x1280x24x16");
         assert_eq!(opt, "sample:2x4x96x64,encoder_hidden_states:2x77x768,adapter_residual_2:2x1280x24x16");
@@ -387,8 +392,9 @@ mod tests {
 
         let text = spec(&[("input_ids", &[sym("batch"), Dim::Fixed(77)])]);
         let two = ["512x512".parse().unwrap(), "1024x1024:1-4".parse().unwrap()];
-        let (min, _, max) =
-            ShapeRanges::for_graph("text_encoder", &text, BatchRule::Prompts, 8, &two).unwrap().trt_option_strings();
+        let (min, _, max) = ShapeRanges::for_graph("text_encoder", &text, BatchRule::Prompts, 8, &two, None)
+            .unwrap()
+            .trt_option_strings();
         assert_eq!(min, "input_ids:1x77,input_ids:1x77");
         assert_eq!(max, "input_ids:2x77,input_ids:2x77");
     }
@@ -397,12 +403,23 @@ mod tests {
     fn unknown_or_fractional_dims_are_refused() {
         let odd = spec(&[("x", &[sym("mystery")])]);
         let p = ["512x512".parse().unwrap()];
-        let err = ShapeRanges::for_graph("unet", &odd, BatchRule::One, 8, &p).unwrap_err().to_string();
+        let err = ShapeRanges::for_graph("unet", &odd, BatchRule::One, 8, &p, None).unwrap_err().to_string();
         assert!(err.contains("unknown dimension \"mystery\""), "{err}");
         let frac = spec(&[("x", &[sym("latent_height_div8")])]);
         let p = ["520x520".parse().unwrap()];
-        let err = ShapeRanges::for_graph("unet", &frac, BatchRule::One, 8, &p).unwrap_err().to_string();
+        let err = ShapeRanges::for_graph("unet", &frac, BatchRule::One, 8, &p, None).unwrap_err().to_string();
         assert!(err.contains("not whole"), "{err}");
+        // A style set's context length is known only through its range.
+        let context = spec(&[("encoder_hidden_states", &[sym("batch"), sym("context_length"), Dim::Fixed(768)])]);
+        let err = ShapeRanges::for_graph("unet", &context, BatchRule::One, 8, &p, None).unwrap_err().to_string();
+        assert!(err.contains("unknown dimension \"context_length\""), "{err}");
+        let range = ContextRange { dim: "context_length".into(), min: 77, opt: 85, max: 149 };
+        let ranges = ShapeRanges::for_graph("unet", &context, BatchRule::GuidedSamples, 8, &p, Some(&range)).unwrap();
+        let (min, opt, max) = ranges.trt_option_strings();
+        assert_eq!(
+            (min.as_str(), opt.as_str(), max.as_str()),
+            ("encoder_hidden_states:1x77x768", "encoder_hidden_states:2x85x768", "encoder_hidden_states:2x149x768")
+        );
     }
 
     #[test]

@@ -379,6 +379,16 @@ pub struct IpPreprocess {
     pub std: [f64; 3],
 }
 
+/// The lengths a symbolic context axis takes (TensorRT profiles): [`Manifest::context_range`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextRange {
+    /// The symbolic dimension's name (`context_length`).
+    pub dim: String,
+    pub min: i64,
+    pub opt: i64,
+    pub max: i64,
+}
+
 /// TencentARC's T2I style adapter (its original code's semantics; docs/manifest.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StyleAdapterSpec {
@@ -631,6 +641,20 @@ impl Manifest {
         graphs
     }
 
+    /// The range of the UNet context's symbolic token axis in a set with a style adapter: the text
+    /// alone (min), with one style image (opt), with `max_images` (max). `None` without one.
+    pub fn context_range(&self) -> Option<ContextRange> {
+        let style = self.style_adapter.as_ref()?;
+        let text = self.text_encoders.first()?.tokenizer.max_length as i64;
+        let tokens = style.num_tokens as i64;
+        Some(ContextRange {
+            dim: style.context.sequence_dim.clone(),
+            min: text,
+            opt: text + tokens,
+            max: text + tokens * style.max_images as i64,
+        })
+    }
+
     /// The channels of the UNet's `sample` input: the latent channels for a plain UNet, `2 × C + 1`
     /// for an inpainting UNet (latents, mask, masked-image latents); `None` if the manifest leaves
     /// the dimension symbolic.
@@ -859,10 +883,13 @@ impl Manifest {
         if style.num_tokens == 0 || style.num_tokens > 4096 {
             return Err(format!("style_adapter.num_tokens {} must be in 1..=4096; {fix}", style.num_tokens));
         }
-        if style.max_images == 0 || style.max_images.saturating_mul(style.num_tokens) > 4096 {
+        // The negative context pads itself with its own last P tokens, so P may not exceed the text.
+        let text = self.text_encoders.first().map_or(0, |e| e.tokenizer.max_length);
+        if style.max_images == 0 || style.max_images.saturating_mul(style.num_tokens) > text {
             return Err(format!(
-                "style_adapter.max_images {} must be at least 1 and allow at most 4096 style tokens; {fix}",
-                style.max_images
+                "style_adapter.max_images {} must be at least 1 and allow at most the text's {text} tokens of \
+                 style ({} per image); {fix}",
+                style.max_images, style.num_tokens
             ));
         }
         fn has<'a>(tensors: &'a [TensorSpec], name: &str) -> Option<&'a TensorSpec> {
@@ -1506,6 +1533,10 @@ mod tests {
         assert!(e.contains("expected [batch, 4,"), "{e}");
         let e = refused(&|j| j["style_adapter"]["max_images"] = 0.into());
         assert!(e.contains("max_images 0"), "{e}");
+        let e = refused(&|j| j["style_adapter"]["max_images"] = 10.into());
+        assert!(e.contains("at most the text's 77 tokens"), "{e}");
+        let range = m.context_range().unwrap();
+        assert_eq!((range.dim.as_str(), range.min, range.opt, range.max), ("context_length", 77, 85, 149));
         let e = refused(&|j| j["style_adapter"]["style_encoder"]["outputs"][0]["name"] = "x".into());
         assert!(e.contains("style_encoder graph must map pixel_values to last_hidden_state"), "{e}");
         let e = refused(&|j| j["style_adapter"]["preprocess"]["resample"] = "nearest".into());

@@ -195,7 +195,15 @@ impl Model {
             progress(&name);
             let start = Instant::now();
             let shapes = if options.backend == BackendKind::OrtTrt {
-                Some(ShapeRanges::for_graph(&name, g.spec, g.batch(), manifest.latent.downscale, profiles)?)
+                let context = manifest.context_range();
+                Some(ShapeRanges::for_graph(
+                    &name,
+                    g.spec,
+                    g.batch(),
+                    manifest.latent.downscale,
+                    profiles,
+                    context.as_ref(),
+                )?)
             } else {
                 None
             };
