@@ -1,17 +1,18 @@
-"""The committed style-adapter graph set and its fixtures: graphs/tiny-sd1-style (the tiny SD 1
-checkpoint of the zoo + the tiny TencentARC style adapter and CLIP vision encoder of
-tiny_style_adapter.py, names stripped) and graphs/fixtures/tiny-sd1-style (style_fixtures.py's
-reference loop), which the runtime's runtime/tests/style_adapter_parity.rs holds itself to.
+"""The generated style-adapter graph set and its fixtures: graphs/generated/tiny-sd1-style (the tiny
+SD 1 checkpoint of the zoo + the tiny TencentARC style adapter and CLIP vision encoder of
+tiny_style_adapter.py, names stripped) and graphs/generated/fixtures/tiny-sd1-style
+(style_fixtures.py's reference loop), which the runtime's runtime/tests/style_adapter_parity.rs
+holds itself to.
 
-Run from ``export/``::
+Generated, not committed, like tiny_ip_set.py's set (committed, it would push the tree past 30 MiB):
+``bash scripts/generate-sets.sh`` writes it, scripts/test.sh before the tests. By hand, from
+``export/``::
 
-    python -m t2i_export.tiny_style_set --out ../graphs     # or: python -m t2i_export tiny --out ../graphs
+    python -m t2i_export.tiny_style_set --out ../graphs/generated   # or: python -m t2i_export tiny --family sd1-style --out ...
 
-Deterministic like tiny_ip_set.py (`python -m t2i_export tiny` calls it last; `--family sd1-style`
-alone): seeded weights, one intra-op thread; test_regenerate.py holds the committed files to a fresh
-build. text_encoder.onnx,
-vae_decoder.onnx and vae_encoder.onnx come out byte-identical to graphs/tiny-sd1's (git stores
-them once).
+Deterministic: seeded weights, one intra-op thread; test_regenerate.py holds a fresh build to the
+generated files. text_encoder.onnx, vae_decoder.onnx and vae_encoder.onnx come out byte-identical
+to graphs/tiny-sd1's.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def build_tiny_style_set(out_root: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="the repository's graphs/ folder")
+    p.add_argument("--out", type=Path, required=True, help="where to write tiny-sd1-style/ and fixtures/tiny-sd1-style/ (the repository's graphs/generated)")
     args = p.parse_args(argv)
     for path in build_tiny_style_set(args.out):
         print(f"wrote {path}")

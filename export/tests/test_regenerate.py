@@ -273,22 +273,28 @@ def test_ip_set_regenerates(tmp_path):
 
 
 def test_style_set_regenerates(tmp_path):
-    """graphs/tiny-sd1-style bit for bit, graphs/fixtures/tiny-sd1-style as the zoo's fixtures (exact
-    files byte for byte: case.json, style_*.png, latents_init.npy; computed ones within the tolerances
-    above)."""
+    """The style set is generated like the IP-Adapter set: a fresh build equals graphs/generated's, the
+    set bit for bit, the fixtures as the zoo's are held (exact files byte for byte: case.json,
+    style_*.png, latents_init.npy; computed ones within the tolerances above); its graphs shared with
+    tiny-sd1 equal the committed ones byte for byte."""
     from t2i_export.tiny_style_set import build_tiny_style_set
 
+    generated = REPO / "graphs" / "generated"
+    if not (generated / "tiny-sd1-style" / "manifest.json").is_file():
+        pytest.fail(f"{generated}: no tiny-sd1-style; run `bash scripts/generate-sets.sh` first (scripts/test.sh does)")
     fresh_set, fresh_fixtures = build_tiny_style_set(tmp_path)
-    committed = REPO / "graphs" / "tiny-sd1-style"
+    for name in ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]:
+        assert _sha(fresh_set / name) == _sha(REPO / "graphs" / "tiny-sd1" / name), name
+    committed = generated / "tiny-sd1-style"
     assert _files(fresh_set) == _files(committed)
     for rel in _files(committed):
         if _sha(fresh_set / rel) != _sha(committed / rel):
             pytest.fail(f"tiny-sd1-style/{rel}: {_exact_problem(fresh_set / rel, committed / rel, rel)}")
-    committed_fixtures = REPO / "graphs" / "fixtures" / "tiny-sd1-style"
+    committed_fixtures = generated / "fixtures" / "tiny-sd1-style"
     assert _files(fresh_fixtures) == _files(committed_fixtures)
     problems = [p for r in _files(committed_fixtures)
                 if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
-    assert not problems, "tiny-sd1-style: regenerated fixtures differ from the committed ones:\n" + "\n".join(problems)
+    assert not problems, "tiny-sd1-style: regenerated fixtures differ from the generated ones:\n" + "\n".join(problems)
 
 
 # The comparison itself, on the committed files (no regeneration): it must keep failing on real changes.

@@ -1509,8 +1509,9 @@ mod tests {
     /// The committed style-adapter set's manifest, and what its checks refuse.
     #[test]
     fn style_adapter_entries_are_checked() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-style");
-        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/generated/tiny-sd1-style");
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+            .expect("graphs/generated/tiny-sd1-style is generated, not committed: run bash scripts/generate-sets.sh");
         let m = Manifest::parse(&text, &dir).unwrap();
         let style = m.style_adapter.as_ref().unwrap();
         assert_eq!((style.num_tokens, style.max_images), (8, 9));

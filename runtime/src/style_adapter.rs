@@ -250,8 +250,9 @@ mod tests {
     use super::*;
 
     fn spec() -> StyleAdapterSpec {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-style");
-        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/generated/tiny-sd1-style");
+        let text = std::fs::read_to_string(dir.join("manifest.json"))
+            .expect("graphs/generated/tiny-sd1-style is generated, not committed: run bash scripts/generate-sets.sh");
         Manifest::parse(&text, &dir).unwrap().style_adapter.unwrap()
     }
 
@@ -385,13 +386,14 @@ mod tests {
     fn styles_need_a_set_with_a_style_adapter_and_at_most_max_images() {
         let image = StyleRequest { image: ConditionSource::File("x.png".into()), weight: 1.0 };
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1");
-        let m = Manifest::load(&dir, false).unwrap();
+        let m = Manifest::load(&dir, false)
+            .expect("graphs/generated/tiny-sd1-style is generated, not committed: run bash scripts/generate-sets.sh");
         let e = style_pixels(&m, std::slice::from_ref(&image), &Limits::default()).unwrap_err();
         assert!(
             matches!(&e, Error::InvalidRequest { field: Field::Styles, message } if message.contains("--style-adapter")),
             "{e}"
         );
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tiny-sd1-style");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/generated/tiny-sd1-style");
         let m = Manifest::load(&dir, false).unwrap();
         let e = style_pixels(&m, &vec![image.clone(); 10], &Limits::default()).unwrap_err();
         assert!(matches!(&e, Error::InvalidRequest { field: Field::Styles, message } if message.contains("at most 9")));

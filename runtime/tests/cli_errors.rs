@@ -215,8 +215,8 @@ fn request_errors_are_one_line_and_write_nothing() {
 /// a tau outside [0, 1] and --style-cond-tau without --style are refused in one line.
 #[test]
 fn style_errors_are_one_line_and_write_nothing() {
-    let style = common::tiny_set("tiny-sd1-style");
-    let image = common::tiny_fixtures("tiny-sd1-style").join("style_0.png");
+    let style = common::generated_dir().join("tiny-sd1-style");
+    let image = common::generated_dir().join("fixtures/tiny-sd1-style/style_0.png");
     let image = image.to_string_lossy().to_string();
     fails("style-no-adapter", &common::tiny_sd1(), &["--style", &image], &[], "--style-adapter");
     fails("style-missing", &style, &["--style", "/nonexistent/style.png:0.5"], &[], "style image not found");

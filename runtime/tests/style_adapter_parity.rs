@@ -1,8 +1,8 @@
-//! Style adapter end to end against the reference: `graphs/tiny-sd1-style` (the tiny SD 1 with the
-//! tiny TencentARC style adapter and CLIP vision encoder) must reproduce a DDIM loop over diffusers'
-//! UNet whose context is built by export/t2i_export/style_adapter.py's ports of TencentARC's code
-//! (graphs/fixtures/tiny-sd1-style, written by `python -m t2i_export.tiny_style_set --out ../graphs`
-//! from `export/`). Two style images, weights 1.0 and 0.5; `tau1` styles all 4 steps, `tau05` the
+//! Style adapter end to end against the reference: `graphs/generated/tiny-sd1-style` (the tiny SD 1
+//! with the tiny TencentARC style adapter and CLIP vision encoder) must reproduce a DDIM loop over
+//! diffusers' UNet whose context is built by export/t2i_export/style_adapter.py's ports of
+//! TencentARC's code (graphs/generated/fixtures/tiny-sd1-style). Both are generated, not committed:
+//! `bash scripts/generate-sets.sh` (scripts/test.sh runs it first). Two style images, weights 1.0 and 0.5; `tau1` styles all 4 steps, `tau05` the
 //! first 2 only (then the plain 77-token contexts), so both context phases run.
 //!
 //! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu and on tract (the project's pipeline
@@ -15,7 +15,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{graphs_dir, rel_l2};
+use common::{generated_dir, graphs_dir, rel_l2};
 use ndarray::{concatenate, Array4, ArrayD, Axis};
 use serde::Deserialize;
 use t2i_rt::adapter::ConditionSource;
@@ -35,11 +35,11 @@ struct Case {
 }
 
 fn set() -> PathBuf {
-    graphs_dir().join("tiny-sd1-style")
+    generated_dir().join("tiny-sd1-style")
 }
 
 fn fixtures() -> PathBuf {
-    graphs_dir().join("fixtures/tiny-sd1-style")
+    generated_dir().join("fixtures/tiny-sd1-style")
 }
 
 fn case() -> Case {

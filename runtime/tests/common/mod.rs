@@ -14,9 +14,9 @@ pub fn graphs_dir() -> PathBuf {
 pub fn generated_dir() -> PathBuf {
     let dir = graphs_dir().join("generated");
     assert!(
-        dir.join("tiny-sd1-ip/manifest.json").is_file(),
-        "{} has no tiny-sd1-ip: the IP-Adapter set is generated, not committed; run `bash scripts/generate-sets.sh` \
-         (scripts/test.sh does)",
+        dir.join("tiny-sd1-ip/manifest.json").is_file() && dir.join("tiny-sd1-style/manifest.json").is_file(),
+        "{} lacks tiny-sd1-ip or tiny-sd1-style: the IP-Adapter and style sets are generated, not committed; run \
+         `bash scripts/generate-sets.sh` (scripts/test.sh does)",
         dir.display()
     );
     dir
