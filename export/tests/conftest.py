@@ -24,6 +24,25 @@ sys.path.insert(0, str(EXPORT_DIR))
 torch.set_num_threads(1)
 
 from t2i_export.reference import Oracle  # noqa: E402
+
+GRAPH_RTOL_L2 = 1e-5  # a graph against its torch module (graph_parity.rs's bound)
+
+
+def assert_rel_l2(got: np.ndarray, want: np.ndarray, what: str, bound: float = GRAPH_RTOL_L2) -> float:
+    """‖got − want‖ / ‖want‖ (in float64), asserted ≤ `bound`; returned for reporting."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
+    assert err <= bound, f"{what}: relative L2 error {err:.3g} > {bound}"
+    return err
+
+
+def ort_run(path: Path, feeds: dict) -> list[np.ndarray]:
+    """One run of the ONNX graph at `path` on onnxruntime's CPU provider, one thread."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 from t2i_export.tiny import build_tiny_zoo  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from conftest import EXPORT_DIR
+from conftest import EXPORT_DIR, assert_rel_l2 as rel_l2, ort_run as run
 
 from t2i_export.condition_fixtures import photo
 from t2i_export.errors import ExportError
@@ -32,22 +32,8 @@ from t2i_export.pipeline import export_pipeline
 from t2i_export.tiny import write_checkpoint
 from t2i_export.tiny_ip_adapter import VISION_CONFIG, build_ip_adapter, build_projection, save_ip_adapter, write_tiny_ip_adapters
 
-RTOL_L2 = 1e-5
 SCALE = 0.6
 KINDS = ["plain", "plus"]
-
-
-def rel_l2(got: np.ndarray, want: np.ndarray, what: str) -> float:
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
-    assert err <= RTOL_L2, f"{what}: relative L2 error {err:.3g} > {RTOL_L2}"
-    return err
-
-
-def run(path, feeds: dict) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 @pytest.fixture(scope="module")

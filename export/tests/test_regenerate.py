@@ -1,7 +1,7 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
 graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and (`--family sd1-ip`, `--family sd1-style`) the
 generated, not committed graphs/generated/tiny-sd1-{ip,style} with graphs/generated/fixtures/tiny-sd1-*
-(test_ip_set_regenerates, test_style_set_regenerates).
+(test_generated_sets_regenerate).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
 built-in tokenizers: weights come from seeded CPU RNGs and the export is deterministic; the PNG bytes
@@ -244,57 +244,50 @@ def test_fixtures_regenerate(zoo_all, family):
     assert not problems, f"tiny-{family}: regenerated fixtures differ from the committed ones:\n" + "\n".join(problems)
 
 
-def test_ip_set_regenerates(tmp_path):
-    """The IP-Adapter set is generated, not committed (scripts/generate-sets.sh writes
-    graphs/generated, scripts/test.sh before the tests): a fresh build equals it, the set bit for
-    bit, the fixtures as the zoo's are held (exact files byte for byte: case.json, cases.json,
-    image.png, conditions/*.png, latents_init.npy and the loop case's seeded cases/*/latents.npy;
-    computed ones within the tolerances above: latents.npy and ip_adapter_cases.py's
-    cases/*/expected_latents.npy as expected_latents, the embeds and tokens as graph tensors).
-    Its graphs shared with tiny-sd1 equal the committed ones byte for byte."""
-    from t2i_export.tiny_ip_set import build_tiny_ip_set
-
-    generated = REPO / "graphs" / "generated"
-    if not (generated / "tiny-sd1-ip" / "manifest.json").is_file():
-        pytest.fail(f"{generated}: no tiny-sd1-ip; run `bash scripts/generate-sets.sh` first (scripts/test.sh does)")
-    fresh_set, fresh_fixtures = build_tiny_ip_set(tmp_path)
-    for name in ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx", "controlnet_canny.onnx"]:
-        assert _sha(fresh_set / name) == _sha(REPO / "graphs" / "tiny-sd1" / name), name
-    committed = generated / "tiny-sd1-ip"
-    assert _files(fresh_set) == _files(committed)
-    for rel in _files(committed):
-        if _sha(fresh_set / rel) != _sha(committed / rel):
-            pytest.fail(f"tiny-sd1-ip/{rel}: {_exact_problem(fresh_set / rel, committed / rel, rel)}")
-    committed_fixtures = generated / "fixtures" / "tiny-sd1-ip"
-    assert _files(fresh_fixtures) == _files(committed_fixtures)
-    problems = [p for r in _files(committed_fixtures)
-                if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
-    assert not problems, "tiny-sd1-ip: regenerated fixtures differ from the generated ones:\n" + "\n".join(problems)
+GENERATED = REPO / "graphs" / "generated"
 
 
-def test_style_set_regenerates(tmp_path):
-    """The style set is generated like the IP-Adapter set: a fresh build equals graphs/generated's, the
-    set bit for bit, the fixtures as the zoo's are held (exact files byte for byte: case.json,
-    style_*.png, latents_init.npy; computed ones within the tolerances above); its graphs shared with
-    tiny-sd1 equal the committed ones byte for byte."""
+def _build_generated(name: str, out: Path) -> tuple[Path, Path]:
+    if name == "tiny-sd1-ip":
+        from t2i_export.tiny_ip_set import build_tiny_ip_set
+
+        return build_tiny_ip_set(out)
     from t2i_export.tiny_style_set import build_tiny_style_set
 
-    generated = REPO / "graphs" / "generated"
-    if not (generated / "tiny-sd1-style" / "manifest.json").is_file():
-        pytest.fail(f"{generated}: no tiny-sd1-style; run `bash scripts/generate-sets.sh` first (scripts/test.sh does)")
-    fresh_set, fresh_fixtures = build_tiny_style_set(tmp_path)
-    for name in ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]:
-        assert _sha(fresh_set / name) == _sha(REPO / "graphs" / "tiny-sd1" / name), name
-    committed = generated / "tiny-sd1-style"
-    assert _files(fresh_set) == _files(committed)
-    for rel in _files(committed):
-        if _sha(fresh_set / rel) != _sha(committed / rel):
-            pytest.fail(f"tiny-sd1-style/{rel}: {_exact_problem(fresh_set / rel, committed / rel, rel)}")
-    committed_fixtures = generated / "fixtures" / "tiny-sd1-style"
-    assert _files(fresh_fixtures) == _files(committed_fixtures)
-    problems = [p for r in _files(committed_fixtures)
-                if (p := compare_fixture(fresh_fixtures / r, committed_fixtures / r, r))]
-    assert not problems, "tiny-sd1-style: regenerated fixtures differ from the generated ones:\n" + "\n".join(problems)
+    return build_tiny_style_set(out)
+
+
+# The graphs each generated set shares with the committed tiny-sd1, byte for byte.
+SHARED_WITH_SD1 = {
+    "tiny-sd1-ip": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx", "controlnet_canny.onnx"],
+    "tiny-sd1-style": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_WITH_SD1))
+def test_generated_sets_regenerate(tmp_path, name):
+    """The IP-Adapter and style sets are generated, not committed (scripts/generate-sets.sh writes
+    graphs/generated, scripts/test.sh before the tests): a fresh build equals them, the set bit for
+    bit, the fixtures as the zoo's are held. Exact, byte for byte: the IP set's case.json, cases.json,
+    image.png, conditions/*.png, latents_init.npy and the loop case's seeded cases/*/latents.npy; the
+    style set's case.json, style_*.png, latents_init.npy. Computed, within the tolerances above: the
+    final latents (latents*.npy, cases/*/expected_latents.npy) as expected_latents, the embeds, tokens
+    and style tokens as graph tensors. The graphs a set shares with tiny-sd1 equal the committed ones."""
+    if not (GENERATED / name / "manifest.json").is_file():
+        pytest.fail(f"{GENERATED}: no {name}; run `bash scripts/generate-sets.sh` first (scripts/test.sh does)")
+    fresh_set, fresh_fixtures = _build_generated(name, tmp_path)
+    for graph in SHARED_WITH_SD1[name]:
+        assert _sha(fresh_set / graph) == _sha(REPO / "graphs" / "tiny-sd1" / graph), graph
+    generated = GENERATED / name
+    assert _files(fresh_set) == _files(generated)
+    for rel in _files(generated):
+        if _sha(fresh_set / rel) != _sha(generated / rel):
+            pytest.fail(f"{name}/{rel}: {_exact_problem(fresh_set / rel, generated / rel, rel)}")
+    generated_fixtures = GENERATED / "fixtures" / name
+    assert _files(fresh_fixtures) == _files(generated_fixtures)
+    problems = [p for r in _files(generated_fixtures)
+                if (p := compare_fixture(fresh_fixtures / r, generated_fixtures / r, r))]
+    assert not problems, f"{name}: regenerated fixtures differ from the generated ones:\n" + "\n".join(problems)
 
 
 # The comparison itself, on the committed files (no regeneration): it must keep failing on real changes.

@@ -17,12 +17,11 @@ import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import EXPORT_DIR
+from conftest import EXPORT_DIR, assert_rel_l2 as rel_l2, ort_run as run
 
 from t2i_export.errors import ExportError
 from t2i_export.manifest import verify
@@ -33,21 +32,7 @@ from t2i_export.style_adapter import (
 from t2i_export.tiny import write_checkpoint
 from t2i_export.tiny_style_adapter import STYLE_CONFIG, VISION_CONFIG, build_style_adapter, save_style_adapter, write_tiny_style_adapter
 
-RTOL_L2 = 1e-5
 TEXT_LEN = 77
-
-
-def rel_l2(got: np.ndarray, want: np.ndarray, what: str) -> float:
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want.astype(np.float64)))
-    assert err <= RTOL_L2, f"{what}: relative L2 error {err:.3g} > {RTOL_L2}"
-    return err
-
-
-def run(path, feeds: dict) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 @pytest.fixture(scope="module")
