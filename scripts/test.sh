@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Sets up a fresh checkout and runs every test: the Rust runtime's (parity against the committed
-# diffusers fixtures, on ort-cpu and tract; error handling, limits, numerical faults, a short soak,
-# and the committed fuzz inputs replayed), the C API's (and its header against cbindgen), the C++
-# example service under AddressSanitizer, the exporter's (pytest), the GPU measurement kit's dry run,
-# and a short coverage-guided fuzz pass over every parser of outside input (scripts/fuzz.sh, 15 s
-# per target).
+# diffusers fixtures, on ort-cpu, tract and openvino; error handling, limits, numerical faults, a
+# short soak, and the committed fuzz inputs replayed), the C API's (and its header against
+# cbindgen), the C++ example service under AddressSanitizer, the exporter's (pytest), the GPU
+# measurement kit's dry run, and a short coverage-guided fuzz pass over every parser of outside
+# input (scripts/fuzz.sh, 15 s per target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
+bash scripts/setup-openvino.sh
 bash scripts/setup-python.sh
 # Graph sets the tests use that are generated, not committed (graphs/generated: the IP-Adapter set).
 bash scripts/generate-sets.sh

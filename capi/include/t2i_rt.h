@@ -28,6 +28,15 @@
 // tract, pure Rust: no shared library needed.
 #define T2I_BACKEND_TRACT 3
 
+// OpenVINO's runtime on the CPU (the openvino 2026.4 wheel's libraries: scripts/setup-openvino.sh).
+#define T2I_BACKEND_OPENVINO 4
+
+// `t2i_model_params.precision`: compute in f32.
+#define T2I_PRECISION_F32 0
+
+// bf16 (T2I_BACKEND_OPENVINO on CPUs with bf16 instructions: AVX512_BF16 or AMX).
+#define T2I_PRECISION_BF16 1
+
 // `t2i_request_params.rng`: the runtime's own generator (fast; not diffusers' draws).
 #define T2I_RNG_FAST 0
 
@@ -118,13 +127,15 @@ typedef struct t2i_model_params {
   // ONNX Runtime backends: one session per graph for all contexts of the model, so the weights
   // are held once (four contexts on SD 1.5: one copy instead of four) and calls to the same
   // graph take turns. Default false: each context opens its own sessions and runs in parallel.
-  // tract's contexts always share one copy.
+  // tract's and OpenVINO's contexts always share one copy.
   bool share_weights;
   // Where prepared engines live; NULL: `.t2i-engines` inside the graph set.
   const char *engine_cache_dir;
   // The model's log callback (NULL: notes are dropped) and its user data.
   t2i_log_fn log;
   void *log_user_data;
+  // `T2I_PRECISION_*` (default `T2I_PRECISION_F32`).
+  uint32_t precision;
 } t2i_model_params;
 
 // Called after every denoising step of a `t2i_generate` on the context it was set on, on the

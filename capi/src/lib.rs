@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use image::RgbImage;
 use ndarray::Array4;
 use t2i_rt::adapter::{AdapterRequest, ConditionSource};
-use t2i_rt::backend::{BackendKind, BackendSettings};
+use t2i_rt::backend::{BackendKind, BackendSettings, InferencePrecision};
 use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::preprocess::Preprocess;
 use t2i_rt::{
@@ -83,6 +83,13 @@ pub const T2I_BACKEND_ORT_CUDA: u32 = 1;
 pub const T2I_BACKEND_ORT_TRT: u32 = 2;
 /// tract, pure Rust: no shared library needed.
 pub const T2I_BACKEND_TRACT: u32 = 3;
+/// OpenVINO's runtime on the CPU (the openvino 2026.4 wheel's libraries: scripts/setup-openvino.sh).
+pub const T2I_BACKEND_OPENVINO: u32 = 4;
+
+/// `t2i_model_params.precision`: compute in f32.
+pub const T2I_PRECISION_F32: u32 = 0;
+/// bf16 (T2I_BACKEND_OPENVINO on CPUs with bf16 instructions: AVX512_BF16 or AMX).
+pub const T2I_PRECISION_BF16: u32 = 1;
 
 /// `t2i_request_params.rng`: the runtime's own generator (fast; not diffusers' draws).
 pub const T2I_RNG_FAST: u32 = 0;
@@ -128,13 +135,15 @@ pub struct t2i_model_params {
     /// ONNX Runtime backends: one session per graph for all contexts of the model, so the weights
     /// are held once (four contexts on SD 1.5: one copy instead of four) and calls to the same
     /// graph take turns. Default false: each context opens its own sessions and runs in parallel.
-    /// tract's contexts always share one copy.
+    /// tract's and OpenVINO's contexts always share one copy.
     pub share_weights: bool,
     /// Where prepared engines live; NULL: `.t2i-engines` inside the graph set.
     pub engine_cache_dir: *const c_char,
     /// The model's log callback (NULL: notes are dropped) and its user data.
     pub log: t2i_log_fn,
     pub log_user_data: *mut c_void,
+    /// `T2I_PRECISION_*` (default `T2I_PRECISION_F32`).
+    pub precision: u32,
 }
 
 /// An input image: a file (PNG or JPEG) when `path` is not NULL, else `width × height` 8-bit
@@ -443,6 +452,7 @@ pub unsafe extern "C" fn t2i_model_params_init(params: *mut t2i_model_params) {
         engine_cache_dir: std::ptr::null(),
         log: None,
         log_user_data: std::ptr::null_mut(),
+        precision: T2I_PRECISION_F32,
     };
     // SAFETY: non-NULL and writable (the contract above). A plain write of plain data: nothing here
     // can panic.
@@ -503,7 +513,13 @@ pub unsafe extern "C" fn t2i_model_load(
             T2I_BACKEND_ORT_CUDA => BackendKind::OrtCuda,
             T2I_BACKEND_ORT_TRT => BackendKind::OrtTrt,
             T2I_BACKEND_TRACT => BackendKind::Tract,
+            T2I_BACKEND_OPENVINO => BackendKind::OpenVino,
             other => return Err(invalid(format!("params.backend {other} is not a T2I_BACKEND_* value"))),
+        };
+        let precision = match params.precision {
+            T2I_PRECISION_F32 => InferencePrecision::F32,
+            T2I_PRECISION_BF16 => InferencePrecision::Bf16,
+            other => return Err(invalid(format!("params.precision {other} is not a T2I_PRECISION_* value"))),
         };
         // SAFETY: the contract above.
         let cache_dir = unsafe { optional_string(params.engine_cache_dir, "params.engine_cache_dir") }?;
@@ -536,6 +552,7 @@ pub unsafe extern "C" fn t2i_model_load(
                 trt_fp16: params.trt_fp16,
                 log,
                 share_sessions: params.share_weights,
+                precision,
             },
             engine_cache,
             ..LoadOptions::default()

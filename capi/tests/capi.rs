@@ -362,6 +362,13 @@ fn errors_are_statuses_with_thread_local_messages() {
         assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_ARGUMENT);
         assert!(last_error().contains("T2I_BACKEND_"), "{}", last_error());
         params.backend = T2I_BACKEND_ORT_CPU;
+        params.precision = 7;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("T2I_PRECISION_"), "{}", last_error());
+        params.precision = T2I_PRECISION_BF16;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_OPTIONS);
+        assert!(last_error().contains("bf16 is an openvino option"), "{}", last_error());
+        params.precision = T2I_PRECISION_F32;
         params.device = 1;
         assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_OPTIONS);
         params.device = 0;
@@ -502,4 +509,44 @@ fn the_log_callback_gets_the_models_notes() {
         "no stale-engine warning in {seen:?}"
     );
     std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// `T2I_BACKEND_OPENVINO` runs the model on OpenVINO: the same bits as the library on it.
+#[test]
+fn openvino_backend_equals_the_library_on_openvino() {
+    let mut params = std::mem::MaybeUninit::<t2i_model_params>::uninit();
+    let mut model = null_mut();
+    let dir = c(graphs().join("tiny-sd1").to_str().unwrap());
+    // SAFETY: init fills the whole struct; valid string and out pointer.
+    let params = unsafe {
+        t2i_model_params_init(params.as_mut_ptr());
+        let mut params = params.assume_init();
+        params.backend = T2I_BACKEND_OPENVINO;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_OK, "{}", last_error());
+        params
+    };
+    assert_eq!(params.precision, T2I_PRECISION_F32);
+    let mut ctx = null_mut();
+    // SAFETY: a live model and an out pointer.
+    assert_eq!(unsafe { t2i_ctx_new(model, &mut ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    let prompt = c("a red house");
+    let mut request = request_params();
+    request.prompt = prompt.as_ptr();
+    request.steps = 3;
+    request.seed = 5;
+    request.want_latents = true;
+    let ours = generate_latents(ctx, &request);
+
+    let options = LoadOptions { backend: t2i_rt::backend::BackendKind::OpenVino, ..LoadOptions::default() };
+    let mut pipeline = Pipeline::load(&graphs().join("tiny-sd1"), &options).unwrap();
+    let mut library = Request::new("a red house");
+    library.steps = 3;
+    library.seed = 5;
+    let generation = pipeline.run(&library, &mut |_| true).unwrap();
+    assert_eq!(ours, generation.latents.into_dyn(), "the C API and the library differ on openvino");
+    // SAFETY: live handles, freed once.
+    unsafe {
+        t2i_ctx_free(ctx);
+        t2i_model_free(model);
+    }
 }

@@ -77,3 +77,8 @@ fn ort_cpu_graphs_equal_diffusers() {
 fn tract_graphs_equal_diffusers() {
     check_backend(BackendKind::Tract);
 }
+
+#[test]
+fn openvino_graphs_equal_diffusers() {
+    check_backend(BackendKind::OpenVino);
+}

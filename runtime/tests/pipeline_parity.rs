@@ -24,7 +24,7 @@
 //! several ControlNets at once, with the same tolerances.
 //!
 //! Tolerances (from the project's requirements): final latents relative L2 ≤ 1e-4 and every pixel
-//! within 2/255 on ort-cpu; tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
+//! within 2/255 on ort-cpu and openvino (f32); tract ≤ 1e-3 relative L2 (its kernels sum in another order, and the
 //! differences compound over the steps) and the same 2/255 pixel bound.
 //!
 //! The fp16 set (`tiny-sd1-fp16`, the same weights exported with `--precision fp16`) is held to the
@@ -328,6 +328,18 @@ fn tract_inpainting_unet_equals_diffusers() {
     check_set(BackendKind::Tract, 1e-3, "tiny-sd1-inpaint");
 }
 
+#[test]
+fn openvino_pipeline_equals_diffusers() {
+    check_backend(BackendKind::OpenVino, 1e-4);
+}
+
+#[test]
+fn openvino_sdxl_sd2_and_inpainting_pipelines_equal_diffusers() {
+    for set in ["tiny-sdxl", "tiny-sd2", "tiny-sd1-inpaint"] {
+        check_set(BackendKind::OpenVino, 1e-4, set);
+    }
+}
+
 /// Cases where fp16 rounding alone moves pixels further than the fp16 bound, whatever computes
 /// in fp16: in `z2_inpaint_euler_strength075_pipeline` (Euler, 4 of 6 steps, inpainting) diffusers'
 /// own fp16 pipeline lands 3 to 8 levels from fp32 depending only on rounding order, and the fp16
@@ -338,6 +350,11 @@ const FP16_ROUNDING_BOUND: [&str; 1] = ["z2_inpaint_euler_strength075_pipeline"]
 #[test]
 fn ort_cpu_fp16_set_is_within_fp16_error_of_diffusers() {
     check_graphs(BackendKind::OrtCpu, 5e-3, "tiny-sd1-fp16", "tiny-sd1");
+}
+
+#[test]
+fn openvino_fp16_set_is_within_fp16_error_of_diffusers() {
+    check_graphs(BackendKind::OpenVino, 5e-3, "tiny-sd1-fp16", "tiny-sd1");
 }
 
 #[test]

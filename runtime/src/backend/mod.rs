@@ -3,9 +3,11 @@
 //! workers), and each worker opens its own [`GraphSession`] (mutable, `Send`) to run it.
 //!
 //! ONNX Runtime (`ort-cpu`, and on NVIDIA GPUs `ort-cuda` and `ort-trt`: execution providers of
-//! the same backend, [`OrtOptions`]) and tract (pure Rust) implement it here.
+//! the same backend, [`OrtOptions`]), OpenVINO (`openvino`, CPU, f32 or bf16) and tract (pure Rust)
+//! implement it here.
 
 pub mod gpu;
+mod openvino;
 mod ort;
 mod tract;
 
@@ -19,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::log::Logger;
 use crate::manifest::{GraphSpec, RealTensor};
 
+pub use self::openvino::{find_openvino_library, OpenVinoBackend, OPENVINO_LIBRARY_NAME};
 pub use self::ort::{find_onnxruntime_library, OrtBackend, OrtOptions, Provider, ORT_LIBRARY_NAME};
 pub use self::tract::TractBackend;
 
@@ -37,6 +40,51 @@ pub enum BackendKind {
     OrtTrt,
     /// tract, the pure-Rust fallback: no shared library needed.
     Tract,
+    /// OpenVINO's own runtime on the CPU (the `openvino` wheel's library), f32 or bf16.
+    OpenVino,
+}
+
+/// The precision a backend computes in, for graphs stored in f32. (fp16 graph sets are a different
+/// thing: graphs exported in fp16, chosen by the graph set.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InferencePrecision {
+    #[default]
+    F32,
+    /// bfloat16 matrix products and convolutions, f32 elsewhere: OpenVINO on CPUs with bf16
+    /// instructions (AVX512_BF16, AMX). About 1e-2 relative error in a UNet's output.
+    Bf16,
+}
+
+impl InferencePrecision {
+    pub const ALL: [InferencePrecision; 2] = [InferencePrecision::F32, InferencePrecision::Bf16];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InferencePrecision::F32 => "f32",
+            InferencePrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// The value of OpenVINO's `INFERENCE_PRECISION_HINT`.
+    fn openvino_name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl std::str::FromStr for InferencePrecision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        InferencePrecision::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| Error::InvalidOptions(format!("unknown precision {s:?}; valid precisions: f32, bf16")))
+    }
+}
+
+impl std::fmt::Display for InferencePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How a backend is created: threads, GPU and fallback choices. `Default` is the backend's own.
@@ -58,6 +106,8 @@ pub struct BackendSettings {
     /// Off (the default): one session per worker, calls in parallel, I/O binding on GPUs. tract's
     /// workers always share one copy of the weights.
     pub share_sessions: bool,
+    /// What the backend computes in: bf16 is an `openvino` option.
+    pub precision: InferencePrecision,
 }
 
 impl BackendSettings {
@@ -75,15 +125,22 @@ impl BackendSettings {
         if self.trt_fp16 && backend != BackendKind::OrtTrt {
             return Err(Error::InvalidOptions(format!("TensorRT fp16 is an ort-trt option, not one of {backend}")));
         }
+        if self.precision != InferencePrecision::F32 && backend != BackendKind::OpenVino {
+            return Err(Error::InvalidOptions(format!(
+                "precision {} is an openvino option, not one of {backend} (ort-trt has --trt-fp16; fp16 graph sets \
+                 run on every ort backend)",
+                self.precision
+            )));
+        }
         Ok(())
     }
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 4] =
-        [BackendKind::OrtCpu, BackendKind::OrtCuda, BackendKind::OrtTrt, BackendKind::Tract];
+    pub const ALL: [BackendKind; 5] =
+        [BackendKind::OrtCpu, BackendKind::OrtCuda, BackendKind::OrtTrt, BackendKind::Tract, BackendKind::OpenVino];
     /// The backends every machine can run (what the parity tests and CPU benches cover).
-    pub const CPU: [BackendKind; 2] = [BackendKind::OrtCpu, BackendKind::Tract];
+    pub const CPU: [BackendKind; 3] = [BackendKind::OrtCpu, BackendKind::Tract, BackendKind::OpenVino];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -91,6 +148,7 @@ impl BackendKind {
             BackendKind::OrtCuda => "ort-cuda",
             BackendKind::OrtTrt => "ort-trt",
             BackendKind::Tract => "tract",
+            BackendKind::OpenVino => "openvino",
         }
     }
 
@@ -111,6 +169,7 @@ impl BackendKind {
         settings.check(self)?;
         let provider = match self {
             BackendKind::Tract => return Ok(Arc::new(TractBackend::new(settings.threads))),
+            BackendKind::OpenVino => return Ok(Arc::new(OpenVinoBackend::new(settings.threads, settings.precision)?)),
             BackendKind::OrtCpu => Provider::Cpu,
             BackendKind::OrtCuda => Provider::Cuda { device: settings.device },
             BackendKind::OrtTrt => Provider::TensorRt { device: settings.device, fp16: settings.trt_fp16 },
