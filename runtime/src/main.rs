@@ -373,7 +373,8 @@ impl ExecArgs {
 #[command(
     after_help = "What is prepared, per backend (into DIR/.t2i-engines unless --engine-cache says otherwise):\n  \
     ort-cpu, ort-cuda  ONNX Runtime's optimized graphs: start-up skips graph optimization\n  \
-    ort-trt            TensorRT engines and timing cache for the --profile sizes and batch ranges\n\n\
+    ort-trt            TensorRT engines and timing cache for the --profile sizes and batch ranges\n  \
+    openvino           OpenVINO's compiled models (its model cache): start-up imports instead of compiling\n\n\
 Each graph's entry is keyed by the graph's checksums, the backend and its options, the ONNX Runtime\n\
 build, and the CPU (ort-cpu) or GPU, driver and TensorRT version; `run` uses an entry only when all of\n\
 them match, and says which changed when one is stale.\n\n\

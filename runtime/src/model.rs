@@ -163,11 +163,6 @@ impl Model {
                 "tract has no engine cache: it plans each graph for the request's shapes when it first runs".into(),
             ));
         }
-        if options.backend == BackendKind::OpenVino {
-            return Err(Error::Unsupported(
-                "openvino has no engine cache yet: it compiles each graph when the model loads".into(),
-            ));
-        }
         if options.backend == BackendKind::OrtTrt && profiles.is_empty() {
             return Err(Error::InvalidOptions(
                 "ort-trt needs at least one shape profile (WxH[:MIN-MAX]: the sizes and batch range the engines \

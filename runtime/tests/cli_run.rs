@@ -116,29 +116,53 @@ fn run_inpaints_and_draws_img2img_as_diffusers() {
 /// `run` says which key field changed.
 #[test]
 fn prepared_engines_are_used_and_stale_ones_are_not() {
-    let cache = std::env::temp_dir().join(format!("t2i-cli-engines-{}", std::process::id()));
+    check_prepared_engines("ort-cpu", |entry| entry.join("optimized.onnx").is_file());
+}
+
+/// The same for `--backend openvino`, whose entries hold OpenVINO's compiled models (`*.blob`).
+#[test]
+fn prepared_openvino_engines_are_used_and_stale_ones_are_not() {
+    check_prepared_engines("openvino", |entry| {
+        std::fs::read_dir(entry).unwrap().any(|e| e.unwrap().path().extension().is_some_and(|x| x == "blob"))
+    });
+}
+
+/// `build-engine` on `backend` into a fresh cache: every graph gets one entry holding its
+/// `artefact` and its key; `run` through the cache draws what it draws without; an entry whose key
+/// no longer matches the machine is skipped with a note naming the changed field.
+fn check_prepared_engines(backend: &str, artefact: fn(&std::path::Path) -> bool) {
+    let cache = std::env::temp_dir().join(format!("t2i-cli-engines-{backend}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
     let cache_arg = cache.to_str().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
-        .args(["build-engine", "--backend", "ort-cpu", "--engine-cache", cache_arg, "--graphs"])
+        .args(["build-engine", "--backend", backend, "--engine-cache", cache_arg, "--graphs"])
         .arg(common::tiny_sd1())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "build-engine failed: {stderr}");
     assert!(stderr.contains("start-up from the prepared engines"), "{stderr}");
-    // One entry per graph, each with its optimized graph and, last, its key.
+    // One entry per graph, each with its prepared artefact and, last, its key.
     let graphs = ["text_encoder", "unet", "vae_decoder", "adapter_sketch", "adapter_color"];
     let mut entries = Vec::new();
     for graph in graphs {
         let dirs: Vec<_> = std::fs::read_dir(cache.join(graph)).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(dirs.len(), 1, "{graph}: {dirs:?}");
-        assert!(dirs[0].join("optimized.onnx").is_file() && dirs[0].join("key.json").is_file(), "{dirs:?}");
+        assert!(artefact(&dirs[0]) && dirs[0].join("key.json").is_file(), "{dirs:?}");
         entries.push(dirs[0].clone());
     }
 
-    let (uncached, _) = run_fixture_case("uncached", two_adapters_tau, &["--no-engine-cache"]);
-    let (cached, stderr) = run_fixture_case("cached", two_adapters_tau, &["--engine-cache", cache_arg]);
+    let backend_args = ["--backend", backend];
+    let (uncached, _) = run_fixture_case(
+        &format!("{backend}-uncached"),
+        two_adapters_tau,
+        &[&backend_args[..], &["--no-engine-cache"]].concat(),
+    );
+    let (cached, stderr) = run_fixture_case(
+        &format!("{backend}-cached"),
+        two_adapters_tau,
+        &[&backend_args[..], &["--engine-cache", cache_arg]].concat(),
+    );
     assert!(!stderr.contains("stale"), "{stderr}");
     let diff = common::rel_l2(&cached, &uncached);
     assert!(diff <= 1e-6, "prepared graphs changed the result: rel L2 {diff:.2e} against loading the originals");
@@ -150,7 +174,11 @@ fn prepared_engines_are_used_and_stale_ones_are_not() {
     key.insert("cpu".into(), Value::String("another CPU".into()));
     std::fs::write(&key_file, serde_json::to_string(&key).unwrap()).unwrap();
     std::fs::rename(&entries[1], entries[1].with_file_name("0000000000000000")).unwrap();
-    let (_, stderr) = run_fixture_case("stale", two_adapters_tau, &["--engine-cache", cache_arg]);
+    let (_, stderr) = run_fixture_case(
+        &format!("{backend}-stale"),
+        two_adapters_tau,
+        &[&backend_args[..], &["--engine-cache", cache_arg]].concat(),
+    );
     assert!(
         stderr.contains("prepared engine for unet") && stderr.contains("is stale (cpu: another CPU -> "),
         "{stderr}"
@@ -158,13 +186,13 @@ fn prepared_engines_are_used_and_stale_ones_are_not() {
     std::fs::remove_dir_all(&cache).unwrap();
 }
 
-/// `t2i-rt bench --json` writes the documented shape, with and without adapters, on both backends.
+/// `t2i-rt bench --json` writes the documented shape, with and without adapters, on the CPU backends.
 #[test]
 fn bench_writes_stage_statistics() {
     let out_dir = std::env::temp_dir().join(format!("t2i-cli-bench-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let sketch = common::tiny_sd1_fixtures().join("conditions/sketch.png");
-    for backend in ["ort-cpu", "tract"] {
+    for backend in ["ort-cpu", "tract", "openvino"] {
         let json = out_dir.join(format!("{backend}.json"));
         let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
             .args(["bench", "--graphs"])

@@ -169,7 +169,9 @@ impl BackendKind {
         settings.check(self)?;
         let provider = match self {
             BackendKind::Tract => return Ok(Arc::new(TractBackend::new(settings.threads))),
-            BackendKind::OpenVino => return Ok(Arc::new(OpenVinoBackend::new(settings.threads, settings.precision)?)),
+            BackendKind::OpenVino => {
+                return Ok(Arc::new(OpenVinoBackend::new(settings.threads, settings.precision, settings.log.clone())?))
+            }
             BackendKind::OrtCpu => Provider::Cpu,
             BackendKind::OrtCuda => Provider::Cuda { device: settings.device },
             BackendKind::OrtTrt => Provider::TensorRt { device: settings.device, fp16: settings.trt_fp16 },

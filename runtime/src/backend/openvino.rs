@@ -13,6 +13,10 @@
 //! A loaded graph is one compiled model (weights held once) shared by every worker; each worker's
 //! session is an infer request of it. Shapes stay dynamic: OpenVINO compiles once and runs any
 //! input shape the graph allows.
+//!
+//! Engine caches ([`crate::engine`]): the entry is OpenVINO's own model cache (`CACHE_DIR`: the
+//! compiled model as a blob), so start-up imports instead of compiling (compiling costs seconds
+//! even for the tiny test graphs). The key adds OpenVINO's build, the CPU, precision and threads.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,8 +24,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ndarray::{ArrayD, IxDyn};
 use openvino::{CompiledModel, Core, DeviceType, ElementType, InferRequest, Model, PropertyKey, RwPropertyKey};
 
-use super::{Backend, Graph, GraphSession, InferencePrecision, TensorView};
+use super::{Backend, CacheUse, Graph, GraphLoad, GraphSession, InferencePrecision, TensorView};
+use crate::engine::{self, CacheKey, Lookup};
 use crate::error::{Error, Result};
+use crate::log::Logger;
 use crate::manifest::{DType, RealTensor};
 
 const BACKEND: &str = "openvino";
@@ -35,6 +41,11 @@ pub struct OpenVinoBackend {
     /// OpenVINO's core: reads and compiles models. Compiling is rare (model load), so one lock.
     core: Mutex<Core>,
     precision: InferencePrecision,
+    threads: Option<usize>,
+    /// OpenVINO's build string (engine-cache keys).
+    version: String,
+    /// Where stale engine-cache notes go.
+    log: Logger,
 }
 
 impl OpenVinoBackend {
@@ -42,7 +53,7 @@ impl OpenVinoBackend {
     /// the backend: `threads` per graph call (`None`: OpenVINO's default, one per physical core),
     /// computing in `precision`. bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX):
     /// elsewhere OpenVINO would quietly compute in f32, so that is an error here.
-    pub fn new(threads: Option<usize>, precision: InferencePrecision) -> Result<Self> {
+    pub fn new(threads: Option<usize>, precision: InferencePrecision, log: Logger) -> Result<Self> {
         let library = load_library()?;
         let mut core = Core::new()
             .map_err(|e| Error::RuntimeLibrary(format!("cannot start OpenVINO from {}: {e}", library.display())))?;
@@ -72,10 +83,58 @@ impl OpenVinoBackend {
                 )));
             }
         }
-        Ok(OpenVinoBackend { core: Mutex::new(core), precision })
+        let version = openvino::version().build_number;
+        Ok(OpenVinoBackend { core: Mutex::new(core), precision, threads, version, log })
     }
 
-    fn compile(&self, graph: &str, what: &dyn std::fmt::Display, read: ReadModel<'_>) -> Result<Arc<dyn Graph>> {
+    fn cache_key(&self, request: &GraphLoad<'_>) -> CacheKey {
+        CacheKey::new()
+            .with("graph", CacheKey::graph_digest(request.spec))
+            .with("backend", BACKEND)
+            .with("openvino", self.version.clone())
+            .with("cpu", engine::cpu_identity())
+            .with("precision", self.precision.as_str())
+            .with("threads", self.threads.map_or("default".into(), |n| n.to_string()))
+    }
+
+    /// Loads through the cache: build an entry (build-engine), or use a fresh one, or say why not.
+    fn load_cached(&self, request: &GraphLoad<'_>, cache: &CacheUse<'_>) -> Result<Arc<dyn Graph>> {
+        let (name, path) = (request.name, request.path);
+        let key = self.cache_key(request);
+        if cache.build {
+            let dir = engine::begin_entry(cache.root, name, &key)?;
+            // A failed build leaves nothing behind (an entry without its key is never used anyway).
+            let graph = self.compile(name, &path.display(), ReadModel::File(path), Some(&dir)).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
+            engine::finish_entry(&dir, &key)?;
+            return Ok(graph);
+        }
+        match engine::lookup(cache.root, name, &key) {
+            Lookup::Fresh(dir) => self.compile(name, &path.display(), ReadModel::File(path), Some(&dir)),
+            lookup => {
+                if let Lookup::Stale { changed } = &lookup {
+                    self.log.warn(&format!(
+                        "the prepared engine for {name} in {} is stale ({}); not using it. Run `t2i-rt build-engine \
+                         --backend openvino` again to prepare one for this machine.",
+                        cache.root.display(),
+                        changed.join("; ")
+                    ));
+                }
+                self.compile(name, &path.display(), ReadModel::File(path), None)
+            }
+        }
+    }
+
+    /// Reads and compiles a graph; with `cache_dir`, through OpenVINO's model cache there (imported
+    /// when it holds this graph compiled with these settings, else compiled and written there).
+    fn compile(
+        &self,
+        graph: &str,
+        what: &dyn std::fmt::Display,
+        read: ReadModel<'_>,
+        cache_dir: Option<&Path>,
+    ) -> Result<Arc<dyn Graph>> {
         let error = |message: String| Error::Backend { backend: BACKEND, graph: graph.to_string(), message };
         let mut core = self.core.lock().map_err(|_| error("OpenVINO core lock poisoned".into()))?;
         let model = match read {
@@ -87,8 +146,19 @@ impl OpenVinoBackend {
         }
         .map_err(|e| error(format!("cannot read {what}: {e}")))?;
         let (inputs, outputs) = guarded(|| ports(&model)).map_err(|e| error(format!("{what}: {e}")))?;
-        let compiled =
-            core.compile_model(&model, DeviceType::CPU).map_err(|e| error(format!("cannot compile {what}: {e}")))?;
+        let compiled = match cache_dir {
+            None => core.compile_model(&model, DeviceType::CPU),
+            Some(dir) => {
+                let dir = dir.to_str().ok_or_else(|| error(format!("{}: the path is not UTF-8", dir.display())))?;
+                let cache = RwPropertyKey::CacheDir;
+                core.set_property(&DeviceType::CPU, &cache, dir).and_then(|()| {
+                    let compiled = core.compile_model(&model, DeviceType::CPU);
+                    // The cache directory is the core's setting: later graphs choose their own.
+                    core.set_property(&DeviceType::CPU, &cache, "").and(compiled)
+                })
+            }
+        }
+        .map_err(|e| error(format!("cannot compile {what}: {e}")))?;
         drop(core);
         // OpenVINO takes a precision hint it cannot honour without a word; check what it compiled.
         let precision = compiled
@@ -121,11 +191,18 @@ impl Backend for OpenVinoBackend {
     }
 
     fn load(&self, graph: &str, path: &Path) -> Result<Arc<dyn Graph>> {
-        self.compile(graph, &path.display(), ReadModel::File(path))
+        self.compile(graph, &path.display(), ReadModel::File(path), None)
     }
 
     fn load_bytes(&self, graph: &str, bytes: &[u8]) -> Result<Arc<dyn Graph>> {
-        self.compile(graph, &"the graph", ReadModel::Bytes(bytes))
+        self.compile(graph, &"the graph", ReadModel::Bytes(bytes), None)
+    }
+
+    fn load_graph(&self, request: &GraphLoad<'_>) -> Result<Arc<dyn Graph>> {
+        match &request.cache {
+            Some(cache) => self.load_cached(request, cache),
+            None => self.load(request.name, request.path),
+        }
     }
 }
 
