@@ -7,8 +7,8 @@
 #   graphs/generated/fixtures/tiny-*-ip*       what diffusers' load_ip_adapter pipelines compute with them
 #   graphs/generated/tiny-sd1-style            tiny-sd1 + the tiny TencentARC style adapter (tiny_style_set.py)
 #   graphs/generated/fixtures/tiny-sd1-style   what the reference loop over diffusers' UNet computes with it
-# Deterministic (seeded weights, one torch thread), about 40 s. Needs the exporter's .venv
-# (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
+# Deterministic (seeded weights, one torch thread), about 45 s (tiny-sd1-ip-plus and tiny-sdxl-ip add
+# 15 s). Needs the exporter's .venv (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

@@ -18,9 +18,9 @@ with a T2I-Adapter, each against diffusers.
   `prepare_ip_adapter_image_embeds`, then `added_cond_kwargs={"image_embeds": ...}` to the UNet that
   `load_ip_adapter` patched). Explicit initial latents.
 
-Every case uses the checkpoint's own scheduler (PNDM for tiny-sd1, Euler for tiny-sdxl), the IP image of ip_adapter_fixtures.py
-(image.png) and fixtures.py's synthetic conditions (conditions/*.png, the same bytes as
-graphs/fixtures/tiny-sd1's). Written per case: ``cases/NAME/expected_latents.npy`` (the final
+Every case uses the checkpoint's own scheduler (PNDM for tiny-sd1, Euler for tiny-sdxl), the IP
+image of ip_adapter_fixtures.py (image.png) and fixtures.py's synthetic conditions (conditions/*.png,
+the same bytes as graphs/fixtures/tiny-sd1's). Written per case: ``cases/NAME/expected_latents.npy`` (the final
 latents, `output_type="latent"`) and, for the loop, ``cases/NAME/latents.npy`` (seeded).
 """
 
