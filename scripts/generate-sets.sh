@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Writes the graph sets the tests need that are generated rather than committed (committed, they
-# would push the tree past 30 MiB; most of their bytes are copies of graphs/tiny-sd1's graphs):
+# would push the tree past 30 MiB; most of their bytes are copies of graphs/tiny-sd1's and tiny-sdxl's graphs):
 #   graphs/generated/tiny-sd1-ip               tiny-sd1 + the tiny plain IP-Adapter (export/t2i_export/tiny_ip_set.py)
-#   graphs/generated/fixtures/tiny-sd1-ip      what diffusers computes with it
+#   graphs/generated/tiny-sd1-ip-plus          tiny-sd1 + the tiny IP-Adapter Plus (tiny_ip_set.py)
+#   graphs/generated/tiny-sdxl-ip              tiny-sdxl + a tiny plain IP-Adapter (tiny_ip_set.py)
+#   graphs/generated/fixtures/tiny-*-ip*       what diffusers' load_ip_adapter pipelines compute with them
 #   graphs/generated/tiny-sd1-style            tiny-sd1 + the tiny TencentARC style adapter (tiny_style_set.py)
 #   graphs/generated/fixtures/tiny-sd1-style   what the reference loop over diffusers' UNet computes with it
-# Deterministic (seeded weights, one torch thread), about 40 s. Needs the exporter's .venv
-# (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
+# Deterministic (seeded weights, one torch thread), about 45 s (tiny-sd1-ip-plus and tiny-sdxl-ip add
+# 15 s). Needs the exporter's .venv (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -21,7 +23,7 @@ fi
 # Written beside and swapped in whole, so that an interrupted run leaves no half-written set.
 staging=graphs/.generated-staging
 rm -rf "$staging"
-(cd export && T2I_OPEN_CLIP_WHEEL="$wheel" ../.venv/bin/python -m t2i_export tiny --family sd1-ip --family sd1-style --out "../$staging")
+(cd export && T2I_OPEN_CLIP_WHEEL="$wheel" ../.venv/bin/python -m t2i_export tiny --family sd1-ip --family sd1-ip-plus --family sdxl-ip --family sd1-style --out "../$staging")
 rm -rf graphs/generated
 mv "$staging" graphs/generated
-echo "wrote graphs/generated: tiny-sd1-ip, tiny-sd1-style and their fixtures"
+echo "wrote graphs/generated: tiny-sd1-ip, tiny-sd1-ip-plus, tiny-sdxl-ip, tiny-sd1-style and their fixtures"

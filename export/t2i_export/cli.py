@@ -11,6 +11,9 @@ from pathlib import Path
 from .errors import ExportError
 from .precision import PRECISIONS
 
+# tiny_ip_set.IP_SETS' families (named here so that the parser does not import torch)
+IP_FAMILIES = ("sd1-ip", "sd1-ip-plus", "sdxl-ip")
+
 
 def _adapter_arg(text: str, flag: str = "--adapter") -> tuple[str, Path]:
     name, sep, path = text.partition("=")
@@ -70,11 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
     pt.add_argument("--out", type=Path, required=True,
                     help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16; "
-                         "sd1-ip: tiny-sd1 with the tiny plain IP-Adapter, tiny_ip_set.py; sd1-style: tiny-sd1 with the "
-                         "tiny style adapter, tiny_style_set.py)")
-    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint", "sd1-ip", "sd1-style"],
-                    help="only these members of the tiny zoo (repeatable; default: the committed ones, all but sd1-ip and "
-                    "sd1-style, which are generated, not committed: scripts/generate-sets.sh writes them to graphs/generated)")
+                         "sd1-ip, sd1-ip-plus, sdxl-ip: tiny-sd1 with the tiny plain or Plus IP-Adapter, tiny-sdxl with "
+                         "a plain one, tiny_ip_set.py; sd1-style: tiny-sd1 with the tiny style adapter, tiny_style_set.py)")
+    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint", *IP_FAMILIES, "sd1-style"],
+                    help="only these members of the tiny zoo (repeatable; default: the committed ones, all but the IP "
+                    "sets and sd1-style, which are generated, not committed: scripts/generate-sets.sh writes them to "
+                    "graphs/generated)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 
     pr = sub.add_parser("random", help="export a random-weight pipeline of a real model's size (benchmarks)")
@@ -168,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for set_dir, fixtures_dir in build_tiny_zoo(args.out, args.work, args.family):
                 print(f"wrote {set_dir}" + (f" and {fixtures_dir}" if fixtures_dir else ""))
-            if args.family and "sd1-ip" in args.family:
-                from .tiny_ip_set import build_tiny_ip_set
+            ip_families = [f for f in args.family or [] if f in IP_FAMILIES]
+            if ip_families:
+                from .tiny_ip_set import build_tiny_ip_sets
 
-                set_dir, fixtures_dir = build_tiny_ip_set(args.out)
-                print(f"wrote {set_dir} and {fixtures_dir}")
+                for set_dir, fixtures_dir in build_tiny_ip_sets(args.out, ip_families):
+                    print(f"wrote {set_dir} and {fixtures_dir}")
             if args.family and "sd1-style" in args.family:
                 from .tiny_style_set import build_tiny_style_set
 

@@ -1,6 +1,10 @@
-"""The IP-Adapter in combination, for graphs/fixtures/tiny-sd1-ip/cases.json: the reference image
-together with a ControlNet, with img2img, and with a T2I-Adapter, each against diffusers.
+"""IP-Adapter cases for a generated set's cases.json (graphs/generated/fixtures/tiny-*-ip*/): the
+reference image from a seed alone, and (tiny-sd1-ip) together with a ControlNet, with img2img, and
+with a T2I-Adapter, each against diffusers.
 
+* ``ip_text_generator_pipeline`` (`TEXT_CASES`, every IP set): the checkpoint's own text-to-image
+  pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`, ip_adapter_fixtures.load_pipeline)
+  with `ip_adapter_image` and no latents: every draw from `torch.Generator("cpu").manual_seed(seed)`.
 * ``ip_controlnet_generator_pipeline``: `StableDiffusionControlNetPipeline` (it has `IPAdapterMixin`)
   with tiny-sd1's "canny" ControlNet and `ip_adapter_image`; no latents, every draw from
   `torch.Generator("cpu").manual_seed(seed)` (the runtime's `--rng torch-cpu`).
@@ -14,9 +18,9 @@ together with a ControlNet, with img2img, and with a T2I-Adapter, each against d
   `prepare_ip_adapter_image_embeds`, then `added_cond_kwargs={"image_embeds": ...}` to the UNet that
   `load_ip_adapter` patched). Explicit initial latents.
 
-Every case uses the checkpoint's own scheduler (PNDM), the IP image of ip_adapter_fixtures.py
-(image.png) and fixtures.py's synthetic conditions (conditions/*.png, the same bytes as
-graphs/fixtures/tiny-sd1's). Written per case: ``cases/NAME/expected_latents.npy`` (the final
+Every case uses the checkpoint's own scheduler (PNDM for tiny-sd1, Euler for tiny-sdxl), the IP
+image of ip_adapter_fixtures.py (image.png) and fixtures.py's synthetic conditions (conditions/*.png,
+the same bytes as graphs/fixtures/tiny-sd1's). Written per case: ``cases/NAME/expected_latents.npy`` (the final
 latents, `output_type="latent"`) and, for the loop, ``cases/NAME/latents.npy`` (seeded).
 """
 
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from diffusers import (
     ControlNetModel,
+    DiffusionPipeline,
     PNDMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -42,7 +47,11 @@ from .fixtures import condition_images
 
 _CASE = dict(negative_prompt="blurry", guidance=7.5, ip_scale=0.6, width=64, height=64, adapters=[], controls=[],
              init_image=None, strength=None, latents=None, rng=None)
-CASES = [
+TEXT_CASES = [
+    dict(_CASE, name="ip_text_generator_pipeline", prompt="a small boat on a calm lake", steps=4, rng="torch-cpu", seed=304,
+         reference="pipeline"),
+]
+CASES = TEXT_CASES + [
     dict(_CASE, name="ip_controlnet_generator_pipeline", prompt="a red house on a green hill, oil painting", steps=4,
          controls=[dict(name="canny", image="conditions/control.png", scale=1.0)], rng="torch-cpu", seed=301,
          reference="pipeline"),
@@ -91,17 +100,21 @@ def run_loop(pipe: StableDiffusionPipeline, adapter: T2IAdapter, case: dict, ip_
 
 
 @torch.no_grad()
-def write_cases(pipe: StableDiffusionPipeline, adapter_dir: Path, controlnet_dir: Path, out: Path) -> Path:
-    """OUT/cases.json, OUT/conditions/*.png and OUT/cases/NAME/*.npy; `pipe` has the IP-Adapter loaded."""
-    synthetic = condition_images()
-    for key, rel in CONDITIONS.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        synthetic[key].save(out / rel)
+def write_cases(pipe: DiffusionPipeline, out: Path, cases: list[dict] = CASES, adapter_dir: Path | None = None,
+                controlnet_dir: Path | None = None) -> Path:
+    """OUT/cases.json, OUT/conditions/*.png (when a case has conditions) and OUT/cases/NAME/*.npy;
+    `pipe` (ip_adapter_fixtures.load_pipeline) has the IP-Adapter loaded and OUT/image.png is written.
+    `adapter_dir` and `controlnet_dir` are the T2I-Adapter and ControlNet the combined cases use."""
+    if any(c["adapters"] or c["controls"] or c["init_image"] for c in cases):
+        synthetic = condition_images()
+        for key, rel in CONDITIONS.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            synthetic[key].save(out / rel)
     ip_image = Image.open(out / "image.png")
-    adapter = T2IAdapter.from_pretrained(str(adapter_dir)).eval()
-    controlnet = ControlNetModel.from_pretrained(str(controlnet_dir)).eval()
+    adapter = T2IAdapter.from_pretrained(str(adapter_dir)).eval() if adapter_dir else None
+    controlnet = ControlNetModel.from_pretrained(str(controlnet_dir)).eval() if controlnet_dir else None
     entries = []
-    for case in CASES:
+    for case in cases:
         cdir = out / "cases" / case["name"]
         call = dict(prompt=case["prompt"], negative_prompt=case["negative_prompt"], ip_adapter_image=ip_image,
                     num_inference_steps=case["steps"], guidance_scale=case["guidance"], output_type="latent",
@@ -118,10 +131,13 @@ def write_cases(pipe: StableDiffusionPipeline, adapter_dir: Path, controlnet_dir
             latents = cn(image=Image.open(out / control["image"]), controlnet_conditioning_scale=control["scale"],
                          width=case["width"], height=case["height"], **call).images
             entry["pipeline"] = type(cn).__name__
-        else:
+        elif case["init_image"]:
             i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
             latents = i2i(image=Image.open(out / case["init_image"]).convert("RGB"), strength=case["strength"], **call).images
             entry["pipeline"] = type(i2i).__name__
+        else:
+            latents = pipe(width=case["width"], height=case["height"], **call).images
+            entry["pipeline"] = type(pipe).__name__
         _save(cdir / "expected_latents.npy", latents)
         entry["expected_latents"] = f"cases/{case['name']}/expected_latents.npy"
         entries.append(entry)

@@ -1,5 +1,6 @@
-"""Pipeline-level reference for an IP-Adapter set: what diffusers' `StableDiffusionPipeline` does with
-`load_ip_adapter` and an `ip_adapter_image`, step by step, for the runtime's end-to-end parity.
+"""Pipeline-level reference for an IP-Adapter set: what diffusers' `StableDiffusionPipeline` (or, for
+an SDXL checkpoint, `StableDiffusionXLPipeline`) does with `load_ip_adapter` and an `ip_adapter_image`,
+step by step, for the runtime's end-to-end parity.
 
 Run from ``export/``::
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .condition_fixtures import photo
 
@@ -30,8 +31,13 @@ CASE = {"prompt": "a red house by the sea", "negative_prompt": "", "steps": 3, "
         "seed": 2024}
 
 
-def load_pipeline(model_dir: Path, weights: Path, encoder_dir: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+def load_pipeline(model_dir: Path, weights: Path, encoder_dir: Path) -> DiffusionPipeline:
+    """The checkpoint's text-to-image pipeline (`StableDiffusionXLPipeline` when it has a second text
+    encoder, else `StableDiffusionPipeline`) with the IP-Adapter loaded."""
+    if (model_dir / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
     pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name, image_encoder_folder=str(encoder_dir))
     return pipe
 
@@ -58,7 +64,8 @@ def write_fixtures(model_dir: Path, weights: Path, encoder_dir: Path, out: Path,
               "latents_init": latents, "latents": result}
     for name, value in arrays.items():
         np.save(out / f"{name}.npy", value.numpy().astype(np.float32))
-    meta = {**case, "kind": "plus" if plus else "plain", "scheduler": pipe.scheduler.config["_class_name"]}
+    meta = {**case, "kind": "plus" if plus else "plain", "pipeline": type(pipe).__name__,
+            "scheduler": pipe.scheduler.config["_class_name"]}
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
 

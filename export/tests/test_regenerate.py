@@ -1,7 +1,7 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
-graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and (`--family sd1-ip`, `--family sd1-style`) the
-generated, not committed graphs/generated/tiny-sd1-{ip,style} with graphs/generated/fixtures/tiny-sd1-*
-(test_generated_sets_regenerate).
+graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and (`--family sd1-ip`, `sd1-ip-plus`, `sdxl-ip`,
+`sd1-style`) the generated, not committed graphs/generated/tiny-{sd1-ip,sd1-ip-plus,sdxl-ip,sd1-style} with
+graphs/generated/fixtures/tiny-* (test_generated_sets_regenerate).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
 built-in tokenizers: weights come from seeded CPU RNGs and the export is deterministic; the PNG bytes
@@ -112,7 +112,7 @@ COMPUTED = [
     (re.compile(r"graph_[^/]+/out_[^/]+\.npy"), GRAPH_TENSORS),
     # the text encoders' outputs, fed to the UNet and ControlNet graphs (fixtures.graph_fixtures)
     (re.compile(r"graph_(unet|controlnet_[a-z0-9_]+)/in_(encoder_hidden_states|text_embeds)\.npy"), GRAPH_TENSORS),
-    # fixtures/tiny-sd1-ip (ip_adapter_fixtures.py): the pipeline's final latents, and the image
+    # fixtures/tiny-*-ip* (ip_adapter_fixtures.py): the pipeline's final latents, and the image
     # encoder's / projection's outputs
     (re.compile(r"latents\.npy"), LATENTS),
     (re.compile(r"(negative_)?image_embeds\.npy|ip_tokens\.npy"), GRAPH_TENSORS),
@@ -248,36 +248,42 @@ GENERATED = REPO / "graphs" / "generated"
 
 
 def _build_generated(name: str, out: Path) -> tuple[Path, Path]:
-    if name == "tiny-sd1-ip":
-        from t2i_export.tiny_ip_set import build_tiny_ip_set
+    if name == "tiny-sd1-style":
+        from t2i_export.tiny_style_set import build_tiny_style_set
 
-        return build_tiny_ip_set(out)
-    from t2i_export.tiny_style_set import build_tiny_style_set
+        return build_tiny_style_set(out)
+    from t2i_export.tiny_ip_set import IP_SETS, build_tiny_ip_set
 
-    return build_tiny_style_set(out)
+    (family,) = [f for f, spec in IP_SETS.items() if spec[0] == name]
+    return build_tiny_ip_set(out, family)
 
 
-# The graphs each generated set shares with the committed tiny-sd1, byte for byte.
-SHARED_WITH_SD1 = {
-    "tiny-sd1-ip": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx", "controlnet_canny.onnx"],
-    "tiny-sd1-style": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"],
+# The committed set each generated set is built on, and the graphs it shares with it byte for byte.
+SHARED_WITH_BASE = {
+    "tiny-sd1-ip": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx",
+                                 "controlnet_canny.onnx"]),
+    "tiny-sd1-ip-plus": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
+    "tiny-sdxl-ip": ("tiny-sdxl", ["text_encoder.onnx", "text_encoder_2.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
+    "tiny-sd1-style": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
 }
 
 
-@pytest.mark.parametrize("name", sorted(SHARED_WITH_SD1))
+@pytest.mark.parametrize("name", sorted(SHARED_WITH_BASE))
 def test_generated_sets_regenerate(tmp_path, name):
-    """The IP-Adapter and style sets are generated, not committed (scripts/generate-sets.sh writes
+    """The IP-Adapter sets and the style set are generated, not committed (scripts/generate-sets.sh writes
     graphs/generated, scripts/test.sh before the tests): a fresh build equals them, the set bit for
-    bit, the fixtures as the zoo's are held. Exact, byte for byte: the IP set's case.json, cases.json,
+    bit, the fixtures as the zoo's are held. Exact, byte for byte: the IP sets' case.json, cases.json,
     image.png, conditions/*.png, latents_init.npy and the loop case's seeded cases/*/latents.npy; the
     style set's case.json, style_*.png, latents_init.npy. Computed, within the tolerances above: the
     final latents (latents*.npy, cases/*/expected_latents.npy) as expected_latents, the embeds, tokens
-    and style tokens as graph tensors. The graphs a set shares with tiny-sd1 equal the committed ones."""
+    and style tokens as graph tensors. The graphs a set shares with its base (tiny-sd1, tiny-sdxl) equal
+    the committed ones."""
     if not (GENERATED / name / "manifest.json").is_file():
         pytest.fail(f"{GENERATED}: no {name}; run `bash scripts/generate-sets.sh` first (scripts/test.sh does)")
     fresh_set, fresh_fixtures = _build_generated(name, tmp_path)
-    for graph in SHARED_WITH_SD1[name]:
-        assert _sha(fresh_set / graph) == _sha(REPO / "graphs" / "tiny-sd1" / graph), graph
+    base, shared = SHARED_WITH_BASE[name]
+    for graph in shared:
+        assert _sha(fresh_set / graph) == _sha(REPO / "graphs" / base / graph), graph
     generated = GENERATED / name
     assert _files(fresh_set) == _files(generated)
     for rel in _files(generated):

@@ -10,15 +10,20 @@ pub fn graphs_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("graphs")
 }
 
+/// What `scripts/generate-sets.sh` writes to `graphs/generated` (and `graphs/generated/fixtures`).
+pub const GENERATED_SETS: [&str; 4] = ["tiny-sd1-ip", "tiny-sd1-ip-plus", "tiny-sdxl-ip", "tiny-sd1-style"];
+
 /// `graphs/generated`: the sets and fixtures `scripts/generate-sets.sh` writes (not committed).
 pub fn generated_dir() -> PathBuf {
     let dir = graphs_dir().join("generated");
-    assert!(
-        dir.join("tiny-sd1-ip/manifest.json").is_file() && dir.join("tiny-sd1-style/manifest.json").is_file(),
-        "{} lacks tiny-sd1-ip or tiny-sd1-style: the IP-Adapter and style sets are generated, not committed; run \
-         `bash scripts/generate-sets.sh` (scripts/test.sh does)",
-        dir.display()
-    );
+    for set in GENERATED_SETS {
+        assert!(
+            dir.join(set).join("manifest.json").is_file(),
+            "{} lacks {set}: the IP-Adapter and style sets are generated, not committed; run \
+             `bash scripts/generate-sets.sh` (scripts/test.sh does)",
+            dir.display()
+        );
+    }
     dir
 }
 
