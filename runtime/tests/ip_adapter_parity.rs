@@ -8,8 +8,9 @@
 //! `StableDiffusionPipeline` + `ip_adapter_image`, and `tiny-sdxl-ip` (the tiny SDXL with a tiny
 //! plain IP-Adapter) against `StableDiffusionXLPipeline` + `ip_adapter_image`.
 //!
-//! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu and on tract (the project's pipeline
-//! bound; the cases run 3 to 5 steps, so kernel-order differences have little room to compound).
+//! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu, openvino and tract (the project's
+//! pipeline bound; the cases run 3 to 5 steps, so kernel-order differences have little room to
+//! compound).
 //! The intermediate image embeddings (and Plus' negative embeddings) and tokens, computed from the
 //! runtime's own preprocessing of image.png, within 1e-5 relative L2 (graph_parity.rs's graph
 //! bound): preprocessing that is off by one uint8 level anywhere moves the CLIP embedding by more
@@ -298,6 +299,14 @@ fn sdxl_matches_diffusers_on_ort_cpu() {
 fn sdxl_matches_diffusers_on_tract() {
     check_final_latents(IpSet::Sdxl, BackendKind::Tract);
     check_cases(IpSet::Sdxl, BackendKind::Tract);
+}
+
+#[test]
+fn every_ip_set_matches_diffusers_on_openvino() {
+    for set in [IpSet::Sd1, IpSet::Sd1Plus, IpSet::Sdxl] {
+        check_final_latents(set, BackendKind::OpenVino);
+        check_cases(set, BackendKind::OpenVino);
+    }
 }
 
 /// The runtime's preprocessing of image.png through each set's image encoder and projection gives
