@@ -71,10 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", type=Path, required=True,
                     help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16; "
                          "sd1-ip: tiny-sd1 with the tiny plain IP-Adapter, tiny_ip_set.py; sd1-style: tiny-sd1 with the "
-                         "tiny style adapter, tiny_style_set.py)")
-    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint", "sd1-ip", "sd1-style"],
-                    help="only these members of the tiny zoo (repeatable; default: the committed ones, all but sd1-ip and "
-                    "sd1-style, which are generated, not committed: scripts/generate-sets.sh writes them to graphs/generated)")
+                         "tiny style adapter and the sketch adapter, sd1-ip-style: tiny-sd1 with the style adapter and the "
+                         "IP-Adapter, both tiny_style_set.py)")
+    pt.add_argument("--family", action="append",
+                    choices=["sd1", "sd2", "sdxl", "sd1-inpaint", "sd1-ip", "sd1-style", "sd1-ip-style"],
+                    help="only these members of the tiny zoo (repeatable; default: the committed ones, all but sd1-ip, "
+                    "sd1-style and sd1-ip-style, which are generated, not committed: scripts/generate-sets.sh writes them to graphs/generated)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 
     pr = sub.add_parser("random", help="export a random-weight pipeline of a real model's size (benchmarks)")
@@ -177,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 from .tiny_style_set import build_tiny_style_set
 
                 set_dir, fixtures_dir = build_tiny_style_set(args.out)
+                print(f"wrote {set_dir} and {fixtures_dir}")
+            if args.family and "sd1-ip-style" in args.family:
+                from .tiny_style_set import build_tiny_ip_style_set
+
+                set_dir, fixtures_dir = build_tiny_ip_style_set(args.out)
                 print(f"wrote {set_dir} and {fixtures_dir}")
         elif args.command == "random":
             from .random_preset import export_random

@@ -252,15 +252,16 @@ def _build_generated(name: str, out: Path) -> tuple[Path, Path]:
         from t2i_export.tiny_ip_set import build_tiny_ip_set
 
         return build_tiny_ip_set(out)
-    from t2i_export.tiny_style_set import build_tiny_style_set
+    from t2i_export.tiny_style_set import build_tiny_ip_style_set, build_tiny_style_set
 
-    return build_tiny_style_set(out)
+    return build_tiny_ip_style_set(out) if name == "tiny-sd1-ip-style" else build_tiny_style_set(out)
 
 
 # The graphs each generated set shares with the committed tiny-sd1, byte for byte.
 SHARED_WITH_SD1 = {
     "tiny-sd1-ip": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx", "controlnet_canny.onnx"],
-    "tiny-sd1-style": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"],
+    "tiny-sd1-style": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx"],
+    "tiny-sd1-ip-style": ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"],
 }
 
 
