@@ -1,6 +1,8 @@
 //! Shared by the parity tests: where the committed fixtures are, and how results are compared.
 #![allow(dead_code)]
 
+pub mod combo_cases;
+
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
@@ -14,8 +16,8 @@ pub fn graphs_dir() -> PathBuf {
 pub fn generated_dir() -> PathBuf {
     let dir = graphs_dir().join("generated");
     assert!(
-        dir.join("tiny-sd1-ip/manifest.json").is_file() && dir.join("tiny-sd1-style/manifest.json").is_file(),
-        "{} lacks tiny-sd1-ip or tiny-sd1-style: the IP-Adapter and style sets are generated, not committed; run \
+        ["tiny-sd1-ip", "tiny-sd1-style", "tiny-sd1-ip-style"].iter().all(|set| dir.join(set).join("manifest.json").is_file()),
+        "{} lacks tiny-sd1-ip, tiny-sd1-style or tiny-sd1-ip-style: the IP-Adapter and style sets are generated, not committed; run \
          `bash scripts/generate-sets.sh` (scripts/test.sh does)",
         dir.display()
     );
