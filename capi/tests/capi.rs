@@ -344,7 +344,8 @@ fn style_adapter_equals_the_library_and_the_reference() {
     let case = cases.iter().find(|c| c["name"] == "style_img2img_strength07").unwrap();
     assert_eq!(case["rng"], "torch-cpu");
     let text = |key: &str| case[key].as_str().unwrap().to_string();
-    let weights: Vec<f32> = case["style_weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
+    let weights: Vec<f32> =
+        case["style_weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
     let style_paths: Vec<PathBuf> = (0..weights.len()).map(|k| fixtures.join(format!("style_{k}.png"))).collect();
     let init_path = fixtures.join(text("init_image"));
 

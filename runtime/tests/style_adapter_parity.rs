@@ -160,7 +160,11 @@ fn check_cases(backend: BackendKind, name: &str, expect: &[(&str, fn(&ComboCase<
             alone.adapters.clear();
             alone.ip_image = None;
             let off = rel_l2(&run(&mut p, &alone).into_dyn(), &want);
-            assert!(off > 1e-2, "{backend} {}: the T2I-Adapter / IP image moves the result by only {off:.3e}", case.name);
+            assert!(
+                off > 1e-2,
+                "{backend} {}: the T2I-Adapter / IP image moves the result by only {off:.3e}",
+                case.name
+            );
         }
     }
 }
