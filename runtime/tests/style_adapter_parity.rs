@@ -133,7 +133,10 @@ struct StyleFields {
 /// The cases of `name`'s cases.json (a generated set and its fixtures), each against the
 /// reference's final latents; each also lands far from its own run without the style images, and
 /// without its T2I-Adapter / IP image.
-fn check_cases(backend: BackendKind, name: &str, expect: &[(&str, fn(&ComboCase<StyleFields>) -> bool)]) {
+/// Which cases a set's cases.json must hold, by what they cover.
+type CaseFilter = fn(&ComboCase<StyleFields>) -> bool;
+
+fn check_cases(backend: BackendKind, name: &str, expect: &[(&str, CaseFilter)]) {
     let fixtures = generated_dir().join("fixtures").join(name);
     let cases: Vec<ComboCase<StyleFields>> = combo_cases(&fixtures);
     for (what, f) in expect {
