@@ -7,8 +7,10 @@
 #   graphs/generated/fixtures/tiny-*-ip*       what diffusers' load_ip_adapter pipelines compute with them
 #   graphs/generated/tiny-sd1-style            tiny-sd1 + the tiny TencentARC style adapter (tiny_style_set.py)
 #   graphs/generated/fixtures/tiny-sd1-style   what the reference loop over diffusers' UNet computes with it
-# Deterministic (seeded weights, one torch thread), about 45 s (tiny-sd1-ip-plus and tiny-sdxl-ip add
-# 15 s). Needs the exporter's .venv (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
+#   graphs/generated/tiny-sd1-ip-style         tiny-sd1 + the style adapter + the plain IP-Adapter (tiny_style_set.py)
+#   graphs/generated/fixtures/tiny-sd1-ip-style  the same reference loop with the IP-Adapter's embeds
+# Deterministic (seeded weights, one torch thread), about a minute. Needs the exporter's .venv
+# (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -23,7 +25,8 @@ fi
 # Written beside and swapped in whole, so that an interrupted run leaves no half-written set.
 staging=graphs/.generated-staging
 rm -rf "$staging"
-(cd export && T2I_OPEN_CLIP_WHEEL="$wheel" ../.venv/bin/python -m t2i_export tiny --family sd1-ip --family sd1-ip-plus --family sdxl-ip --family sd1-style --out "../$staging")
+(cd export && T2I_OPEN_CLIP_WHEEL="$wheel" ../.venv/bin/python -m t2i_export tiny --family sd1-ip --family sd1-ip-plus \
+    --family sdxl-ip --family sd1-style --family sd1-ip-style --out "../$staging")
 rm -rf graphs/generated
 mv "$staging" graphs/generated
-echo "wrote graphs/generated: tiny-sd1-ip, tiny-sd1-ip-plus, tiny-sdxl-ip, tiny-sd1-style and their fixtures"
+echo "wrote graphs/generated: tiny-sd1-ip, tiny-sd1-ip-plus, tiny-sdxl-ip, tiny-sd1-style, tiny-sd1-ip-style and their fixtures"

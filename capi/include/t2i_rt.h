@@ -176,6 +176,14 @@ typedef struct t2i_control_input {
   const char *preprocess;
 } t2i_control_input;
 
+// One style image of a request (TencentARC's style adapter): the image (RGB or gray, any size:
+// it is resized and center-cropped for the set's CLIP vision encoder) and its weight, which
+// multiplies the image's style tokens (1.0 is the adapter as trained; finite).
+typedef struct t2i_style_input {
+  struct t2i_image_input image;
+  float weight;
+} t2i_style_input;
+
 // One generation request. Fill it with `t2i_request_params_init` (diffusers' defaults), then set
 // at least `prompt`.
 typedef struct t2i_request_params {
@@ -238,6 +246,14 @@ typedef struct t2i_request_params {
   // How strongly the reference image steers the result (diffusers' `set_ip_adapter_scale`;
   // default 1.0; 0 is exactly no IP-Adapter).
   float ip_scale;
+  // `n_styles` style images (NULL when 0), for a graph set exported with `--style-adapter`: each
+  // adds its weighted tokens to the text context, at most the set's `max_images` (9 for the
+  // released adapter).
+  const struct t2i_style_input *styles;
+  uint32_t n_styles;
+  // The fraction of the steps, from the first (noisiest), that see the style images, in [0, 1]
+  // (TencentARC's `style_cond_tau`; default 1.0: every step).
+  float style_cond_tau;
 } t2i_request_params;
 
 // An image the library holds: RGB8, rows top to bottom, `width × 3` bytes per row. Valid until

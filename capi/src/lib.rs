@@ -31,7 +31,7 @@ use t2i_rt::condition::{ConditionImage, ConditionKind};
 use t2i_rt::preprocess::Preprocess;
 use t2i_rt::{
     ControlRequest, EngineCache, Error, ErrorCode, LoadOptions, LogLevel, Logger, Model, Pipeline, Request, RngKind,
-    SchedulerKind,
+    SchedulerKind, StyleRequest,
 };
 
 /// What a call returned. The values 1–15 are the library's error kinds (`t2i_rt::ErrorCode`);
@@ -185,6 +185,16 @@ pub struct t2i_control_input {
     pub preprocess: *const c_char,
 }
 
+/// One style image of a request (TencentARC's style adapter): the image (RGB or gray, any size:
+/// it is resized and center-cropped for the set's CLIP vision encoder) and its weight, which
+/// multiplies the image's style tokens (1.0 is the adapter as trained; finite).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct t2i_style_input {
+    pub image: t2i_image_input,
+    pub weight: f32,
+}
+
 /// One generation request. Fill it with `t2i_request_params_init` (diffusers' defaults), then set
 /// at least `prompt`.
 #[repr(C)]
@@ -249,6 +259,14 @@ pub struct t2i_request_params {
     /// How strongly the reference image steers the result (diffusers' `set_ip_adapter_scale`;
     /// default 1.0; 0 is exactly no IP-Adapter).
     pub ip_scale: f32,
+    /// `n_styles` style images (NULL when 0), for a graph set exported with `--style-adapter`: each
+    /// adds its weighted tokens to the text context, at most the set's `max_images` (9 for the
+    /// released adapter).
+    pub styles: *const t2i_style_input,
+    pub n_styles: u32,
+    /// The fraction of the steps, from the first (noisiest), that see the style images, in [0, 1]
+    /// (TencentARC's `style_cond_tau`; default 1.0: every step).
+    pub style_cond_tau: f32,
 }
 
 /// An image the library holds: RGB8, rows top to bottom, `width × 3` bytes per row. Valid until
@@ -669,6 +687,9 @@ pub unsafe extern "C" fn t2i_request_params_init(params: *mut t2i_request_params
         guess_mode: false,
         ip_image: std::ptr::null(),
         ip_scale: 1.0,
+        styles: std::ptr::null(),
+        n_styles: 0,
+        style_cond_tau: 1.0,
     };
     // SAFETY: non-NULL and writable (the contract above).
     unsafe { params.write_unaligned(defaults) };
@@ -746,6 +767,17 @@ unsafe fn request(p: &t2i_request_params) -> Result<Request, Failure> {
         r.ip_image = Some(unsafe { image_source(ip, "params.ip_image") }?);
     }
     r.ip_scale = p.ip_scale;
+    if p.n_styles > 0 {
+        if p.styles.is_null() {
+            return Err(invalid("params.styles is NULL but n_styles is not 0"));
+        }
+        let styles = unsafe { std::slice::from_raw_parts(p.styles, p.n_styles as usize) };
+        for (i, style) in styles.iter().enumerate() {
+            let image = unsafe { image_source(&style.image, &format!("params.styles[{i}].image")) }?;
+            r.styles.push(StyleRequest { image, weight: style.weight });
+        }
+    }
+    r.style_cond_tau = p.style_cond_tau;
     r.strength = (p.strength >= 0.0 || p.strength.is_nan()).then_some(p.strength);
     Ok(r)
 }

@@ -10,7 +10,7 @@ use std::ptr::{null, null_mut};
 use ndarray::{ArrayD, IxDyn};
 use t2i_rt::adapter::ConditionSource;
 use t2i_rt::condition::{ConditionImage, ConditionKind};
-use t2i_rt::{ControlRequest, LoadOptions, Pipeline, Request, RngKind};
+use t2i_rt::{ControlRequest, LoadOptions, Pipeline, Request, RngKind, SchedulerKind, StyleRequest};
 use t2i_rt_c::*;
 
 fn graphs() -> PathBuf {
@@ -320,6 +320,135 @@ fn ip_adapter_equals_the_library() {
     // SAFETY: as above; the set has no IP-Adapter, the error under test.
     assert_eq!(unsafe { t2i_generate(other_ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_REQUEST);
     assert!(last_error().contains("--ip-adapter"), "{}", last_error());
+    // SAFETY: each freed once, contexts before their models.
+    unsafe {
+        t2i_ctx_free(other_ctx);
+        t2i_model_free(other);
+        t2i_ctx_free(ctx);
+        t2i_model_free(model);
+    }
+}
+
+/// The style adapter through the C API: the style + img2img case of
+/// graphs/generated/fixtures/tiny-sd1-style/cases.json (two style images with weights, style_cond_tau,
+/// DDIM, init image, strength, seeded torch-cpu generator: everything a C caller can give) against
+/// the reference loop, and bit for bit against the library; a style image as pixels in memory
+/// equals the file. Style images for a set without a style adapter, a bad tau or weight are
+/// request errors; NULL styles with a count is an argument error.
+#[test]
+fn style_adapter_equals_the_library_and_the_reference() {
+    // Generated, not committed: scripts/generate-sets.sh.
+    let fixtures = graphs().join("generated/fixtures/tiny-sd1-style");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let case = cases.iter().find(|c| c["name"] == "style_img2img_strength07").unwrap();
+    assert_eq!(case["rng"], "torch-cpu");
+    let text = |key: &str| case[key].as_str().unwrap().to_string();
+    let weights: Vec<f32> =
+        case["style_weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
+    let style_paths: Vec<PathBuf> = (0..weights.len()).map(|k| fixtures.join(format!("style_{k}.png"))).collect();
+    let init_path = fixtures.join(text("init_image"));
+
+    let model = load("generated/tiny-sd1-style");
+    let mut ctx = null_mut();
+    // SAFETY: a live model and an out pointer.
+    assert_eq!(unsafe { t2i_ctx_new(model, &mut ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    let (prompt, negative, scheduler) = (c(&text("prompt")), c(&text("negative_prompt")), c("ddim"));
+    let init = c(init_path.to_str().unwrap());
+    let init_input = t2i_image_input { path: init.as_ptr(), pixels: null(), width: 0, height: 0, channels: 0 };
+    let style_files: Vec<CString> = style_paths.iter().map(|p| c(p.to_str().unwrap())).collect();
+    let mut styles: Vec<t2i_style_input> = style_files
+        .iter()
+        .zip(&weights)
+        .map(|(path, &weight)| t2i_style_input {
+            image: t2i_image_input { path: path.as_ptr(), pixels: null(), width: 0, height: 0, channels: 0 },
+            weight,
+        })
+        .collect();
+    let mut params = request_params();
+    assert_eq!((params.styles, params.n_styles, params.style_cond_tau), (null(), 0, 1.0));
+    params.prompt = prompt.as_ptr();
+    params.negative_prompt = negative.as_ptr();
+    params.steps = case["steps"].as_u64().unwrap() as u32;
+    params.guidance = case["guidance"].as_f64().unwrap() as f32;
+    params.scheduler = scheduler.as_ptr();
+    params.seed = case["seed"].as_u64().unwrap();
+    params.rng = T2I_RNG_TORCH_CPU;
+    params.width = case["width"].as_u64().unwrap() as u32;
+    params.height = case["height"].as_u64().unwrap() as u32;
+    params.init_image = &init_input;
+    params.strength = case["strength"].as_f64().unwrap() as f32;
+    params.styles = styles.as_ptr();
+    params.n_styles = styles.len() as u32;
+    params.style_cond_tau = case["style_cond_tau"].as_f64().unwrap() as f32;
+    params.want_latents = true;
+    let ours = generate_latents(ctx, &params);
+    let expected: ArrayD<f32> = ndarray_npy::read_npy(fixtures.join(text("expected_latents"))).unwrap();
+    let rel = rel_l2(&ours, &expected);
+    eprintln!("C API tiny-sd1-style {}: final latents rel L2 {rel:.3e}", text("name"));
+    assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} > 1e-4");
+
+    // The second style image as pixels in memory: the same bits.
+    let second = ConditionImage::open(&style_paths[1], ConditionKind::Rgb).unwrap();
+    styles[1].image = t2i_image_input {
+        path: null(),
+        pixels: second.pixels().as_ptr(),
+        width: second.width(),
+        height: second.height(),
+        channels: 3,
+    };
+    params.styles = styles.as_ptr();
+    assert_eq!(generate_latents(ctx, &params), ours, "a style image as pixels and as a file differ");
+    params.n_styles = 0;
+    assert!(rel_l2(&generate_latents(ctx, &params), &ours) > 1e-2, "the style images changed nothing");
+    params.n_styles = styles.len() as u32;
+
+    // The same request through the library on the same backend: the same bits.
+    let mut request = Request::new(text("prompt"));
+    request.negative_prompt = Some(text("negative_prompt"));
+    request.steps = params.steps as usize;
+    request.guidance = params.guidance;
+    request.scheduler = Some(SchedulerKind::Ddim);
+    request.seed = params.seed;
+    request.rng = RngKind::TorchCpu;
+    request.width = Some(params.width);
+    request.height = Some(params.height);
+    request.init_image = Some(ConditionSource::File(init_path));
+    request.strength = Some(params.strength);
+    request.styles = style_paths
+        .iter()
+        .zip(&weights)
+        .map(|(path, &weight)| StyleRequest { image: ConditionSource::File(path.clone()), weight })
+        .collect();
+    request.style_cond_tau = params.style_cond_tau;
+    let mut pipeline = Pipeline::load(&graphs().join("generated/tiny-sd1-style"), &LoadOptions::default()).unwrap();
+    let library = pipeline.run(&request, &mut |_| true).unwrap().latents.into_dyn();
+    assert_eq!(ours, library, "the C API and the library differ");
+
+    // Refused, with the library's typed codes.
+    let mut result = null_mut();
+    params.style_cond_tau = 1.5;
+    // SAFETY (every generate below): live ctx, params filled by init, pointers valid for the call.
+    assert_eq!(unsafe { t2i_generate(ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_REQUEST);
+    assert!(last_error().contains("style_cond_tau 1.5"), "{}", last_error());
+    params.style_cond_tau = 1.0;
+    styles[0].weight = f32::NAN;
+    params.styles = styles.as_ptr();
+    assert_eq!(unsafe { t2i_generate(ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_REQUEST);
+    assert!(last_error().contains("style weight NaN"), "{}", last_error());
+    styles[0].weight = 1.0;
+    params.styles = null();
+    assert_eq!(unsafe { t2i_generate(ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("params.styles is NULL"), "{}", last_error());
+    params.styles = styles.as_ptr();
+    let other = load("tiny-sd1");
+    let mut other_ctx = null_mut();
+    // SAFETY: as above.
+    assert_eq!(unsafe { t2i_ctx_new(other, &mut other_ctx) }, t2i_status::T2I_OK, "{}", last_error());
+    // The set has no style adapter, the error under test.
+    assert_eq!(unsafe { t2i_generate(other_ctx, &params, &mut result) }, t2i_status::T2I_ERR_INVALID_REQUEST);
+    assert!(last_error().contains("--style-adapter"), "{}", last_error());
+    assert!(result.is_null());
     // SAFETY: each freed once, contexts before their models.
     unsafe {
         t2i_ctx_free(other_ctx);

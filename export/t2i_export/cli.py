@@ -74,10 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", type=Path, required=True,
                     help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16; "
                          "sd1-ip, sd1-ip-plus, sdxl-ip: tiny-sd1 with the tiny plain or Plus IP-Adapter, tiny-sdxl with "
-                         "a plain one, tiny_ip_set.py; sd1-style: tiny-sd1 with the tiny style adapter, tiny_style_set.py)")
-    pt.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl", "sd1-inpaint", *IP_FAMILIES, "sd1-style"],
+                         "a plain one, tiny_ip_set.py; sd1-style: tiny-sd1 with the tiny style adapter and the sketch "
+                         "adapter, sd1-ip-style: tiny-sd1 with the style adapter and the IP-Adapter, both tiny_style_set.py)")
+    pt.add_argument("--family", action="append",
+                    choices=["sd1", "sd2", "sdxl", "sd1-inpaint", *IP_FAMILIES, "sd1-style", "sd1-ip-style"],
                     help="only these members of the tiny zoo (repeatable; default: the committed ones, all but the IP "
-                    "sets and sd1-style, which are generated, not committed: scripts/generate-sets.sh writes them to "
+                    "and style sets, which are generated, not committed: scripts/generate-sets.sh writes them to "
                     "graphs/generated)")
     pt.add_argument("--work", type=Path, help="keep the intermediate diffusers checkpoint here (default: a temp dir)")
 
@@ -182,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 from .tiny_style_set import build_tiny_style_set
 
                 set_dir, fixtures_dir = build_tiny_style_set(args.out)
+                print(f"wrote {set_dir} and {fixtures_dir}")
+            if args.family and "sd1-ip-style" in args.family:
+                from .tiny_style_set import build_tiny_ip_style_set
+
+                set_dir, fixtures_dir = build_tiny_ip_style_set(args.out)
                 print(f"wrote {set_dir} and {fixtures_dir}")
         elif args.command == "random":
             from .random_preset import export_random

@@ -12,7 +12,8 @@ mirrored and resized to 200x300: portrait, so the resize and the center crop act
 axis), ``style_tokens.npy`` (the two images' tokens times their weights 1.0 and 0.5, concatenated:
 [1, 2 × num_tokens, D]), ``latents_init.npy`` (seeded), one ``latents_<case>.npy`` per case (the
 loop's final latents from those initial latents) and ``case.json`` (prompt, steps, guidance, weights,
-each case's style_cond_tau, seed). Cases: ``tau1`` styles every step; ``tau05`` the first half only,
+each case's style_cond_tau, seed); with a T2I-Adapter given, style_cases.py's ``cases.json`` and
+``cases/`` as well. Cases: ``tau1`` styles every step; ``tau05`` the first half only,
 so both context phases run. Everything is seeded: the same inputs and pinned versions write the
 same files.
 """
@@ -31,6 +32,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from .condition_fixtures import photo
 from .style_adapter import combine_style_tokens, load_style_module, style_active, style_context
+from .style_cases import write_cases
 
 CASE = {"prompt": "a red house by the sea", "negative_prompt": "", "steps": 4, "guidance_scale": 7.5,
         "weights": [1.0, 0.5], "seed": 2025, "cases": {"tau1": 1.0, "tau05": 0.5}}
@@ -43,15 +45,33 @@ def style_images() -> list[Image.Image]:
 
 @torch.no_grad()
 def denoise(pipe: StableDiffusionPipeline, scheduler: DDIMScheduler, cond: torch.Tensor, uncond: torch.Tensor,
-            tokens: torch.Tensor, latents: torch.Tensor, steps: int, guidance: float, tau: float) -> torch.Tensor:
-    """ddim.py `ddim_sampling` with diffusers' scheduler: styled contexts while `style_active`."""
+            tokens: torch.Tensor, latents: torch.Tensor, steps: int, guidance: float, tau: float,
+            residuals: list[torch.Tensor] | None = None, first_step: int = 0,
+            image_embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """ddim.py `ddim_sampling` with diffusers' scheduler: styled contexts while `style_active`.
+
+    `residuals`: a T2I-Adapter's weighted features, passed to the UNet at every step (doubled for
+    the guidance batch) as `StableDiffusionAdapterPipeline.__call__` does. `first_step` > 0:
+    img2img, `latents` already noised to timestep `first_step` and the loop runs from there
+    (`StableDiffusionImg2ImgPipeline.get_timesteps`); `style_active` still counts the step in the
+    whole schedule, as the runtime does. `image_embeds`: an IP-Adapter's `[negative; image]` embeds
+    (`prepare_ip_adapter_image_embeds` with guidance) for a UNet that `load_ip_adapter` patched, passed
+    as `StableDiffusionPipeline.__call__` does (`added_cond_kwargs`)."""
     scheduler.set_timesteps(steps)
     styled_cond, styled_uncond = style_context(cond, uncond, tokens)
-    latents = latents * scheduler.init_noise_sigma
+    if first_step == 0:
+        latents = latents * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
+        if i < first_step:
+            continue
         c, u = (styled_cond, styled_uncond) if style_active(i, steps, tau) else (cond, uncond)
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise = pipe.unet(model_input, t, encoder_hidden_states=torch.cat([u, c])).sample
+        extra = {}
+        if residuals is not None:
+            extra["down_intrablock_additional_residuals"] = [torch.cat([r] * 2) for r in residuals]
+        if image_embeds is not None:
+            extra["added_cond_kwargs"] = {"image_embeds": image_embeds}
+        noise = pipe.unet(model_input, t, encoder_hidden_states=torch.cat([u, c]), **extra).sample
         noise_uncond, noise_cond = noise.chunk(2)
         noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents, eta=0.0).prev_sample
@@ -59,9 +79,8 @@ def denoise(pipe: StableDiffusionPipeline, scheduler: DDIMScheduler, cond: torch
 
 
 @torch.no_grad()
-def write_fixtures(model_dir: Path, weights: Path, encoder_dir: Path, out: Path, case: dict = CASE) -> Path:
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+def write_style_images(weights: Path, encoder_dir: Path, style_weights: list[float], out: Path) -> torch.Tensor:
+    """OUT/style_<k>.png (`style_images`) and their tokens times `style_weights`, combined: [1, P, D]."""
     module = load_style_module(weights)
     encoder = CLIPVisionModel.from_pretrained(str(encoder_dir), dtype=torch.float32).eval()
     processor = CLIPImageProcessor.from_pretrained(str(encoder_dir))
@@ -71,7 +90,17 @@ def write_fixtures(model_dir: Path, weights: Path, encoder_dir: Path, out: Path,
         image.save(out / f"style_{k}.png")
         pixel_values = processor(image, return_tensors="pt").pixel_values
         tokens.append(module(encoder(pixel_values).last_hidden_state))
-    tokens = combine_style_tokens(tokens, case["weights"])
+    return combine_style_tokens(tokens, style_weights)
+
+
+@torch.no_grad()
+def write_fixtures(model_dir: Path, weights: Path, encoder_dir: Path, out: Path, case: dict = CASE,
+                   adapter_dir: Path | None = None) -> Path:
+    """The files of the module doc in OUT; with `adapter_dir` (a T2I-Adapter in diffusers format), also
+    style_cases.py's combinations with it and with img2img."""
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    tokens = write_style_images(weights, encoder_dir, case["weights"], out)
     cond, uncond = pipe.encode_prompt(case["prompt"], "cpu", 1, True, case["negative_prompt"])
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(case["seed"])
@@ -84,6 +113,8 @@ def write_fixtures(model_dir: Path, weights: Path, encoder_dir: Path, out: Path,
         np.save(out / f"{name}.npy", value.numpy().astype(np.float32))
     meta = {**case, "scheduler": "DDIMScheduler", "eta": 0.0}
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if adapter_dir is not None:
+        write_cases(pipe, scheduler, tokens, case["weights"], adapter_dir, out)
     return out
 
 

@@ -1,6 +1,7 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
 graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and (`--family sd1-ip`, `sd1-ip-plus`, `sdxl-ip`,
-`sd1-style`) the generated, not committed graphs/generated/tiny-{sd1-ip,sd1-ip-plus,sdxl-ip,sd1-style} with
+`sd1-style`, `sd1-ip-style`) the generated, not committed
+graphs/generated/tiny-{sd1-ip,sd1-ip-plus,sdxl-ip,sd1-style,sd1-ip-style} with
 graphs/generated/fixtures/tiny-* (test_generated_sets_regenerate).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
@@ -252,6 +253,10 @@ def _build_generated(name: str, out: Path) -> tuple[Path, Path]:
         from t2i_export.tiny_style_set import build_tiny_style_set
 
         return build_tiny_style_set(out)
+    if name == "tiny-sd1-ip-style":
+        from t2i_export.tiny_style_set import build_tiny_ip_style_set
+
+        return build_tiny_ip_style_set(out)
     from t2i_export.tiny_ip_set import IP_SETS, build_tiny_ip_set
 
     (family,) = [f for f, spec in IP_SETS.items() if spec[0] == name]
@@ -264,7 +269,8 @@ SHARED_WITH_BASE = {
                                  "controlnet_canny.onnx"]),
     "tiny-sd1-ip-plus": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
     "tiny-sdxl-ip": ("tiny-sdxl", ["text_encoder.onnx", "text_encoder_2.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
-    "tiny-sd1-style": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
+    "tiny-sd1-style": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx"]),
+    "tiny-sd1-ip-style": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
 }
 
 

@@ -34,9 +34,11 @@ impl Stats {
 
 /// Per-stage statistics over several runs: once-per-request stages over the runs, per-step stages
 /// (`unet_step`, `controlnet_step` when ControlNets ran, `scheduler_step`, `loop_other_step`) over
-/// every step of every run. Also `orchestration_per_step`: per run, the time outside graph
-/// execution (`total` minus text encoder, adapters, VAE encoder, UNet and ControlNet calls and VAE
-/// decode) divided by the number of model calls.
+/// every step of every run. The conditioners' once-per-request stages (`adapters`, `ip_adapter`,
+/// `style_adapter`); `ip_adapter` and `style_adapter` only over the runs that used them (an IP
+/// image on a set with an IP-Adapter, style images). Also `orchestration_per_step`: per run, the
+/// time outside graph execution (`total` minus text encoder, adapters, IP-Adapter, style adapter,
+/// VAE encoder, UNet and ControlNet calls and VAE decode) divided by the number of model calls.
 pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
     let once = |f: fn(&Timings) -> Duration| runs.iter().map(f).collect::<Vec<_>>();
     let per_step =
@@ -58,12 +60,15 @@ pub fn stage_stats(runs: &[Timings]) -> BTreeMap<&'static str, Stats> {
         .collect();
     // Only runs on a set with an IP-Adapter spend time there.
     let ip_adapter: Vec<Duration> = runs.iter().map(|t| t.ip_adapter).filter(|d| !d.is_zero()).collect();
-    let stages: [(&'static str, Vec<Duration>); 14] = [
+    // Only runs with style images do.
+    let style_adapter: Vec<Duration> = runs.iter().map(|t| t.style_adapter).filter(|d| !d.is_zero()).collect();
+    let stages: [(&'static str, Vec<Duration>); 15] = [
         ("prepare", once(|t| t.prepare)),
         ("tokenize", once(|t| t.tokenize)),
         ("text_encoder", once(|t| t.text_encoder)),
         ("adapters", once(|t| t.adapters)),
         ("ip_adapter", ip_adapter),
+        ("style_adapter", style_adapter),
         ("vae_encode", once(|t| t.vae_encode)),
         ("unet_step", per_step(|t| &t.unet)),
         ("controlnet_step", per_step(|t| &t.controlnet)),
@@ -170,5 +175,24 @@ mod tests {
         assert_eq!(stats["orchestration_per_step"].median, 5.0);
         assert_eq!(stats["controlnet_step"].median, 30.0);
         assert_eq!(stats["denoise_loop"].median, 266.0);
+        assert!(!stats.contains_key("style_adapter"));
+    }
+
+    #[test]
+    fn the_style_adapter_is_a_stage_and_graph_time() {
+        let t = Timings {
+            text_encoder: Duration::from_millis(10),
+            style_adapter: Duration::from_millis(15),
+            unet: ms(&[100, 100]),
+            vae_decode: Duration::from_millis(20),
+            total: Duration::from_millis(255),
+            ..Timings::default()
+        };
+        let stats = stage_stats(&[t.clone(), Timings { style_adapter: Duration::ZERO, ..t }]);
+        // Over the one run with style images, not averaged with the run without.
+        assert_eq!(stats["style_adapter"], Stats { median: 15.0, p90: 15.0, min: 15.0 });
+        // (255 - 10 - 15 - 200 - 20) / 2 and, without the style stage, (255 - 10 - 200 - 20) / 2.
+        assert_eq!(stats["orchestration_per_step"].min, 5.0);
+        assert_eq!(stats["orchestration_per_step"].p90, 12.5);
     }
 }

@@ -214,7 +214,10 @@ outside graph execution, per model call), vae_decode, total.\n\n\
 With --adapter (or --control) the same request also runs without adapters (and ControlNets), alternating \
 run by run, and the overhead is printed as a ratio of the median totals. controlnet_step (per model call) \
 appears with --control. With --ip-image alone, the request runs with the image embedding cached (warm) and \
-with the cache cleared (cold), alternating; ip_adapter is the IP-Adapter's once-per-request stage.\n\n\
+with the cache cleared (cold), alternating; ip_adapter is the IP-Adapter's once-per-request stage. With --style \
+(and no --adapter, --control or --ip-image), the request also runs without its style images, alternating; \
+style_adapter is the style encoder and adapter's once-per-request stage (beside adapters, ControlNets or an IP \
+image, the style images stay in every run and style_adapter is still reported).\n\n\
 Example:\n  t2i-rt bench --graphs graphs/tiny-sd1 --steps 30 --adapter sketch=edges.png --iters 10 --json bench.json"
 )]
 struct BenchArgs {
@@ -241,6 +244,12 @@ struct BenchArgs {
     /// The IP-Adapter scale, as for `run`.
     #[arg(long, value_name = "F", default_value_t = 1.0, requires = "ip_image")]
     ip_scale: f32,
+    /// A style image with an optional weight, as for `run`. Repeatable.
+    #[arg(long = "style", value_name = "IMG[:WEIGHT]")]
+    styles: Vec<StyleRequest>,
+    /// The fraction of the steps that see the style, as for `run`.
+    #[arg(long, value_name = "F", default_value_t = 1.0, requires = "styles")]
+    style_cond_tau: f32,
     /// Sampler, as for `run` (default: the graph set's own; `t2i-rt run --help` lists them).
     #[arg(long, value_name = "NAME")]
     scheduler: Option<SchedulerKind>,
@@ -640,6 +649,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     request.adapters = args.adapters;
     request.ip_image = args.ip_image.map(ConditionSource::File);
     request.ip_scale = args.ip_scale;
+    request.styles = args.styles;
+    request.style_cond_tau = args.style_cond_tau;
     args.control.apply(&mut request);
     request.width = args.size.map(|s| s.width);
     request.height = args.size.map(|s| s.height);
@@ -658,6 +669,11 @@ fn bench(args: BenchArgs) -> Result<()> {
     let ip = request.ip_image.is_some();
     let configs: Vec<(&str, Request)> = match (request.adapters.is_empty(), request.controls.is_empty()) {
         (true, true) if ip => vec![("IP image, cache warm", request.clone()), ("IP image, cache cold", request)],
+        (true, true) if !request.styles.is_empty() => {
+            let mut bare = request.clone();
+            bare.styles.clear();
+            vec![("with style", request), ("without style", bare)]
+        }
         (true, true) => vec![("", request)],
         (false, true) => {
             let mut bare = request.clone();
@@ -728,12 +744,17 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         [(_, with), (_, without)] => {
             let ratio = with["total"].median / without["total"].median;
-            let (what, dropped) = if configs[0].1.controls.is_empty() {
+            let (what, dropped) = if configs[0].0 == "with style" {
+                ("style", "style images")
+            } else if configs[0].1.controls.is_empty() {
                 ("adapter", "adapters")
             } else {
                 ("conditioning", "adapters and ControlNets")
             };
             println!("\n{what} overhead: total with / without {dropped} = {ratio:.4} ({:+.2}%)", (ratio - 1.0) * 100.0);
+            if let Some(style) = with.get("style_adapter") {
+                println!("style: style_adapter stage {:.3} ms (median)", style.median);
+            }
             Some(ratio)
         }
         _ => None,
@@ -759,8 +780,13 @@ fn bench(args: BenchArgs) -> Result<()> {
             json["ip_cache_cold"] = serde_json::json!({ "stages_ms": stages(&results[1].1) });
         }
         if let (Some(ratio), Some((_, without))) = (overhead, results.get(1)) {
-            json["without_adapters"] = serde_json::json!({ "stages_ms": stages(without) });
-            json["adapter_overhead"] = ratio.into();
+            let (without_key, overhead_key) = if configs[0].0 == "with style" {
+                ("without_style", "style_overhead")
+            } else {
+                ("without_adapters", "adapter_overhead")
+            };
+            json[without_key] = serde_json::json!({ "stages_ms": stages(without) });
+            json[overhead_key] = ratio.into();
         }
         let text = serde_json::to_string_pretty(&json).context("serializing the results")? + "\n";
         t2i_rt::output::write_file_atomic(path, text.as_bytes())?;

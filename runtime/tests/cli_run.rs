@@ -257,6 +257,47 @@ fn bench_reports_the_ip_adapter_cold_and_warm() {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
+/// `t2i-rt bench --style` runs the request with and without its style images and reports the style
+/// adapter's stage (only where style images ran) and the overhead; beside an adapter, the style
+/// images stay in both runs and the stage is still reported.
+#[test]
+fn bench_reports_the_style_adapter() {
+    let out_dir = std::env::temp_dir().join(format!("t2i-cli-bench-style-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let fixtures = common::generated_dir().join("fixtures/tiny-sd1-style");
+    let style = |k: usize, weight: &str| format!("{}:{weight}", fixtures.join(format!("style_{k}.png")).display());
+    let bench = |extra: &[String], json: &std::path::Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+            .args(["bench", "--graphs"])
+            .arg(common::generated_dir().join("tiny-sd1-style"))
+            .args(["--steps", "2", "--warmup", "1", "--iters", "2", "--threads", "1", "--style-cond-tau", "0.5"])
+            .args(["--style", &style(0, "1.0"), "--style", &style(1, "0.5")])
+            .args(extra)
+            .arg("--json")
+            .arg(json)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        (String::from_utf8_lossy(&output.stdout).into_owned(), report)
+    };
+    let (stdout, report) = bench(&[], &out_dir.join("style.json"));
+    assert!(stdout.contains("with style:") && stdout.contains("without style:"), "{stdout}");
+    assert!(stdout.contains("style overhead: total with / without style images = "), "{stdout}");
+    assert!(stdout.contains("style: style_adapter stage "), "{stdout}");
+    assert!(report["stages_ms"]["style_adapter"]["median"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["without_style"]["stages_ms"].get("style_adapter").is_none(), "{report}");
+    assert!(report["style_overhead"].as_f64().unwrap() > 0.0, "{report}");
+    let sketch = common::generated_dir().join("fixtures/tiny-sd1-style/conditions/sketch.png");
+    let adapter = ["--adapter".to_string(), format!("sketch={}", sketch.display())];
+    let (stdout, report) = bench(&adapter, &out_dir.join("style-adapter.json"));
+    assert!(stdout.contains("adapter overhead: "), "{stdout}");
+    for stats in [&report["stages_ms"], &report["without_adapters"]["stages_ms"]] {
+        assert!(stats["style_adapter"]["median"].as_f64().unwrap() > 0.0, "{stats}");
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
 /// A ControlNet condition made from a photo: `--preprocess canny=canny` turns the photo into edges
 /// (imageproc's Canny), `--save-conditions` writes exactly what the graphs see; a palette for the
 /// color adapter, an inverted sketch. The run itself draws.

@@ -10,11 +10,24 @@
 //! tokens, from the runtime's own preprocessing of the two PNGs through the set's graphs, within
 //! 1e-5 relative L2 (graph_parity.rs's graph bound): preprocessing off by one uint8 level anywhere
 //! moves the CLIP hidden states by more than that.
+//!
+//! The style adapter in combination (graphs/generated/fixtures/tiny-sd1-style/cases.json, written by
+//! `export/t2i_export/style_cases.py` with the same reference loop), final latents within the same
+//! 1e-4 relative L2 on both backends: with the set's "sketch" T2I-Adapter (style_cond_tau 0.5, from
+//! explicit latents), and with img2img (strength 0.7 of 5 steps, style_cond_tau 0.7, so the run
+//! starts styled and ends plain) from a seed alone (`RngKind::TorchCpu`: the runtime draws the VAE
+//! sample and the noise of `StableDiffusionImg2ImgPipeline.prepare_latents` itself). Each case must
+//! also land far from its own run without the style images, and without its T2I-Adapter, so both
+//! take part. And beside an IP-Adapter: `graphs/generated/tiny-sd1-ip-style` (the same tiny SD 1,
+//! style adapter and tiny plain IP-Adapter) against the same loop with the embeds of diffusers'
+//! `load_ip_adapter` (style_cond_tau 0.5, IP scale 0.6), within the same bound and far from the run
+//! without either.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use common::combo_cases::{combo_cases, final_latents, load_pipeline, ComboCase};
 use common::{generated_dir, graphs_dir, rel_l2};
 use ndarray::{concatenate, Array4, ArrayD, Axis};
 use serde::Deserialize;
@@ -22,7 +35,7 @@ use t2i_rt::adapter::ConditionSource;
 use t2i_rt::backend::{BackendKind, TensorView};
 use t2i_rt::clip_image::{clip_pixel_values, load_clip_image, ClipImageConfig};
 use t2i_rt::manifest::Manifest;
-use t2i_rt::{Error, Field, Limits, LoadOptions, Pipeline, Request, SchedulerKind, StyleRequest};
+use t2i_rt::{Error, Field, Limits, Pipeline, Request, SchedulerKind, StyleRequest};
 
 #[derive(Deserialize)]
 struct Case {
@@ -50,16 +63,20 @@ fn npy(name: &str) -> ArrayD<f32> {
     ndarray_npy::read_npy(fixtures().join(name)).unwrap()
 }
 
-fn styles() -> Vec<StyleRequest> {
-    case()
-        .weights
+/// FIXTURES/style_0.png, style_1.png, … with `weights`.
+fn styles_with(fixtures: &Path, weights: &[f32]) -> Vec<StyleRequest> {
+    weights
         .iter()
         .enumerate()
         .map(|(k, &weight)| StyleRequest {
-            image: ConditionSource::File(fixtures().join(format!("style_{k}.png"))),
+            image: ConditionSource::File(fixtures.join(format!("style_{k}.png"))),
             weight,
         })
         .collect()
+}
+
+fn styles() -> Vec<StyleRequest> {
+    styles_with(&fixtures(), &case().weights)
 }
 
 /// The fixture's request at `style_cond_tau`: its prompt, guidance, steps and style images, DDIM
@@ -78,11 +95,11 @@ fn request(tau: f32) -> Request {
 }
 
 fn pipeline(backend: BackendKind) -> Pipeline {
-    Pipeline::load(&set(), &LoadOptions { backend, ..LoadOptions::default() }).unwrap()
+    load_pipeline(&set(), backend)
 }
 
 fn run(pipeline: &mut Pipeline, request: &Request) -> Array4<f32> {
-    pipeline.run(request, &mut |_| true).unwrap().latents
+    final_latents(pipeline, request)
 }
 
 fn check_final_latents(backend: BackendKind) {
@@ -99,6 +116,84 @@ fn check_final_latents(backend: BackendKind) {
     without.styles.clear();
     let off = rel_l2(&run(&mut p, &without).into_dyn(), &npy("latents_tau1.npy"));
     assert!(off > 1e-2, "{backend}: the style images move the result by only {off:.3e}");
+}
+
+/// What a case of cases.json adds to the shared fields: the style images' weights and tau, and in
+/// tiny-sd1-ip-style's the IP image and scale.
+#[derive(Deserialize)]
+struct StyleFields {
+    style_weights: Vec<f32>,
+    style_cond_tau: f32,
+    #[serde(default)]
+    ip_image: Option<String>,
+    #[serde(default)]
+    ip_scale: Option<f32>,
+}
+
+/// The cases of `name`'s cases.json (a generated set and its fixtures), each against the
+/// reference's final latents; each also lands far from its own run without the style images, and
+/// without its T2I-Adapter / IP image.
+/// Which cases a set's cases.json must hold, by what they cover.
+type CaseFilter = fn(&ComboCase<StyleFields>) -> bool;
+
+fn check_cases(backend: BackendKind, name: &str, expect: &[(&str, CaseFilter)]) {
+    let fixtures = generated_dir().join("fixtures").join(name);
+    let cases: Vec<ComboCase<StyleFields>> = combo_cases(&fixtures);
+    for (what, f) in expect {
+        assert!(cases.iter().any(f), "{name}: no style case {what}");
+    }
+    let mut p = load_pipeline(&generated_dir().join(name), backend);
+    for case in &cases {
+        let want = case.expected(&fixtures);
+        let mut request = case.request(&fixtures);
+        request.scheduler = Some(SchedulerKind::Ddim);
+        request.styles = styles_with(&fixtures, &case.extra.style_weights);
+        request.style_cond_tau = case.extra.style_cond_tau;
+        request.ip_image = case.extra.ip_image.as_ref().map(|rel| ConditionSource::File(fixtures.join(rel)));
+        request.ip_scale = case.extra.ip_scale.unwrap_or(1.0);
+        let err = rel_l2(&run(&mut p, &request).into_dyn(), &want);
+        eprintln!("{backend} {name} {} ({}): final latents rel L2 {err:.3e}", case.name, case.reference);
+        assert!(err <= 1e-4, "{backend} {}: final latents rel L2 {err:.3e} > 1e-4", case.name);
+        let mut without = request.clone();
+        without.styles.clear();
+        let off = rel_l2(&run(&mut p, &without).into_dyn(), &want);
+        assert!(off > 1e-2, "{backend} {}: the style images move the result by only {off:.3e}", case.name);
+        if !request.adapters.is_empty() || request.ip_image.is_some() {
+            let mut alone = request;
+            alone.adapters.clear();
+            alone.ip_image = None;
+            let off = rel_l2(&run(&mut p, &alone).into_dyn(), &want);
+            assert!(
+                off > 1e-2,
+                "{backend} {}: the T2I-Adapter / IP image moves the result by only {off:.3e}",
+                case.name
+            );
+        }
+    }
+}
+
+fn check_combinations(backend: BackendKind) {
+    check_cases(
+        backend,
+        "tiny-sd1-style",
+        &[
+            ("with a T2I-Adapter", |c| !c.adapters.is_empty()),
+            ("with img2img from a torch-cpu seed", |c| {
+                c.init_image.is_some() && c.latents.is_none() && c.rng.as_deref() == Some("torch-cpu")
+            }),
+        ],
+    );
+    check_cases(backend, "tiny-sd1-ip-style", &[("with an IP image", |c| c.extra.ip_image.is_some())]);
+}
+
+#[test]
+fn combinations_match_the_reference_on_ort_cpu() {
+    check_combinations(BackendKind::OrtCpu);
+}
+
+#[test]
+fn combinations_match_the_reference_on_tract() {
+    check_combinations(BackendKind::Tract);
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Shared by the parity tests: where the committed fixtures are, and how results are compared.
 #![allow(dead_code)]
 
+pub mod combo_cases;
+
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
@@ -11,7 +13,8 @@ pub fn graphs_dir() -> PathBuf {
 }
 
 /// What `scripts/generate-sets.sh` writes to `graphs/generated` (and `graphs/generated/fixtures`).
-pub const GENERATED_SETS: [&str; 4] = ["tiny-sd1-ip", "tiny-sd1-ip-plus", "tiny-sdxl-ip", "tiny-sd1-style"];
+pub const GENERATED_SETS: [&str; 5] =
+    ["tiny-sd1-ip", "tiny-sd1-ip-plus", "tiny-sdxl-ip", "tiny-sd1-style", "tiny-sd1-ip-style"];
 
 /// `graphs/generated`: the sets and fixtures `scripts/generate-sets.sh` writes (not committed).
 pub fn generated_dir() -> PathBuf {
