@@ -9,7 +9,7 @@
 #   graphs/generated/fixtures/tiny-sd1-style   what the reference loop over diffusers' UNet computes with it
 #   graphs/generated/tiny-sd1-ip-style         tiny-sd1 + the style adapter + the plain IP-Adapter (tiny_style_set.py)
 #   graphs/generated/fixtures/tiny-sd1-ip-style  the same reference loop with the IP-Adapter's embeds
-# Deterministic (seeded weights, one torch thread), about a minute. Needs the exporter's .venv
+# Deterministic (seeded weights, one torch thread), about 45 s. Needs the exporter's .venv
 # (scripts/setup-python.sh); scripts/test.sh runs both before the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."

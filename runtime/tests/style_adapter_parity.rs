@@ -5,7 +5,7 @@
 //! `bash scripts/generate-sets.sh` (scripts/test.sh runs it first). Two style images, weights 1.0 and 0.5; `tau1` styles all 4 steps, `tau05` the
 //! first 2 only (then the plain 77-token contexts), so both context phases run.
 //!
-//! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu and on tract (the project's pipeline
+//! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu, openvino and tract (the project's pipeline
 //! bound; 4 DDIM steps leave kernel-order differences little room to compound). The combined style
 //! tokens, from the runtime's own preprocessing of the two PNGs through the set's graphs, within
 //! 1e-5 relative L2 (graph_parity.rs's graph bound): preprocessing off by one uint8 level anywhere
@@ -204,6 +204,12 @@ fn final_latents_match_the_reference_on_ort_cpu() {
 #[test]
 fn final_latents_match_the_reference_on_tract() {
     check_final_latents(BackendKind::Tract);
+}
+
+#[test]
+fn final_latents_and_combinations_match_the_reference_on_openvino() {
+    check_final_latents(BackendKind::OpenVino);
+    check_combinations(BackendKind::OpenVino);
 }
 
 /// The runtime's preprocessing of the two PNGs through the set's style encoder and adapter, times
