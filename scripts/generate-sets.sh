@@ -4,6 +4,7 @@
 #   graphs/generated/tiny-sd1-ip               tiny-sd1 + the tiny plain IP-Adapter (export/t2i_export/tiny_ip_set.py)
 #   graphs/generated/tiny-sd1-ip-plus          tiny-sd1 + the tiny IP-Adapter Plus (tiny_ip_set.py)
 #   graphs/generated/tiny-sdxl-ip              tiny-sdxl + a tiny plain IP-Adapter (tiny_ip_set.py)
+#   graphs/generated/tiny-sdxl-ip-plus         tiny-sdxl + a tiny IP-Adapter Plus (tiny_ip_set.py)
 #   graphs/generated/fixtures/tiny-*-ip*       what diffusers' load_ip_adapter pipelines compute with them
 #   graphs/generated/tiny-sd1-style            tiny-sd1 + the tiny TencentARC style adapter (tiny_style_set.py)
 #   graphs/generated/fixtures/tiny-sd1-style   what the reference loop over diffusers' UNet computes with it
@@ -26,7 +27,7 @@ fi
 staging=graphs/.generated-staging
 rm -rf "$staging"
 (cd export && T2I_OPEN_CLIP_WHEEL="$wheel" ../.venv/bin/python -m t2i_export tiny --family sd1-ip --family sd1-ip-plus \
-    --family sdxl-ip --family sd1-style --family sd1-ip-style --out "../$staging")
+    --family sdxl-ip --family sdxl-ip-plus --family sd1-style --family sd1-ip-style --out "../$staging")
 rm -rf graphs/generated
 mv "$staging" graphs/generated
-echo "wrote graphs/generated: tiny-sd1-ip, tiny-sd1-ip-plus, tiny-sdxl-ip, tiny-sd1-style, tiny-sd1-ip-style and their fixtures"
+echo "wrote graphs/generated: tiny-sd1-ip, tiny-sd1-ip-plus, tiny-sdxl-ip, tiny-sdxl-ip-plus, tiny-sd1-style, tiny-sd1-ip-style and their fixtures"

@@ -12,7 +12,7 @@ from .errors import ExportError
 from .precision import PRECISIONS
 
 # tiny_ip_set.IP_SETS' families (named here so that the parser does not import torch)
-IP_FAMILIES = ("sd1-ip", "sd1-ip-plus", "sdxl-ip")
+IP_FAMILIES = ("sd1-ip", "sd1-ip-plus", "sdxl-ip", "sdxl-ip-plus")
 
 
 def _adapter_arg(text: str, flag: str = "--adapter") -> tuple[str, Path]:
@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("tiny", help="regenerate the deterministic tiny graph sets and their parity fixtures")
     pt.add_argument("--out", type=Path, required=True,
                     help="writes OUT/tiny-FAMILY and OUT/fixtures/tiny-FAMILY (and OUT/tiny-sd1-fp16, same weights in fp16; "
-                         "sd1-ip, sd1-ip-plus, sdxl-ip: tiny-sd1 with the tiny plain or Plus IP-Adapter, tiny-sdxl with "
-                         "a plain one, tiny_ip_set.py; sd1-style: tiny-sd1 with the tiny style adapter and the sketch "
+                         "sd1-ip, sd1-ip-plus, sdxl-ip, sdxl-ip-plus: tiny-sd1 or tiny-sdxl with the tiny plain or "
+                         "Plus IP-Adapter, tiny_ip_set.py; sd1-style: tiny-sd1 with the tiny style adapter and the sketch "
                          "adapter, sd1-ip-style: tiny-sd1 with the style adapter and the IP-Adapter, both tiny_style_set.py)")
     pt.add_argument("--family", action="append",
                     choices=["sd1", "sd2", "sdxl", "sd1-inpaint", *IP_FAMILIES, "sd1-style", "sd1-ip-style"],

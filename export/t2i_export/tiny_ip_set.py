@@ -12,8 +12,10 @@
 * graphs/generated/tiny-sdxl-ip (`sdxl-ip`): the tiny SDXL checkpoint of the zoo (graphs/tiny-sdxl's
   source) + a tiny plain IP-Adapter built for its UNet (same builders and seeds, same image encoder).
   Fixtures: the `StableDiffusionXLPipeline` run and the torch-cpu text case.
+* graphs/generated/tiny-sdxl-ip-plus (`sdxl-ip-plus`): the same SDXL checkpoint + a tiny IP-Adapter
+  Plus built for its UNet. Fixtures: as tiny-sdxl-ip's.
 
-The runtime's runtime/tests/ip_adapter_parity.rs holds itself to all three (graphs/generated/fixtures/NAME).
+The runtime's runtime/tests/ip_adapter_parity.rs holds itself to all four (graphs/generated/fixtures/NAME).
 
 Generated, not committed (most of their bytes are copies of tiny-sd1's and tiny-sdxl's graphs, which
 would push the tree past 30 MiB): ``bash scripts/generate-sets.sh`` writes them, and scripts/test.sh
@@ -42,6 +44,7 @@ IP_SETS = {
     "sd1-ip": ("tiny-sd1-ip", "plain", "sd1", True),
     "sd1-ip-plus": ("tiny-sd1-ip-plus", "plus", "sd1", False),
     "sdxl-ip": ("tiny-sdxl-ip", "plain", "sdxl", False),
+    "sdxl-ip-plus": ("tiny-sdxl-ip-plus", "plus", "sdxl", False),
 }
 NAME = IP_SETS["sd1-ip"][0]
 

@@ -1,7 +1,7 @@
 """`python -m t2i_export tiny` regenerates the committed graphs/tiny-{sd1,sd2,sdxl,sd1-inpaint}, their
 graphs/fixtures/tiny-*, graphs/tiny-sd1-fp16, and (`--family sd1-ip`, `sd1-ip-plus`, `sdxl-ip`,
-`sd1-style`, `sd1-ip-style`) the generated, not committed
-graphs/generated/tiny-{sd1-ip,sd1-ip-plus,sdxl-ip,sd1-style,sd1-ip-style} with
+`sdxl-ip-plus`, `sd1-style`, `sd1-ip-style`) the generated, not committed
+graphs/generated/tiny-{sd1-ip,sd1-ip-plus,sdxl-ip,sdxl-ip-plus,sd1-style,sd1-ip-style} with
 graphs/generated/fixtures/tiny-* (test_generated_sets_regenerate).
 
 Byte for byte: every file of the graph sets (ONNX graphs, weights, manifest, which names the
@@ -269,6 +269,7 @@ SHARED_WITH_BASE = {
                                  "controlnet_canny.onnx"]),
     "tiny-sd1-ip-plus": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
     "tiny-sdxl-ip": ("tiny-sdxl", ["text_encoder.onnx", "text_encoder_2.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
+    "tiny-sdxl-ip-plus": ("tiny-sdxl", ["text_encoder.onnx", "text_encoder_2.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
     "tiny-sd1-style": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx", "adapter_sketch.onnx"]),
     "tiny-sd1-ip-style": ("tiny-sd1", ["text_encoder.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]),
 }

@@ -5,8 +5,9 @@
 //! `tiny-sd1-ip` (the tiny SD 1 with the tiny plain IP-Adapter and CLIP image encoder) and
 //! `tiny-sd1-ip-plus` (the same with the tiny IP-Adapter Plus: Resampler projection, the encoder's
 //! penultimate hidden states, negative = the encoder on zero pixels) against
-//! `StableDiffusionPipeline` + `ip_adapter_image`, and `tiny-sdxl-ip` (the tiny SDXL with a tiny
-//! plain IP-Adapter) against `StableDiffusionXLPipeline` + `ip_adapter_image`.
+//! `StableDiffusionPipeline` + `ip_adapter_image`, and `tiny-sdxl-ip` / `tiny-sdxl-ip-plus` (the
+//! tiny SDXL with a tiny plain / Plus IP-Adapter) against `StableDiffusionXLPipeline` +
+//! `ip_adapter_image`.
 //!
 //! Tolerances: final latents relative L2 ≤ 1e-4 on ort-cpu, openvino and tract (the project's
 //! pipeline bound; the cases run 3 to 5 steps, so kernel-order differences have little room to
@@ -31,15 +32,15 @@ mod common;
 
 use std::path::PathBuf;
 
+use common::combo_cases::{combo_cases, ComboCase};
 use common::{generated_dir, graphs_dir, rel_l2};
 use ndarray::{concatenate, Array4, ArrayD, Axis};
 use serde::Deserialize;
-use t2i_rt::adapter::{AdapterRequest, ConditionSource};
+use t2i_rt::adapter::ConditionSource;
 use t2i_rt::backend::{BackendKind, TensorView};
 use t2i_rt::clip_image::{clip_pixel_values, load_clip_image, ClipImageConfig};
 use t2i_rt::manifest::{IpNegative, Manifest};
-use t2i_rt::rng::RngKind;
-use t2i_rt::{ControlRequest, Error, Field, Limits, LoadOptions, Pipeline, Request};
+use t2i_rt::{Error, Field, Limits, LoadOptions, Pipeline, Request};
 
 #[derive(Deserialize)]
 struct Case {
@@ -54,40 +55,15 @@ struct Case {
     pipeline: String,
 }
 
-/// One entry of cases.json: an IP-Adapter request combined with ControlNets, an init image or
-/// T2I-Adapters.
+/// The IP-Adapter fields of a cases.json entry (the rest: [`ComboCase`]).
 #[derive(Deserialize)]
-struct ComboCase {
-    name: String,
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    guidance: f32,
+struct IpFields {
     ip_scale: f32,
-    width: u32,
-    height: u32,
-    adapters: Vec<ComboCondition>,
-    controls: Vec<ComboCondition>,
-    init_image: Option<String>,
-    strength: Option<f32>,
-    /// `null`: diffusers drew everything from `torch.Generator(rng).manual_seed(seed)`.
-    latents: Option<String>,
-    rng: Option<String>,
-    seed: u64,
-    reference: String,
     /// diffusers' pipeline class, or what stands in for one
     pipeline: String,
-    expected_latents: String,
 }
 
-/// A T2I-Adapter (`weight`) or a ControlNet (`scale`) and its condition image.
-#[derive(Deserialize)]
-struct ComboCondition {
-    name: String,
-    image: String,
-    #[serde(alias = "scale")]
-    weight: f32,
-}
+type IpCase = ComboCase<IpFields>;
 
 /// A generated IP-Adapter set (`export/t2i_export/tiny_ip_set.py`) and its fixtures.
 #[derive(Clone, Copy)]
@@ -98,9 +74,11 @@ enum IpSet {
     Sd1Plus,
     /// tiny-sdxl + a tiny plain IP-Adapter.
     Sdxl,
+    /// tiny-sdxl + a tiny IP-Adapter Plus.
+    SdxlPlus,
 }
 
-const IP_SETS: [IpSet; 3] = [IpSet::Sd1, IpSet::Sd1Plus, IpSet::Sdxl];
+const IP_SETS: [IpSet; 4] = [IpSet::Sd1, IpSet::Sd1Plus, IpSet::Sdxl, IpSet::SdxlPlus];
 
 impl IpSet {
     fn name(self) -> &'static str {
@@ -108,6 +86,7 @@ impl IpSet {
             IpSet::Sd1 => "tiny-sd1-ip",
             IpSet::Sd1Plus => "tiny-sd1-ip-plus",
             IpSet::Sdxl => "tiny-sdxl-ip",
+            IpSet::SdxlPlus => "tiny-sdxl-ip-plus",
         }
     }
 
@@ -167,59 +146,18 @@ fn check_final_latents(set: IpSet, backend: BackendKind) {
     assert!(off > 1e-2, "{backend} {}: the IP image moves the result by only {off:.3e}", set.name());
 }
 
-fn combo_cases(set: IpSet) -> Vec<ComboCase> {
-    serde_json::from_str(&std::fs::read_to_string(set.fixtures().join("cases.json")).unwrap()).unwrap()
-}
-
-fn combo_request(set: IpSet, case: &ComboCase) -> Request {
-    let fixtures = set.fixtures();
-    let file = |rel: &str| ConditionSource::File(fixtures.join(rel));
-    let mut r = Request::new(case.prompt.clone());
-    r.negative_prompt = Some(case.negative_prompt.clone());
-    r.steps = case.steps;
-    r.guidance = case.guidance;
-    r.width = Some(case.width);
-    r.height = Some(case.height);
-    r.ip_image = Some(file("image.png"));
-    r.ip_scale = case.ip_scale;
-    r.adapters = case
-        .adapters
-        .iter()
-        .map(|a| AdapterRequest {
-            name: a.name.clone(),
-            image: file(&a.image),
-            weight: a.weight,
-            preprocess: Vec::new(),
-        })
-        .collect();
-    r.controls = case
-        .controls
-        .iter()
-        .map(|c| ControlRequest {
-            name: c.name.clone(),
-            image: file(&c.image),
-            scale: c.weight,
-            preprocess: Vec::new(),
-        })
-        .collect();
-    r.init_image = case.init_image.as_deref().map(file);
-    r.strength = case.strength;
-    match (&case.latents, &case.rng) {
-        (Some(latents), _) => r.latents = Some(ndarray_npy::read_npy(fixtures.join(latents)).unwrap()),
-        (None, Some(rng)) => {
-            r.seed = case.seed;
-            r.rng = rng.parse::<RngKind>().unwrap();
-        }
-        (None, None) => panic!("{}: neither latents nor a generator", case.name),
-    }
+fn combo_request(set: IpSet, case: &IpCase) -> Request {
+    let mut r = case.request(&set.fixtures());
+    r.ip_image = Some(ConditionSource::File(set.fixtures().join("image.png")));
+    r.ip_scale = case.extra.ip_scale;
     r
 }
 
 /// Every case of `set`'s cases.json within 1e-4, each far from its run without the IP image (and
 /// without its ControlNet / T2I-Adapter).
 fn check_cases(set: IpSet, backend: BackendKind) {
-    let cases = combo_cases(set);
-    let has = |what: &str, f: &dyn Fn(&ComboCase) -> bool| {
+    let cases: Vec<IpCase> = combo_cases(&set.fixtures());
+    let has = |what: &str, f: &dyn Fn(&IpCase) -> bool| {
         assert!(cases.iter().any(f), "{}: no IP-Adapter case {what}", set.name())
     };
     has("of text alone from a torch-cpu seed through diffusers' text-to-image pipeline", &|c| {
@@ -237,10 +175,10 @@ fn check_cases(set: IpSet, backend: BackendKind) {
     }
     let mut p = set.pipeline(backend);
     for case in &cases {
-        let want: ArrayD<f32> = ndarray_npy::read_npy(set.fixtures().join(&case.expected_latents)).unwrap();
+        let want = case.expected(&set.fixtures());
         let request = combo_request(set, case);
         let err = rel_l2(&run(&mut p, &request).into_dyn(), &want);
-        eprintln!("{backend} {} {} ({}): final latents rel L2 {err:.3e}", set.name(), case.name, case.pipeline);
+        eprintln!("{backend} {} {} ({}): final latents rel L2 {err:.3e}", set.name(), case.name, case.extra.pipeline);
         assert!(err <= 1e-4, "{backend} {} {}: final latents rel L2 {err:.3e} > 1e-4", set.name(), case.name);
         let mut without = request.clone();
         without.ip_image = None;
@@ -293,17 +231,21 @@ fn plus_matches_diffusers_on_tract() {
 fn sdxl_matches_diffusers_on_ort_cpu() {
     check_final_latents(IpSet::Sdxl, BackendKind::OrtCpu);
     check_cases(IpSet::Sdxl, BackendKind::OrtCpu);
+    check_final_latents(IpSet::SdxlPlus, BackendKind::OrtCpu);
+    check_cases(IpSet::SdxlPlus, BackendKind::OrtCpu);
 }
 
 #[test]
 fn sdxl_matches_diffusers_on_tract() {
     check_final_latents(IpSet::Sdxl, BackendKind::Tract);
     check_cases(IpSet::Sdxl, BackendKind::Tract);
+    check_final_latents(IpSet::SdxlPlus, BackendKind::Tract);
+    check_cases(IpSet::SdxlPlus, BackendKind::Tract);
 }
 
 #[test]
 fn every_ip_set_matches_diffusers_on_openvino() {
-    for set in [IpSet::Sd1, IpSet::Sd1Plus, IpSet::Sdxl] {
+    for set in IP_SETS {
         check_final_latents(set, BackendKind::OpenVino);
         check_cases(set, BackendKind::OpenVino);
     }

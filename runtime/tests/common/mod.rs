@@ -13,8 +13,8 @@ pub fn graphs_dir() -> PathBuf {
 }
 
 /// What `scripts/generate-sets.sh` writes to `graphs/generated` (and `graphs/generated/fixtures`).
-pub const GENERATED_SETS: [&str; 5] =
-    ["tiny-sd1-ip", "tiny-sd1-ip-plus", "tiny-sdxl-ip", "tiny-sd1-style", "tiny-sd1-ip-style"];
+pub const GENERATED_SETS: [&str; 6] =
+    ["tiny-sd1-ip", "tiny-sd1-ip-plus", "tiny-sdxl-ip", "tiny-sdxl-ip-plus", "tiny-sd1-style", "tiny-sd1-ip-style"];
 
 /// `graphs/generated`: the sets and fixtures `scripts/generate-sets.sh` writes (not committed).
 pub fn generated_dir() -> PathBuf {
