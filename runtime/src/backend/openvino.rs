@@ -2,13 +2,13 @@
 //! (the `openvino` crate, loaded at run time like ONNX Runtime: nothing is linked), running the same
 //! ONNX graphs as ort and tract on the CPU, in f32 or bf16.
 //!
-//! Why its own runtime and not ONNX Runtime's OpenVINO execution provider (issue 17 compared the
-//! three routes on an AMD EPYC; the measurements are in benches/RESULTS.md): the provider lives in
-//! a separate ONNX Runtime build (`onnxruntime-openvino`, 1.24 with OpenVINO 2025.4 inside), so a
-//! process would load a second `libonnxruntime` instead of the one `ort-cpu` uses, and its bf16
-//! needs a raw `load_config`; the plugin package registers no device on AMD CPUs. OpenVINO's own
-//! runtime (the `openvino` wheel, 2026.4) was as fast or faster in f32, takes bf16 as a plain
-//! property, and sits beside ort in one process.
+//! Why its own runtime and not ONNX Runtime's OpenVINO execution provider (the three routes of
+//! issue 17, measured in benches/RESULTS.md): the provider lives in a separate ONNX Runtime build
+//! (`onnxruntime-openvino`, 1.24 with OpenVINO 2025.4 inside), so a process would load a second
+//! `libonnxruntime` instead of the one `ort-cpu` uses, and its bf16 needs a raw `load_config`; the
+//! plugin package registers no device on AMD CPUs. OpenVINO's own runtime (the `openvino` wheel,
+//! 2026.4) was as fast as the provider in f32 on a Zen 3 EPYC and 0.82× ONNX Runtime's CPU provider
+//! on a Zen 5, takes bf16 as a plain property, and sits beside ort in one process.
 //!
 //! A loaded graph is one compiled model (weights held once) shared by every worker; each worker's
 //! session is an infer request of it. Shapes stay dynamic: OpenVINO compiles once and runs any
