@@ -14,8 +14,9 @@ pub enum Error {
     #[error("graph set {}: {message}", dir.display())]
     GraphSet { dir: PathBuf, message: String },
 
-    /// The ONNX Runtime shared library could not be found or loaded.
-    #[error("ONNX Runtime library not found: {0}")]
+    /// A runtime's shared library (ONNX Runtime, OpenVINO) could not be found, loaded or started;
+    /// the message names which and how to install it.
+    #[error("{0}")]
     RuntimeLibrary(String),
 
     /// A GPU execution provider cannot start (library without it, no driver or GPU, missing CUDA or

@@ -385,7 +385,7 @@ impl ExecArgs {
     ort-trt            TensorRT engines and timing cache for the --profile sizes and batch ranges\n  \
     openvino           OpenVINO's compiled models (its model cache): start-up imports instead of compiling\n\n\
 Each graph's entry is keyed by the graph's checksums, the backend and its options, the ONNX Runtime\n\
-build, and the CPU (ort-cpu) or GPU, driver and TensorRT version; `run` uses an entry only when all of\n\
+or OpenVINO build, and the CPU (ort-cpu, openvino) or GPU, driver and TensorRT version; `run` uses an entry only when all of\n\
 them match, and says which changed when one is stale.\n\n\
 Examples:\n  \
 t2i-rt build-engine --graphs sd15-t2i --backend ort-cpu\n  \

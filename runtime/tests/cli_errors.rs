@@ -204,6 +204,20 @@ fn request_errors_are_one_line_and_write_nothing() {
         &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
         "ONNX Runtime library not found",
     );
+    fails(
+        "no-openvino",
+        &set,
+        &["--backend", "openvino"],
+        &[("T2I_OPENVINO_LIB", "/nonexistent/libopenvino_c.so.2640")],
+        "OpenVINO library not found: T2I_OPENVINO_LIB=/nonexistent/libopenvino_c.so.2640 is not a file",
+    );
+    fails(
+        "bf16-on-ort",
+        &set,
+        &["--precision", "bf16"],
+        &[],
+        "precision bf16 is an openvino option, not one of ort-cpu",
+    );
     for dir in
         [not_image.parent(), latents.parent(), bomb.parent(), nan_latents.parent(), huge.parent()].into_iter().flatten()
     {

@@ -708,7 +708,7 @@ fn environment(explicit: Option<&Path>, gpu: bool, threads: Option<usize>) -> Re
         })
         .clone()
         .map(|(environment, library, _)| (environment, library))
-        .map_err(Error::RuntimeLibrary)
+        .map_err(|e| Error::RuntimeLibrary(format!("ONNX Runtime library not found: {e}")))
 }
 
 type EnvironmentSlot = std::result::Result<(Environment, PathBuf, Option<usize>), String>;
