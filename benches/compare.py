@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side latency of t2i-rt (ort-cpu, openvino, tract), diffusers (PyTorch CPU), Python onnxruntime and OpenVINO.
+"""Side-by-side latency of t2i-rt (ort-cpu, openvino, tract), diffusers (PyTorch CPU), and Python
+onnxruntime and OpenVINO.
 
 Every system gets the same weights, prompt, initial latents and adapter condition image:
 
@@ -10,17 +11,19 @@ Every system gets the same weights, prompt, initial latents and adapter conditio
 - `python-openvino`: the same graphs and loop on OpenVINO's own runtime (`openvino.Core`, CPU,
   INFERENCE_NUM_THREADS=N, f32): what optimum-intel's OpenVINO pipelines run, and what a CPU user
   would pick instead of t2i-rt.
-- `t2i-rt ort-cpu`, `t2i-rt openvino`, `t2i-rt tract`: the binary (`t2i-rt run` for the image check; `t2i-rt bench` for
-  timing when the binary has it, else `t2i-rt run`'s wall time, start-up and model load included).
+- `t2i-rt ort-cpu`, `t2i-rt openvino`, `t2i-rt tract`: the binary (`t2i-rt run` for the image check;
+  `t2i-rt bench` for timing when the binary has it, else `t2i-rt run`'s wall time, start-up and model
+  load included).
 
 It first checks that every system draws diffusers' image from the same latents (final latents
 relative L2 <= 1e-4 for ort-based and OpenVINO f32 systems, <= 1e-3 for tract; pixels within 2/255:
 the project's parity tolerances) and refuses to time anything otherwise. Reduced-precision systems
 (`openvino-bf16`, `python-openvino-bf16`: OpenVINO with INFERENCE_PRECISION_HINT bf16) cannot meet
 those bounds: their distance to diffusers' fp32 result (final-latents relative L2, image PSNR) is
-measured and reported instead. They are left out, with a note, on CPUs without bf16 instructions. Then it times the systems round-robin
-(one run of each per round, several rounds, so machine noise hits all alike) at several step
-counts, and writes a markdown section into RESULTS.md (between markers) and a latency-vs-steps plot.
+measured and reported instead. They are left out, with a note, on CPUs without bf16 instructions.
+Then it times the systems round-robin (one run of each per round, several rounds, so machine noise
+hits all alike) at several step counts, and writes a markdown section into RESULTS.md (between
+markers) and a latency-vs-steps plot.
 
     .venv/bin/python benches/compare.py                       # small preset, steps 5 10 20 30
     .venv/bin/python benches/compare.py --quick --binary target/debug/t2i-rt   # smoke run, tiny set
