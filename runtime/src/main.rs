@@ -383,7 +383,7 @@ impl ExecArgs {
     after_help = "What is prepared, per backend (into DIR/.t2i-engines unless --engine-cache says otherwise):\n  \
     ort-cpu, ort-cuda  ONNX Runtime's optimized graphs: start-up skips graph optimization\n  \
     ort-trt            TensorRT engines and timing cache for the --profile sizes and batch ranges\n  \
-    openvino           OpenVINO's compiled models (its model cache); start-up does not gain from them yet\n\n\
+    openvino           OpenVINO's compiled models (its model cache): start-up imports instead of compiling\n\n\
 Each graph's entry is keyed by the graph's checksums, the backend and its options, the ONNX Runtime\n\
 or OpenVINO build, and the CPU (ort-cpu, openvino) or GPU, driver and TensorRT version; `run` uses an entry only when all of\n\
 them match, and says which changed when one is stale.\n\n\

@@ -15,12 +15,10 @@
 //! input shape the graph allows.
 //!
 //! Engine caches ([`crate::engine`]): the entry is OpenVINO's own model cache (`CACHE_DIR`: the
-//! compiled model as a blob), so start-up imports instead of compiling. The key adds OpenVINO's
-//! build, the CPU, precision and threads. Measured on the small preset it does not pay yet (start-up
-//! 3.6–3.9 s with, 3.2–3.4 s without): the model is still read from ONNX and hashed to find its
-//! blob, although OpenVINO alone imports the UNet in 0.56 s against 1.84 s to compile it. Compiling
-//! from the file path (`ov_core_compile_model_from_file`, which the crate does not wrap) would skip
-//! the read.
+//! compiled model as a blob), so start-up imports instead of compiling: the small preset starts in
+//! 1.4 s instead of 2.9 s (benches/RESULTS.md). The key adds OpenVINO's build, the CPU, precision
+//! and threads. Importing needs OpenVINO's IR frontend beside the library: without it OpenVINO
+//! silently compiles again (and rewrites the blob).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -372,8 +370,9 @@ fn install_hint() -> String {
 /// Finds the OpenVINO C library, in this order:
 /// 1. `T2I_OPENVINO_LIB`: a file;
 /// 2. next to the running executable, or in `lib/` beside it (how a deployment ships it, with
-///    `libopenvino.so.2640`, `libopenvino_onnx_frontend.so.2640`, `libopenvino_intel_cpu_plugin.so`
-///    and `libtbb.so.12` in the same folder);
+///    `libopenvino.so.2640`, `libopenvino_onnx_frontend.so.2640`, `libopenvino_ir_frontend.so.2640`
+///    (for prepared engines), `libopenvino_intel_cpu_plugin.so` and `libtbb.so.12` in the same
+///    folder);
 /// 3. `.openvino/` in the executable's directory or one of its ancestors (where
 ///    `scripts/setup-openvino.sh` puts it in a checkout, so `cargo run` and `cargo test` need no
 ///    setting).
