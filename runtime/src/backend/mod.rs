@@ -51,7 +51,8 @@ pub enum InferencePrecision {
     #[default]
     F32,
     /// bfloat16 matrix products and convolutions, f32 elsewhere: OpenVINO on CPUs with bf16
-    /// instructions (AVX512_BF16, AMX). About 1e-2 relative error in a UNet's output.
+    /// instructions (AVX512_BF16, AMX). Issue 17 measured a UNet call on a Zen 5 EPYC at 0.46x the
+    /// f32 time, 1.8e-2 relative error in its output.
     Bf16,
 }
 
