@@ -21,8 +21,7 @@ fn two_adapters_tau(case: &Value) -> bool {
 /// latents and stderr.
 fn run_fixture_case(name: &str, pick: fn(&Value) -> bool, extra: &[&str]) -> (ArrayD<f32>, String) {
     let fixtures = common::tiny_sd1_fixtures();
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let cases = common::fixture_cases(&fixtures);
     let case = cases.iter().find(|c| pick(c)).unwrap();
     let out_dir = std::env::temp_dir().join(format!("t2i-cli-run-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -105,8 +104,7 @@ fn run_records_every_graph_call_for_calibration() {
     run_fixture_case("record", two_adapters_tau, &["--record-inputs", record_arg]);
 
     let fixtures = common::tiny_sd1_fixtures();
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let cases = common::fixture_cases(&fixtures);
     let case = cases.iter().find(|c| two_adapters_tau(c)).unwrap();
     let calls = |graph: &str| -> Vec<std::path::PathBuf> {
         let mut dirs: Vec<_> = std::fs::read_dir(record.join(graph)).unwrap().map(|e| e.unwrap().path()).collect();
