@@ -18,9 +18,11 @@ Every system gets the same weights, prompt, initial latents and adapter conditio
 It first checks that every system draws diffusers' image from the same latents (final latents
 relative L2 <= 1e-4 for ort-based and OpenVINO f32 systems, <= 1e-3 for tract; pixels within 2/255:
 the project's parity tolerances) and refuses to time anything otherwise. Reduced-precision systems
-(`openvino-bf16`, `python-openvino-bf16`: OpenVINO with INFERENCE_PRECISION_HINT bf16) cannot meet
-those bounds: their distance to diffusers' fp32 result (final-latents relative L2, image PSNR) is
-measured and reported instead. They are left out, with a note, on CPUs without bf16 instructions.
+(`openvino-bf16`, `python-openvino-bf16`: OpenVINO with INFERENCE_PRECISION_HINT bf16; the `-int8`
+ones: the graph set's INT8 variants, `--precision int8`, from `python -m t2i_export calibrate`, which
+compare.py runs once into WORK/SET-int8 unless given `--int8-graphs`) cannot meet those bounds: their
+distance to diffusers' fp32 result (final-latents relative L2, image PSNR) is measured and reported
+instead. The bf16 ones are left out, with a note, on CPUs without bf16 instructions.
 Then it times the systems round-robin (one run of each per round, several rounds, so machine noise
 hits all alike) at several step counts, and writes a markdown section into RESULTS.md (between
 markers) and a latency-vs-steps plot.
@@ -70,8 +72,9 @@ ADAPTER_WEIGHT = 1.0
 LATENT_SEED = 0
 # The project's parity tolerances (README): final latents relative L2 and max pixel difference.
 REL_L2 = {"ort": 1e-4, "tract": 1e-3}
-# Systems whose --systems name is "<name>-bf16" compute in bf16 and are held to no bound.
-BF16 = "-bf16"
+# Systems whose --systems name is "<name>-bf16" or "<name>-int8" compute in reduced precision and are
+# held to no bound (their distance to diffusers' fp32 is reported).
+BF16, INT8 = "-bf16", "-int8"
 MAX_PIXEL_DIFF = 2
 
 
@@ -265,21 +268,24 @@ class PythonOrt:
         opts.inter_op_num_threads = 1
         return lambda path: ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
-    def __init__(self, source: Source, inputs: Inputs, threads: int):
+    def __init__(self, source: Source, inputs: Inputs, threads: int, variant: str | None = None):
+        """`variant` (`int8`): run each graph's variant of that name where the set has one (docs/manifest.md)."""
         from transformers import CLIPTokenizer
 
+        if variant is not None:
+            self.name, self.tolerance = f"{self.name}-{variant}", None
         self.m = json.loads((source.graphs / "manifest.json").read_text(encoding="utf-8"))
         opener = self._opener(threads)
 
-        def session(rel: str):
-            return opener(source.graphs / rel)
+        def session(spec: dict):
+            return opener(source.graphs / spec.get("variants", {}).get(variant, spec)["file"])
 
-        self.sess = {k: session(g["file"]) for k, g in self.m["graphs"].items()}
+        self.sess = {k: session(g) for k, g in self.m["graphs"].items()}
         (text_encoder,) = self.m["text_encoders"]  # SD 1.x: one encoder (manifest format 2)
-        self.sess["text_encoder"] = session(text_encoder["graph"]["file"])
+        self.sess["text_encoder"] = session(text_encoder["graph"])
         self.adapters = {a["name"]: a for a in self.m["adapters"]}
         for a in self.m["adapters"]:
-            self.sess["adapter_" + a["name"]] = session(a["graph"]["file"])
+            self.sess["adapter_" + a["name"]] = session(a["graph"])
         self.tokenizer = CLIPTokenizer.from_pretrained(str(source.model_dir / "tokenizer"))
         self.inputs = inputs
 
@@ -340,10 +346,11 @@ class PythonOpenVino(PythonOrt):
     """The same loop on OpenVINO's own runtime: one compiled model per graph (CPU, LATENCY hint)."""
 
     def __init__(self, source: Source, inputs: Inputs, threads: int, precision: str = "f32"):
-        self.precision = precision
-        self.name = "python-openvino" + ("" if precision == "f32" else f" {precision}")
+        # int8: the set's INT8 variants under the f32 hint (the quantized layers carry their precision).
+        self.precision = "f32" if precision == "int8" else precision
+        self.name = "python-openvino" + ("" if precision in ("f32", "int8") else f"-{precision}")
         self.tolerance = REL_L2["ort"] if precision == "f32" else None
-        super().__init__(source, inputs, threads)
+        super().__init__(source, inputs, threads, "int8" if precision == "int8" else None)
 
     def _opener(self, threads: int):
         import openvino as ov
@@ -363,6 +370,18 @@ class PythonOpenVino(PythonOrt):
         return Session
 
 
+def calibrated(graphs: Path, work: Path, binary: Path) -> Path:
+    """WORK/SET-int8: `graphs` calibrated to INT8 (made once; remove it to make it again)."""
+    out = work / f"{graphs.name}-int8"
+    if not (out / "manifest.json").is_file():
+        print(f"calibrating {graphs} to INT8 into {out} ...", flush=True)
+        cmd = [sys.executable, "-m", "t2i_export", "calibrate", "--graphs", str(graphs), "--out", str(out),
+               "--t2i-rt", str(binary)]
+        if subprocess.run(cmd, cwd=REPO / "export").returncode != 0:
+            raise CompareError(f"{' '.join(cmd)} failed")
+    return out
+
+
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO computes bf16 here (AVX512_BF16 or AMX); elsewhere it would quietly use f32."""
     import openvino as ov
@@ -375,7 +394,7 @@ class T2iRt:
                  precision: str = "f32"):
         self.binary, self.graphs, self.inputs, self.threads, self.backend = binary, source.graphs, inputs, threads, backend
         self.precision = precision
-        self.name = f"t2i-rt {backend}" + ("" if precision == "f32" else f" {precision}")
+        self.name = f"t2i-rt {backend}" + ("" if precision == "f32" else f"-{precision}")
         self.tolerance = None if precision != "f32" else REL_L2["tract" if backend == "tract" else "ort"]
         self.out = work / "t2i-rt-out"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -812,8 +831,9 @@ def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) 
 
 
 COLORS = {"diffusers": (214, 39, 40), "python-ort": (255, 127, 14), "t2i-rt ort-cpu": (31, 119, 180), "t2i-rt tract": (44, 160, 44),
-          "python-openvino": (148, 103, 189), "t2i-rt openvino": (23, 190, 207), "python-openvino bf16": (188, 189, 34),
-          "t2i-rt openvino bf16": (140, 86, 75)}
+          "python-openvino": (148, 103, 189), "t2i-rt openvino": (23, 190, 207), "python-openvino-bf16": (188, 189, 34),
+          "t2i-rt openvino-bf16": (140, 86, 75), "python-ort-int8": (255, 187, 120), "python-openvino-int8": (197, 176, 213),
+          "t2i-rt ort-cpu-int8": (174, 199, 232), "t2i-rt openvino-int8": (158, 218, 229)}
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
@@ -897,7 +917,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 SYSTEMS = ["diffusers", "python-ort", "python-openvino", "python-openvino-bf16", "ort-cpu", "openvino", "openvino-bf16",
-           "tract"]
+           "tract", "python-ort-int8", "python-openvino-int8", "ort-cpu-int8", "openvino-int8"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -916,7 +936,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for every system (default 2)")
     p.add_argument("--size", type=_size, help="WxH (default: the graph set's default size)")
     p.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS,
-                   help="diffusers always runs (the reference); the -bf16 ones only where the CPU has bf16 instructions")
+                   help="diffusers always runs (the reference); the -bf16 ones only where the CPU has bf16 instructions; "
+                   "the -int8 ones on --int8-graphs")
+    p.add_argument("--int8-graphs", type=Path, help="the graph set calibrated from the timed one (python -m t2i_export "
+                   "calibrate) for the -int8 systems (default: made into WORK/SET-int8 when one is asked for)")
     p.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "t2i-rt", help="t2i-rt binary")
     p.add_argument("--results", type=Path, help="markdown file whose section is rewritten "
                    "(default benches/RESULTS.md; --quick: WORK/RESULTS.md)")
@@ -981,15 +1004,19 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{', '.join(dropped)} left out: this CPU has no bf16 instructions (AVX512_BF16 or AMX), "
                          "where OpenVINO would compute in f32.")
             print("  " + notes[-1], flush=True)
+        int8_source = None
+        if any(w.endswith(INT8) for w in wanted):
+            int8_source = replace(source, graphs=args.int8_graphs or calibrated(source.graphs, work, binary))
         for name in wanted:
-            precision = "bf16" if name.endswith(BF16) else "f32"
-            base = name.removesuffix(BF16)
+            precision = next((p for p in ("bf16", "int8") if name.endswith("-" + p)), "f32")
+            base = name.removesuffix("-" + precision)
+            src = int8_source if precision == "int8" else source
             if base == "python-ort":
-                systems.append(PythonOrt(source, inputs, args.threads))
+                systems.append(PythonOrt(src, inputs, args.threads, "int8" if precision == "int8" else None))
             elif base == "python-openvino":
-                systems.append(PythonOpenVino(source, inputs, args.threads, precision))
+                systems.append(PythonOpenVino(src, inputs, args.threads, precision))
             elif base != "diffusers":
-                systems.append(T2iRt(binary, source, inputs, args.threads, base, work, precision))
+                systems.append(T2iRt(binary, src, inputs, args.threads, base, work, precision))
         rt = [s for s in systems if isinstance(s, T2iRt)]
 
         main_cases = [Case(st, adapter, width, height) for st in steps]

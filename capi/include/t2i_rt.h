@@ -37,6 +37,10 @@
 // bf16 (T2I_BACKEND_OPENVINO on CPUs with bf16 instructions: AVX512_BF16 or AMX).
 #define T2I_PRECISION_BF16 1
 
+// The set's INT8 graphs (T2I_BACKEND_ORT_CPU, T2I_BACKEND_OPENVINO), made with `python -m
+// t2i_export calibrate`.
+#define T2I_PRECISION_INT8 2
+
 // `t2i_request_params.rng`: the runtime's own generator (fast; not diffusers' draws).
 #define T2I_RNG_FAST 0
 

@@ -90,6 +90,9 @@ pub const T2I_BACKEND_OPENVINO: u32 = 4;
 pub const T2I_PRECISION_F32: u32 = 0;
 /// bf16 (T2I_BACKEND_OPENVINO on CPUs with bf16 instructions: AVX512_BF16 or AMX).
 pub const T2I_PRECISION_BF16: u32 = 1;
+/// The set's INT8 graphs (T2I_BACKEND_ORT_CPU, T2I_BACKEND_OPENVINO), made with `python -m
+/// t2i_export calibrate`.
+pub const T2I_PRECISION_INT8: u32 = 2;
 
 /// `t2i_request_params.rng`: the runtime's own generator (fast; not diffusers' draws).
 pub const T2I_RNG_FAST: u32 = 0;
@@ -537,6 +540,7 @@ pub unsafe extern "C" fn t2i_model_load(
         let precision = match params.precision {
             T2I_PRECISION_F32 => InferencePrecision::F32,
             T2I_PRECISION_BF16 => InferencePrecision::Bf16,
+            T2I_PRECISION_INT8 => InferencePrecision::Int8,
             other => return Err(invalid(format!("params.precision {other} is not a T2I_PRECISION_* value"))),
         };
         // SAFETY: the contract above.

@@ -4,7 +4,7 @@
 //! under AddressSanitizer.
 
 use std::ffi::{c_void, CStr, CString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
 
 use ndarray::{ArrayD, IxDyn};
@@ -61,14 +61,19 @@ fn generate_latents(ctx: *mut t2i_ctx, params: &t2i_request_params) -> ArrayD<f3
     ours
 }
 
+/// The case called `name` in a fixtures folder's cases.json.
+fn fixture_case(fixtures: &Path, name: &str) -> serde_json::Value {
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    cases.into_iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name} in {}", fixtures.display()))
+}
+
 /// The fixture case z2 (inpainting a regular UNet, Euler, strength 0.75, seeded torch-cpu
 /// generator) through the C API, with the init image as pixels in memory and the mask as a file.
 #[test]
 fn generate_equals_the_library_and_diffusers() {
     let fixtures = graphs().join("fixtures/tiny-sd1");
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
-    let case = cases.iter().find(|c| c["name"] == "z2_inpaint_euler_strength075_pipeline").unwrap();
+    let case = fixture_case(&fixtures, "z2_inpaint_euler_strength075_pipeline");
     let init = ConditionImage::open(&fixtures.join(case["init_image"].as_str().unwrap()), ConditionKind::Rgb).unwrap();
     let mask_path = fixtures.join(case["mask"].as_str().unwrap());
 
@@ -153,9 +158,7 @@ fn generate_equals_the_library_and_diffusers() {
 #[test]
 fn controlnets_equal_the_library_and_diffusers() {
     let fixtures = graphs().join("fixtures/tiny-sd1");
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
-    let case = cases.iter().find(|c| c["name"] == "cf_controlnet_default_size_euler_a_generator_pipeline").unwrap();
+    let case = fixture_case(&fixtures, "cf_controlnet_default_size_euler_a_generator_pipeline");
     let control = &case["controls"][0];
     let control_path = fixtures.join(control["image"].as_str().unwrap());
     let photo_path = graphs().join("fixtures/conditions/photo.png");
@@ -339,9 +342,7 @@ fn ip_adapter_equals_the_library() {
 fn style_adapter_equals_the_library_and_the_reference() {
     // Generated, not committed: scripts/generate-sets.sh.
     let fixtures = graphs().join("generated/fixtures/tiny-sd1-style");
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
-    let case = cases.iter().find(|c| c["name"] == "style_img2img_strength07").unwrap();
+    let case = fixture_case(&fixtures, "style_img2img_strength07");
     assert_eq!(case["rng"], "torch-cpu");
     let text = |key: &str| case[key].as_str().unwrap().to_string();
     let weights: Vec<f32> =

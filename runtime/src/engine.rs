@@ -349,6 +349,7 @@ mod tests {
             outputs: vec![],
             precision: Default::default(),
             batch: None,
+            variants: Default::default(),
         }
     }
 

@@ -40,6 +40,7 @@ pub mod npy;
 pub mod output;
 pub mod pipeline;
 pub mod preprocess;
+mod record;
 pub mod request;
 pub mod resample;
 pub mod rng;

@@ -168,6 +168,11 @@ struct RunArgs {
     /// Write the final latents as .npy (what diffusers returns with output_type="latent").
     #[arg(long, value_name = "FILE")]
     save_latents: Option<PathBuf>,
+    /// Write every graph call's inputs into DIR (new or empty) as DIR/GRAPH_FILE/NNNNNN/INPUT.npy:
+    /// calibration data, every timestep of the run included. `python -m t2i_export calibrate` drives
+    /// this; a 30-step run of SD 1.5 at 512x512 records about 1 GB.
+    #[arg(long, value_name = "DIR")]
+    record_inputs: Option<PathBuf>,
     /// Make a condition from a photo: apply OPS to the image of every --adapter and --control named
     /// NAME, after it is resized to the output size. OPS is one or more of canny[:LOW:HIGH] (edges,
     /// default 100:200 as controlnet_aux), palette (TencentARC's color palette: bicubic down by 64,
@@ -326,8 +331,10 @@ struct ExecArgs {
     /// bf16; `bash scripts/setup-openvino.sh` installs it), tract (pure Rust, no library needed).
     #[arg(long, default_value = "ort-cpu", value_name = "B")]
     backend: BackendKind,
-    /// What the graphs compute in: f32, or bf16 (openvino on CPUs with bf16 instructions: AVX512_BF16
-    /// or AMX; on a Zen 5 EPYC a UNet call took 0.46x the f32 time with 1.8e-2 relative error).
+    /// What the graphs compute in: f32; bf16 (openvino on CPUs with bf16 instructions: AVX512_BF16
+    /// or AMX; on a Zen 5 EPYC a UNet call took 0.46x the f32 time with 1.8e-2 relative error); or
+    /// int8, the set's INT8 graphs (ort-cpu, openvino), made from a graph set with `python -m
+    /// t2i_export calibrate --graphs DIR --out DIR-int8` (calibration/README.md).
     #[arg(long, default_value = "f32", value_name = "P")]
     precision: InferencePrecision,
     /// Threads per graph call (default: ONNX Runtime and OpenVINO one per physical core; tract every
@@ -374,6 +381,7 @@ impl ExecArgs {
             },
             engine_cache,
             limits: t2i_rt::Limits::default(),
+            record_inputs: None,
         })
     }
 }
@@ -573,7 +581,7 @@ fn run(args: RunArgs) -> Result<()> {
     request.seed = args
         .seed
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
-    let options = args.exec.load_options(!args.no_verify)?;
+    let options = LoadOptions { record_inputs: args.record_inputs, ..args.exec.load_options(!args.no_verify)? };
     if let Some(path) = &args.latents {
         request.latents = Some(t2i_rt::npy::read_latents(path, &options.limits)?);
     } else {
@@ -937,6 +945,9 @@ fn inspect(args: InspectArgs) -> Result<()> {
             spec.precision,
             g.batch()
         );
+        for (precision, variant) in &spec.variants {
+            println!("      {precision} variant: {} (--precision {precision})", variant.file);
+        }
         print_tensors("in ", &spec.inputs);
         print_tensors("out", &spec.outputs);
     }

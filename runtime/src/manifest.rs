@@ -459,6 +459,24 @@ pub struct GraphSpec {
     /// How the pipeline batches this graph; absent (format 2): its role's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchRule>,
+    /// The same graph in other precisions, by name: `int8`, written by `python -m t2i_export
+    /// calibrate` and run with `--precision int8`. Same inputs and outputs. Absent: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, GraphVariant>,
+}
+
+/// A graph's variant in another precision: its files, and how it was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GraphVariant {
+    pub file: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub external_data: Vec<FileSpec>,
+    /// What the exporter recorded: format, types, calibration, the layers kept in float and the
+    /// error measured. Informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -601,18 +619,67 @@ impl Manifest {
             }
         }
         for graph in self.set_graphs() {
-            files.push(FileRef { file: &graph.spec.file, sha256: graph.spec.sha256.as_deref() });
-            for data in &graph.spec.external_data {
-                files.push(FileRef { file: &data.file, sha256: data.sha256.as_deref() });
+            let variants = graph.spec.variants.values().map(|v| (&v.file, &v.sha256, &v.external_data));
+            for (file, sha256, external_data) in
+                std::iter::once((&graph.spec.file, &graph.spec.sha256, &graph.spec.external_data)).chain(variants)
+            {
+                files.push(FileRef { file, sha256: sha256.as_deref() });
+                for data in external_data {
+                    files.push(FileRef { file: &data.file, sha256: data.sha256.as_deref() });
+                }
             }
         }
         files
     }
 
+    /// The set as it runs in `precision` (`int8`): every graph with a variant of that name takes
+    /// the variant's files and precision. Refused when no graph has one.
+    pub fn with_variant(mut self, precision: &str) -> Result<Manifest> {
+        let mut chosen = 0;
+        for spec in self.graph_specs_mut() {
+            if let Some(variant) = spec.variants.get(precision).cloned() {
+                spec.file = variant.file;
+                spec.sha256 = variant.sha256;
+                spec.external_data = variant.external_data;
+                spec.precision = precision.to_string();
+                chosen += 1;
+            }
+        }
+        if chosen == 0 {
+            return Err(Error::GraphSet {
+                dir: self.dir.clone(),
+                message: format!(
+                    "has no {precision} graphs; make a set that has them with `python -m t2i_export calibrate --graphs \
+                     {dir} --out {dir}-{precision}`, or run in f32",
+                    dir = self.dir.display()
+                ),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Every graph spec, mutably, in [`Manifest::set_graphs`] order.
+    fn graph_specs_mut(&mut self) -> Vec<&mut GraphSpec> {
+        let mut specs: Vec<&mut GraphSpec> = self.text_encoders.iter_mut().map(|e| &mut e.graph).collect();
+        specs.push(&mut self.graphs.unet);
+        specs.push(&mut self.graphs.vae_decoder);
+        specs.extend(self.graphs.vae_encoder.as_mut());
+        specs.extend(self.adapters.iter_mut().map(|a| &mut a.graph));
+        specs.extend(self.controlnets.iter_mut().map(|c| &mut c.graph));
+        if let Some(ip) = &mut self.ip_adapter {
+            specs.extend([&mut ip.image_encoder, &mut ip.image_projection]);
+        }
+        if let Some(style) = &mut self.style_adapter {
+            specs.extend([&mut style.style_encoder, &mut style.style_adapter]);
+        }
+        specs
+    }
+
     /// Every graph of the set, by role: the text encoders in manifest order, the UNet, the VAE
     /// decoder and encoder, the adapters, then the ControlNets, in manifest order, then the
-    /// IP-Adapter's image encoder and image projection. The one place
-    /// that knows where each role lives in the manifest.
+    /// IP-Adapter's image encoder and image projection. The one place (with
+    /// [`Manifest::graph_specs_mut`], which must follow it) that knows where each role lives in the
+    /// manifest.
     pub fn set_graphs(&self) -> Vec<SetGraph<'_>> {
         let mut graphs: Vec<SetGraph<'_>> = self
             .text_encoders
@@ -1288,6 +1355,7 @@ mod tests {
             outputs: vec![],
             precision: "fp32".into(),
             batch: None,
+            variants: BTreeMap::new(),
         }
     }
 
@@ -1386,6 +1454,47 @@ mod tests {
                 (Role::VaeEncoder, "vae_encoder".to_string(), BatchRule::One),
             ]
         );
+    }
+
+    #[test]
+    fn a_precision_variant_takes_the_place_of_its_graph() {
+        let mut m = manifest_in(Path::new("/tmp/set"));
+        with_controlnet(&mut m);
+        let variant = |file: &str| GraphVariant {
+            file: file.into(),
+            sha256: Some("bb".into()),
+            external_data: vec![FileSpec { file: format!("{file}.data"), sha256: None }],
+            quantization: None,
+        };
+        m.graphs.unet.variants.insert("int8".into(), variant("unet.int8.onnx"));
+        m.controlnets[0].graph.variants.insert("int8".into(), variant("controlnet_canny.int8.onnx"));
+        // Loading checks the variants' files like every other.
+        let files: Vec<&str> = m.files().iter().map(|f| f.file).collect();
+        for file in ["unet.onnx", "unet.int8.onnx", "unet.int8.onnx.data", "controlnet_canny.int8.onnx"] {
+            assert!(files.contains(&file), "{file} not in {files:?}");
+        }
+        let mut outside = m.clone();
+        outside.graphs.unet.variants.get_mut("int8").unwrap().file = "../unet.int8.onnx".into();
+        assert!(outside.files().iter().any(|f| outside.resolve(f.file).is_err()));
+
+        let int8 = m.clone().with_variant("int8").unwrap();
+        let chosen: Vec<(String, &str, &str)> =
+            int8.set_graphs().iter().map(|g| (g.name(), g.spec.file.as_str(), g.spec.precision.as_str())).collect();
+        assert_eq!(
+            chosen,
+            [
+                ("text_encoder".to_string(), "text_encoder.onnx", "fp32"),
+                ("unet".to_string(), "unet.int8.onnx", "int8"),
+                ("vae_decoder".to_string(), "vae_decoder.onnx", "fp32"),
+                ("controlnet_canny".to_string(), "controlnet_canny.int8.onnx", "int8"),
+            ]
+        );
+        assert_eq!(int8.graphs.unet.sha256.as_deref(), Some("bb"));
+        assert_eq!(int8.graphs.unet.external_data[0].file, "unet.int8.onnx.data");
+
+        let plain = manifest_in(Path::new("/tmp/set"));
+        let refused = plain.with_variant("int8").unwrap_err().to_string();
+        assert!(refused.contains("has no int8 graphs") && refused.contains("t2i_export calibrate"), "{refused}");
     }
 
     /// A UNet with control inputs and a ControlNet that feeds them.

@@ -13,6 +13,7 @@ use crate::limits::Limits;
 use crate::log::Logger;
 use crate::manifest::{Manifest, Role};
 use crate::pipeline::Pipeline;
+use crate::record::RecordingGraph;
 use crate::request::{CheckedRequest, Request};
 use crate::tokenizer::PromptTokenizer;
 
@@ -29,6 +30,9 @@ pub struct LoadOptions {
     pub engine_cache: EngineCache,
     /// How large a request may be; every request on the model is checked against them.
     pub limits: Limits,
+    /// Write every graph call's inputs into this folder (missing or empty), for calibration
+    /// (`python -m t2i_export calibrate`; layout in `record.rs`). Off by default.
+    pub record_inputs: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +43,7 @@ impl Default for LoadOptions {
             settings: BackendSettings::default(),
             engine_cache: EngineCache::InGraphSet,
             limits: Limits::default(),
+            record_inputs: None,
         }
     }
 }
@@ -112,6 +117,13 @@ impl Model {
     /// [`Request::check`], so that a bad request fails before seconds of graph loading).
     pub fn from_manifest(manifest: Manifest, options: &LoadOptions) -> Result<Model> {
         options.settings.check(options.backend)?;
+        let manifest = match options.settings.precision.graph_variant() {
+            Some(precision) => manifest.with_variant(precision)?,
+            None => manifest,
+        };
+        if let Some(dir) = &options.record_inputs {
+            crate::record::prepare(dir)?;
+        }
         if options.backend == BackendKind::Tract {
             if let Some(g) = manifest.set_graphs().into_iter().find(|g| g.spec.precision == "fp16") {
                 // tract 0.23 mistypes fp16 Gemm (the UNet's time embedding) while planning.
@@ -141,6 +153,10 @@ impl Model {
                 g.spec
                     .check_io(&name, graph.inputs(), graph.outputs())
                     .map_err(|message| Error::GraphSet { dir: manifest.dir.clone(), message })?;
+                let graph = match &options.record_inputs {
+                    Some(dir) => RecordingGraph::wrap(graph, dir, &g.spec.file),
+                    None => graph,
+                };
                 Ok(LoadedGraph { role: g.role, key: g.key.to_string(), graph })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -176,7 +192,10 @@ impl Model {
                 options.backend
             )));
         }
-        let manifest = Manifest::load(dir, options.verify_checksums)?;
+        let mut manifest = Manifest::load(dir, options.verify_checksums)?;
+        if let Some(precision) = options.settings.precision.graph_variant() {
+            manifest = manifest.with_variant(precision)?;
+        }
         let root = options.engine_cache.root(&manifest.dir).ok_or_else(|| {
             Error::InvalidOptions("build-engine needs an engine cache; drop the option that turns it off".into())
         })?;

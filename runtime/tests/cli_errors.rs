@@ -218,6 +218,22 @@ fn request_errors_are_one_line_and_write_nothing() {
         &[],
         "precision bf16 is an openvino option, not one of ort-cpu",
     );
+    fails(
+        "int8-on-tract",
+        &set,
+        &["--precision", "int8", "--backend", "tract"],
+        &[],
+        "int8 runs a set's INT8 graphs on ort-cpu and openvino",
+    );
+    fails(
+        "int8-without-variants",
+        &set,
+        &["--precision", "int8"],
+        &[],
+        "has no int8 graphs; make a set that has them with `python -m t2i_export calibrate",
+    );
+    let a_file = set.join("manifest.json").to_string_lossy().to_string();
+    fails("record-into-a-file", &set, &["--record-inputs", &a_file], &[], "Not a directory");
     for dir in
         [not_image.parent(), latents.parent(), bomb.parent(), nan_latents.parent(), huge.parent()].into_iter().flatten()
     {

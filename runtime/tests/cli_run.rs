@@ -21,8 +21,7 @@ fn two_adapters_tau(case: &Value) -> bool {
 /// latents and stderr.
 fn run_fixture_case(name: &str, pick: fn(&Value) -> bool, extra: &[&str]) -> (ArrayD<f32>, String) {
     let fixtures = common::tiny_sd1_fixtures();
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap();
+    let cases = common::fixture_cases(&fixtures);
     let case = cases.iter().find(|c| pick(c)).unwrap();
     let out_dir = std::env::temp_dir().join(format!("t2i-cli-run-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -92,6 +91,67 @@ fn run_fixture_case(name: &str, pick: fn(&Value) -> bool, extra: &[&str]) -> (Ar
 #[test]
 fn run_reproduces_diffusers_through_the_cli() {
     run_fixture_case("plain", two_adapters_tau, &[]);
+}
+
+/// `--record-inputs DIR`: every graph call's inputs, bound ones included, one folder per call, and
+/// the run's result unchanged (run_fixture_case checks it against diffusers'). A second run into
+/// the same folder is refused and leaves it as it was.
+#[test]
+fn run_records_every_graph_call_for_calibration() {
+    let record = std::env::temp_dir().join(format!("t2i-cli-record-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&record);
+    let record_arg = record.to_str().unwrap();
+    run_fixture_case("record", two_adapters_tau, &["--record-inputs", record_arg]);
+
+    let fixtures = common::tiny_sd1_fixtures();
+    let cases = common::fixture_cases(&fixtures);
+    let case = cases.iter().find(|c| two_adapters_tau(c)).unwrap();
+    let calls = |graph: &str| -> Vec<std::path::PathBuf> {
+        let mut dirs: Vec<_> = std::fs::read_dir(record.join(graph)).unwrap().map(|e| e.unwrap().path()).collect();
+        dirs.sort();
+        dirs
+    };
+    let unet = calls("unet.onnx");
+    let timesteps = case["timesteps"].as_array().unwrap();
+    assert_eq!(unet.len(), timesteps.len(), "one UNet call per step (CFG batched): {unet:?}");
+    let names: Vec<String> = (0..unet.len()).map(|i| format!("{i:06}")).collect();
+    assert_eq!(unet.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect::<Vec<_>>(), names);
+    let load =
+        |call: &std::path::Path, input: &str| -> ArrayD<f32> { ndarray_npy::read_npy(call.join(input)).unwrap() };
+    for (call, t) in unet.iter().zip(timesteps) {
+        let timestep = load(call, "timestep.npy");
+        assert!(timestep.iter().all(|&v| v == t.as_f64().unwrap() as f32), "{call:?}: timestep {timestep:?}, want {t}");
+        // Bound inputs (text embeddings, adapter residuals) are recorded with every call.
+        for input in ["sample.npy", "encoder_hidden_states.npy", "adapter_residual_0.npy"] {
+            assert!(call.join(input).is_file(), "{call:?} lacks {input}");
+        }
+    }
+    // The first call's sample is the initial latents, once for each half of the CFG batch (DDIM's
+    // init_noise_sigma is 1).
+    let latents: ArrayD<f32> = ndarray_npy::read_npy(fixtures.join(case["latents"].as_str().unwrap())).unwrap();
+    let sample = load(&unet[0], "sample.npy");
+    let twice = ndarray::concatenate(ndarray::Axis(0), &[latents.view(), latents.view()]).unwrap();
+    assert_eq!(sample, twice);
+    for graph in ["adapter_sketch.onnx", "adapter_color.onnx", "vae_decoder.onnx"] {
+        assert_eq!(calls(graph).len(), 1, "{graph}");
+    }
+    assert!(!calls("text_encoder.onnx").is_empty());
+
+    let before = calls("unet.onnx");
+    let output = Command::new(env!("CARGO_BIN_EXE_t2i-rt"))
+        .args(["run", "--graphs"])
+        .arg(common::tiny_sd1())
+        .args(["--prompt", "a house", "--steps", "2", "--width", "64", "--height", "64", "--record-inputs", record_arg])
+        .arg("--out")
+        .arg(record.join("out.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.trim().lines().last().unwrap().contains("is not empty"), "{stderr}");
+    assert_eq!(calls("unet.onnx"), before);
+    assert!(!record.join("out.png").exists());
+    std::fs::remove_dir_all(&record).unwrap();
 }
 
 /// `--seed S --rng torch-cpu` and no latents: what diffusers draws from

@@ -44,8 +44,8 @@ pub enum BackendKind {
     OpenVino,
 }
 
-/// The precision a backend computes in, for graphs stored in f32. (fp16 graph sets are a different
-/// thing: graphs exported in fp16, chosen by the graph set.)
+/// What the graphs compute in. (fp16 graph sets are a different thing: graphs exported in fp16,
+/// chosen by the graph set.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InferencePrecision {
     #[default]
@@ -54,21 +54,38 @@ pub enum InferencePrecision {
     /// instructions (AVX512_BF16, AMX). Issue 17 measured a UNet call on a Zen 5 EPYC at 0.46x the
     /// f32 time, 1.8e-2 relative error in its output.
     Bf16,
+    /// The set's INT8 variants (`python -m t2i_export calibrate`: quantize and dequantize pairs
+    /// around the calibrated layers) where it has them, f32 elsewhere: ort-cpu and openvino.
+    Int8,
 }
 
 impl InferencePrecision {
-    pub const ALL: [InferencePrecision; 2] = [InferencePrecision::F32, InferencePrecision::Bf16];
+    pub const ALL: [InferencePrecision; 3] =
+        [InferencePrecision::F32, InferencePrecision::Bf16, InferencePrecision::Int8];
 
     pub fn as_str(self) -> &'static str {
         match self {
             InferencePrecision::F32 => "f32",
             InferencePrecision::Bf16 => "bf16",
+            InferencePrecision::Int8 => "int8",
         }
     }
 
-    /// The value of OpenVINO's `INFERENCE_PRECISION_HINT`.
+    /// The graph variant this precision runs (`GraphSpec::variants`), if it takes one.
+    pub fn graph_variant(self) -> Option<&'static str> {
+        match self {
+            InferencePrecision::Int8 => Some("int8"),
+            InferencePrecision::F32 | InferencePrecision::Bf16 => None,
+        }
+    }
+
+    /// The value of OpenVINO's `INFERENCE_PRECISION_HINT`: INT8 variants carry their precision in
+    /// the graph, and OpenVINO runs the quantized layers in int8 under the f32 hint.
     fn openvino_name(self) -> &'static str {
-        self.as_str()
+        match self {
+            InferencePrecision::F32 | InferencePrecision::Int8 => "f32",
+            InferencePrecision::Bf16 => "bf16",
+        }
     }
 }
 
@@ -78,7 +95,7 @@ impl std::str::FromStr for InferencePrecision {
         InferencePrecision::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| Error::InvalidOptions(format!("unknown precision {s:?}; valid precisions: f32, bf16")))
+            .ok_or_else(|| Error::InvalidOptions(format!("unknown precision {s:?}; valid precisions: f32, bf16, int8")))
     }
 }
 
@@ -107,7 +124,8 @@ pub struct BackendSettings {
     /// Off (the default): one session per worker, calls in parallel, I/O binding on GPUs. tract's
     /// workers always share one copy of the weights.
     pub share_sessions: bool,
-    /// What the backend computes in: bf16 is an `openvino` option.
+    /// What the graphs compute in: bf16 is an `openvino` option, int8 (the set's INT8 variants) one
+    /// of `ort-cpu` and `openvino`.
     pub precision: InferencePrecision,
 }
 
@@ -126,11 +144,16 @@ impl BackendSettings {
         if self.trt_fp16 && backend != BackendKind::OrtTrt {
             return Err(Error::InvalidOptions(format!("TensorRT fp16 is an ort-trt option, not one of {backend}")));
         }
-        if self.precision != InferencePrecision::F32 && backend != BackendKind::OpenVino {
+        if self.precision == InferencePrecision::Bf16 && backend != BackendKind::OpenVino {
             return Err(Error::InvalidOptions(format!(
-                "precision {} is an openvino option, not one of {backend} (ort-trt has --trt-fp16; fp16 graph sets \
-                 run on every ort backend)",
-                self.precision
+                "precision bf16 is an openvino option, not one of {backend} (ort-trt has --trt-fp16; fp16 graph sets \
+                 run on every ort backend)"
+            )));
+        }
+        if self.precision == InferencePrecision::Int8 && !matches!(backend, BackendKind::OrtCpu | BackendKind::OpenVino)
+        {
+            return Err(Error::InvalidOptions(format!(
+                "precision int8 runs a set's INT8 graphs on ort-cpu and openvino, not on {backend}"
             )));
         }
         Ok(())

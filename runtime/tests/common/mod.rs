@@ -54,6 +54,12 @@ pub fn tiny_fixtures(name: &str) -> PathBuf {
     graphs_dir().join("fixtures").join(name)
 }
 
+/// The fixture cases of a fixtures folder (its `cases.json`), as JSON.
+#[allow(dead_code)] // not every test binary reads cases
+pub fn fixture_cases(fixtures: &std::path::Path) -> Vec<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap()).unwrap()
+}
+
 /// ‖actual − expected‖₂ / ‖expected‖₂.
 pub fn rel_l2(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
     assert_eq!(actual.shape(), expected.shape(), "shape mismatch");
