@@ -1,4 +1,4 @@
-"""`python -m t2i_export {pipeline,tiny,random,rng,train-demo,eval-demo,verify}`: argument parsing only; the work is elsewhere."""
+"""`python -m t2i_export {pipeline,tiny,random,rng,train-demo,eval-demo,calibrate,verify}`: argument parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def _adapter_arg(text: str, flag: str = "--adapter") -> tuple[str, Path]:
 
 def _controlnet_arg(text: str) -> tuple[str, Path]:
     return _adapter_arg(text, "--controlnet")
+
+
+def _condition_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--condition {text!r}: expected NAME=IMAGE")
+    return name, Path(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,6 +131,34 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--config", action="append", metavar="BACKEND:PRECISION",
                     help="repeatable; default: ort-cpu:fp32, tract:fp32, ort-cpu:fp16")
     pe.add_argument("--out", type=Path, default=Path("out/eval-demo"), help="results.md, results.json, grids (default: out/eval-demo)")
+
+    pc = sub.add_parser("calibrate", help="add calibrated INT8 (QDQ) variants of the UNet and ControlNets to a graph set, "
+                        "and TensorRT's INT8 calibration table (calibration/README.md)")
+    pc.add_argument("--graphs", type=Path, required=True, help="the f32 graph set to calibrate (left unchanged)")
+    pc.add_argument("--out", type=Path, required=True, help="the graph set to write: new or empty")
+    pc.add_argument("--t2i-rt", dest="binary", type=Path, metavar="PATH",
+                    help="the t2i-rt binary that records the feeds (default: $T2I_RT_BIN, else t2i-rt on PATH, else "
+                    "target/release then target/debug)")
+    pc.add_argument("--prompts", type=Path, metavar="FILE", help="calibration prompts, one a line (default: 8 built-in "
+                    "ones); the last prompt's runs are held out to measure the error")
+    pc.add_argument("--condition", type=_condition_arg, action="append", default=[], metavar="NAME=IMAGE",
+                    help="the condition image for the adapter or ControlNet NAME (repeatable; default: a synthetic one)")
+    pc.add_argument("--steps", type=int, default=20, help="denoising steps per run; every call is recorded (default: 20)")
+    pc.add_argument("--seed", type=int, default=0, help="seed of the first prompt's runs, +1 per prompt (default: 0)")
+    pc.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                    help="how activation ranges come from the statistics (default: minmax)")
+    pc.add_argument("--quantize", default="unet,controlnet", help="which per-step graphs get an INT8 variant "
+                    "(default: unet,controlnet)")
+    pc.add_argument("--target-error", type=float, default=0.05, help="keep the most sensitive layer groups in float "
+                    "until each graph's held-out output relative L2 vs f32 is at most this (default: 0.05)")
+    pc.add_argument("--max-excluded", type=int, default=8, help="at most this many groups kept in float (default: 8)")
+    pc.add_argument("--groups", choices=["block", "top"], default="block", help="sensitivity granularity: block "
+                    "(down_blocks.0.attentions.0) or top (down_blocks.0; fewer trials) (default: block)")
+    pc.add_argument("--no-reduce-range", action="store_true", help="8-bit weights instead of 7-bit: for CPUs with VNNI "
+                    "(without it ONNX Runtime's u8s8 kernels saturate: calibration/README.md)")
+    pc.add_argument("--feeds", type=Path, metavar="DIR", help="skip recording: DIR holds one `t2i-rt run --record-inputs` "
+                    "folder per run, every fourth held out")
+    pc.add_argument("--threads", type=int, default=2, help="threads per graph call (default: 2)")
 
     pv = sub.add_parser("verify", help="check a graph set's manifest paths and sha256")
     pv.add_argument("dir", type=Path)
@@ -232,6 +267,21 @@ def main(argv: list[str] | None = None) -> int:
                     raise ExportError(f"--config {':'.join(c)}: expected BACKEND:PRECISION, e.g. tract:fp32 (precision: {', '.join(PRECISIONS)})")
             evaluate(args.binary, args.graphs, args.scenes, args.samples, configs, args.out, log=lambda line: print(line, flush=True))
             print(f"wrote {args.out / 'results.md'}")
+        elif args.command == "calibrate":
+            from .calibrate import DEFAULT_PROMPTS, Options, calibrate
+
+            prompts = list(DEFAULT_PROMPTS)
+            if args.prompts:
+                try:
+                    prompts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+                except OSError as e:
+                    raise ExportError(f"--prompts {args.prompts}: {e.strerror}") from e
+            opts = Options(prompts=prompts, conditions=dict(args.condition), steps=args.steps, seed=args.seed,
+                           method=args.method, quantize=tuple(k for k in args.quantize.split(",") if k),
+                           target_error=args.target_error, max_excluded=args.max_excluded,
+                           reduce_range=not args.no_reduce_range, groups=args.groups, t2i_rt=args.binary,
+                           feeds=args.feeds, threads=args.threads)
+            print(f"wrote {calibrate(args.graphs, args.out, opts)}")
         elif args.command == "verify":
             from .manifest import verify
 

@@ -93,7 +93,8 @@ def write(set_dir: Path, manifest: dict) -> Path:
 
 
 def listed_files(manifest: dict) -> list[tuple[str, str]]:
-    """Every (path, sha256) the manifest refers to."""
+    """Every (path, sha256) the manifest refers to: graphs, their external data and INT8 variants, tokenizer
+    files, the INT8 TensorRT calibration table."""
     encoders = manifest["text_encoders"]
     specs = [e["graph"] for e in encoders] + list(manifest["graphs"].values()) + [a["graph"] for a in manifest["adapters"]]
     specs += [c["graph"] for c in manifest.get("controlnets", [])]
@@ -102,9 +103,13 @@ def listed_files(manifest: dict) -> list[tuple[str, str]]:
     if "style_adapter" in manifest:
         specs += [manifest["style_adapter"]["style_encoder"], manifest["style_adapter"]["style_adapter"]]
     files = [(e["tokenizer"]["file"], e["tokenizer"]["sha256"]) for e in encoders if "file" in e["tokenizer"]]
+    specs += [v for spec in specs for v in spec.get("variants", {}).values()]
     for spec in specs:
         files.append((spec["file"], spec["sha256"]))
         files.extend((d["file"], d["sha256"]) for d in spec["external_data"])
+    if "int8_calibration" in manifest:
+        table = manifest["int8_calibration"]["tensorrt_table"]
+        files.append((table["file"], table["sha256"]))
     # Encoders may share one tokenizer file: list each file once.
     return list(dict.fromkeys(files))
 
