@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,9 +320,6 @@ class _Reader:
 
     def __len__(self) -> int:
         return len(self.calls)
-
-    def rewind(self) -> None:
-        self.i = 0
 
 
 def _session(path: Path, threads: int):

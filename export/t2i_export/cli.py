@@ -157,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--no-reduce-range", action="store_true", help="8-bit weights instead of 7-bit: for CPUs with VNNI "
                     "(without it ONNX Runtime's u8s8 kernels saturate: calibration/README.md)")
     pc.add_argument("--feeds", type=Path, metavar="DIR", help="skip recording: DIR holds one `t2i-rt run --record-inputs` "
-                    "folder per run, every fourth held out")
+                    "folder per run; with folders named PROMPT-CONDITION (00-none, as calibrate names them) the last "
+                    "prompt's are held out, else every fourth")
     pc.add_argument("--threads", type=int, default=2, help="threads per graph call (default: 2)")
 
     pv = sub.add_parser("verify", help="check a graph set's manifest paths and sha256")
