@@ -3,7 +3,7 @@
 
 One calibration serves the module: 2 prompts (the second held out) x every condition (none, sketch, color,
 canny) x 2 steps, the UNet only (a ControlNet trial costs as much again; `calibration/README.md` has a run
-with it), sensitivity per top-level block, at most 1 block in float: ~80 s on 2 cores, most of it ONNX
+with it), sensitivity per top-level block, at most 1 block in float: ~80 s for the calibration and ~105 s for the module on 2 cores (shared), most of it ONNX
 Runtime session creation (1-3 s per trial graph) and its QDQ quantizer (~10 s per fully quantized UNet). The runtime tests drive the
 `t2i-rt` binary that `cargo test` built (target/debug/t2i-rt, or $T2I_RT_BIN).
 """
@@ -159,13 +159,13 @@ def test_runtime_int8_matches_the_python_stand_in_and_stays_near_f32(int8_set, t
     assert parity <= 1e-5, f"int8 runtime vs Python stand-in: latents rel L2 {parity:.3g}"
     assert np.abs(rust_image.astype(int) - py_images[0].astype(int)).max() <= 1
 
-    # int8 vs f32 (the case's expected latents, diffusers'): measured 6.5e-2 latents rel L2 and 13 levels max
-    # pixel difference on tiny-sd1 with this module's calibration (1 group in float; 5.1e-2 with 2): a random
-    # tiny model is harsher on 8 bits than a trained one. Bounds: 1.5x the measurement.
+    # int8 vs f32 (the case's expected latents, diffusers'): measured 6.5e-2 latents rel L2 and 20 levels max
+    # pixel difference on tiny-sd1 with this module's calibration (1 block in float; 5.1e-2 and 13 levels with
+    # 2): a random tiny model is harsher on 8 bits than a trained one. Bounds: 1.5x the measurement.
     want = np.load(COMMITTED_FIXTURES / case["expected_latents"])
     expected_image = np.asarray(Image.open(COMMITTED_FIXTURES / case["expected_images"][0]).convert("RGB"))
     distance = _rel_l2(rust_latents, want)
     pixels = np.abs(rust_image.astype(int) - expected_image.astype(int)).max()
     print(f"int8 vs f32: latents rel L2 {distance:.3g}, max pixel difference {pixels}; int8 runtime vs stand-in {parity:.3g}")
     assert 0 < distance <= 0.1, f"int8 vs f32: latents rel L2 {distance:.3g}"
-    assert pixels <= 20
+    assert pixels <= 30
