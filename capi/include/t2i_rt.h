@@ -37,8 +37,8 @@
 // bf16 (T2I_BACKEND_OPENVINO on CPUs with bf16 instructions: AVX512_BF16 or AMX).
 #define T2I_PRECISION_BF16 1
 
-// The set's INT8 graphs (T2I_BACKEND_ORT_CPU, T2I_BACKEND_OPENVINO), made with `python -m
-// t2i_export calibrate`.
+// The set's INT8 graphs (T2I_BACKEND_ORT_CPU, T2I_BACKEND_OPENVINO; T2I_BACKEND_ORT_TRT in
+// TensorRT's INT8 mode, not yet run on a GPU), made with `python -m t2i_export calibrate`.
 #define T2I_PRECISION_INT8 2
 
 // `t2i_request_params.rng`: the runtime's own generator (fast; not diffusers' draws).

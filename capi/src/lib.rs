@@ -90,8 +90,8 @@ pub const T2I_BACKEND_OPENVINO: u32 = 4;
 pub const T2I_PRECISION_F32: u32 = 0;
 /// bf16 (T2I_BACKEND_OPENVINO on CPUs with bf16 instructions: AVX512_BF16 or AMX).
 pub const T2I_PRECISION_BF16: u32 = 1;
-/// The set's INT8 graphs (T2I_BACKEND_ORT_CPU, T2I_BACKEND_OPENVINO), made with `python -m
-/// t2i_export calibrate`.
+/// The set's INT8 graphs (T2I_BACKEND_ORT_CPU, T2I_BACKEND_OPENVINO; T2I_BACKEND_ORT_TRT in
+/// TensorRT's INT8 mode, not yet run on a GPU), made with `python -m t2i_export calibrate`.
 pub const T2I_PRECISION_INT8: u32 = 2;
 
 /// `t2i_request_params.rng`: the runtime's own generator (fast; not diffusers' draws).

@@ -333,8 +333,9 @@ struct ExecArgs {
     backend: BackendKind,
     /// What the graphs compute in: f32; bf16 (openvino on CPUs with bf16 instructions: AVX512_BF16
     /// or AMX; on a Zen 5 EPYC a UNet call took 0.46x the f32 time with 1.8e-2 relative error); or
-    /// int8, the set's INT8 graphs (ort-cpu, openvino), made from a graph set with `python -m
-    /// t2i_export calibrate --graphs DIR --out DIR-int8` (calibration/README.md).
+    /// int8, the set's INT8 graphs (ort-cpu, openvino; ort-trt in TensorRT's INT8 mode, not yet run on a
+    /// GPU), made from a graph set with `python -m t2i_export calibrate --graphs DIR --out DIR-int8`
+    /// (calibration/README.md).
     #[arg(long, default_value = "f32", value_name = "P")]
     precision: InferencePrecision,
     /// Threads per graph call (default: ONNX Runtime and OpenVINO one per physical core; tract every

@@ -223,7 +223,7 @@ fn request_errors_are_one_line_and_write_nothing() {
         &set,
         &["--precision", "int8", "--backend", "tract"],
         &[],
-        "int8 runs a set's INT8 graphs on ort-cpu and openvino",
+        "int8 runs a set's INT8 graphs on ort-cpu, openvino and ort-trt, not on tract",
     );
     fails(
         "int8-without-variants",

@@ -55,7 +55,8 @@ pub enum InferencePrecision {
     /// f32 time, 1.8e-2 relative error in its output.
     Bf16,
     /// The set's INT8 variants (`python -m t2i_export calibrate`: quantize and dequantize pairs
-    /// around the calibrated layers) where it has them, f32 elsewhere: ort-cpu and openvino.
+    /// around the calibrated layers) where it has them, f32 elsewhere: ort-cpu, openvino, and
+    /// ort-trt (TensorRT's INT8 mode; not yet run on a GPU).
     Int8,
 }
 
@@ -125,7 +126,7 @@ pub struct BackendSettings {
     /// workers always share one copy of the weights.
     pub share_sessions: bool,
     /// What the graphs compute in: bf16 is an `openvino` option, int8 (the set's INT8 variants) one
-    /// of `ort-cpu` and `openvino`.
+    /// of `ort-cpu`, `openvino` and `ort-trt`.
     pub precision: InferencePrecision,
 }
 
@@ -150,10 +151,10 @@ impl BackendSettings {
                  run on every ort backend)"
             )));
         }
-        if self.precision == InferencePrecision::Int8 && !matches!(backend, BackendKind::OrtCpu | BackendKind::OpenVino)
-        {
+        let int8_backends = [BackendKind::OrtCpu, BackendKind::OpenVino, BackendKind::OrtTrt];
+        if self.precision == InferencePrecision::Int8 && !int8_backends.contains(&backend) {
             return Err(Error::InvalidOptions(format!(
-                "precision int8 runs a set's INT8 graphs on ort-cpu and openvino, not on {backend}"
+                "precision int8 runs a set's INT8 graphs on ort-cpu, openvino and ort-trt, not on {backend}"
             )));
         }
         Ok(())
@@ -198,7 +199,11 @@ impl BackendKind {
             }
             BackendKind::OrtCpu => Provider::Cpu,
             BackendKind::OrtCuda => Provider::Cuda { device: settings.device },
-            BackendKind::OrtTrt => Provider::TensorRt { device: settings.device, fp16: settings.trt_fp16 },
+            BackendKind::OrtTrt => Provider::TensorRt {
+                device: settings.device,
+                fp16: settings.trt_fp16,
+                int8: settings.precision == InferencePrecision::Int8,
+            },
         };
         Ok(Arc::new(OrtBackend::new(OrtOptions {
             intra_threads: settings.threads,

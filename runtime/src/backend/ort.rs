@@ -54,6 +54,9 @@ pub enum Provider {
     TensorRt {
         device: u32,
         fp16: bool,
+        /// TensorRT's INT8 mode (`trt_int8_enable`), for graphs with quantize and dequantize pairs
+        /// (a set's INT8 variants: TensorRT's explicit quantization takes their scales).
+        int8: bool,
     },
 }
 
@@ -200,8 +203,8 @@ impl OrtBackend {
             Provider::Cuda { device } => {
                 register_cuda(&mut builder, device).map_err(|e| provider_error(e, "CUDA execution provider"))?;
             }
-            Provider::TensorRt { device, fp16 } => {
-                register_tensorrt(&mut builder, device, fp16, trt_cache)
+            Provider::TensorRt { device, fp16, int8 } => {
+                register_tensorrt(&mut builder, device, fp16, int8, trt_cache)
                     .map_err(|e| provider_error(e, "TensorRT execution provider"))?;
                 register_cuda(&mut builder, device).map_err(|e| provider_error(e, "CUDA execution provider"))?;
             }
@@ -249,8 +252,12 @@ impl OrtBackend {
         for (field, value) in &self.hardware {
             key = key.with(field, value.clone());
         }
-        if let Provider::TensorRt { fp16, .. } = self.provider {
+        if let Provider::TensorRt { fp16, int8, .. } = self.provider {
             key = key.with("trt_fp16", fp16.to_string());
+            // Only when on, so that entries prepared before INT8 existed stay fresh.
+            if int8 {
+                key = key.with("trt_int8", "true".to_string());
+            }
         }
         key
     }
@@ -379,9 +386,10 @@ fn register_tensorrt(
     builder: &mut SessionBuilder,
     device: u32,
     fp16: bool,
+    int8: bool,
     cache: Option<&TrtCache>,
 ) -> std::result::Result<(), String> {
-    let mut trt = TensorRT::default().with_device_id(device as i32).with_fp16(fp16);
+    let mut trt = TensorRT::default().with_device_id(device as i32).with_fp16(fp16).with_int8(int8);
     if let Some(cache) = cache {
         let dir = cache.dir.to_string_lossy();
         trt = trt
@@ -412,7 +420,13 @@ fn tensorrt_available() -> std::result::Result<ort::Result<bool>, String> {
 }
 
 #[cfg(not(feature = "ort-trt"))]
-fn register_tensorrt(_: &mut SessionBuilder, _: u32, _: bool, _: Option<&TrtCache>) -> std::result::Result<(), String> {
+fn register_tensorrt(
+    _: &mut SessionBuilder,
+    _: u32,
+    _: bool,
+    _: bool,
+    _: Option<&TrtCache>,
+) -> std::result::Result<(), String> {
     Err(MISSING_FEATURE.replace("FEATURE", "ort-trt"))
 }
 
