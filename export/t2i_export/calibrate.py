@@ -102,7 +102,9 @@ def calibrate(graphs: Path, out: Path, opts: Options) -> Path:
     """Write `out`: the set at `graphs` plus INT8 variants, TensorRT's table and calibration.md."""
     if not (graphs / MANIFEST).is_file():
         raise ExportError(f"{graphs}: no {MANIFEST}; --graphs takes a graph set (python -m t2i_export pipeline writes one)")
-    manifest = verify(graphs)
+    if not _targets(verify(graphs), opts.quantize):
+        raise ExportError(f"{graphs}: no graph to quantize for --quantize {','.join(opts.quantize)} (a set without ControlNets has "
+                          "only its UNet)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty; calibrate writes a new graph set: choose another --out or remove it")
     if opts.method not in METHODS:
