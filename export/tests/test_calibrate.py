@@ -24,7 +24,7 @@ import pytest
 from conftest import COMMITTED_FIXTURES, COMMITTED_SET, REPO
 from PIL import Image
 
-from t2i_export.calibrate import Options, _runtime_env, _session, calibrate, node_groups, read_trt_table
+from t2i_export.calibrate import Options, _runtime_env, _session, _write_trt_table, calibrate, node_groups, read_trt_table
 from t2i_export.errors import ExportError
 from t2i_export.manifest import verify
 
@@ -90,6 +90,15 @@ def test_trt_table_holds_the_unets_tensors(int8_set):
     conv_outputs = [n.output[0] for n in unet.graph.node if n.op_type == "Conv"]
     assert all(t in table for t in conv_outputs + ["sample", "encoder_hidden_states"])
     assert all(np.isfinite(v) and v >= 0 for v in table.values())
+
+
+def test_trt_table_ranges_are_symmetric_and_shared_names_keep_the_wider(tmp_path):
+    # TensorRT's dynamic range is symmetric: max(|lowest|, |highest|), so a tensor whose negative side is
+    # larger keeps it (onnxruntime's write_calibration_table would write max(highest, lowest) = 1.0 here)
+    info = _write_trt_table(tmp_path / "t.flatbuffers", {"unet": {"a": (-3.0, 1.0), "b": (0.0, 2.0)},
+                                                           "controlnet_x": {"b": (-0.5, 5.0)}})
+    assert read_trt_table(tmp_path / "t.flatbuffers") == {"a": 3.0, "b": 5.0}
+    assert info["tensors"] == 2 and info["names_shared_between_graphs"] == 1
 
 
 def test_groups_come_from_weight_names_when_node_names_are_stripped():
