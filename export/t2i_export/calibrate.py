@@ -71,6 +71,9 @@ class Options:
     # that tripled the error (calibration/README.md)
     reduce_range: bool = True
     groups: str = "block"  # block: down_blocks.0.attentions.0; top: down_blocks.0
+    # uint8 asymmetric: ONNX Runtime's and OpenVINO's CPU kernels (u8s8); int8 symmetric (zero point 0): the only
+    # Q/DQ TensorRT's explicit quantization takes
+    activations: str = "uint8"
     t2i_rt: Path | None = None
     feeds: Path | None = None  # runs recorded earlier: skip collecting
     threads: int = 2
@@ -438,12 +441,16 @@ def _quantize_graph(staging: Path, target: Target, calib_runs: list[Path], held_
     feeds = [_load(c, names) for c in held_calls]
     want = [reference.run(outputs, f) for f in feeds]
     del reference
+    if opts.activations not in ("uint8", "int8"):
+        raise ExportError(f"--activations {opts.activations}: expected uint8 or int8")
+    symmetric = opts.activations == "int8"
+    activation_type = QuantType.QInt8 if symmetric else QuantType.QUInt8
     # What quantize_static does before quantizing, once instead of per trial.
     base = load_model_with_shape_infer(named)
 
     def quantize(path: Path, nodes: list[str]) -> float:
-        quantizer = QDQQuantizer(copy.deepcopy(base), True, opts.reduce_range, QuantType.QInt8, QuantType.QUInt8, tensors,
-                                 nodes, None, list(OP_TYPES), {"WeightSymmetric": True, "ActivationSymmetric": False})
+        quantizer = QDQQuantizer(copy.deepcopy(base), True, opts.reduce_range, QuantType.QInt8, activation_type, tensors,
+                                 nodes, None, list(OP_TYPES), {"WeightSymmetric": True, "ActivationSymmetric": symmetric})
         quantizer.quantize_model()
         if big:
             quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
@@ -503,7 +510,9 @@ def _quantize_graph(staging: Path, target: Target, calib_runs: list[Path], held_
             "op_types": list(OP_TYPES),
             "weights": {"type": "int8", "symmetric": True, "granularity": "per_channel",
                         "reduce_range": opts.reduce_range},
-            "activations": {"type": "uint8", "symmetric": False, "granularity": "per_tensor"},
+            "activations": {"type": opts.activations, "symmetric": symmetric, "granularity": "per_tensor"},
+            # TensorRT's explicit quantization takes int8 Q/DQ with zero point 0 only
+            "tensorrt_explicit_quantization": symmetric,
             "calibration": {"method": opts.method, "samples": len(calib_calls), "runs": len(calib_runs),
                             "tensors": len(tensors.data)},
             "groups": len(groups),
@@ -641,7 +650,8 @@ def _report(m: dict, targets: list[Target], results: list[dict]) -> str:
         q = r["quantization"]
         lines += [f"## {target.label}: `{target.int8_file}`", "",
                   f"QDQ, weights int8 symmetric per channel (reduce_range {q['weights']['reduce_range']}), activations "
-                  f"uint8 per tensor; {q['quantized_nodes']} {'/'.join(OP_TYPES)} nodes quantized in "
+                  f"{q['activations']['type']} {'symmetric' if q['activations']['symmetric'] else 'asymmetric'} per tensor; "
+                  f"{q['quantized_nodes']} {'/'.join(OP_TYPES)} nodes quantized in "
                   f"{q['groups'] - len(q['excluded'])} of {q['groups']} groups; {q['calibration']['samples']} calibration "
                   f"calls, {q['held_out_samples']} held-out calls measured.", "",
                   f"Output relative L2 vs f32 (held out): **{q['output_rel_l2']:.4g}** (target {q['target_error']}, "

@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(down_blocks.0.attentions.0) or top (down_blocks.0; fewer trials) (default: block)")
     pc.add_argument("--no-reduce-range", action="store_true", help="8-bit weights instead of 7-bit: for CPUs with VNNI "
                     "(without it ONNX Runtime's u8s8 kernels saturate: calibration/README.md)")
+    pc.add_argument("--activations", choices=["uint8", "int8"], default="uint8",
+                    help="uint8 (asymmetric) for ONNX Runtime's and OpenVINO's CPU kernels, or int8 symmetric (zero point "
+                    "0), the only kind TensorRT's explicit quantization (ort-trt) takes (default: uint8)")
     pc.add_argument("--feeds", type=Path, metavar="DIR", help="skip recording: DIR holds one `t2i-rt run --record-inputs` "
                     "folder per run; with folders named PROMPT-CONDITION (00-none, as calibrate names them) the last "
                     "prompt's are held out, else every fourth")
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             opts = Options(prompts=prompts, conditions=dict(args.condition), steps=args.steps, seed=args.seed,
                            method=args.method, quantize=tuple(k for k in args.quantize.split(",") if k),
                            target_error=args.target_error, max_excluded=args.max_excluded,
-                           reduce_range=not args.no_reduce_range, groups=args.groups, t2i_rt=args.binary,
+                           reduce_range=not args.no_reduce_range, groups=args.groups,
+                           activations=args.activations, t2i_rt=args.binary,
                            feeds=args.feeds, threads=args.threads)
             print(f"wrote {calibrate(args.graphs, args.out, opts)}")
         elif args.command == "verify":
