@@ -498,6 +498,10 @@ fn errors_are_statuses_with_thread_local_messages() {
         params.precision = T2I_PRECISION_BF16;
         assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_OPTIONS);
         assert!(last_error().contains("bf16 is an openvino option"), "{}", last_error());
+        // INT8 is the set's variants: a set without any says how to make them.
+        params.precision = T2I_PRECISION_INT8;
+        assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_GRAPH_SET);
+        assert!(last_error().contains("t2i_export calibrate"), "{}", last_error());
         params.precision = T2I_PRECISION_F32;
         params.device = 1;
         assert_eq!(t2i_model_load(dir.as_ptr(), &params, &mut model), t2i_status::T2I_ERR_INVALID_OPTIONS);

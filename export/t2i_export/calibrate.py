@@ -47,7 +47,12 @@ DEFAULT_PROMPTS = (
 )
 METHODS = ("minmax", "percentile", "entropy")
 QUANTIZABLE = ("unet", "controlnet")
-OP_TYPES = ("Conv", "MatMul", "Gemm")
+# Which ops get Q/DQ by default. Measured on the small preset's UNet (AMD Zen 3, AVX2 without VNNI, 2 threads,
+# calibration/README.md): Conv and Gemm only, 0.84x of the f32 call on ONNX Runtime and 0.91x on OpenVINO; with
+# the weight MatMuls too, 1.17x and 1.28x (the attention projections lose more to quantizing their activations
+# than their int8 products gain), and with every MatMul, slower still.
+OP_TYPES = ("Conv", "Gemm")
+ALL_OP_TYPES = ("Conv", "Gemm", "MatMul")
 TABLE = "calibration.flatbuffers"
 REPORT = "calibration.md"
 # Held-out calls measured per sensitivity evaluation, spread over the timesteps: enough to rank groups,
@@ -74,6 +79,7 @@ class Options:
     # uint8 asymmetric: ONNX Runtime's and OpenVINO's CPU kernels (u8s8); int8 symmetric (zero point 0): the only
     # Q/DQ TensorRT's explicit quantization takes
     activations: str = "uint8"
+    op_types: tuple[str, ...] = OP_TYPES
     t2i_rt: Path | None = None
     feeds: Path | None = None  # runs recorded earlier: skip collecting
     threads: int = 2
@@ -347,7 +353,7 @@ def output_rel_l2(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> 
 # ---- quantize ------------------------------------------------------------------------------------------
 
 
-def node_groups(model, depth: str = "block") -> dict[str, list[str]]:
+def node_groups(model, depth: str = "block", op_types: tuple[str, ...] = OP_TYPES) -> dict[str, list[str]]:
     """Module path group -> names of the Conv/MatMul/Gemm nodes in it, in graph order.
 
     The group is the module path cut after its second index (down_blocks.0.attentions.0,
@@ -360,7 +366,7 @@ def node_groups(model, depth: str = "block") -> dict[str, list[str]]:
     inits = {i.name for i in model.graph.initializer}
     paths = {}
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in OP_TYPES:
+        if node.op_type not in op_types:
             continue
         path = [p for p in node.name.split("/") if p][:-1] if node.name.startswith("/") else []
         if not path:
@@ -415,7 +421,7 @@ def _quantize_graph(staging: Path, target: Target, calib_runs: list[Path], held_
 
     # The f32 graph with its nameless nodes named (the names change nothing the graph computes).
     model = onnx.load(str(staging / target.file))
-    groups = node_groups(model, opts.groups)
+    groups = node_groups(model, opts.groups, opts.op_types)
     named = gdir / "named.onnx"
     onnx.save_model(model, str(named), save_as_external_data=big, location="named.onnx.data")
     del model
@@ -450,7 +456,7 @@ def _quantize_graph(staging: Path, target: Target, calib_runs: list[Path], held_
 
     def quantize(path: Path, nodes: list[str]) -> float:
         quantizer = QDQQuantizer(copy.deepcopy(base), True, opts.reduce_range, QuantType.QInt8, activation_type, tensors,
-                                 nodes, None, list(OP_TYPES), {"WeightSymmetric": True, "ActivationSymmetric": symmetric})
+                                 nodes, None, list(opts.op_types), {"WeightSymmetric": True, "ActivationSymmetric": symmetric})
         quantizer.quantize_model()
         if big:
             quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
@@ -507,7 +513,7 @@ def _quantize_graph(staging: Path, target: Target, calib_runs: list[Path], held_
         "quantization": {
             "format": "qdq",
             "tool": "onnxruntime.quantization " + _ort_version(),
-            "op_types": list(OP_TYPES),
+            "op_types": list(opts.op_types),
             "weights": {"type": "int8", "symmetric": True, "granularity": "per_channel",
                         "reduce_range": opts.reduce_range},
             "activations": {"type": opts.activations, "symmetric": symmetric, "granularity": "per_tensor"},
@@ -651,7 +657,7 @@ def _report(m: dict, targets: list[Target], results: list[dict]) -> str:
         lines += [f"## {target.label}: `{target.int8_file}`", "",
                   f"QDQ, weights int8 symmetric per channel (reduce_range {q['weights']['reduce_range']}), activations "
                   f"{q['activations']['type']} {'symmetric' if q['activations']['symmetric'] else 'asymmetric'} per tensor; "
-                  f"{q['quantized_nodes']} {'/'.join(OP_TYPES)} nodes quantized in "
+                  f"{q['quantized_nodes']} {'/'.join(q['op_types'])} nodes quantized in "
                   f"{q['groups'] - len(q['excluded'])} of {q['groups']} groups; {q['calibration']['samples']} calibration "
                   f"calls, {q['held_out_samples']} held-out calls measured.", "",
                   f"Output relative L2 vs f32 (held out): **{q['output_rel_l2']:.4g}** (target {q['target_error']}, "

@@ -33,6 +33,15 @@ def _condition_arg(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def _op_types(text: str) -> tuple[str, ...]:
+    known = ("Conv", "Gemm", "MatMul")
+    ops = tuple(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
+    unknown = [o for o in ops if o not in known]
+    if unknown or not ops:
+        raise ExportError(f"--op-types {text!r}: expected a comma-separated subset of {', '.join(known)}")
+    return ops
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m t2i_export", description="Export SD 1.x / 2.x / XL + T2I-Adapters to a t2i-rt graph set.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--activations", choices=["uint8", "int8"], default="uint8",
                     help="uint8 (asymmetric) for ONNX Runtime's and OpenVINO's CPU kernels, or int8 symmetric (zero point "
                     "0), the only kind TensorRT's explicit quantization (ort-trt) takes (default: uint8)")
+    pc.add_argument("--op-types", default="Conv,Gemm", help="which ops get quantize/dequantize pairs, comma-separated: "
+                    "Conv, Gemm, MatMul (default: Conv,Gemm; with MatMul too the small preset's UNet ran slower than f32 "
+                    "on an AVX2 CPU without VNNI: calibration/README.md)")
     pc.add_argument("--feeds", type=Path, metavar="DIR", help="skip recording: DIR holds one `t2i-rt run --record-inputs` "
                     "folder per run; with folders named PROMPT-CONDITION (00-none, as calibrate names them) the last "
                     "prompt's are held out, else every fourth")
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                            method=args.method, quantize=tuple(k for k in args.quantize.split(",") if k),
                            target_error=args.target_error, max_excluded=args.max_excluded,
                            reduce_range=not args.no_reduce_range, groups=args.groups,
-                           activations=args.activations, t2i_rt=args.binary,
+                           activations=args.activations, op_types=_op_types(args.op_types), t2i_rt=args.binary,
                            feeds=args.feeds, threads=args.threads)
             print(f"wrote {calibrate(args.graphs, args.out, opts)}")
         elif args.command == "verify":

@@ -24,7 +24,8 @@ import pytest
 from conftest import COMMITTED_FIXTURES, COMMITTED_SET, REPO
 from PIL import Image
 
-from t2i_export.calibrate import Options, _runtime_env, _session, _write_trt_table, calibrate, node_groups, read_trt_table
+from t2i_export.calibrate import (ALL_OP_TYPES, Options, _runtime_env, _session, _write_trt_table, calibrate, node_groups,
+                                  read_trt_table)
 from t2i_export.errors import ExportError
 from t2i_export.manifest import verify
 
@@ -77,7 +78,8 @@ def test_int8_unet_is_qdq_with_int8_weights(int8_set):
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     int8_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
-    assert len(int8_weights) > 50, "expected the Conv/MatMul/Gemm weights stored as int8"
+    quantized = m["graphs"]["unet"]["variants"]["int8"]["quantization"]["quantized_nodes"]
+    assert quantized > 20 and len(int8_weights) >= quantized, "expected the Conv/Gemm weights stored as int8"
     # inputs and outputs are those of the f32 graph: the runtime feeds a variant as it feeds the graph
     f32 = onnx.load(str(COMMITTED_SET / "unet.onnx"))
     assert [i.name for i in model.graph.input] == [i.name for i in f32.graph.input]
@@ -104,9 +106,12 @@ def test_trt_table_ranges_are_symmetric_and_shared_names_keep_the_wider(tmp_path
 def test_groups_come_from_weight_names_when_node_names_are_stripped():
     model = onnx.load(str(COMMITTED_SET / "unet.onnx"))
     assert not any(n.name for n in model.graph.node)  # the committed tiny set is exported with --strip-names
-    groups = node_groups(model)
-    assert {"conv_in", "time_embedding", "down_blocks.0.attentions.0", "mid_block.resnets.1", "conv_out"} <= set(groups)
-    assert sum(len(v) for v in groups.values()) == sum(n.op_type in ("Conv", "MatMul", "Gemm") for n in model.graph.node)
+    groups = node_groups(model)  # Conv and Gemm by default
+    assert {"conv_in", "time_embedding", "down_blocks.0.resnets.0", "mid_block.resnets.1", "conv_out"} <= set(groups)
+    assert sum(len(v) for v in groups.values()) == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    groups = node_groups(model, op_types=ALL_OP_TYPES)  # a MatMul on a renamed weight joins the node before it
+    assert {"down_blocks.0.attentions.0", "mid_block.attentions.0"} <= set(groups)
+    assert sum(len(v) for v in groups.values()) == sum(n.op_type in ALL_OP_TYPES for n in model.graph.node)
 
 
 def test_refusals_leave_inputs_untouched(tmp_path):
@@ -133,18 +138,18 @@ def _case() -> dict:
     return next(c for c in cases if c["name"] == CASE)
 
 
-def _run_rust(set_dir: Path, case: dict, out: Path, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    args = [str(_binary()), "run", "--graphs", str(set_dir), "--backend", "ort-cpu", "--precision", precision,
+def _run_rust(set_dir: Path, case: dict, out: Path, precision: str, backend: str = "ort-cpu") -> tuple[np.ndarray, np.ndarray]:
+    args = [str(_binary()), "run", "--graphs", str(set_dir), "--backend", backend, "--precision", precision,
             "--threads", "1", "--prompt", case["prompt"], "--negative-prompt", case["negative_prompt"],
             "--steps", str(case["steps"]), "--guidance", str(case["guidance"]), "--scheduler", case["scheduler"],
             "--cond-tau", str(case["cond_tau"]), "--width", str(case["width"]), "--height", str(case["height"]),
-            "--latents", str(COMMITTED_FIXTURES / case["latents"]), "--save-latents", str(out / f"{precision}.npy"),
-            "--out", str(out / f"{precision}.png")]
+            "--latents", str(COMMITTED_FIXTURES / case["latents"]), "--save-latents", str(out / f"{backend}-{precision}.npy"),
+            "--out", str(out / f"{backend}-{precision}.png")]
     for a in case["adapters"]:
         args += ["--adapter", f"{a['name']}={COMMITTED_FIXTURES / a['image']}:{a['weight']}"]
     proc = subprocess.run(args, capture_output=True, text=True, env=_runtime_env())
     assert proc.returncode == 0, proc.stderr
-    return np.load(out / f"{precision}.npy"), np.asarray(Image.open(out / f"{precision}.png").convert("RGB"))
+    return np.load(out / f"{backend}-{precision}.npy"), np.asarray(Image.open(out / f"{backend}-{precision}.png").convert("RGB"))
 
 
 def _rel_l2(got, want) -> float:
@@ -161,20 +166,31 @@ def test_runtime_int8_matches_the_python_stand_in_and_stays_near_f32(int8_set, t
     pipe.sess["unet"] = _session(int8_set / m["graphs"]["unet"]["variants"]["int8"]["file"], 1)
     py_latents, py_images = pipe.run(case, COMMITTED_FIXTURES)
     # Same graphs, same ONNX Runtime (1.31.1), same optimisation level (ORT_ENABLE_LAYOUT), one thread each:
-    # measured 1.2e-7 latents rel L2 (float parts that sum in another order; the integer kernels are exact).
+    # measured 1.5e-7 latents rel L2 (float parts that sum in another order; the integer kernels are exact).
     # Bound 1e-5: a QuantizeLinear that rounds one value the other way moves it by a quantum, which stays
-    # far below that after the 6 steps; a variant not loaded (f32 instead) lands at ~6e-2.
+    # far below that after the 6 steps; a variant not loaded (f32 instead) lands at ~9e-2.
     parity = _rel_l2(rust_latents, py_latents)
     assert parity <= 1e-5, f"int8 runtime vs Python stand-in: latents rel L2 {parity:.3g}"
     assert np.abs(rust_image.astype(int) - py_images[0].astype(int)).max() <= 1
 
-    # int8 vs f32 (the case's expected latents, diffusers'): measured 6.5e-2 latents rel L2 and 20 levels max
-    # pixel difference on tiny-sd1 with this module's calibration (1 block in float; 5.1e-2 and 13 levels with
-    # 2): a random tiny model is harsher on 8 bits than a trained one. Bounds: 1.5x the measurement.
+    # int8 vs f32 (the case's expected latents, diffusers'), with this module's calibration (Conv and Gemm
+    # quantized, `conv_in` kept in float): measured 8.75e-2 latents rel L2 and 34 levels max pixel difference
+    # on tiny-sd1 (a random tiny model is harsher on 8 bits than a trained one; with every MatMul quantized
+    # too, `up_blocks.3` was kept in float instead and this case landed at 6.5e-2 / 20, though the UNet's
+    # held-out call error was worse, 6.1e-2 against 5.4e-2). Bounds: 1.5x the measurement. A variant not
+    # loaded gives 0; broken scales give ~1.
     want = np.load(COMMITTED_FIXTURES / case["expected_latents"])
     expected_image = np.asarray(Image.open(COMMITTED_FIXTURES / case["expected_images"][0]).convert("RGB"))
     distance = _rel_l2(rust_latents, want)
     pixels = np.abs(rust_image.astype(int) - expected_image.astype(int)).max()
-    print(f"int8 vs f32: latents rel L2 {distance:.3g}, max pixel difference {pixels}; int8 runtime vs stand-in {parity:.3g}")
-    assert 0 < distance <= 0.1, f"int8 vs f32: latents rel L2 {distance:.3g}"
-    assert pixels <= 30
+    # OpenVINO runs the same variants with its own int8 kernels: measured 0.192 from f32 and 0.185 from ONNX
+    # Runtime's int8 result here, though on the small benchmark preset both land at ~8e-2 from f32
+    # (calibration/README.md); why OpenVINO is further off on this random tiny UNet is not found yet.
+    # Bound: 1.5x the measurement.
+    ov_latents, _ = _run_rust(int8_set, case, tmp_path, "int8", "openvino")
+    ov = _rel_l2(ov_latents, want)
+    print(f"int8 vs f32: latents rel L2 {distance:.3g}, max pixel difference {pixels}; int8 runtime vs stand-in {parity:.3g}; "
+          f"openvino int8 vs f32 {ov:.3g}, vs the stand-in {_rel_l2(ov_latents, py_latents):.3g}")
+    assert 0 < distance <= 0.13, f"int8 vs f32: latents rel L2 {distance:.3g}"
+    assert pixels <= 51
+    assert 0 < ov <= 0.29, f"openvino int8 vs f32: latents rel L2 {ov:.3g}"
