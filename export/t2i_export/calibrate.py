@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
-from .manifest import MANIFEST, verify, write
+from .manifest import MANIFEST, listed_files, verify, write
 from .onnx_io import sha256_file
 
 # Varied subjects, styles and compositions: the activation ranges should not come from one kind of image.
@@ -111,7 +111,8 @@ def calibrate(graphs: Path, out: Path, opts: Options) -> Path:
     """Write `out`: the set at `graphs` plus INT8 variants, TensorRT's table and calibration.md."""
     if not (graphs / MANIFEST).is_file():
         raise ExportError(f"{graphs}: no {MANIFEST}; --graphs takes a graph set (python -m t2i_export pipeline writes one)")
-    if not _targets(verify(graphs), opts.quantize):
+    source = verify(graphs)
+    if not _targets(source, opts.quantize):
         raise ExportError(f"{graphs}: no graph to quantize for --quantize {','.join(opts.quantize)} (a set without ControlNets has "
                           "only its UNet)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -124,7 +125,10 @@ def calibrate(graphs: Path, out: Path, opts: Options) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     try:
-        shutil.copytree(graphs, staging)
+        # The set's own files only: not what else lies in its folder (a prepared engine cache can be gigabytes).
+        for rel in [MANIFEST, *dict.fromkeys(f for f, _ in listed_files(source))]:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(graphs / rel, staging / rel)
         m = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
         targets = _targets(m, opts.quantize)
         with tempfile.TemporaryDirectory(prefix="t2i-calibrate-") as tmp:
