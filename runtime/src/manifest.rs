@@ -658,6 +658,29 @@ impl Manifest {
         Ok(self)
     }
 
+    /// Checks that every `precision` variant of the set is one TensorRT can build from: Q/DQ with
+    /// zero point 0 (`python -m t2i_export calibrate --activations int8` records
+    /// `tensorrt_explicit_quantization: true`). The CPU default, uint8 activations, is not.
+    pub fn check_tensorrt_variants(&self, precision: &str) -> Result<()> {
+        for g in self.set_graphs() {
+            let Some(variant) = g.spec.variants.get(precision) else { continue };
+            let explicit = variant.quantization.as_ref().and_then(|q| q.get("tensorrt_explicit_quantization"));
+            if explicit != Some(&serde_json::Value::Bool(true)) {
+                return Err(Error::GraphSet {
+                    dir: self.dir.clone(),
+                    message: format!(
+                        "the {precision} variant of {} ({}) is not made for TensorRT, which takes only Q/DQ with zero \
+                         point 0; make a set for ort-trt with `python -m t2i_export calibrate --activations int8`, or \
+                         run this one on ort-cpu or openvino",
+                        g.name(),
+                        variant.file
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Every graph spec, mutably, in [`Manifest::set_graphs`] order.
     fn graph_specs_mut(&mut self) -> Vec<&mut GraphSpec> {
         let mut specs: Vec<&mut GraphSpec> = self.text_encoders.iter_mut().map(|e| &mut e.graph).collect();
@@ -1491,6 +1514,16 @@ mod tests {
         );
         assert_eq!(int8.graphs.unet.sha256.as_deref(), Some("bb"));
         assert_eq!(int8.graphs.unet.external_data[0].file, "unet.int8.onnx.data");
+
+        // TensorRT takes only the variants made for it.
+        let refused = m.check_tensorrt_variants("int8").unwrap_err().to_string();
+        assert!(refused.contains("--activations int8"), "{refused}");
+        let mut for_trt = m.clone();
+        for spec in [&mut for_trt.graphs.unet, &mut for_trt.controlnets[0].graph] {
+            spec.variants.get_mut("int8").unwrap().quantization =
+                Some(serde_json::json!({"tensorrt_explicit_quantization": true}));
+        }
+        for_trt.check_tensorrt_variants("int8").unwrap();
 
         let plain = manifest_in(Path::new("/tmp/set"));
         let refused = plain.with_variant("int8").unwrap_err().to_string();

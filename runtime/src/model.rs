@@ -49,6 +49,16 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// The set as it runs at the chosen precision: with `int8`, its INT8 variants (for ort-trt,
+    /// only variants made for TensorRT).
+    fn choose_variants(&self, manifest: Manifest) -> Result<Manifest> {
+        let Some(precision) = self.settings.precision.graph_variant() else { return Ok(manifest) };
+        if self.backend == BackendKind::OrtTrt {
+            manifest.check_tensorrt_variants(precision)?;
+        }
+        manifest.with_variant(precision)
+    }
+
     /// The log callback the backend and model report to ([`BackendSettings::log`]).
     pub fn with_log(mut self, log: Logger) -> Self {
         self.settings.log = log;
@@ -117,10 +127,7 @@ impl Model {
     /// [`Request::check`], so that a bad request fails before seconds of graph loading).
     pub fn from_manifest(manifest: Manifest, options: &LoadOptions) -> Result<Model> {
         options.settings.check(options.backend)?;
-        let manifest = match options.settings.precision.graph_variant() {
-            Some(precision) => manifest.with_variant(precision)?,
-            None => manifest,
-        };
+        let manifest = options.choose_variants(manifest)?;
         if let Some(dir) = &options.record_inputs {
             crate::record::prepare(dir)?;
         }
@@ -192,10 +199,7 @@ impl Model {
                 options.backend
             )));
         }
-        let mut manifest = Manifest::load(dir, options.verify_checksums)?;
-        if let Some(precision) = options.settings.precision.graph_variant() {
-            manifest = manifest.with_variant(precision)?;
-        }
+        let manifest = options.choose_variants(Manifest::load(dir, options.verify_checksums)?)?;
         let root = options.engine_cache.root(&manifest.dir).ok_or_else(|| {
             Error::InvalidOptions("build-engine needs an engine cache; drop the option that turns it off".into())
         })?;
