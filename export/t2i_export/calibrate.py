@@ -357,6 +357,46 @@ def output_rel_l2(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> 
 # ---- quantize ------------------------------------------------------------------------------------------
 
 
+def fold_weight_casts(model) -> int:
+    """Replaces every Cast of an initializer (the exporter's --compact-weights stores weights that are exactly
+    float16 as float16 plus a Cast) by the cast initializer, in place; returns how many. Without it the quantizer
+    takes such a weight for an activation: per-tensor uint8 ranges from calibration, not int8 per-channel
+    weights, and no module name to group it by."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    taken = {i.name for i in model.graph.initializer} | {v for n in model.graph.node for v in n.output}
+    renamed: dict[str, str] = {}
+    folded = []
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.input[0] not in inits:
+            continue
+        to = next(a.i for a in node.attribute if a.name == "to")
+        value = numpy_helper.to_array(inits[node.input[0]]).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        # Named after the stored weight (unet.conv_in.weight.fp16 -> unet.conv_in.weight), which node_groups reads.
+        name = node.input[0].removesuffix(".fp16")
+        while name in taken:
+            name += ".wide"
+        taken.add(name)
+        renamed[node.output[0]] = name
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+        folded.append(node)
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+    for node in folded:
+        model.graph.node.remove(node)
+        if consumers.get(node.input[0], 0) == 1:  # the narrow copy has no other reader
+            model.graph.initializer.remove(inits.pop(node.input[0]))
+    return len(folded)
+
+
 def node_groups(model, depth: str = "block", op_types: tuple[str, ...] = OP_TYPES) -> dict[str, list[str]]:
     """Module path group -> names of the Conv/MatMul/Gemm nodes in it, in graph order.
 
@@ -423,8 +463,13 @@ def _quantize_graph(staging: Path, target: Target, calib_runs: list[Path], held_
     gdir = work / target.label
     gdir.mkdir()
 
-    # The f32 graph with its nameless nodes named (the names change nothing the graph computes).
+    # The f32 graph with its nameless nodes named and its stored-narrower weights widened (neither changes
+    # what the graph computes).
     model = onnx.load(str(staging / target.file))
+    widened = fold_weight_casts(model)
+    if widened:
+        opts.log(f"calibrate: {target.label}: {widened} weights stored in float16 (--compact-weights) widened to float32 "
+                 "so that the quantizer sees them as weights")
     groups = node_groups(model, opts.groups, opts.op_types)
     named = gdir / "named.onnx"
     onnx.save_model(model, str(named), save_as_external_data=big, location="named.onnx.data")

@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--scenes", type=int, default=24, help="held-out scenes (default: 24)")
     pe.add_argument("--samples", type=int, default=3, help="samples per scene and mode (default: 3)")
     pe.add_argument("--config", action="append", metavar="BACKEND:PRECISION",
-                    help="repeatable; default: ort-cpu:fp32, tract:fp32, ort-cpu:fp16")
+                    help="repeatable; precision fp32, fp16 (a set exported in fp16) or int8 (the set calibrated with calibrate's defaults); "
+                    "default: ort-cpu:fp32, tract:fp32, ort-cpu:fp16")
     pe.add_argument("--out", type=Path, default=Path("out/eval-demo"), help="results.md, results.json, grids (default: out/eval-demo)")
 
     pc = sub.add_parser("calibrate", help="add calibrated INT8 (QDQ) variants of the UNet and ControlNets to a graph set, "
@@ -279,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 
             configs = [tuple(c.split(":", 1)) for c in (args.config or ["ort-cpu:fp32", "tract:fp32", "ort-cpu:fp16"])]
             for c in configs:
-                if len(c) != 2 or c[1] not in PRECISIONS:
-                    raise ExportError(f"--config {':'.join(c)}: expected BACKEND:PRECISION, e.g. tract:fp32 (precision: {', '.join(PRECISIONS)})")
+                if len(c) != 2 or c[1] not in (*PRECISIONS, "int8"):
+                    raise ExportError(f"--config {':'.join(c)}: expected BACKEND:PRECISION, e.g. tract:fp32 (precision: "
+                                      f"{', '.join(PRECISIONS)}, int8)")
             evaluate(args.binary, args.graphs, args.scenes, args.samples, configs, args.out, log=lambda line: print(line, flush=True))
             print(f"wrote {args.out / 'results.md'}")
         elif args.command == "calibrate":

@@ -9,7 +9,8 @@ Every picture is scored by the pixel judge (`demo_shapes.judge`):
   layout every time; a model that follows a sketch should be near 0, one that does not, well above).
 
 One row per backend x precision x mode. fp32 runs the given graph set; fp16 a copy exported with
-`--precision fp16` from the set's checkpoint (ort-cpu only: tract refuses fp16 sets).
+`--precision fp16` from the set's checkpoint (ort-cpu only: tract refuses fp16 sets); int8 the set
+calibrated by `calibrate` with its defaults, run with `--precision int8` (ort-cpu, openvino).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def write_conditions(scene: ds.Scene, folder: Path) -> dict[str, Path]:
 
 
 def run_args(graphs: Path, scene: ds.Scene, mode: str, conditions: dict[str, Path], seed: int, samples: int,
-             backend: str, out: Path, steps: int = STEPS) -> list[str]:
+             backend: str, out: Path, steps: int = STEPS, int8: bool = False) -> list[str]:
     args = ["run", "--graphs", str(graphs), "--prompt", scene.caption, "--steps", str(steps), "--guidance", str(GUIDANCE),
             "--seed", str(seed), "--n-samples", str(samples), "--backend", backend, "--out", str(out)]
+    if int8:
+        args += ["--precision", "int8"]
     if mode != "none":
         args += ["--adapter", f"sketch={conditions['sketch']}"]
     if mode == "sketch+color":
@@ -70,10 +73,10 @@ def run_args(graphs: Path, scene: ds.Scene, mode: str, conditions: dict[str, Pat
 
 
 def draw(binary: Path, graphs: Path, scene: ds.Scene, mode: str, conditions: dict[str, Path], seed: int, samples: int,
-         backend: str, work: Path) -> Draw:
+         backend: str, work: Path, int8: bool = False) -> Draw:
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{mode.replace('+', '_')}.png"
-    cmd = [str(binary), *run_args(graphs, scene, mode, conditions, seed, samples, backend, out)]
+    cmd = [str(binary), *run_args(graphs, scene, mode, conditions, seed, samples, backend, out, int8=int8)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise ExportError(f"{' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
@@ -121,6 +124,12 @@ def export_fp16(graphs: Path, out: Path) -> Path:
     return export_pipeline(ckpt / "model", adapters, out, name=f"{graphs.name}-fp16", precision="fp16")
 
 
+def calibrate_demo(binary: Path, graphs: Path, out: Path, log) -> Path:
+    from .calibrate import Options, calibrate
+
+    return calibrate(graphs, out, Options(t2i_rt=binary, log=log))
+
+
 def evaluate(binary: Path, graphs: Path, scenes: int, samples: int, configs: list[tuple[str, str]], out: Path,
              log=print) -> list[dict]:
     """configs: (backend, precision) pairs. Writes out/results.json, out/results.md and a grid per config."""
@@ -131,15 +140,17 @@ def evaluate(binary: Path, graphs: Path, scenes: int, samples: int, configs: lis
     rows = []
     with tempfile.TemporaryDirectory(prefix="t2i-eval-") as tmp:
         conditions = [write_conditions(s, Path(tmp) / f"conditions-{i}") for i, s in enumerate(test)]
-        fp16_set = None
+        sets = {"fp32": graphs}
         for backend, precision in configs:
-            if precision == "fp16" and fp16_set is None:
-                fp16_set = export_fp16(graphs, Path(tmp) / "fp16")
-            set_dir = fp16_set if precision == "fp16" else graphs
+            if precision not in sets:
+                sets[precision] = (export_fp16(graphs, Path(tmp) / "fp16") if precision == "fp16" else
+                                   calibrate_demo(binary, graphs, Path(tmp) / "int8", log))
+            set_dir = sets[precision]
             grid = []
             for mode in MODES:
                 draws = [draw(binary, set_dir, s, mode, conditions[i], 1000 + i, samples, backend,
-                              Path(tmp) / f"{backend}-{precision}-{i}") for i, s in enumerate(test)]
+                              Path(tmp) / f"{backend}-{precision}-{i}", int8=precision == "int8")
+                         for i, s in enumerate(test)]
                 sc = score(draws)
                 rows.append({"backend": backend, "precision": precision, "mode": mode, **sc.__dict__})
                 log(f"{backend} {precision} {mode}: " + " ".join(sc.row()))

@@ -24,8 +24,8 @@ import pytest
 from conftest import COMMITTED_FIXTURES, COMMITTED_SET, REPO
 from PIL import Image
 
-from t2i_export.calibrate import (ALL_OP_TYPES, Options, _runtime_env, _session, _write_trt_table, calibrate, node_groups,
-                                  read_trt_table)
+from t2i_export.calibrate import (ALL_OP_TYPES, Options, _runtime_env, _session, _write_trt_table, calibrate,
+                                  fold_weight_casts, node_groups, read_trt_table)
 from t2i_export.errors import ExportError
 from t2i_export.manifest import verify
 
@@ -112,6 +112,30 @@ def test_groups_come_from_weight_names_when_node_names_are_stripped():
     groups = node_groups(model, op_types=ALL_OP_TYPES)  # a MatMul on a renamed weight joins the node before it
     assert {"down_blocks.0.attentions.0", "mid_block.attentions.0"} <= set(groups)
     assert sum(len(v) for v in groups.values()) == sum(n.op_type in ALL_OP_TYPES for n in model.graph.node)
+
+
+def test_weights_stored_in_float16_are_widened_to_weights_the_quantizer_sees(tmp_path):
+    # graphs/demo-shapes is exported with --compact-weights: weights that are exactly float16 are stored so, read
+    # through a Cast. Before widening, the quantizer took them for activations and node_groups found no module
+    # names (2 groups on the demo UNet); after, every Conv/Gemm reads an initializer named after its module.
+    demo = REPO / "graphs" / "demo-shapes" / "unet.onnx"
+    model = onnx.load(str(demo))
+    assert len(node_groups(model)) <= 2
+    assert fold_weight_casts(model) > 100
+    inits = {i.name for i in model.graph.initializer}
+    assert not any(n.op_type == "Cast" and n.input[0] in inits for n in model.graph.node)
+    assert all(n.input[1] in inits for n in model.graph.node if n.op_type in ("Conv", "Gemm"))
+    assert {"conv_in", "conv_out", "time_embedding", "down_blocks.0.resnets.0"} <= set(node_groups(model))
+    # float16 -> float32 is exact: the widened graph computes bit for bit what the stored one does
+    onnx.save(model, str(tmp_path / "wide.onnx"))
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), np.float32), "timestep": np.array([500, 500], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 16), np.float32),
+             "adapter_residual_0": rng.standard_normal((2, 32, 8, 8), np.float32),
+             "adapter_residual_1": rng.standard_normal((2, 64, 4, 4), np.float32)}
+    want = _session(demo, 1).run(None, feeds)[0]
+    got = _session(tmp_path / "wide.onnx", 1).run(None, feeds)[0]
+    assert np.array_equal(got, want)
 
 
 def test_refusals_leave_inputs_untouched(tmp_path):
